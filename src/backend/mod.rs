@@ -1,0 +1,281 @@
+//! The op vocabulary: one small, fixed list of ops that every backend
+//! implements (CPU here; CUDA in `kernels/*.cu` and wgpu in `shaders/*.wgsl`
+//! use the same op names). Model code is written once, over this trait.
+//!
+//! Conventions, shared by all backends:
+//! - every matrix is row-major; activations of a batch are `rows = B·T`
+//!   tokens by `cols` features, with the heads of q/k/v interleaved as
+//!   `[B, T, H, Dh]` (no transposes are ever materialised);
+//! - an op writes its outputs (first arguments) and never its inputs; ops
+//!   whose name or doc says "accumulate" add into the output instead;
+//! - a bias that may be trainable is passed as `(buffer, offset)`, so that the
+//!   same op reads either a frozen weight or a slot of the trainable slab;
+//! - randomness (dropout) comes from a counter-based hash ([`dropout_keep`]),
+//!   so that every backend draws the same mask for the same seed.
+
+pub mod cpu;
+
+use crate::error::Result;
+use crate::float::Float;
+use crate::weights::TensorView;
+
+/// An element-wise activation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Act {
+    /// Exact (erf) GELU, as BERT's `hidden_act = "gelu"`.
+    Gelu,
+    /// The tanh approximation, `"gelu_new"` / `"gelu_pytorch_tanh"`.
+    GeluTanh,
+    Relu,
+    Tanh,
+    /// SiLU / swish.
+    Silu,
+}
+
+/// Shape of an attention call: `q` is `[b, t, heads, head_dim]`; `k` and `v`
+/// are `[b, t, kv_heads, head_dim]` (grouped-query attention when
+/// `kv_heads < heads`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AttnDims {
+    pub batch: usize,
+    pub seq: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    /// Multiplies q·kᵀ before the softmax (normally `1/sqrt(head_dim)`).
+    pub scale: f64,
+    /// Decoder-style: query i sees keys j ≤ i only.
+    pub causal: bool,
+}
+
+/// Attention-probability dropout: drop with probability `p`, with the mask
+/// drawn from `seed` (the same mask is redrawn in the backward pass).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Dropout {
+    pub p: f32,
+    pub seed: u64,
+}
+
+/// Pooling of a sequence of hidden states into one vector per example.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PoolKind {
+    /// The first token ([CLS] / `<s>`).
+    Cls,
+    /// Mean over the non-padding tokens (sentence-transformers).
+    Mean,
+}
+
+/// AdamW hyper-parameters for one step (`step` counts from 1).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamW {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    pub step: u64,
+}
+
+/// One compute device with its buffers and the op vocabulary.
+///
+/// Buffer lengths are in elements. Shapes are passed explicitly; a backend
+/// may check them (the CPU backend asserts every length).
+#[allow(clippy::too_many_arguments)]
+pub trait Backend {
+    /// Element type of activations, gradients and the trainable slab.
+    type T: Float;
+    /// A float buffer on the device (activations, frozen weights, slab).
+    type Buf;
+    /// An integer buffer on the device (token ids, labels).
+    type Ids;
+
+    /// Human-readable device name, e.g. `"cpu (f32, 8 threads)"`.
+    fn name(&self) -> String;
+
+    // ---- memory -----------------------------------------------------------
+    /// A new buffer of `n` zeros.
+    fn zeros(&self, n: usize) -> Self::Buf;
+    /// Copy host data to a new device buffer.
+    fn upload(&self, data: &[Self::T]) -> Self::Buf;
+    /// Copy a device buffer back to the host.
+    fn download(&self, buf: &Self::Buf) -> Vec<Self::T>;
+    /// Copy host integers to a new device buffer.
+    fn upload_ids(&self, ids: &[u32]) -> Self::Ids;
+    /// A frozen weight from a (memory-mapped) checkpoint tensor. The backend
+    /// decides how it is held (the CPU backend reads f32 tensors in place and
+    /// converts f16/bf16 on use).
+    fn weight(&self, t: &TensorView) -> Result<Self::Buf>;
+    /// Length of a buffer in elements.
+    fn len(&self, buf: &Self::Buf) -> usize;
+    /// `dst[dst_off..dst_off+n] = src[src_off..src_off+n]`.
+    fn copy(&self, dst: &mut Self::Buf, dst_off: usize, src: &Self::Buf, src_off: usize, n: usize);
+    /// Set every element of `buf` to `value`.
+    fn fill(&self, buf: &mut Self::Buf, value: f64);
+
+    // ---- dense algebra ----------------------------------------------------
+    /// `c[m×n] (+)= op(a)·op(b)`, where `op(a)` is `m×k` (`a` stored `m×k`,
+    /// or `k×m` when `ta`) and `op(b)` is `k×n` (`b` stored `k×n`, or `n×k`
+    /// when `tb`). Accumulates into `c` when `accumulate`, else overwrites.
+    fn matmul(
+        &self,
+        c: &mut Self::Buf,
+        a: &Self::Buf,
+        b: &Self::Buf,
+        m: usize,
+        n: usize,
+        k: usize,
+        ta: bool,
+        tb: bool,
+        accumulate: bool,
+    );
+    /// `y[r, c] += bias[bias_off + c]` for a `rows × cols` matrix.
+    fn bias_add(&self, y: &mut Self::Buf, bias: &Self::Buf, bias_off: usize, rows: usize, cols: usize);
+    /// Bias gradient, accumulated: `db[db_off + c] += Σ_r dy[r, c]`.
+    fn bias_grad(&self, db: &mut Self::Buf, db_off: usize, dy: &Self::Buf, rows: usize, cols: usize);
+    /// `y[i] += x[i]` for the first `n` elements (residual connections).
+    fn add(&self, y: &mut Self::Buf, x: &Self::Buf, n: usize);
+    /// `y[i] *= s` for the first `n` elements.
+    fn scale(&self, y: &mut Self::Buf, s: f64, n: usize);
+    /// Σ y[i]² over the first `n` elements (read back to the host; used for
+    /// global-norm gradient clipping).
+    fn sum_sq(&self, y: &Self::Buf, n: usize) -> f64;
+
+    // ---- element-wise -----------------------------------------------------
+    /// `y = act(x)` on the first `n` elements.
+    fn act_fwd(&self, act: Act, y: &mut Self::Buf, x: &Self::Buf, n: usize);
+    /// `dx = dy · act'(x)`, given the activation's input `x`.
+    fn act_bwd(&self, act: Act, dx: &mut Self::Buf, x: &Self::Buf, dy: &Self::Buf, n: usize);
+    /// In-place inverted dropout: `y[i] = keep(i) ? y[i] / (1-p) : 0`, with
+    /// `keep` from [`dropout_keep`]. The backward pass is the same call on the
+    /// gradient with the same seed.
+    fn dropout(&self, y: &mut Self::Buf, n: usize, p: f32, seed: u64);
+
+    // ---- normalisation ----------------------------------------------------
+    /// LayerNorm over rows: `y = xhat·gamma + beta`, saving `xhat` (rows×cols)
+    /// and `rstd` (rows) for the backward pass.
+    fn layernorm_fwd(
+        &self,
+        y: &mut Self::Buf,
+        xhat: &mut Self::Buf,
+        rstd: &mut Self::Buf,
+        x: &Self::Buf,
+        gamma: &Self::Buf,
+        beta: &Self::Buf,
+        beta_off: usize,
+        rows: usize,
+        cols: usize,
+        eps: f64,
+    );
+    /// LayerNorm input gradient (overwrites `dx`); `beta`'s gradient is the
+    /// column sum of `dy` ([`Backend::bias_grad`]).
+    fn layernorm_bwd(
+        &self,
+        dx: &mut Self::Buf,
+        dy: &Self::Buf,
+        xhat: &Self::Buf,
+        rstd: &Self::Buf,
+        gamma: &Self::Buf,
+        rows: usize,
+        cols: usize,
+    );
+
+    // ---- attention --------------------------------------------------------
+    /// Softmax attention with a key padding mask (`mask[b·t]`, 1 = real token,
+    /// 0 = padding). Writes `out` (`[b, t, heads, head_dim]`) and the
+    /// log-sum-exp of each query's scores `lse` (`[b, heads, t]`), which is all
+    /// the backward pass needs besides q, k, v and out.
+    fn attention_fwd(
+        &self,
+        out: &mut Self::Buf,
+        lse: &mut Self::Buf,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        mask: &Self::Buf,
+        dims: AttnDims,
+        dropout: Option<Dropout>,
+    );
+    /// Gradients of q, k and v (overwritten) from `dout`.
+    fn attention_bwd(
+        &self,
+        dq: &mut Self::Buf,
+        dk: &mut Self::Buf,
+        dv: &mut Self::Buf,
+        dout: &Self::Buf,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        out: &Self::Buf,
+        lse: &Self::Buf,
+        mask: &Self::Buf,
+        dims: AttnDims,
+        dropout: Option<Dropout>,
+    );
+
+    // ---- embeddings, pooling, loss, optimiser -----------------------------
+    /// `out[r, :] (+)= table[ids[r], :]` for `rows` ids of width `dim`.
+    /// Ids out of range are a caller bug (checked before upload).
+    fn embedding_fwd(
+        &self,
+        out: &mut Self::Buf,
+        table: &Self::Buf,
+        ids: &Self::Ids,
+        rows: usize,
+        dim: usize,
+        accumulate: bool,
+    );
+    /// Pool `h` (`[b, t, d]`) into `out` (`[b, d]`).
+    fn pool_fwd(&self, kind: PoolKind, out: &mut Self::Buf, h: &Self::Buf, mask: &Self::Buf, b: usize, t: usize, d: usize);
+    /// Gradient of pooling (overwrites `dh`, zero where nothing flows).
+    fn pool_bwd(&self, kind: PoolKind, dh: &mut Self::Buf, dout: &Self::Buf, mask: &Self::Buf, b: usize, t: usize, d: usize);
+    /// Softmax cross-entropy over `classes` per row: writes each row's loss to
+    /// `losses[r]` and `dlogits = (softmax - onehot) · grad_scale`.
+    fn cross_entropy(
+        &self,
+        losses: &mut Self::Buf,
+        dlogits: &mut Self::Buf,
+        logits: &Self::Buf,
+        labels: &Self::Ids,
+        rows: usize,
+        classes: usize,
+        grad_scale: f64,
+    );
+    /// Squared error for regression heads: `losses[r] = (x[r]-y[r])²`,
+    /// `dx = 2(x - y)·grad_scale`.
+    fn mse(&self, losses: &mut Self::Buf, dx: &mut Self::Buf, x: &Self::Buf, target: &Self::Buf, rows: usize, grad_scale: f64);
+    /// One AdamW step over the first `n` elements of a parameter group.
+    fn adamw(&self, params: &mut Self::Buf, grads: &Self::Buf, m: &mut Self::Buf, v: &mut Self::Buf, n: usize, h: AdamW);
+}
+
+/// The counter-based dropout draw shared by every backend: element `idx` of
+/// the tensor seeded by `seed` is kept when this returns true. Uses only
+/// 32-bit integer operations so that WGSL can reproduce it.
+#[inline]
+pub fn dropout_keep(seed: u64, idx: u32, p: f32) -> bool {
+    if p <= 0.0 {
+        return true;
+    }
+    let h = hash32(hash32(idx ^ (seed as u32)) ^ ((seed >> 32) as u32));
+    // 24 uniform bits in [0, 1).
+    ((h >> 8) as f32) * (1.0 / 16_777_216.0) >= p
+}
+
+/// A 32-bit integer mixer (the "lowbias32" finaliser).
+#[inline]
+pub fn hash32(mut x: u32) -> u32 {
+    x ^= x >> 16;
+    x = x.wrapping_mul(0x7feb_352d);
+    x ^= x >> 15;
+    x = x.wrapping_mul(0x846c_a68b);
+    x ^= x >> 16;
+    x
+}
+
+/// Derive a sub-seed (per step, per layer, per dropout site) from a seed.
+#[inline]
+pub fn sub_seed(seed: u64, a: u64) -> u64 {
+    let mut z = seed ^ a.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}

@@ -1,0 +1,2 @@
+//! Data: task definitions, GLUE/JSONL readers, tokenizer glue, batching and
+//! metrics (being written).

@@ -1,0 +1,21 @@
+//! # beft — bias-efficient fine-tuning
+//!
+//! A from-scratch transformer engine that fine-tunes only the bias vectors of
+//! a pre-trained model (chiefly the value-projection bias `b_v`, after
+//! Huang, Balashankar & Aminifar, *BEFT*, ACL 2026). Forward and backward
+//! passes are written by hand over a small op vocabulary
+//! ([`backend::Backend`]); the backward pass computes gradients only for the
+//! trainable biases (and the task head), never for a weight matrix.
+//!
+//! Data flows one way: CLI → [`train`] → [`model`] → [`backend`].
+
+pub mod backend;
+pub mod data;
+pub mod error;
+pub mod float;
+pub mod model;
+pub mod rng;
+pub mod train;
+pub mod weights;
+
+pub use error::{Error, Result};
