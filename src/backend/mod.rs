@@ -59,7 +59,7 @@ pub struct Dropout {
 /// Pooling of a sequence of hidden states into one vector per example.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PoolKind {
-    /// The first token ([CLS] / `<s>`).
+    /// The first token (`[CLS]` / `<s>`).
     Cls,
     /// Mean over the non-padding tokens (sentence-transformers).
     Mean,
@@ -136,7 +136,7 @@ pub trait Backend {
     fn add(&self, y: &mut Self::Buf, x: &Self::Buf, n: usize);
     /// `y[i] *= s` for the first `n` elements.
     fn scale(&self, y: &mut Self::Buf, s: f64, n: usize);
-    /// Σ y[i]² over the first `n` elements (read back to the host; used for
+    /// `Σ y[i]²` over the first `n` elements (read back to the host; used for
     /// global-norm gradient clipping).
     fn sum_sq(&self, y: &Self::Buf, n: usize) -> f64;
 

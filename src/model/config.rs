@@ -1,1 +1,392 @@
-//! Model configuration (being written).
+//! Model configuration: a Hugging Face `config.json`, checked, and a model
+//! directory (config, weights, tokenizer, sentence-transformers pooling).
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use crate::backend::{Act, PoolKind};
+use crate::error::{Error, Result};
+use crate::weights::WeightStore;
+
+/// Model architecture families.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arch {
+    /// BERT encoders (also MiniLM checkpoints, which say `"bert"`).
+    Bert,
+    /// RoBERTa encoders (also XLM-RoBERTa and CamemBERT).
+    Roberta,
+}
+
+/// `model_type` values of config.json and the architecture each one maps to.
+/// New architectures are added here (and to [`Arch`]).
+const MODEL_TYPES: &[(&str, Arch)] = &[
+    ("bert", Arch::Bert),
+    ("roberta", Arch::Roberta),
+    ("xlm-roberta", Arch::Roberta),
+    ("camembert", Arch::Roberta),
+];
+
+/// The names shown in "unknown model_type" messages.
+const SUPPORTED: &str = "bert, roberta";
+
+impl Arch {
+    /// The architecture of a config.json `model_type`, if supported.
+    pub fn from_model_type(model_type: &str) -> Option<Arch> {
+        MODEL_TYPES
+            .iter()
+            .find(|(t, _)| *t == model_type)
+            .map(|&(_, a)| a)
+    }
+
+    /// Short lower-case name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::Bert => "bert",
+            Arch::Roberta => "roberta",
+        }
+    }
+
+    /// Hugging Face's default `pad_token_id` for this family.
+    fn default_pad_token_id(self) -> u32 {
+        match self {
+            Arch::Bert => 0,
+            Arch::Roberta => 1,
+        }
+    }
+}
+
+impl std::fmt::Display for Arch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A checked model configuration.
+#[derive(Clone, Debug)]
+pub struct ModelConfig {
+    pub arch: Arch,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub intermediate_size: usize,
+    pub hidden_act: Act,
+    pub max_position_embeddings: usize,
+    pub type_vocab_size: usize,
+    pub layer_norm_eps: f64,
+    pub pad_token_id: u32,
+    pub hidden_dropout: f64,
+    pub attention_dropout: f64,
+    pub classifier_dropout: Option<f64>,
+    /// From `num_labels`, or the size of `id2label`, if present.
+    pub num_labels: Option<usize>,
+    /// As written in config.json.
+    pub model_type: String,
+}
+
+/// Bounds that reject corrupt or absurd values.
+const MAX_VOCAB: usize = 10_000_000;
+const MAX_HIDDEN: usize = 1 << 17;
+const MAX_LAYERS: usize = 10_000;
+const MAX_INTERMEDIATE: usize = 1 << 20;
+const MAX_POSITIONS: usize = 1 << 24;
+const MAX_TYPE_VOCAB: usize = 1 << 20;
+const MAX_LABELS: usize = 1 << 20;
+
+/// Reads keys of one config.json, with messages that name the file.
+struct Keys<'a> {
+    obj: &'a serde_json::Map<String, Value>,
+    path: &'a Path,
+}
+
+impl Keys<'_> {
+    /// The value of `key`, treating JSON `null` as absent.
+    fn get(&self, key: &str) -> Option<&Value> {
+        self.obj.get(key).filter(|v| !v.is_null())
+    }
+
+    fn err(&self, msg: impl std::fmt::Display) -> Error {
+        Error::file(self.path, msg)
+    }
+
+    /// An integer in `lo..=hi`; `default` when absent (`None`: required).
+    fn usize_in(&self, key: &str, default: Option<usize>, lo: usize, hi: usize) -> Result<usize> {
+        let x = match self.get(key) {
+            None => default.ok_or_else(|| self.err(format!("required key '{key}' is missing")))?,
+            Some(v) => v
+                .as_u64()
+                .and_then(|x| usize::try_from(x).ok())
+                .ok_or_else(|| {
+                    self.err(format!("'{key}' must be a non-negative integer, got {v}"))
+                })?,
+        };
+        if x < lo || x > hi {
+            return Err(self.err(format!(
+                "'{key}' = {x} is out of range (expected {lo}..={hi})"
+            )));
+        }
+        Ok(x)
+    }
+
+    /// A number in `[lo, hi)` (finite); `default` when absent.
+    fn f64_in(&self, key: &str, default: f64, lo: f64, hi: f64) -> Result<f64> {
+        match self.get(key) {
+            None => Ok(default),
+            Some(v) => {
+                let x = v
+                    .as_f64()
+                    .ok_or_else(|| self.err(format!("'{key}' must be a number, got {v}")))?;
+                if !(x.is_finite() && x >= lo && x < hi) {
+                    return Err(self.err(format!(
+                        "'{key}' = {x} is out of range (expected {lo} <= x < {hi})"
+                    )));
+                }
+                Ok(x)
+            }
+        }
+    }
+
+    fn str(&self, key: &str) -> Result<Option<&str>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_str()
+                .map(Some)
+                .ok_or_else(|| self.err(format!("'{key}' must be a string, got {v}"))),
+        }
+    }
+}
+
+impl ModelConfig {
+    /// Read and check a Hugging Face `config.json`.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let v = read_json(path)?;
+        Self::from_json(&v, path)
+    }
+
+    /// Check a parsed config.json (`path` is used only in messages). Absent
+    /// optional keys take Hugging Face `BertConfig`'s defaults.
+    pub fn from_json(v: &Value, path: &Path) -> Result<Self> {
+        let obj = v
+            .as_object()
+            .ok_or_else(|| Error::file(path, "config is not a JSON object"))?;
+        let k = Keys { obj, path };
+
+        let model_type = k
+            .str("model_type")?
+            .ok_or_else(|| {
+                k.err(format!(
+                    "required key 'model_type' is missing (supported: {SUPPORTED})"
+                ))
+            })?
+            .to_string();
+        let arch = Arch::from_model_type(&model_type).ok_or_else(|| {
+            k.err(format!(
+                "unknown model_type '{model_type}' (supported: {SUPPORTED})"
+            ))
+        })?;
+
+        let vocab_size = k.usize_in("vocab_size", None, 1, MAX_VOCAB)?;
+        let hidden_size = k.usize_in("hidden_size", None, 1, MAX_HIDDEN)?;
+        let num_layers = k.usize_in("num_hidden_layers", None, 1, MAX_LAYERS)?;
+        let num_heads = k.usize_in("num_attention_heads", None, 1, MAX_HIDDEN)?;
+        let intermediate_size = k.usize_in("intermediate_size", None, 1, MAX_INTERMEDIATE)?;
+        if hidden_size % num_heads != 0 {
+            return Err(k.err(format!(
+                "hidden_size {hidden_size} is not divisible by num_attention_heads {num_heads}"
+            )));
+        }
+
+        let act_name = k.str("hidden_act")?.unwrap_or("gelu");
+        let hidden_act = match act_name {
+            "gelu" => Act::Gelu,
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Act::GeluTanh,
+            "relu" => Act::Relu,
+            "silu" | "swish" => Act::Silu,
+            "tanh" => Act::Tanh,
+            other => {
+                return Err(k.err(format!(
+                    "unsupported hidden_act '{other}' (supported: gelu, gelu_new, gelu_pytorch_tanh, gelu_fast, relu, silu, swish, tanh)"
+                )))
+            }
+        };
+
+        let max_position_embeddings =
+            k.usize_in("max_position_embeddings", Some(512), 1, MAX_POSITIONS)?;
+        let type_vocab_size = k.usize_in("type_vocab_size", Some(2), 0, MAX_TYPE_VOCAB)?;
+        let layer_norm_eps = k.f64_in("layer_norm_eps", 1e-12, f64::MIN_POSITIVE, 1.0)?;
+        let pad = k.usize_in(
+            "pad_token_id",
+            Some(arch.default_pad_token_id() as usize),
+            0,
+            u32::MAX as usize,
+        )?;
+        if pad >= vocab_size {
+            return Err(k.err(format!(
+                "pad_token_id {pad} is not below vocab_size {vocab_size}"
+            )));
+        }
+        let hidden_dropout = k.f64_in("hidden_dropout_prob", 0.1, 0.0, 1.0)?;
+        let attention_dropout = k.f64_in("attention_probs_dropout_prob", 0.1, 0.0, 1.0)?;
+        let classifier_dropout = match k.get("classifier_dropout") {
+            None => None,
+            Some(_) => Some(k.f64_in("classifier_dropout", 0.0, 0.0, 1.0)?),
+        };
+
+        let num_labels = if k.get("num_labels").is_some() {
+            Some(k.usize_in("num_labels", None, 1, MAX_LABELS)?)
+        } else {
+            match k.get("id2label") {
+                None => None,
+                Some(Value::Object(m)) if !m.is_empty() => Some(m.len()),
+                Some(v) => {
+                    return Err(k.err(format!("'id2label' must be a non-empty object, got {v}")))
+                }
+            }
+        };
+
+        Ok(ModelConfig {
+            arch,
+            vocab_size,
+            hidden_size,
+            num_layers,
+            num_heads,
+            intermediate_size,
+            hidden_act,
+            max_position_embeddings,
+            type_vocab_size,
+            layer_norm_eps,
+            pad_token_id: pad as u32,
+            hidden_dropout,
+            attention_dropout,
+            classifier_dropout,
+            num_labels,
+            model_type,
+        })
+    }
+
+    /// Width of one attention head.
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_heads
+    }
+}
+
+/// Read a JSON file, with messages that name it.
+fn read_json(path: &Path) -> Result<Value> {
+    let text = fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::file(path, format!("not valid JSON: {e}")))
+}
+
+/// A Hugging Face (or sentence-transformers) model directory.
+#[derive(Debug)]
+pub struct ModelDir {
+    pub dir: PathBuf,
+    /// The directory's file name, or `_name_or_path` from config.json when
+    /// that is set and non-empty.
+    pub name: String,
+    pub config: ModelConfig,
+    pub weights: WeightStore,
+    /// `dir/tokenizer.json`, if present.
+    pub tokenizer: Option<PathBuf>,
+    /// The sentence-transformers pooling (`1_Pooling/config.json`): `Mean`
+    /// for `pooling_mode_mean_tokens`, `Cls` for `pooling_mode_cls_token`.
+    /// `None` when the directory has no pooling config, or when it asks for
+    /// a mode other than exactly one of those two (max pooling, several
+    /// modes concatenated).
+    pub default_pooling: Option<PoolKind>,
+}
+
+impl ModelDir {
+    /// Open a model directory: `config.json`, the safetensors weights, and
+    /// the optional tokenizer and pooling config.
+    pub fn open(dir: &Path) -> Result<Self> {
+        if !dir.is_dir() {
+            let what = if dir.exists() {
+                "not a directory"
+            } else {
+                "no such directory"
+            };
+            return Err(Error::file(
+                dir,
+                format!("{what} (expected a model directory with config.json)"),
+            ));
+        }
+        let cfg_path = dir.join("config.json");
+        if !cfg_path.is_file() {
+            return Err(Error::file(
+                dir,
+                "no config.json (expected a Hugging Face model directory with config.json and model.safetensors)",
+            ));
+        }
+        let v = read_json(&cfg_path)?;
+        let config = ModelConfig::from_json(&v, &cfg_path)?;
+        let name = match v.get("_name_or_path").and_then(Value::as_str) {
+            Some(s) if !s.trim().is_empty() => s.to_string(),
+            _ => dir_name(dir),
+        };
+        let weights = WeightStore::open_dir(dir)?;
+        let tok = dir.join("tokenizer.json");
+        let tokenizer = tok.is_file().then_some(tok);
+        let default_pooling = read_pooling(dir)?;
+        Ok(ModelDir {
+            dir: dir.to_path_buf(),
+            name,
+            config,
+            weights,
+            tokenizer,
+            default_pooling,
+        })
+    }
+}
+
+/// The file name of `dir` (resolving `.` and the like), for display.
+fn dir_name(dir: &Path) -> String {
+    let named = |p: &Path| p.file_name().map(|s| s.to_string_lossy().into_owned());
+    named(dir)
+        .or_else(|| dir.canonicalize().ok().as_deref().and_then(named))
+        .unwrap_or_else(|| dir.display().to_string())
+}
+
+/// The sentence-transformers pooling of `dir`: the Pooling module named by
+/// `modules.json` if there is one, else `1_Pooling/config.json`.
+fn read_pooling(dir: &Path) -> Result<Option<PoolKind>> {
+    let mut sub = PathBuf::from("1_Pooling");
+    let modules = dir.join("modules.json");
+    if modules.is_file() {
+        let v = read_json(&modules)?;
+        let found = v.as_array().into_iter().flatten().find_map(|m| {
+            let ty = m.get("type")?.as_str()?;
+            let path = m.get("path")?.as_str()?;
+            let plain = !path.is_empty()
+                && Path::new(path)
+                    .components()
+                    .all(|c| matches!(c, std::path::Component::Normal(_)));
+            (ty.ends_with(".Pooling") && plain).then(|| PathBuf::from(path))
+        });
+        if let Some(p) = found {
+            sub = p;
+        }
+    }
+    let cfg = dir.join(sub).join("config.json");
+    if !cfg.is_file() {
+        return Ok(None);
+    }
+    let v = read_json(&cfg)?;
+    let on = |key: &str| v.get(key).and_then(Value::as_bool).unwrap_or(false);
+    let modes = [
+        "pooling_mode_cls_token",
+        "pooling_mode_mean_tokens",
+        "pooling_mode_max_tokens",
+        "pooling_mode_mean_sqrt_len_tokens",
+        "pooling_mode_weightedmean_tokens",
+        "pooling_mode_lasttoken",
+    ];
+    let active: Vec<&str> = modes.iter().copied().filter(|m| on(m)).collect();
+    Ok(match active.as_slice() {
+        ["pooling_mode_mean_tokens"] => Some(PoolKind::Mean),
+        ["pooling_mode_cls_token"] => Some(PoolKind::Cls),
+        _ => None,
+    })
+}

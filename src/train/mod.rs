@@ -1,1 +1,136 @@
-//! Training (being written).
+//! Fine-tuning runs: the training loop (AdamW over the trainable slab,
+//! global-norm clipping, constant or linear schedule), evaluation, and the
+//! files of a run directory.
+
+pub mod run;
+
+use crate::backend::{AdamW, Backend, PoolKind};
+use crate::data::{self, Encoding, Example, Metrics, TaskSpec};
+use crate::error::Result;
+use crate::float::Float;
+use crate::model::{Encoder, SlabLayout};
+
+/// Learning-rate schedule.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    /// Constant after the warm-up (BEFT's protocol, with no warm-up).
+    Constant,
+    /// Linear warm-up, then linear decay to zero (Hugging Face's default).
+    Linear,
+}
+
+/// The learning rate at optimiser step `step` (1-based) of `total`.
+pub fn lr_at(schedule: Schedule, base: f64, step: u64, total: u64, warmup: u64) -> f64 {
+    if warmup > 0 && step <= warmup {
+        return base * step as f64 / warmup as f64;
+    }
+    match schedule {
+        Schedule::Constant => base,
+        Schedule::Linear => {
+            let rest = total.saturating_sub(warmup).max(1);
+            base * (total.saturating_sub(step) as f64 / rest as f64).max(0.0)
+        }
+    }
+}
+
+/// Trainable values with their gradients and AdamW moments, all in the
+/// slab layout.
+pub struct Slab<B: Backend> {
+    pub params: B::Buf,
+    pub grads: B::Buf,
+    pub m: B::Buf,
+    pub v: B::Buf,
+    pub len: usize,
+}
+
+impl<B: Backend> Slab<B> {
+    /// Upload initial values.
+    pub fn new(be: &B, init: &[f64]) -> Self {
+        let vals: Vec<B::T> = init.iter().map(|x| B::T::from_f64(*x)).collect();
+        let n = vals.len();
+        Slab { params: be.upload(&vals), grads: be.zeros(n), m: be.zeros(n), v: be.zeros(n), len: n }
+    }
+
+    /// Clip the gradient to global norm `max_norm` (if > 0); returns the norm
+    /// before clipping.
+    pub fn clip(&mut self, be: &B, max_norm: f64) -> f64 {
+        let norm = be.sum_sq(&self.grads, self.len).sqrt();
+        if max_norm > 0.0 && norm > max_norm {
+            be.scale(&mut self.grads, max_norm / (norm + 1e-6), self.len);
+        }
+        norm
+    }
+
+    /// One AdamW step.
+    pub fn step(&mut self, be: &B, h: AdamW) {
+        be.adamw(&mut self.params, &self.grads, &mut self.m, &mut self.v, self.len, h);
+    }
+
+    /// The parameters as f64 (for saving).
+    pub fn params_f64(&self, be: &B) -> Vec<f64> {
+        be.download(&self.params).into_iter().map(|x| x.to_f64()).collect()
+    }
+}
+
+/// Predictions of an encoder over a dataset: class index (as f32) or the
+/// regression value per example.
+pub fn predict<B: Backend>(be: &B, enc: &Encoder<B>, params: &B::Buf, encs: &[Encoding], examples: &[Example], pad_id: u32, batch: usize) -> Result<Vec<f32>> {
+    let mut preds = Vec::with_capacity(encs.len());
+    let c = enc.opts.num_labels;
+    for idx in data::eval_batches(encs.len(), batch.max(1)) {
+        let refs: Vec<&Encoding> = idx.iter().map(|&i| &encs[i]).collect();
+        let labels: Vec<f32> = idx.iter().map(|&i| examples[i].label).collect();
+        let hb = data::make_batch(&refs, &labels, pad_id);
+        let db = enc.upload_batch(be, &hb)?;
+        let logits = enc.logits(be, params, &db);
+        for r in 0..hb.batch {
+            let row = &logits[r * c..(r + 1) * c];
+            if c == 1 {
+                preds.push(row[0].to_f32());
+            } else {
+                let mut best = 0;
+                for j in 1..c {
+                    if row[j] > row[best] {
+                        best = j;
+                    }
+                }
+                preds.push(best as f32);
+            }
+        }
+    }
+    Ok(preds)
+}
+
+/// Evaluate on a dataset and compute the task's metrics.
+pub fn evaluate<B: Backend>(be: &B, enc: &Encoder<B>, params: &B::Buf, task: &TaskSpec, encs: &[Encoding], examples: &[Example], pad_id: u32, batch: usize) -> Result<Metrics> {
+    let preds = predict(be, enc, params, encs, examples, pad_id, batch)?;
+    let labels: Vec<f32> = examples.iter().map(|e| e.label).collect();
+    Ok(data::evaluate(task, &preds, &labels))
+}
+
+/// Parse `--pooling`.
+pub fn parse_pooling(s: &str) -> Result<PoolKind> {
+    match s.to_ascii_lowercase().as_str() {
+        "cls" | "pooler" => Ok(PoolKind::Cls),
+        "mean" => Ok(PoolKind::Mean),
+        other => Err(crate::Error::msg(format!("--pooling: unknown pooling '{other}' (cls or mean)"))),
+    }
+}
+
+/// Name of a pooling mode in files.
+pub fn pooling_name(p: PoolKind) -> &'static str {
+    match p {
+        PoolKind::Cls => "cls",
+        PoolKind::Mean => "mean",
+    }
+}
+
+/// The trained tensors of a slab, named by their Hugging Face names.
+pub fn slab_tensors(layout: &SlabLayout, values: &[f64]) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    layout
+        .slots
+        .iter()
+        .map(|s| (s.name.clone(), s.shape.clone(), values[s.offset..s.offset + s.len()].iter().map(|v| *v as f32).collect()))
+        .collect()
+}

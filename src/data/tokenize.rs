@@ -1,0 +1,139 @@
+//! Tokenizer glue: a Hugging Face `tokenizer.json` with its own padding
+//! switched off (batches are padded dynamically by [`super::make_batch`]) and
+//! truncation to a fixed maximum length (longest-first for pairs).
+
+use std::path::{Path, PathBuf};
+
+use rayon::prelude::*;
+use tokenizers::{
+    PostProcessor, Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy,
+};
+
+use super::tasks::Example;
+use crate::error::{Error, Result};
+
+/// Token ids and segment (token type) ids of one example, special tokens included.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Encoding {
+    pub ids: Vec<u32>,
+    pub type_ids: Vec<u32>,
+}
+
+impl Encoding {
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+}
+
+/// A loaded tokenizer (see the module docs).
+pub struct TextTokenizer {
+    tk: Tokenizer,
+    path: PathBuf,
+    max_len: usize,
+    pad_id: Option<u32>,
+}
+
+impl std::fmt::Debug for TextTokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TextTokenizer")
+            .field("path", &self.path)
+            .field("max_len", &self.max_len)
+            .field("pad_id", &self.pad_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TextTokenizer {
+    /// Load `tokenizer.json`; encodings are truncated to `max_len` tokens,
+    /// special tokens included. Errors name the file.
+    pub fn from_file(path: &Path, max_len: usize) -> Result<Self> {
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let mut tk = Tokenizer::from_bytes(&bytes)
+            .map_err(|e| Error::file(path, format!("not a valid tokenizer.json: {e}")))?;
+        let pad_id = tk
+            .get_padding()
+            .map(|p| p.pad_id)
+            .or_else(|| tk.token_to_id("[PAD]"))
+            .or_else(|| tk.token_to_id("<pad>"));
+        let added = tk
+            .get_post_processor()
+            .map_or(0, |p| p.added_tokens(false).max(p.added_tokens(true)));
+        if max_len <= added {
+            return Err(Error::file(
+                path,
+                format!(
+                    "maximum length {max_len} leaves no room for text: the post-processor adds {added} special tokens"
+                ),
+            ));
+        }
+        tk.with_padding(None);
+        tk.with_truncation(Some(TruncationParams {
+            direction: TruncationDirection::Right,
+            max_length: max_len,
+            strategy: TruncationStrategy::LongestFirst,
+            stride: 0,
+        }))
+        .map_err(|e| Error::file(path, format!("cannot set truncation to {max_len}: {e}")))?;
+        Ok(TextTokenizer {
+            tk,
+            path: path.to_path_buf(),
+            max_len,
+            pad_id,
+        })
+    }
+
+    /// Encode a text or a text pair, with the special tokens of the
+    /// tokenizer's post-processor (e.g. `[CLS] a [SEP] b [SEP]`).
+    pub fn encode(&self, text: &str, pair: Option<&str>) -> Result<Encoding> {
+        let enc = match pair {
+            Some(p) => self.tk.encode((text, p), true),
+            None => self.tk.encode(text, true),
+        }
+        .map_err(|e| Error::file(&self.path, format!("encoding failed: {e}")))?;
+        Ok(Encoding {
+            ids: enc.get_ids().to_vec(),
+            type_ids: enc.get_type_ids().to_vec(),
+        })
+    }
+
+    /// Encode every example (in parallel), in order.
+    pub fn encode_all(&self, examples: &[Example]) -> Result<Vec<Encoding>> {
+        examples
+            .par_iter()
+            .enumerate()
+            .map(|(i, e)| {
+                self.encode(&e.text, e.text_pair.as_deref())
+                    .map_err(|err| err.context(format!("example {i}")))
+            })
+            .collect()
+    }
+
+    /// Vocabulary size, added tokens included.
+    pub fn vocab_size(&self) -> usize {
+        self.tk.get_vocab_size(true)
+    }
+
+    /// The padding id: from the file's padding config, else the `[PAD]` or `<pad>` token.
+    pub fn pad_id(&self) -> Option<u32> {
+        self.pad_id
+    }
+
+    /// The truncation length given to [`TextTokenizer::from_file`].
+    pub fn max_len(&self) -> usize {
+        self.max_len
+    }
+
+    /// The id of a token, if it is in the vocabulary.
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.tk.token_to_id(token)
+    }
+
+    /// The file this tokenizer was loaded from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}

@@ -1,0 +1,527 @@
+//! The `train` and `eval` commands as library functions: everything is
+//! validated before anything is written, and a run directory appears only
+//! once it is complete (it is assembled in a staging directory and renamed).
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+
+use super::{evaluate, lr_at, parse_pooling, pooling_name, slab_tensors, Schedule, Slab};
+use crate::backend::cpu::CpuBackend;
+use crate::backend::{sub_seed, AdamW, Backend, PoolKind};
+use crate::data::{self, Encoding, Example, Split, TaskSpec, TextTokenizer};
+use crate::error::{Error, Result};
+use crate::model::config::ModelDir;
+use crate::model::{BiasTerm, Encoder, EncoderOptions};
+use crate::weights::{write_safetensors, WeightStore};
+
+/// Options of `beft train` (the CLI maps its flags onto this).
+#[derive(Clone, Debug)]
+pub struct TrainArgs {
+    pub model: PathBuf,
+    pub task: String,
+    pub data: PathBuf,
+    pub out: PathBuf,
+    pub train_size: Option<usize>,
+    pub bias: String,
+    pub epochs: usize,
+    pub lr: f64,
+    pub batch: usize,
+    pub eval_batch: usize,
+    pub seed: u64,
+    pub max_len: usize,
+    pub pooling: Option<String>,
+    pub schedule: Schedule,
+    pub warmup_ratio: f64,
+    pub clip: f64,
+    pub weight_decay: f64,
+    pub dropout: bool,
+    pub eval_before: bool,
+    pub max_steps: Option<u64>,
+    pub dev_size: Option<usize>,
+    pub device: String,
+    pub progress: bool,
+    pub overwrite: bool,
+}
+
+impl Default for TrainArgs {
+    fn default() -> Self {
+        TrainArgs {
+            model: PathBuf::new(),
+            task: "sst2".into(),
+            data: PathBuf::new(),
+            out: PathBuf::from("runs/run"),
+            train_size: None,
+            bias: "v".into(),
+            epochs: 4,
+            lr: 4e-4,
+            batch: 16,
+            eval_batch: 64,
+            seed: 0,
+            max_len: 128,
+            pooling: None,
+            schedule: Schedule::Constant,
+            warmup_ratio: 0.0,
+            clip: 1.0,
+            weight_decay: 0.0,
+            dropout: true,
+            eval_before: true,
+            max_steps: None,
+            dev_size: None,
+            device: "cpu".into(),
+            progress: true,
+            overwrite: false,
+        }
+    }
+}
+
+/// What a finished run reports (also written as `summary.json`).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Summary {
+    pub task: String,
+    pub model: String,
+    pub bias: String,
+    pub pooling: String,
+    pub trainable_params: usize,
+    pub trainable_bias_params: usize,
+    pub initial_dev_metric: Option<f64>,
+    pub final_dev_metric: f64,
+    pub best_dev_metric: f64,
+    pub best_epoch: usize,
+    pub metric_name: String,
+    pub train_examples: usize,
+    pub dev_examples: usize,
+    pub epochs: usize,
+    pub steps: u64,
+    pub train_tokens: u64,
+    pub train_tokens_per_s: f64,
+    pub step_seconds_median: f64,
+    pub train_seconds: f64,
+    pub peak_rss_bytes: u64,
+    pub biases_file_bytes: u64,
+    pub device: String,
+    pub seed: u64,
+    pub lr: f64,
+    pub batch: usize,
+}
+
+/// Parse `--device`; only the CPU exists in this build.
+pub fn check_device(spec: &str) -> Result<()> {
+    let s = spec.to_ascii_lowercase();
+    if s == "cpu" {
+        return Ok(());
+    }
+    if s.starts_with("cuda") {
+        if cfg!(feature = "cuda") {
+            return Err(Error::msg("--device cuda: the CUDA backend is not implemented yet in this version; use --device cpu"));
+        }
+        return Err(Error::msg("--device cuda: this beft was built without CUDA (rebuild with --features cuda); use --device cpu"));
+    }
+    if s.starts_with("wgpu") {
+        if cfg!(feature = "wgpu") {
+            return Err(Error::msg("--device wgpu: the wgpu backend is not implemented yet in this version; use --device cpu"));
+        }
+        return Err(Error::msg("--device wgpu: this beft was built without wgpu (rebuild with --features wgpu); use --device cpu"));
+    }
+    Err(Error::msg(format!("--device: unknown device '{spec}' (cpu, cuda[:N], wgpu[:N])")))
+}
+
+/// Peak resident set size of this process (Linux), in bytes.
+pub fn peak_rss_bytes() -> u64 {
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        0.5 * (v[n / 2 - 1] + v[n / 2])
+    }
+}
+
+/// Everything a run needs, loaded and checked before anything is written.
+struct Prepared {
+    md: ModelDir,
+    task: TaskSpec,
+    pad_id: u32,
+    train: Vec<Example>,
+    train_enc: Vec<Encoding>,
+    dev: Vec<Example>,
+    dev_enc: Vec<Encoding>,
+    pooling: PoolKind,
+    num_labels: usize,
+}
+
+fn prepare(model: &Path, task_name: &str, data_dir: &Path, train_size: Option<usize>, dev_size: Option<usize>, seed: u64, max_len: usize, pooling: Option<&str>, need_train: bool) -> Result<Prepared> {
+    let md = ModelDir::open(model)?;
+    let task = data::task(task_name)?;
+    let tok_path = md.tokenizer.clone().ok_or_else(|| Error::file(&md.dir, "no tokenizer.json in the model directory"))?;
+    let tok = TextTokenizer::from_file(&tok_path, max_len)?;
+    let pad_id = tok.pad_id().unwrap_or(md.config.pad_token_id);
+    if tok.vocab_size() > md.config.vocab_size {
+        return Err(Error::file(
+            &tok_path,
+            format!("tokenizer has {} tokens but the model's vocab_size is {} (tokenizer and model do not match)", tok.vocab_size(), md.config.vocab_size),
+        ));
+    }
+    // The generic jsonl task learns its label set from the training data.
+    let (task, train) = if need_train {
+        let all = data::load_split(&task, data_dir, Split::Train)?;
+        let task = task.resolve(&all)?;
+        (task, data::sample_subset(&all, train_size, seed))
+    } else {
+        (task, Vec::new())
+    };
+    let dev_all = data::load_split(&task, data_dir, Split::Dev)?;
+    let task = if need_train { task } else { task.resolve(&dev_all)? };
+    let dev = data::sample_subset(&dev_all, dev_size, seed);
+    let pooling = match pooling {
+        Some(p) => parse_pooling(p)?,
+        None => md.default_pooling.unwrap_or(PoolKind::Cls),
+    };
+    let num_labels = task.num_labels;
+    let train_enc = tok.encode_all(&train)?;
+    let dev_enc = tok.encode_all(&dev)?;
+    Ok(Prepared { md, task, pad_id, train, train_enc, dev, dev_enc, pooling, num_labels })
+}
+
+/// A staging directory beside the run directory, renamed into place when the
+/// run is complete and removed if it fails.
+struct Staging {
+    dir: PathBuf,
+    done: bool,
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
+    let s = serde_json::to_string_pretty(v).map_err(|e| Error::file(path, e))?;
+    fs::write(path, s + "\n").map_err(|e| Error::io(path, e))
+}
+
+/// `beft train`.
+pub fn train(args: &TrainArgs) -> Result<Summary> {
+    check_device(&args.device)?;
+    if args.batch == 0 || args.epochs == 0 {
+        return Err(Error::msg("--batch and --epochs must be at least 1"));
+    }
+    if !(args.lr > 0.0 && args.lr.is_finite()) {
+        return Err(Error::msg(format!("--lr must be a positive number, got {}", args.lr)));
+    }
+    let terms = BiasTerm::parse_set(&args.bias)?;
+    // Refuse to overwrite a finished run, before doing any work.
+    if args.out.join("summary.json").exists() && !args.overwrite {
+        return Err(Error::file(&args.out, "already holds a finished run (summary.json); choose another --out or pass --overwrite"));
+    }
+    let p = prepare(&args.model, &args.task, &args.data, args.train_size, args.dev_size, args.seed, args.max_len, args.pooling.as_deref(), true)?;
+    let be = CpuBackend::<f32>::new();
+    let enc = Encoder::load(&be, &p.md, EncoderOptions { pooling: p.pooling, num_labels: p.num_labels, terms: terms.clone(), seed: args.seed })?;
+    if terms == [BiasTerm::K] {
+        eprintln!(
+            "note: b_k receives an exactly-zero gradient in softmax attention (adding a constant to every key of a query shifts all its scores alike); \
+             with --bias k only the task head and pooler bias will learn"
+        );
+    } else if terms.contains(&BiasTerm::K) {
+        eprintln!("note: b_k receives an exactly-zero gradient in softmax attention; it will not change");
+    }
+
+    // Everything is valid: create the staging directory.
+    let out = &args.out;
+    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    let name = out.file_name().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "run".into());
+    let mut staging = Staging { dir: parent.join(format!(".{name}.partial-{}", std::process::id())), done: false };
+    let _ = fs::remove_dir_all(&staging.dir);
+    fs::create_dir_all(&staging.dir).map_err(|e| Error::io(&staging.dir, e))?;
+    let metrics_path = staging.dir.join("metrics.jsonl");
+    let mut metrics_file = fs::File::create(&metrics_path).map_err(|e| Error::io(&metrics_path, e))?;
+    let steps_path = staging.dir.join("steps.jsonl");
+    let mut steps_file = std::io::BufWriter::new(fs::File::create(&steps_path).map_err(|e| Error::io(&steps_path, e))?);
+
+    let mut slab = Slab::new(&be, &enc.init);
+    let n_train = p.train.len();
+    let steps_per_epoch = n_train.div_ceil(args.batch) as u64;
+    let total_steps = args.max_steps.map(|m| m.min(steps_per_epoch * args.epochs as u64)).unwrap_or(steps_per_epoch * args.epochs as u64);
+    let warmup = (args.warmup_ratio * total_steps as f64).round() as u64;
+
+    eprintln!(
+        "beft: {} ({} layers, hidden {}) on {} | task {} | {} train / {} dev | bias {} | pooling {} | {} trainable values ({} in biases) | {}",
+        p.md.name,
+        p.md.config.num_layers,
+        p.md.config.hidden_size,
+        be.name(),
+        p.task.name,
+        n_train,
+        p.dev.len(),
+        BiasTerm::format_set(&terms),
+        pooling_name(p.pooling),
+        enc.trainable_params(),
+        enc.layout.bias_params(),
+        if enc.head_from_checkpoint { "head from checkpoint" } else { "new head" }
+    );
+
+    let log_eval = |epoch: usize, step: u64, m: &data::Metrics, train_loss: Option<f64>, f: &mut fs::File| -> Result<()> {
+        let line = json!({"epoch": epoch, "step": step, "metric_name": m.name, "metric": m.value, "metrics": m.all, "train_loss": train_loss, "split": "dev"});
+        writeln!(f, "{line}").map_err(|e| Error::io(&metrics_path, e))
+    };
+
+    let initial = if args.eval_before {
+        let m = evaluate(&be, &enc, &slab.params, &p.task, &p.dev_enc, &p.dev, p.pad_id, args.eval_batch)?;
+        eprintln!("epoch 0 (before training): dev {} = {:.4}", m.name, m.value);
+        log_eval(0, 0, &m, None, &mut metrics_file)?;
+        Some(m.value)
+    } else {
+        None
+    };
+
+    let pb = if args.progress { ProgressBar::new(total_steps) } else { ProgressBar::hidden() };
+    pb.set_style(
+        ProgressStyle::with_template("{spinner} epoch {prefix} [{bar:30}] {pos}/{len} {msg} eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    let mut step: u64 = 0;
+    let mut step_secs = Vec::new();
+    let mut train_tokens: u64 = 0;
+    let mut train_time = 0.0f64;
+    let mut best = (f64::NEG_INFINITY, 0usize);
+    let mut last = f64::NAN;
+    let mut epochs_run = 0;
+    'epochs: for epoch in 1..=args.epochs {
+        pb.set_prefix(format!("{epoch}/{}", args.epochs));
+        let mut loss_sum = 0.0;
+        let mut loss_n = 0usize;
+        for idx in data::epoch_batches(n_train, args.batch, args.seed, epoch as u64, true) {
+            if step >= total_steps {
+                break;
+            }
+            let refs: Vec<&Encoding> = idx.iter().map(|&i| &p.train_enc[i]).collect();
+            let labels: Vec<f32> = idx.iter().map(|&i| p.train[i].label).collect();
+            let hb = data::make_batch(&refs, &labels, p.pad_id);
+            let db = enc.upload_batch(&be, &hb)?;
+            step += 1;
+            let t0 = Instant::now();
+            be.fill(&mut slab.grads, 0.0);
+            let seed = if args.dropout { Some(sub_seed(args.seed, step)) } else { None };
+            let (loss, _) = enc.loss_and_grad(&be, &slab.params, &mut slab.grads, &db, seed);
+            if !loss.is_finite() {
+                return Err(Error::msg(format!("non-finite loss {loss} at step {step} (epoch {epoch}); try a lower --lr")));
+            }
+            let gnorm = slab.clip(&be, args.clip);
+            if !gnorm.is_finite() {
+                return Err(Error::msg(format!("non-finite gradient norm at step {step} (epoch {epoch}); try a lower --lr")));
+            }
+            let lr = lr_at(args.schedule, args.lr, step, total_steps, warmup);
+            slab.step(&be, AdamW { lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: args.weight_decay, step });
+            let dt = t0.elapsed().as_secs_f64();
+            step_secs.push(dt);
+            train_time += dt;
+            train_tokens += hb.tokens as u64;
+            loss_sum += loss;
+            loss_n += 1;
+            let line = json!({"step": step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": gnorm, "tokens": hb.tokens, "seconds": dt});
+            writeln!(steps_file, "{line}").map_err(|e| Error::io(&steps_path, e))?;
+            pb.set_message(format!("loss {:.4} | {:.0} tok/s", loss_sum / loss_n as f64, train_tokens as f64 / train_time.max(1e-9)));
+            pb.inc(1);
+        }
+        epochs_run = epoch;
+        let m = evaluate(&be, &enc, &slab.params, &p.task, &p.dev_enc, &p.dev, p.pad_id, args.eval_batch)?;
+        let tl = if loss_n > 0 { Some(loss_sum / loss_n as f64) } else { None };
+        pb.suspend(|| eprintln!("epoch {epoch}: train loss {:.4} | dev {} = {:.4}", tl.unwrap_or(f64::NAN), m.name, m.value));
+        log_eval(epoch, step, &m, tl, &mut metrics_file)?;
+        if m.value > best.0 {
+            best = (m.value, epoch);
+        }
+        last = m.value;
+        if step >= total_steps {
+            break 'epochs;
+        }
+    }
+    pb.finish_and_clear();
+    steps_file.flush().map_err(|e| Error::io(&steps_path, e))?;
+    drop(steps_file);
+
+    // The trained biases (and head), with what they belong to.
+    let values = slab.params_f64(&be);
+    let bias_path = staging.dir.join("biases.safetensors");
+    let meta = bias_metadata(&p.md, &enc, &terms, &p.task, p.pooling);
+    write_safetensors(&bias_path, &slab_tensors(&enc.layout, &values), &meta)?;
+    let biases_file_bytes = fs::metadata(&bias_path).map(|m| m.len()).unwrap_or(0);
+
+    let summary = Summary {
+        task: p.task.name.clone(),
+        model: p.md.name.clone(),
+        bias: BiasTerm::format_set(&terms),
+        pooling: pooling_name(p.pooling).into(),
+        trainable_params: enc.trainable_params(),
+        trainable_bias_params: enc.layout.bias_params(),
+        initial_dev_metric: initial,
+        final_dev_metric: last,
+        best_dev_metric: best.0,
+        best_epoch: best.1,
+        metric_name: p.task.metric_name.clone(),
+        train_examples: n_train,
+        dev_examples: p.dev.len(),
+        epochs: epochs_run,
+        steps: step,
+        train_tokens,
+        train_tokens_per_s: train_tokens as f64 / train_time.max(1e-9),
+        step_seconds_median: median(&mut step_secs),
+        train_seconds: train_time,
+        peak_rss_bytes: peak_rss_bytes(),
+        biases_file_bytes,
+        device: be.name(),
+        seed: args.seed,
+        lr: args.lr,
+        batch: args.batch,
+    };
+    let sv = serde_json::to_value(&summary).map_err(|e| Error::msg(e.to_string()))?;
+    write_json(&staging.dir.join("summary.json"), &sv)?;
+    write_json(
+        &staging.dir.join("config.json"),
+        &json!({
+            "model": args.model, "task": args.task, "data": args.data, "train_size": args.train_size, "bias": args.bias,
+            "epochs": args.epochs, "lr": args.lr, "batch": args.batch, "seed": args.seed, "max_len": args.max_len,
+            "pooling": pooling_name(p.pooling), "schedule": args.schedule, "warmup_ratio": args.warmup_ratio,
+            "clip": args.clip, "weight_decay": args.weight_decay, "dropout": args.dropout, "max_steps": args.max_steps,
+            "beft_version": env!("CARGO_PKG_VERSION"),
+        }),
+    )?;
+    drop(metrics_file);
+
+    // Move the finished run into place.
+    if out.exists() {
+        if args.overwrite {
+            fs::remove_dir_all(out).map_err(|e| Error::io(out, e))?;
+        } else if fs::read_dir(out).map(|mut d| d.next().is_some()).unwrap_or(true) {
+            return Err(Error::file(out, "exists and is not empty; choose another --out or pass --overwrite"));
+        } else {
+            fs::remove_dir(out).map_err(|e| Error::io(out, e))?;
+        }
+    }
+    fs::rename(&staging.dir, out).map_err(|e| Error::io(out, e))?;
+    staging.done = true;
+    Ok(summary)
+}
+
+fn bias_metadata(md: &ModelDir, enc: &Encoder<CpuBackend<f32>>, terms: &[BiasTerm], task: &TaskSpec, pooling: PoolKind) -> BTreeMap<String, String> {
+    let mut m = BTreeMap::new();
+    m.insert("format".into(), "beft-biases".into());
+    m.insert("beft_version".into(), env!("CARGO_PKG_VERSION").into());
+    m.insert("base_model".into(), md.name.clone());
+    m.insert("base_model_fingerprint".into(), md.weights.fingerprint());
+    m.insert("model_type".into(), md.config.model_type.clone());
+    m.insert("bias_terms".into(), BiasTerm::format_set(terms));
+    m.insert("pooling".into(), pooling_name(pooling).into());
+    m.insert("num_labels".into(), enc.opts.num_labels.to_string());
+    m.insert("task".into(), task.name.clone());
+    m
+}
+
+/// Options of `beft eval`.
+#[derive(Clone, Debug)]
+pub struct EvalArgs {
+    pub model: PathBuf,
+    pub biases: Option<PathBuf>,
+    pub task: String,
+    pub data: PathBuf,
+    pub max_len: usize,
+    pub pooling: Option<String>,
+    pub batch: usize,
+    pub dev_size: Option<usize>,
+    pub seed: u64,
+    pub device: String,
+}
+
+/// Result of `beft eval`.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct EvalResult {
+    pub metric_name: String,
+    pub metric: f64,
+    pub examples: usize,
+    pub metrics: BTreeMap<String, f64>,
+    pub task: String,
+    pub model: String,
+    pub biases: Option<String>,
+}
+
+/// `beft eval`: the base model plus (optionally) trained biases, on the dev split.
+pub fn eval(args: &EvalArgs) -> Result<EvalResult> {
+    check_device(&args.device)?;
+    let biases = match &args.biases {
+        Some(p) => Some((p.clone(), WeightStore::open_file(p)?)),
+        None => None,
+    };
+    let meta = |k: &str| biases.as_ref().and_then(|(_, s)| s.metadata().get(k).cloned());
+    let pooling = args.pooling.clone().or_else(|| meta("pooling"));
+    let p = prepare(&args.model, &args.task, &args.data, None, args.dev_size, args.seed, args.max_len, pooling.as_deref(), false)?;
+    if let (Some((path, _)), Some(fp)) = (&biases, meta("base_model_fingerprint")) {
+        let ours = p.md.weights.fingerprint();
+        if fp != ours {
+            return Err(Error::file(path, format!("was trained on a different base model (fingerprint {fp}, this model is {ours})")));
+        }
+    }
+    let terms = match meta("bias_terms") {
+        Some(t) => BiasTerm::parse_set(&t)?,
+        None => vec![BiasTerm::V],
+    };
+    let num_labels = match meta("num_labels") {
+        Some(n) => n.parse::<usize>().map_err(|_| Error::msg(format!("biases file: bad num_labels '{n}'")))?,
+        None => p.md.config.num_labels.unwrap_or(p.num_labels),
+    };
+    if num_labels != p.num_labels {
+        return Err(Error::msg(format!("the model's head has {num_labels} labels but task {} has {}", p.task.name, p.num_labels)));
+    }
+    let be = CpuBackend::<f32>::new();
+    let enc = Encoder::load(&be, &p.md, EncoderOptions { pooling: p.pooling, num_labels, terms, seed: args.seed })?;
+    let mut init = enc.init.clone();
+    match &biases {
+        Some((path, store)) => {
+            for slot in &enc.layout.slots {
+                let t = store.get_shaped(&slot.name, &slot.shape).map_err(|e| e.context(path.display()))?;
+                for (dst, v) in init[slot.offset..slot.offset + slot.len()].iter_mut().zip(t.to_f64_vec()) {
+                    *dst = v;
+                }
+            }
+        }
+        None => {
+            if !enc.head_from_checkpoint {
+                return Err(Error::file(
+                    &p.md.dir,
+                    "has no classification head for this task (no classifier weights of the right shape); pass --biases RUN_DIR/biases.safetensors from a beft train run",
+                ));
+            }
+        }
+    }
+    let slab = Slab::new(&be, &init);
+    let m = evaluate(&be, &enc, &slab.params, &p.task, &p.dev_enc, &p.dev, p.pad_id, args.batch)?;
+    Ok(EvalResult {
+        metric_name: m.name,
+        metric: m.value,
+        examples: p.dev.len(),
+        metrics: m.all,
+        task: p.task.name,
+        model: p.md.name,
+        biases: args.biases.as_ref().map(|b| b.display().to_string()),
+    })
+}
