@@ -1,6 +1,8 @@
 //! Integration tests for `beft::data`: task lookup, the GLUE/JSONL readers
 //! (including every error path), subsets, batching, metrics and tokenizers.
 
+mod common;
+use common::tiny_tokenizer_json;
 use std::path::{Path, PathBuf};
 
 use beft::data::*;
@@ -702,54 +704,6 @@ fn regression_metrics_by_hand() {
 }
 
 // ---------------------------------------------------------------- tokenizers
-
-/// A tiny BERT-style WordPiece tokenizer.json, written by hand.
-fn tiny_tokenizer_json(padding: bool) -> String {
-    let vocab = [
-        "[PAD]", "[UNK]", "[CLS]", "[SEP]", "hello", "world", "good", "movie", "##s", "bad", "the",
-        "a", ".",
-    ];
-    let vocab_json: Vec<String> = vocab
-        .iter()
-        .enumerate()
-        .map(|(i, t)| format!("\"{t}\": {i}"))
-        .collect();
-    let added: Vec<String> = vocab[..4]
-        .iter()
-        .enumerate()
-        .map(|(i, t)| {
-            format!(
-                "{{\"id\": {i}, \"content\": \"{t}\", \"single_word\": false, \"lstrip\": false, \"rstrip\": false, \"normalized\": false, \"special\": true}}"
-            )
-        })
-        .collect();
-    let pad = if padding {
-        r#"{"strategy": {"Fixed": 16}, "direction": "Right", "pad_to_multiple_of": null, "pad_id": 0, "pad_type_id": 0, "pad_token": "[PAD]"}"#
-    } else {
-        "null"
-    };
-    format!(
-        r###"{{
-  "version": "1.0",
-  "truncation": {{"direction": "Right", "max_length": 512, "strategy": "LongestFirst", "stride": 0}},
-  "padding": {pad},
-  "added_tokens": [{added}],
-  "normalizer": {{"type": "BertNormalizer", "clean_text": true, "handle_chinese_chars": true, "strip_accents": null, "lowercase": true}},
-  "pre_tokenizer": {{"type": "BertPreTokenizer"}},
-  "post_processor": {{
-    "type": "TemplateProcessing",
-    "single": [{{"SpecialToken": {{"id": "[CLS]", "type_id": 0}}}}, {{"Sequence": {{"id": "A", "type_id": 0}}}}, {{"SpecialToken": {{"id": "[SEP]", "type_id": 0}}}}],
-    "pair": [{{"SpecialToken": {{"id": "[CLS]", "type_id": 0}}}}, {{"Sequence": {{"id": "A", "type_id": 0}}}}, {{"SpecialToken": {{"id": "[SEP]", "type_id": 0}}}},
-             {{"Sequence": {{"id": "B", "type_id": 1}}}}, {{"SpecialToken": {{"id": "[SEP]", "type_id": 1}}}}],
-    "special_tokens": {{"[CLS]": {{"id": "[CLS]", "ids": [2], "tokens": ["[CLS]"]}}, "[SEP]": {{"id": "[SEP]", "ids": [3], "tokens": ["[SEP]"]}}}}
-  }},
-  "decoder": {{"type": "WordPiece", "prefix": "##", "cleanup": true}},
-  "model": {{"type": "WordPiece", "unk_token": "[UNK]", "continuing_subword_prefix": "##", "max_input_chars_per_word": 100, "vocab": {{{vocab}}}}}
-}}"###,
-        added = added.join(", "),
-        vocab = vocab_json.join(", ")
-    )
-}
 
 #[test]
 fn tiny_wordpiece_tokenizer() {

@@ -283,8 +283,7 @@ fn read_json(path: &Path) -> Result<Value> {
 #[derive(Debug)]
 pub struct ModelDir {
     pub dir: PathBuf,
-    /// The directory's file name, or `_name_or_path` from config.json when
-    /// that is set and non-empty.
+    /// The directory's file name.
     pub name: String,
     pub config: ModelConfig,
     pub weights: WeightStore,
@@ -322,10 +321,9 @@ impl ModelDir {
         }
         let v = read_json(&cfg_path)?;
         let config = ModelConfig::from_json(&v, &cfg_path)?;
-        let name = match v.get("_name_or_path").and_then(Value::as_str) {
-            Some(s) if !s.trim().is_empty() => s.to_string(),
-            _ => dir_name(dir),
-        };
+        // The directory's name: `_name_or_path` often names the model a
+        // checkpoint was derived from, not the checkpoint itself.
+        let name = dir_name(dir);
         let weights = WeightStore::open_dir(dir)?;
         let tok = dir.join("tokenizer.json");
         let tokenizer = tok.is_file().then_some(tok);
