@@ -9,7 +9,11 @@ use beft::train::run::{self, EvalArgs, TrainArgs};
 use beft::train::Schedule;
 
 #[derive(Parser)]
-#[command(name = "beft", version, about = "Bias-efficient fine-tuning: train only the bias vectors of a pre-trained transformer")]
+#[command(
+    name = "beft",
+    version,
+    about = "Bias-efficient fine-tuning: train only the bias vectors of a pre-trained transformer"
+)]
 struct Cli {
     /// CPU threads (default: all cores).
     #[arg(long, global = true)]
@@ -133,14 +137,20 @@ struct EvalCli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let threads = cli.threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    let threads = cli.threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
     if threads == 0 {
         eprintln!("error: --threads must be at least 1");
         return ExitCode::from(2);
     }
     // A second initialisation can only fail if something built the pool
     // already; the pool then keeps its size, which is harmless.
-    let _ = rayon::ThreadPoolBuilder::new().num_threads(threads).build_global();
+    let _ = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build_global();
     let res = match cli.cmd {
         Cmd::Train(t) => run_train(t),
         Cmd::Eval(e) => run_eval(e),
@@ -185,8 +195,14 @@ fn run_train(t: TrainCli) -> beft::Result<()> {
         overwrite: t.overwrite,
     };
     let s = run::train(&args)?;
-    let init = s.initial_dev_metric.map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into());
-    println!("task {} | bias {} | dev {}: before {} -> after {:.4} (best {:.4} at epoch {})", s.task, s.bias, s.metric_name, init, s.final_dev_metric, s.best_dev_metric, s.best_epoch);
+    let init = s
+        .initial_dev_metric
+        .map(|v| format!("{v:.4}"))
+        .unwrap_or_else(|| "-".into());
+    println!(
+        "task {} | bias {} | dev {}: before {} -> after {:.4} (best {:.4} at epoch {})",
+        s.task, s.bias, s.metric_name, init, s.final_dev_metric, s.best_dev_metric, s.best_epoch
+    );
     println!(
         "trainable values: {} ({} in biases) | biases file: {} bytes | {:.0} train tokens/s | median step {:.3}s | peak RSS {:.0} MiB",
         s.trainable_params,
@@ -215,9 +231,15 @@ fn run_eval(e: EvalCli) -> beft::Result<()> {
     };
     let r = run::eval(&args)?;
     if e.json {
-        println!("{}", serde_json::to_string(&r).map_err(|x| beft::Error::msg(x.to_string()))?);
+        println!(
+            "{}",
+            serde_json::to_string(&r).map_err(|x| beft::Error::msg(x.to_string()))?
+        );
     } else {
-        println!("{} on {} dev ({} examples): {} = {:.4}", r.model, r.task, r.examples, r.metric_name, r.metric);
+        println!(
+            "{} on {} dev ({} examples): {} = {:.4}",
+            r.model, r.task, r.examples, r.metric_name, r.metric
+        );
     }
     Ok(())
 }

@@ -13,7 +13,12 @@ use common::{write_tiny_model, write_tiny_sst2, TinyArch};
 use tempfile::TempDir;
 
 fn beft(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_beft")).args(args).arg("--threads").arg("1").output().expect("run beft")
+    Command::new(env!("CARGO_BIN_EXE_beft"))
+        .args(args)
+        .arg("--threads")
+        .arg("1")
+        .output()
+        .expect("run beft")
 }
 
 struct Setup {
@@ -65,12 +70,25 @@ fn stderr(o: &Output) -> String {
 /// contains `phrase`, and no run directory (nor staging directory) is left.
 fn assert_clean_failure(s: &Setup, o: &Output, file: &str, phrase: &str) {
     let err = stderr(o);
-    assert!(!o.status.success(), "expected failure, got success; stderr:\n{err}");
+    assert!(
+        !o.status.success(),
+        "expected failure, got success; stderr:\n{err}"
+    );
     assert!(!err.contains("panicked"), "panicked:\n{err}");
     assert!(err.contains(file), "message should name {file}:\n{err}");
-    assert!(err.to_lowercase().contains(&phrase.to_lowercase()), "message should say '{phrase}':\n{err}");
-    assert!(!s.tmp.path().join("out").exists(), "run directory must not exist after a failure");
-    let leftovers: Vec<_> = fs::read_dir(s.tmp.path()).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().contains("partial")).collect();
+    assert!(
+        err.to_lowercase().contains(&phrase.to_lowercase()),
+        "message should say '{phrase}':\n{err}"
+    );
+    assert!(
+        !s.tmp.path().join("out").exists(),
+        "run directory must not exist after a failure"
+    );
+    let leftovers: Vec<_> = fs::read_dir(s.tmp.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains("partial"))
+        .collect();
     assert!(leftovers.is_empty(), "staging directory left behind");
 }
 
@@ -80,11 +98,28 @@ fn train_writes_a_complete_run_and_eval_agrees() {
     let o = run(&train_args(&s, "out", &["--bias", "v,q"]));
     assert!(o.status.success(), "train failed:\n{}", stderr(&o));
     let out = s.tmp.path().join("out");
-    for f in ["metrics.jsonl", "biases.safetensors", "summary.json", "steps.jsonl", "config.json"] {
+    for f in [
+        "metrics.jsonl",
+        "biases.safetensors",
+        "summary.json",
+        "steps.jsonl",
+        "config.json",
+    ] {
         assert!(out.join(f).is_file(), "{f} missing");
     }
-    let summary: serde_json::Value = serde_json::from_str(&fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
-    for key in ["task", "bias", "trainable_params", "final_dev_metric", "best_dev_metric", "metric_name", "train_tokens_per_s", "step_seconds_median", "peak_rss_bytes"] {
+    let summary: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    for key in [
+        "task",
+        "bias",
+        "trainable_params",
+        "final_dev_metric",
+        "best_dev_metric",
+        "metric_name",
+        "train_tokens_per_s",
+        "step_seconds_median",
+        "peak_rss_bytes",
+    ] {
         assert!(summary.get(key).is_some(), "summary.json lacks {key}");
     }
     assert_eq!(summary["task"], "sst2");
@@ -100,8 +135,14 @@ fn train_writes_a_complete_run_and_eval_agrees() {
     let bytes = fs::read(out.join("biases.safetensors")).unwrap();
     assert!(bytes.len() < 4096, "biases file is {} bytes", bytes.len());
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    assert!(st.names().iter().any(|n| n.ends_with("attention.self.value.bias")));
-    assert!(!st.names().iter().any(|n| n.ends_with(".weight") && !n.starts_with("classifier")));
+    assert!(st
+        .names()
+        .iter()
+        .any(|n| n.ends_with("attention.self.value.bias")));
+    assert!(!st
+        .names()
+        .iter()
+        .any(|n| n.ends_with(".weight") && !n.starts_with("classifier")));
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
     let meta = meta.metadata().clone().unwrap();
     assert_eq!(meta["bias_terms"], "q,v");
@@ -121,7 +162,8 @@ fn train_writes_a_complete_run_and_eval_agrees() {
         "--json",
     ]);
     assert!(o.status.success(), "eval failed:\n{}", stderr(&o));
-    let r: serde_json::Value = serde_json::from_slice(&o.stdout).expect("one JSON object on stdout");
+    let r: serde_json::Value =
+        serde_json::from_slice(&o.stdout).expect("one JSON object on stdout");
     assert_eq!(r["metric_name"], "accuracy");
     assert_eq!(r["examples"], 32);
     assert_eq!(r["metric"].as_f64(), summary["final_dev_metric"].as_f64());
@@ -134,49 +176,139 @@ fn train_writes_a_complete_run_and_eval_agrees() {
 #[test]
 fn training_learns_a_trivial_task_and_is_reproducible() {
     let s = setup();
-    let a = run(&train_args(&s, "a", &["--bias", "all", "--epochs", "10", "--lr", "1e-2", "--pooling", "mean"]));
+    let a = run(&train_args(
+        &s,
+        "a",
+        &[
+            "--bias",
+            "all",
+            "--epochs",
+            "10",
+            "--lr",
+            "1e-2",
+            "--pooling",
+            "mean",
+        ],
+    ));
     assert!(a.status.success(), "{}", stderr(&a));
-    let b = run(&train_args(&s, "b", &["--bias", "all", "--epochs", "10", "--lr", "1e-2", "--pooling", "mean"]));
+    let b = run(&train_args(
+        &s,
+        "b",
+        &[
+            "--bias",
+            "all",
+            "--epochs",
+            "10",
+            "--lr",
+            "1e-2",
+            "--pooling",
+            "mean",
+        ],
+    ));
     assert!(b.status.success());
     let fa = fs::read(s.tmp.path().join("a/biases.safetensors")).unwrap();
     let fb = fs::read(s.tmp.path().join("b/biases.safetensors")).unwrap();
     assert_eq!(fa, fb, "same seed, same machine: bit-identical biases");
-    let summary: serde_json::Value = serde_json::from_str(&fs::read_to_string(s.tmp.path().join("a/summary.json")).unwrap()).unwrap();
-    assert!(summary["best_dev_metric"].as_f64().unwrap() >= 0.9, "good/bad task not learned: {summary}");
-    let c = run(&train_args(&s, "c", &["--bias", "all", "--epochs", "10", "--lr", "1e-2", "--pooling", "mean", "--seed", "1"]));
+    let summary: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(s.tmp.path().join("a/summary.json")).unwrap())
+            .unwrap();
+    assert!(
+        summary["best_dev_metric"].as_f64().unwrap() >= 0.9,
+        "good/bad task not learned: {summary}"
+    );
+    let c = run(&train_args(
+        &s,
+        "c",
+        &[
+            "--bias",
+            "all",
+            "--epochs",
+            "10",
+            "--lr",
+            "1e-2",
+            "--pooling",
+            "mean",
+            "--seed",
+            "1",
+        ],
+    ));
     assert!(c.status.success());
-    assert_ne!(fa, fs::read(s.tmp.path().join("c/biases.safetensors")).unwrap(), "another seed, another run");
+    assert_ne!(
+        fa,
+        fs::read(s.tmp.path().join("c/biases.safetensors")).unwrap(),
+        "another seed, another run"
+    );
 }
 
 #[test]
 fn eval_without_biases_needs_a_saved_head() {
     let s = setup();
-    let o = beft(&["eval", "--model", s.model.to_str().unwrap(), "--task", "sst2", "--data", s.data.to_str().unwrap()]);
+    let o = beft(&[
+        "eval",
+        "--model",
+        s.model.to_str().unwrap(),
+        "--task",
+        "sst2",
+        "--data",
+        s.data.to_str().unwrap(),
+    ]);
     assert!(!o.status.success());
-    assert!(stderr(&o).contains("no classification head"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("no classification head"),
+        "{}",
+        stderr(&o)
+    );
     // With a saved head it evaluates.
     let with_head = s.tmp.path().join("with-head");
     write_tiny_model(&with_head, TinyArch::Bert, 1, Some(2));
-    let o = beft(&["eval", "--model", with_head.to_str().unwrap(), "--task", "sst2", "--data", s.data.to_str().unwrap(), "--json"]);
+    let o = beft(&[
+        "eval",
+        "--model",
+        with_head.to_str().unwrap(),
+        "--task",
+        "sst2",
+        "--data",
+        s.data.to_str().unwrap(),
+        "--json",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
 }
 
 #[test]
 fn biases_of_another_model_are_refused() {
     let s = setup();
-    assert!(run(&train_args(&s, "out", &["--epochs", "1"])).status.success());
+    assert!(run(&train_args(&s, "out", &["--epochs", "1"]))
+        .status
+        .success());
     let other = s.tmp.path().join("other");
     write_tiny_model(&other, TinyArch::Bert, 2, None);
     let biases = s.tmp.path().join("out/biases.safetensors");
-    let o = beft(&["eval", "--model", other.to_str().unwrap(), "--biases", biases.to_str().unwrap(), "--task", "sst2", "--data", s.data.to_str().unwrap()]);
+    let o = beft(&[
+        "eval",
+        "--model",
+        other.to_str().unwrap(),
+        "--biases",
+        biases.to_str().unwrap(),
+        "--task",
+        "sst2",
+        "--data",
+        s.data.to_str().unwrap(),
+    ]);
     assert!(!o.status.success());
-    assert!(stderr(&o).contains("different base model") && stderr(&o).contains("biases.safetensors"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("different base model") && stderr(&o).contains("biases.safetensors"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 fn safetensors_header(path: &Path) -> (serde_json::Value, Vec<u8>) {
     let bytes = fs::read(path).unwrap();
     let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    (serde_json::from_slice(&bytes[8..8 + n]).unwrap(), bytes[8 + n..].to_vec())
+    (
+        serde_json::from_slice(&bytes[8..8 + n]).unwrap(),
+        bytes[8 + n..].to_vec(),
+    )
 }
 
 fn write_with_header(path: &Path, header: &serde_json::Value, data: &[u8]) {
@@ -193,7 +325,12 @@ fn truncated_safetensors_file() {
     let p = s.model.join("model.safetensors");
     let bytes = fs::read(&p).unwrap();
     fs::write(&p, &bytes[..bytes.len() - 100]).unwrap();
-    assert_clean_failure(&s, &run(&train_args(&s, "out", &[])), "model.safetensors", "truncated");
+    assert_clean_failure(
+        &s,
+        &run(&train_args(&s, "out", &[])),
+        "model.safetensors",
+        "truncated",
+    );
 }
 
 #[test]
@@ -201,11 +338,22 @@ fn header_offsets_outside_the_file() {
     let s = setup();
     let p = s.model.join("model.safetensors");
     let (mut h, data) = safetensors_header(&p);
-    let name = h.as_object().unwrap().keys().find(|k| *k != "__metadata__").unwrap().clone();
+    let name = h
+        .as_object()
+        .unwrap()
+        .keys()
+        .find(|k| *k != "__metadata__")
+        .unwrap()
+        .clone();
     let len = data.len() as u64;
     h[&name]["data_offsets"] = serde_json::json!([len - 4, len + 1_000_000]);
     write_with_header(&p, &h, &data);
-    assert_clean_failure(&s, &run(&train_args(&s, "out", &[])), "model.safetensors", &name);
+    assert_clean_failure(
+        &s,
+        &run(&train_args(&s, "out", &[])),
+        "model.safetensors",
+        &name,
+    );
 }
 
 #[test]
@@ -213,29 +361,48 @@ fn missing_tensor() {
     let s = setup();
     let p = s.model.join("model.safetensors");
     let (mut h, data) = safetensors_header(&p);
-    h.as_object_mut().unwrap().remove("bert.encoder.layer.1.attention.self.value.weight");
+    h.as_object_mut()
+        .unwrap()
+        .remove("bert.encoder.layer.1.attention.self.value.weight");
     write_with_header(&p, &h, &data);
-    assert_clean_failure(&s, &run(&train_args(&s, "out", &[])), "bert.encoder.layer.1.attention.self.value.weight", "not found");
+    assert_clean_failure(
+        &s,
+        &run(&train_args(&s, "out", &[])),
+        "bert.encoder.layer.1.attention.self.value.weight",
+        "not found",
+    );
 }
 
 #[test]
 fn tensor_shape_disagrees_with_config() {
     let s = setup();
     let p = s.model.join("config.json");
-    let mut cfg: serde_json::Value = serde_json::from_str(&fs::read_to_string(&p).unwrap()).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(&p).unwrap()).unwrap();
     cfg["intermediate_size"] = serde_json::json!(16);
     fs::write(&p, cfg.to_string()).unwrap();
-    assert_clean_failure(&s, &run(&train_args(&s, "out", &[])), "intermediate.dense", "config.json");
+    assert_clean_failure(
+        &s,
+        &run(&train_args(&s, "out", &[])),
+        "intermediate.dense",
+        "config.json",
+    );
 }
 
 #[test]
 fn unknown_model_type() {
     let s = setup();
     let p = s.model.join("config.json");
-    let mut cfg: serde_json::Value = serde_json::from_str(&fs::read_to_string(&p).unwrap()).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(&p).unwrap()).unwrap();
     cfg["model_type"] = serde_json::json!("t5");
     fs::write(&p, cfg.to_string()).unwrap();
-    assert_clean_failure(&s, &run(&train_args(&s, "out", &[])), "config.json", "unknown model_type 't5'");
+    assert_clean_failure(
+        &s,
+        &run(&train_args(&s, "out", &[])),
+        "config.json",
+        "unknown model_type 't5'",
+    );
 }
 
 #[test]
@@ -243,13 +410,22 @@ fn pickle_only_model_directory() {
     let s = setup();
     fs::remove_file(s.model.join("model.safetensors")).unwrap();
     fs::write(s.model.join("pytorch_model.bin"), b"not really a pickle").unwrap();
-    assert_clean_failure(&s, &run(&train_args(&s, "out", &[])), "model", "safetensors");
+    assert_clean_failure(
+        &s,
+        &run(&train_args(&s, "out", &[])),
+        "model",
+        "safetensors",
+    );
 }
 
 #[test]
 fn label_outside_the_label_set() {
     let s = setup();
-    fs::write(s.data.join("dev.tsv"), "sentence\tlabel\ngood movie\t1\nbad movie\t2\n").unwrap();
+    fs::write(
+        s.data.join("dev.tsv"),
+        "sentence\tlabel\ngood movie\t1\nbad movie\t2\n",
+    )
+    .unwrap();
     assert_clean_failure(&s, &run(&train_args(&s, "out", &[])), "dev.tsv:3", "label");
 }
 
@@ -263,23 +439,56 @@ fn empty_dataset() {
 #[test]
 fn malformed_tsv_row() {
     let s = setup();
-    fs::write(s.data.join("train.tsv"), "sentence\tlabel\ngood movie\t1\nbad movie\t0\textra\n").unwrap();
-    assert_clean_failure(&s, &run(&train_args(&s, "out", &[])), "train.tsv:3", "columns");
+    fs::write(
+        s.data.join("train.tsv"),
+        "sentence\tlabel\ngood movie\t1\nbad movie\t0\textra\n",
+    )
+    .unwrap();
+    assert_clean_failure(
+        &s,
+        &run(&train_args(&s, "out", &[])),
+        "train.tsv:3",
+        "columns",
+    );
 }
 
 #[test]
 fn over_long_tsv_row() {
     let s = setup();
     let long = "good ".repeat(300_000);
-    fs::write(s.data.join("train.tsv"), format!("sentence\tlabel\n{long}\t1\n")).unwrap();
+    fs::write(
+        s.data.join("train.tsv"),
+        format!("sentence\tlabel\n{long}\t1\n"),
+    )
+    .unwrap();
     assert_clean_failure(&s, &run(&train_args(&s, "out", &[])), "train.tsv:2", "long");
 }
 
 #[test]
 fn bad_flags_are_errors_not_panics() {
     let s = setup();
-    assert_clean_failure(&s, &run(&train_args(&s, "out", &["--bias", "w"])), "--bias", "unknown bias term");
-    assert_clean_failure(&s, &run(&train_args(&s, "out", &["--pooling", "max"])), "--pooling", "unknown pooling");
-    assert_clean_failure(&s, &run(&train_args(&s, "out", &["--device", "cuda"])), "--device cuda", "cpu");
-    assert_clean_failure(&s, &run(&train_args(&s, "out", &["--task", "squad"])), "squad", "unknown task");
+    assert_clean_failure(
+        &s,
+        &run(&train_args(&s, "out", &["--bias", "w"])),
+        "--bias",
+        "unknown bias term",
+    );
+    assert_clean_failure(
+        &s,
+        &run(&train_args(&s, "out", &["--pooling", "max"])),
+        "--pooling",
+        "unknown pooling",
+    );
+    assert_clean_failure(
+        &s,
+        &run(&train_args(&s, "out", &["--device", "cuda"])),
+        "--device cuda",
+        "cpu",
+    );
+    assert_clean_failure(
+        &s,
+        &run(&train_args(&s, "out", &["--task", "squad"])),
+        "squad",
+        "unknown task",
+    );
 }

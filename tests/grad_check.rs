@@ -28,7 +28,15 @@ fn batch(pad: u32, labels: Vec<f32>) -> Batch {
             mask[bi * t + ti] = 1.0;
         }
     }
-    Batch { batch: b, seq: t, ids, type_ids, mask, labels, tokens: lens.iter().sum() }
+    Batch {
+        batch: b,
+        seq: t,
+        ids,
+        type_ids,
+        mask,
+        labels,
+        tokens: lens.iter().sum(),
+    }
 }
 
 fn check(arch: TinyArch, pooling: PoolKind, num_labels: usize, terms: &str, dropout: Option<u64>) {
@@ -37,14 +45,29 @@ fn check(arch: TinyArch, pooling: PoolKind, num_labels: usize, terms: &str, drop
     let md = ModelDir::open(dir.path()).unwrap();
     let be = CpuBackend::<f64>::new();
     let terms = BiasTerm::parse_set(terms).unwrap();
-    let enc = Encoder::load(&be, &md, EncoderOptions { pooling, num_labels, terms, seed: 5 }).unwrap();
-    let labels = if num_labels == 1 { vec![0.3, -1.2, 2.0] } else { vec![0.0, 1.0, (num_labels - 1) as f32] };
+    let enc = Encoder::load(
+        &be,
+        &md,
+        EncoderOptions {
+            pooling,
+            num_labels,
+            terms,
+            seed: 5,
+        },
+    )
+    .unwrap();
+    let labels = if num_labels == 1 {
+        vec![0.3, -1.2, 2.0]
+    } else {
+        vec![0.0, 1.0, (num_labels - 1) as f32]
+    };
     let pad = md.config.pad_token_id;
     let db = enc.upload_batch(&be, &batch(pad, labels)).unwrap();
     let n = enc.layout.len;
     let loss_at = |p: &[f64]| {
         let mut g = be.zeros(n);
-        enc.loss_and_grad(&be, &be.upload(p), &mut g, &db, dropout).0
+        enc.loss_and_grad(&be, &be.upload(p), &mut g, &db, dropout)
+            .0
     };
     let mut grads = be.zeros(n);
     let (_, _) = enc.loss_and_grad(&be, &be.upload(&enc.init), &mut grads, &db, dropout);

@@ -18,7 +18,9 @@ use beft::train::Slab;
 use safetensors::{Dtype, SafeTensors};
 
 fn fixture(case: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(case)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(case)
 }
 
 struct Expected {
@@ -34,14 +36,26 @@ fn read_expected(case: &str) -> Expected {
     for (name, t) in st.tensors() {
         let d = t.data();
         let vals: Vec<f64> = match t.dtype() {
-            Dtype::F32 => d.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64).collect(),
-            Dtype::I32 => d.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64).collect(),
-            Dtype::I64 => d.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64).collect(),
+            Dtype::F32 => d
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64)
+                .collect(),
+            Dtype::I32 => d
+                .chunks_exact(4)
+                .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64)
+                .collect(),
+            Dtype::I64 => d
+                .chunks_exact(8)
+                .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64)
+                .collect(),
             other => panic!("unexpected dtype {other:?}"),
         };
         tensors.insert(name, (t.shape().to_vec(), vals));
     }
-    Expected { tensors, meta: meta.metadata().clone().unwrap_or_default() }
+    Expected {
+        tensors,
+        meta: meta.metadata().clone().unwrap_or_default(),
+    }
 }
 
 fn max_abs(v: &[f64]) -> f64 {
@@ -51,7 +65,11 @@ fn max_abs(v: &[f64]) -> f64 {
 /// Largest |got − want| relative to `scale`.
 fn rel_err(got: &[f64], want: &[f64], scale: f64) -> f64 {
     assert_eq!(got.len(), want.len());
-    got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max) / scale.max(1e-30)
+    got.iter()
+        .zip(want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max)
+        / scale.max(1e-30)
 }
 
 fn check_case(case: &str) {
@@ -64,21 +82,43 @@ fn check_case(case: &str) {
         _ => beft::backend::PoolKind::Cls,
     };
     if pooling == beft::backend::PoolKind::Mean {
-        assert_eq!(md.default_pooling, Some(pooling), "{case}: 1_Pooling/config.json picked up");
+        assert_eq!(
+            md.default_pooling,
+            Some(pooling),
+            "{case}: 1_Pooling/config.json picked up"
+        );
     }
     let be = CpuBackend::<f32>::new();
     let terms = BiasTerm::parse_set("all").unwrap();
-    let enc = Encoder::load(&be, &md, EncoderOptions { pooling, num_labels, terms, seed: 0 }).expect("encoder loads");
+    let enc = Encoder::load(
+        &be,
+        &md,
+        EncoderOptions {
+            pooling,
+            num_labels,
+            terms,
+            seed: 0,
+        },
+    )
+    .expect("encoder loads");
     assert!(enc.head_from_checkpoint, "{case}: the saved head is used");
 
     let (ishape, ids) = &exp.tensors["input_ids"];
     let (b, t) = (ishape[0], ishape[1]);
-    let mask: Vec<f32> = exp.tensors["attention_mask"].1.iter().map(|x| *x as f32).collect();
+    let mask: Vec<f32> = exp.tensors["attention_mask"]
+        .1
+        .iter()
+        .map(|x| *x as f32)
+        .collect();
     let batch = Batch {
         batch: b,
         seq: t,
         ids: ids.iter().map(|x| *x as u32).collect(),
-        type_ids: exp.tensors["token_type_ids"].1.iter().map(|x| *x as u32).collect(),
+        type_ids: exp.tensors["token_type_ids"]
+            .1
+            .iter()
+            .map(|x| *x as u32)
+            .collect(),
         tokens: mask.iter().filter(|m| **m > 0.0).count(),
         mask,
         labels: exp.tensors["labels"].1.iter().map(|x| *x as f32).collect(),
@@ -89,32 +129,62 @@ fn check_case(case: &str) {
     let logits: Vec<f64> = logits.iter().map(|x| *x as f64).collect();
     let e = rel_err(&logits, &logits_want, max_abs(&logits_want));
     println!("{case}: logits rel err {e:.2e}");
-    assert!(e <= 1e-4, "{case}: logits differ (rel err {e:.2e})\n got {logits:?}\nwant {logits_want:?}");
+    assert!(
+        e <= 1e-4,
+        "{case}: logits differ (rel err {e:.2e})\n got {logits:?}\nwant {logits_want:?}"
+    );
     let loss_want = exp.tensors["loss"].1[0];
     let e = (loss - loss_want).abs() / loss_want.abs();
     assert!(e <= 1e-4, "{case}: loss {loss} vs {loss_want}");
     // Eval-mode logits (no gradient) agree with the training pass.
-    let eval_logits: Vec<f64> = enc.logits(&be, &slab.params, &db).iter().map(|x| *x as f64).collect();
+    let eval_logits: Vec<f64> = enc
+        .logits(&be, &slab.params, &db)
+        .iter()
+        .map(|x| *x as f64)
+        .collect();
     assert!(rel_err(&eval_logits, &logits, max_abs(&logits)) < 1e-6);
 
     let grads: Vec<f64> = be.download(&slab.grads).iter().map(|x| *x as f64).collect();
-    let all_scale = exp.tensors.iter().filter(|(k, _)| k.starts_with("grad.")).map(|(_, (_, v))| max_abs(v)).fold(0.0, f64::max);
+    let all_scale = exp
+        .tensors
+        .iter()
+        .filter(|(k, _)| k.starts_with("grad."))
+        .map(|(_, (_, v))| max_abs(v))
+        .fold(0.0, f64::max);
     let mut checked = 0;
     for slot in &enc.layout.slots {
-        let (gshape, want) = exp.tensors.get(&format!("grad.{}", slot.name)).unwrap_or_else(|| panic!("{case}: no fixture gradient for {}", slot.name));
+        let (gshape, want) = exp
+            .tensors
+            .get(&format!("grad.{}", slot.name))
+            .unwrap_or_else(|| panic!("{case}: no fixture gradient for {}", slot.name));
         assert_eq!(gshape, &slot.shape, "{case}: {} shape", slot.name);
         let got = &grads[slot.offset..slot.offset + slot.len()];
         let is_key = slot.name.contains("attention.self.key");
         let scale = if is_key { all_scale } else { max_abs(want) };
         let e = rel_err(got, want, scale);
-        assert!(e <= 1e-4, "{case}: gradient of {} differs (rel err {e:.2e})", slot.name);
+        assert!(
+            e <= 1e-4,
+            "{case}: gradient of {} differs (rel err {e:.2e})",
+            slot.name
+        );
         if is_key {
-            assert!(max_abs(got) <= 1e-5 * all_scale, "{case}: b_k gradient should vanish, got {}", max_abs(got));
+            assert!(
+                max_abs(got) <= 1e-5 * all_scale,
+                "{case}: b_k gradient should vanish, got {}",
+                max_abs(got)
+            );
         }
         checked += 1;
     }
-    let n_fixture = exp.tensors.keys().filter(|k| k.starts_with("grad.")).count();
-    assert_eq!(checked, n_fixture, "{case}: every fixture gradient has a trainable slot");
+    let n_fixture = exp
+        .tensors
+        .keys()
+        .filter(|k| k.starts_with("grad."))
+        .count();
+    assert_eq!(
+        checked, n_fixture,
+        "{case}: every fixture gradient has a trainable slot"
+    );
     println!("{case}: {checked} gradients match");
 }
 

@@ -751,7 +751,11 @@ fn model_dir_open_and_pooling() {
     cfg["_name_or_path"] = json!("org/tiny");
     fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
     let m = ModelDir::open(&dir).unwrap();
-    assert_eq!(m.name, dir.file_name().unwrap().to_string_lossy(), "the directory names the model, not _name_or_path");
+    assert_eq!(
+        m.name,
+        dir.file_name().unwrap().to_string_lossy(),
+        "the directory names the model, not _name_or_path"
+    );
     assert_eq!(
         m.tokenizer.as_deref(),
         Some(dir.join("tokenizer.json").as_path())

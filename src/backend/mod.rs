@@ -15,9 +15,61 @@
 
 pub mod cpu;
 
+use std::fmt;
+
 use crate::error::Result;
 use crate::float::Float;
 use crate::weights::TensorView;
+
+/// A compute device named on the command line (`--device`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Device {
+    /// The CPU backend (default).
+    Cpu,
+    /// The plain CPU reference ops (the oracle), for checking a fast path.
+    CpuRef,
+    /// An NVIDIA GPU by ordinal (`cuda`, `cuda:1`).
+    Cuda(usize),
+    /// A wgpu adapter (`wgpu` picks the best one; `wgpu:N` picks one).
+    Wgpu(Option<usize>),
+}
+
+impl Device {
+    /// Parse `cpu`, `cpu-ref`, `cuda[:N]`, `wgpu[:N]`.
+    pub fn parse(spec: &str) -> Result<Device> {
+        let s = spec.trim().to_ascii_lowercase();
+        let (name, idx) = match s.split_once(':') {
+            Some((n, i)) => {
+                let i = i.parse::<usize>().map_err(|_| {
+                    crate::Error::msg(format!("--device: bad device index in '{spec}'"))
+                })?;
+                (n.to_string(), Some(i))
+            }
+            None => (s.clone(), None),
+        };
+        match (name.as_str(), idx) {
+            ("cpu", None) => Ok(Device::Cpu),
+            ("cpu-ref", None) => Ok(Device::CpuRef),
+            ("cuda", i) => Ok(Device::Cuda(i.unwrap_or(0))),
+            ("wgpu", i) => Ok(Device::Wgpu(i)),
+            _ => Err(crate::Error::msg(format!(
+                "--device: unknown device '{spec}' (cpu, cpu-ref, cuda[:N], wgpu[:N])"
+            ))),
+        }
+    }
+}
+
+impl fmt::Display for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Device::Cpu => f.write_str("cpu"),
+            Device::CpuRef => f.write_str("cpu-ref"),
+            Device::Cuda(i) => write!(f, "cuda:{i}"),
+            Device::Wgpu(Some(i)) => write!(f, "wgpu:{i}"),
+            Device::Wgpu(None) => f.write_str("wgpu"),
+        }
+    }
+}
 
 /// An element-wise activation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -32,20 +84,72 @@ pub enum Act {
     Silu,
 }
 
-/// Shape of an attention call: `q` is `[b, t, heads, head_dim]`; `k` and `v`
-/// are `[b, t, kv_heads, head_dim]` (grouped-query attention when
-/// `kv_heads < heads`).
+/// Shape of an attention call: `q` is `[batch, seq, heads, head_dim]`; `k`
+/// and `v` are `[batch, kv_seq, kv_heads, head_dim]` (grouped-query attention
+/// when `kv_heads < heads`; query head `h` reads key head
+/// `h / (heads / kv_heads)`). The mask is `[batch, kv_seq]`.
+///
+/// Training calls have `kv_seq == seq` and `q_start == 0`. Incremental
+/// decoding with a KV cache passes the new queries only (`seq` of them, the
+/// first at absolute position `q_start`) against all cached keys.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AttnDims {
     pub batch: usize,
+    /// Number of queries per sequence.
     pub seq: usize,
+    /// Number of keys/values per sequence.
+    pub kv_seq: usize,
+    /// Absolute position of the first query (causal masking: query `i` sees
+    /// keys `j <= q_start + i`).
+    pub q_start: usize,
     pub heads: usize,
     pub kv_heads: usize,
     pub head_dim: usize,
     /// Multiplies q·kᵀ before the softmax (normally `1/sqrt(head_dim)`).
     pub scale: f64,
-    /// Decoder-style: query i sees keys j ≤ i only.
+    /// Decoder-style: query i sees keys j ≤ q_start + i only.
     pub causal: bool,
+}
+
+impl AttnDims {
+    /// Self-attention over `seq` tokens (training and full-sequence
+    /// evaluation).
+    pub fn self_attn(
+        batch: usize,
+        seq: usize,
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        causal: bool,
+    ) -> Self {
+        AttnDims {
+            batch,
+            seq,
+            kv_seq: seq,
+            q_start: 0,
+            heads,
+            kv_heads,
+            head_dim,
+            scale: 1.0 / (head_dim as f64).sqrt(),
+            causal,
+        }
+    }
+}
+
+/// One candidate-scoring batch (decoder classification / multiple choice):
+/// `rows` answer tokens, each belonging to a candidate continuation; every
+/// candidate belongs to one example; each example has one gold candidate.
+/// Index buffers live on the device.
+pub struct CandidateIndex<'a, I> {
+    /// For each answer-token row: its candidate (0..cands).
+    pub tok_cand: &'a I,
+    /// For each candidate: its example (0..examples).
+    pub cand_ex: &'a I,
+    /// For each example: the index of its gold candidate.
+    pub gold: &'a I,
+    pub rows: usize,
+    pub cands: usize,
+    pub examples: usize,
 }
 
 /// Attention-probability dropout: drop with probability `p`, with the mask
@@ -129,9 +233,23 @@ pub trait Backend {
         accumulate: bool,
     );
     /// `y[r, c] += bias[bias_off + c]` for a `rows × cols` matrix.
-    fn bias_add(&self, y: &mut Self::Buf, bias: &Self::Buf, bias_off: usize, rows: usize, cols: usize);
+    fn bias_add(
+        &self,
+        y: &mut Self::Buf,
+        bias: &Self::Buf,
+        bias_off: usize,
+        rows: usize,
+        cols: usize,
+    );
     /// Bias gradient, accumulated: `db[db_off + c] += Σ_r dy[r, c]`.
-    fn bias_grad(&self, db: &mut Self::Buf, db_off: usize, dy: &Self::Buf, rows: usize, cols: usize);
+    fn bias_grad(
+        &self,
+        db: &mut Self::Buf,
+        db_off: usize,
+        dy: &Self::Buf,
+        rows: usize,
+        cols: usize,
+    );
     /// `y[i] += x[i]` for the first `n` elements (residual connections).
     fn add(&self, y: &mut Self::Buf, x: &Self::Buf, n: usize);
     /// `y[i] *= s` for the first `n` elements.
@@ -180,10 +298,11 @@ pub trait Backend {
     );
 
     // ---- attention --------------------------------------------------------
-    /// Softmax attention with a key padding mask (`mask[b·t]`, 1 = real token,
-    /// 0 = padding). Writes `out` (`[b, t, heads, head_dim]`) and the
-    /// log-sum-exp of each query's scores `lse` (`[b, heads, t]`), which is all
-    /// the backward pass needs besides q, k, v and out.
+    /// Softmax attention with a key padding mask (`mask[b·kv_seq]`, 1 = real
+    /// token, 0 = padding). Writes `out` (`[b, seq, heads, head_dim]`) and the
+    /// log-sum-exp of each query's scores `lse` (`[b, heads, seq]`), which is
+    /// all the backward pass needs besides q, k, v and out. A query that sees
+    /// no key (fully padded, causal) gets zero output and `lse = -inf`.
     fn attention_fwd(
         &self,
         out: &mut Self::Buf,
@@ -195,7 +314,8 @@ pub trait Backend {
         dims: AttnDims,
         dropout: Option<Dropout>,
     );
-    /// Gradients of q, k and v (overwritten) from `dout`.
+    /// Gradients of q, k and v (overwritten) from `dout`. Training shape only
+    /// (`kv_seq == seq`, `q_start == 0`).
     fn attention_bwd(
         &self,
         dq: &mut Self::Buf,
@@ -212,6 +332,60 @@ pub trait Backend {
         dropout: Option<Dropout>,
     );
 
+    /// RMSNorm over rows: `y = xhat·gamma` with `xhat = x / sqrt(mean(x²) + eps)`,
+    /// saving `xhat` and `rstd` (LLaMA family; no bias).
+    fn rmsnorm_fwd(
+        &self,
+        y: &mut Self::Buf,
+        xhat: &mut Self::Buf,
+        rstd: &mut Self::Buf,
+        x: &Self::Buf,
+        gamma: &Self::Buf,
+        rows: usize,
+        cols: usize,
+        eps: f64,
+    );
+    /// RMSNorm input gradient (overwrites `dx`).
+    fn rmsnorm_bwd(
+        &self,
+        dx: &mut Self::Buf,
+        dy: &Self::Buf,
+        xhat: &Self::Buf,
+        rstd: &Self::Buf,
+        gamma: &Self::Buf,
+        rows: usize,
+        cols: usize,
+    );
+
+    /// Rotary position embedding, in place, on `x` = `[rows, heads, head_dim]`
+    /// with one position per row: the pair `(i, i + head_dim/2)` of every head
+    /// is rotated by `pos · theta^(-2i/head_dim)` (Hugging Face's
+    /// `rotate_half` convention). `inverse` rotates by the negative angle,
+    /// which is the backward pass.
+    fn rope(
+        &self,
+        x: &mut Self::Buf,
+        positions: &Self::Ids,
+        rows: usize,
+        heads: usize,
+        head_dim: usize,
+        theta: f64,
+        inverse: bool,
+    );
+
+    /// SwiGLU: `h = silu(gate) · up` on the first `n` elements.
+    fn swiglu_fwd(&self, h: &mut Self::Buf, gate: &Self::Buf, up: &Self::Buf, n: usize);
+    /// SwiGLU backward: `dgate = dh·up·silu'(gate)`, `dup = dh·silu(gate)`.
+    fn swiglu_bwd(
+        &self,
+        dgate: &mut Self::Buf,
+        dup: &mut Self::Buf,
+        dh: &Self::Buf,
+        gate: &Self::Buf,
+        up: &Self::Buf,
+        n: usize,
+    );
+
     // ---- embeddings, pooling, loss, optimiser -----------------------------
     /// `out[r, :] (+)= table[ids[r], :]` for `rows` ids of width `dim`.
     /// Ids out of range are a caller bug (checked before upload).
@@ -224,10 +398,41 @@ pub trait Backend {
         dim: usize,
         accumulate: bool,
     );
+    /// Scatter-add rows (the backward of a row gather through
+    /// [`Backend::embedding_fwd`]): `dx[idx[r], :] += dy[r, :]`. Indices may
+    /// repeat.
+    fn scatter_add_rows(
+        &self,
+        dx: &mut Self::Buf,
+        dy: &Self::Buf,
+        idx: &Self::Ids,
+        rows: usize,
+        cols: usize,
+    );
+    /// `y[r, :] *= w[r]` for a `rows × cols` matrix.
+    fn scale_rows(&self, y: &mut Self::Buf, w: &Self::Buf, rows: usize, cols: usize);
     /// Pool `h` (`[b, t, d]`) into `out` (`[b, d]`).
-    fn pool_fwd(&self, kind: PoolKind, out: &mut Self::Buf, h: &Self::Buf, mask: &Self::Buf, b: usize, t: usize, d: usize);
+    fn pool_fwd(
+        &self,
+        kind: PoolKind,
+        out: &mut Self::Buf,
+        h: &Self::Buf,
+        mask: &Self::Buf,
+        b: usize,
+        t: usize,
+        d: usize,
+    );
     /// Gradient of pooling (overwrites `dh`, zero where nothing flows).
-    fn pool_bwd(&self, kind: PoolKind, dh: &mut Self::Buf, dout: &Self::Buf, mask: &Self::Buf, b: usize, t: usize, d: usize);
+    fn pool_bwd(
+        &self,
+        kind: PoolKind,
+        dh: &mut Self::Buf,
+        dout: &Self::Buf,
+        mask: &Self::Buf,
+        b: usize,
+        t: usize,
+        d: usize,
+    );
     /// Softmax cross-entropy over `classes` per row: writes each row's loss to
     /// `losses[r]` and `dlogits = (softmax - onehot) · grad_scale`.
     fn cross_entropy(
@@ -240,11 +445,45 @@ pub trait Backend {
         classes: usize,
         grad_scale: f64,
     );
+    /// Candidate-scoring loss (decoder classification and multiple choice).
+    /// `tok_loss[r]` is the answer token's `−log p` (from
+    /// [`Backend::cross_entropy`] with `grad_scale = 1`). A candidate's score
+    /// is its length-normalised log-likelihood `s_c = −mean_{r∈c} tok_loss[r]`;
+    /// each example's loss is the cross-entropy of `softmax(s)` against its
+    /// gold candidate. Writes `ex_loss[e]`, `scores[c]` and `row_w[r]`, the
+    /// factor by which row `r` of the token-level `dlogits` must be scaled
+    /// ([`Backend::scale_rows`]) to give the gradient of
+    /// `grad_scale · Σ_e ex_loss[e]`.
+    fn candidate_loss(
+        &self,
+        ex_loss: &mut Self::Buf,
+        scores: &mut Self::Buf,
+        row_w: &mut Self::Buf,
+        tok_loss: &Self::Buf,
+        idx: &CandidateIndex<'_, Self::Ids>,
+        grad_scale: f64,
+    );
     /// Squared error for regression heads: `losses[r] = (x[r]-y[r])²`,
     /// `dx = 2(x - y)·grad_scale`.
-    fn mse(&self, losses: &mut Self::Buf, dx: &mut Self::Buf, x: &Self::Buf, target: &Self::Buf, rows: usize, grad_scale: f64);
+    fn mse(
+        &self,
+        losses: &mut Self::Buf,
+        dx: &mut Self::Buf,
+        x: &Self::Buf,
+        target: &Self::Buf,
+        rows: usize,
+        grad_scale: f64,
+    );
     /// One AdamW step over the first `n` elements of a parameter group.
-    fn adamw(&self, params: &mut Self::Buf, grads: &Self::Buf, m: &mut Self::Buf, v: &mut Self::Buf, n: usize, h: AdamW);
+    fn adamw(
+        &self,
+        params: &mut Self::Buf,
+        grads: &Self::Buf,
+        m: &mut Self::Buf,
+        v: &mut Self::Buf,
+        n: usize,
+        h: AdamW,
+    );
 }
 
 /// The counter-based dropout draw shared by every backend: element `idx` of

@@ -75,7 +75,11 @@ impl BiasTerm {
     /// terms sorted and without repeats.
     pub fn parse_set(spec: &str) -> Result<Vec<BiasTerm>> {
         let mut out = Vec::new();
-        for part in spec.split(',').map(|p| p.trim().to_ascii_lowercase()).filter(|p| !p.is_empty()) {
+        for part in spec
+            .split(',')
+            .map(|p| p.trim().to_ascii_lowercase())
+            .filter(|p| !p.is_empty())
+        {
             if part == "all" || part == "bitfit" {
                 out.extend(BiasTerm::ALL);
                 continue;
@@ -90,7 +94,9 @@ impl BiasTerm {
             }
         }
         if out.is_empty() {
-            return Err(Error::msg("--bias: no bias term given (e.g. --bias v, --bias q,k, --bias all)"));
+            return Err(Error::msg(
+                "--bias: no bias term given (e.g. --bias v, --bias q,k, --bias all)",
+            ));
         }
         out.sort();
         out.dedup();
@@ -102,7 +108,11 @@ impl BiasTerm {
         if BiasTerm::ALL.iter().all(|t| terms.contains(t)) {
             return "all".to_string();
         }
-        terms.iter().map(|t| t.short()).collect::<Vec<_>>().join(",")
+        terms
+            .iter()
+            .map(|t| t.short())
+            .collect::<Vec<_>>()
+            .join(",")
     }
 }
 
@@ -147,21 +157,39 @@ pub struct SlabLayout {
 }
 
 impl SlabLayout {
-    pub fn push(&mut self, name: String, kind: SlotKind, layer: Option<usize>, shape: Vec<usize>) -> usize {
+    pub fn push(
+        &mut self,
+        name: String,
+        kind: SlotKind,
+        layer: Option<usize>,
+        shape: Vec<usize>,
+    ) -> usize {
         let off = self.len;
         let n: usize = shape.iter().product();
-        self.slots.push(Slot { name, kind, layer, offset: off, shape });
+        self.slots.push(Slot {
+            name,
+            kind,
+            layer,
+            offset: off,
+            shape,
+        });
         self.len += n;
         off
     }
 
     /// The slot holding a given bias of a given layer, if trainable.
     pub fn find(&self, kind: SlotKind, layer: Option<usize>) -> Option<&Slot> {
-        self.slots.iter().find(|s| s.kind == kind && s.layer == layer)
+        self.slots
+            .iter()
+            .find(|s| s.kind == kind && s.layer == layer)
     }
 
     /// Number of trainable values that are biases (excluding the head weight).
     pub fn bias_params(&self) -> usize {
-        self.slots.iter().filter(|s| s.kind != SlotKind::HeadWeight).map(|s| s.len()).sum()
+        self.slots
+            .iter()
+            .filter(|s| s.kind != SlotKind::HeadWeight)
+            .map(|s| s.len())
+            .sum()
     }
 }

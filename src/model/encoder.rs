@@ -65,7 +65,10 @@ const LAYER_TERMS: [BiasTerm; 8] = [
 ];
 
 fn term_index(t: BiasTerm) -> usize {
-    LAYER_TERMS.iter().position(|x| *x == t).expect("layer term")
+    LAYER_TERMS
+        .iter()
+        .position(|x| *x == t)
+        .expect("layer term")
 }
 
 /// A batch on the device.
@@ -184,10 +187,19 @@ impl<B: Backend> Encoder<B> {
                 )
             })?;
         let p = prefix.as_str();
-        let wt = |name: &str, shape: &[usize]| -> Result<B::Buf> { be.weight(w.get_shaped(name, shape)?) };
+        let wt = |name: &str, shape: &[usize]| -> Result<B::Buf> {
+            be.weight(w.get_shaped(name, shape)?)
+        };
         let mut layout = SlabLayout::default();
         let mut init: Vec<f64> = Vec::new();
-        let bias = |layout: &mut SlabLayout, init: &mut Vec<f64>, name: String, trainable: bool, kind: SlotKind, layer: Option<usize>, n: usize| -> Result<BiasSrc<B>> {
+        let bias = |layout: &mut SlabLayout,
+                    init: &mut Vec<f64>,
+                    name: String,
+                    trainable: bool,
+                    kind: SlotKind,
+                    layer: Option<usize>,
+                    n: usize|
+         -> Result<BiasSrc<B>> {
             let t = w.get_shaped(&name, &[n])?;
             if trainable {
                 let off = layout.push(name, kind, layer, vec![n]);
@@ -199,11 +211,28 @@ impl<B: Backend> Encoder<B> {
         };
         let trains = |t: BiasTerm| opts.terms.contains(&t);
 
-        let word = wt(&format!("{p}embeddings.word_embeddings.weight"), &[cfg.vocab_size, d])?;
-        let pos = wt(&format!("{p}embeddings.position_embeddings.weight"), &[cfg.max_position_embeddings, d])?;
-        let tok_type = wt(&format!("{p}embeddings.token_type_embeddings.weight"), &[cfg.type_vocab_size, d])?;
+        let word = wt(
+            &format!("{p}embeddings.word_embeddings.weight"),
+            &[cfg.vocab_size, d],
+        )?;
+        let pos = wt(
+            &format!("{p}embeddings.position_embeddings.weight"),
+            &[cfg.max_position_embeddings, d],
+        )?;
+        let tok_type = wt(
+            &format!("{p}embeddings.token_type_embeddings.weight"),
+            &[cfg.type_vocab_size, d],
+        )?;
         let emb_ln_g = wt(&format!("{p}embeddings.LayerNorm.weight"), &[d])?;
-        let emb_ln_b = bias(&mut layout, &mut init, format!("{p}embeddings.LayerNorm.bias"), trains(BiasTerm::EmbLn), SlotKind::Bias(BiasTerm::EmbLn), None, d)?;
+        let emb_ln_b = bias(
+            &mut layout,
+            &mut init,
+            format!("{p}embeddings.LayerNorm.bias"),
+            trains(BiasTerm::EmbLn),
+            SlotKind::Bias(BiasTerm::EmbLn),
+            None,
+            d,
+        )?;
 
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for l in 0..cfg.num_layers {
@@ -211,7 +240,15 @@ impl<B: Backend> Encoder<B> {
             let mut biases = Vec::with_capacity(8);
             for t in LAYER_TERMS {
                 let len = if t == BiasTerm::MlpIn { ff } else { d };
-                biases.push(bias(&mut layout, &mut init, format!("{}.bias", n(t)), trains(t), SlotKind::Bias(t), Some(l), len)?);
+                biases.push(bias(
+                    &mut layout,
+                    &mut init,
+                    format!("{}.bias", n(t)),
+                    trains(t),
+                    SlotKind::Bias(t),
+                    Some(l),
+                    len,
+                )?);
             }
             layers.push(Layer {
                 wq: wt(&format!("{}.weight", n(BiasTerm::Q)), &[d, d])?,
@@ -231,7 +268,11 @@ impl<B: Backend> Encoder<B> {
         // a linear classifier on the mean of the last hidden states.
         let roberta_head = cfg.arch == Arch::Roberta && opts.pooling == PoolKind::Cls;
         let (pooler_name, head_name) = if roberta_head {
-            let dense = if w.try_get("classifier.dense.weight").is_some() { "classifier.dense".to_string() } else { format!("{p}pooler.dense") };
+            let dense = if w.try_get("classifier.dense.weight").is_some() {
+                "classifier.dense".to_string()
+            } else {
+                format!("{p}pooler.dense")
+            };
             (Some(dense), "classifier.out_proj")
         } else if opts.pooling == PoolKind::Cls {
             (Some(format!("{p}pooler.dense")), "classifier")
@@ -242,7 +283,15 @@ impl<B: Backend> Encoder<B> {
         let pooler = match pooler_name {
             Some(pn) if w.try_get(&format!("{pn}.weight")).is_some() => {
                 let pw = wt(&format!("{pn}.weight"), &[d, d])?;
-                let pb = bias(&mut layout, &mut init, format!("{pn}.bias"), true, SlotKind::PoolerBias, None, d)?;
+                let pb = bias(
+                    &mut layout,
+                    &mut init,
+                    format!("{pn}.bias"),
+                    true,
+                    SlotKind::PoolerBias,
+                    None,
+                    d,
+                )?;
                 Some((pw, pb))
             }
             _ => None,
@@ -250,13 +299,18 @@ impl<B: Backend> Encoder<B> {
         let c = opts.num_labels;
         let (hw_name, hb_name) = (format!("{head_name}.weight"), format!("{head_name}.bias"));
         let saved_head = match (w.try_get(&hw_name), w.try_get(&hb_name)) {
-            (Some(hw), Some(hb)) if hw.shape == [c, d] && hb.shape == [c] => Some((hw.to_f64_vec(), hb.to_f64_vec())),
+            (Some(hw), Some(hb)) if hw.shape == [c, d] && hb.shape == [c] => {
+                Some((hw.to_f64_vec(), hb.to_f64_vec()))
+            }
             _ => None,
         };
         let head_from_checkpoint = saved_head.is_some();
         let (hw, hb) = saved_head.unwrap_or_else(|| {
             // Hugging Face's initialisation: N(0, 0.02) weights, zero bias.
-            ((0..c * d).map(|_| rng.normal() * 0.02).collect(), vec![0.0; c])
+            (
+                (0..c * d).map(|_| rng.normal() * 0.02).collect(),
+                vec![0.0; c],
+            )
         });
         let head_w_off = layout.push(hw_name, SlotKind::HeadWeight, None, vec![c, d]);
         init.extend(hw);
@@ -267,7 +321,12 @@ impl<B: Backend> Encoder<B> {
         let lowest = if need_emb_grad {
             0
         } else {
-            layout.slots.iter().filter_map(|s| s.layer).min().unwrap_or(cfg.num_layers)
+            layout
+                .slots
+                .iter()
+                .filter_map(|s| s.layer)
+                .min()
+                .unwrap_or(cfg.num_layers)
         };
         Ok(Encoder {
             cfg,
@@ -335,23 +394,40 @@ impl<B: Backend> Encoder<B> {
                 cfg.max_position_embeddings
             )));
         }
-        let type_ids: Vec<u32> = if cfg.type_vocab_size <= 1 { vec![0; nb * t] } else { b.type_ids.clone() };
-        if let Some(&bad) = type_ids.iter().find(|&&i| i as usize >= cfg.type_vocab_size) {
-            return Err(Error::msg(format!("token type id {bad} is outside the model's {} token types", cfg.type_vocab_size)));
+        let type_ids: Vec<u32> = if cfg.type_vocab_size <= 1 {
+            vec![0; nb * t]
+        } else {
+            b.type_ids.clone()
+        };
+        if let Some(&bad) = type_ids
+            .iter()
+            .find(|&&i| i as usize >= cfg.type_vocab_size)
+        {
+            return Err(Error::msg(format!(
+                "token type id {bad} is outside the model's {} token types",
+                cfg.type_vocab_size
+            )));
         }
         let c = self.opts.num_labels;
         let mut labels = vec![0u32; nb];
         for (i, &y) in b.labels.iter().enumerate() {
             if c > 1 {
                 if !(y >= 0.0 && (y as usize) < c && y.fract() == 0.0) {
-                    return Err(Error::msg(format!("label {y} is outside the label set 0..{}", c - 1)));
+                    return Err(Error::msg(format!(
+                        "label {y} is outside the label set 0..{}",
+                        c - 1
+                    )));
                 }
                 labels[i] = y as u32;
             } else if !y.is_finite() {
                 return Err(Error::msg(format!("regression target {y} is not finite")));
             }
         }
-        let cast = |v: &[f32]| -> Vec<B::T> { v.iter().map(|x| <B::T as crate::float::Float>::from_f32(*x)).collect() };
+        let cast = |v: &[f32]| -> Vec<B::T> {
+            v.iter()
+                .map(|x| <B::T as crate::float::Float>::from_f32(*x))
+                .collect()
+        };
         Ok(DeviceBatch {
             batch: nb,
             seq: t,
@@ -374,19 +450,20 @@ impl<B: Backend> Encoder<B> {
 
     fn dims(&self, x: &DeviceBatch<B>) -> AttnDims {
         let h = self.cfg.num_heads;
-        AttnDims {
-            batch: x.batch,
-            seq: x.seq,
-            heads: h,
-            kv_heads: h,
-            head_dim: self.cfg.hidden_size / h,
-            scale: 1.0 / ((self.cfg.hidden_size / h) as f64).sqrt(),
-            causal: false,
-        }
+        AttnDims::self_attn(x.batch, x.seq, h, h, self.cfg.hidden_size / h, false)
     }
 
     /// `y = x·Wᵀ + b` for `rows` rows, a new buffer.
-    fn linear(&self, be: &B, x: &B::Buf, w: &B::Buf, b: (&B::Buf, usize), rows: usize, n_in: usize, n_out: usize) -> B::Buf {
+    fn linear(
+        &self,
+        be: &B,
+        x: &B::Buf,
+        w: &B::Buf,
+        b: (&B::Buf, usize),
+        rows: usize,
+        n_in: usize,
+        n_out: usize,
+    ) -> B::Buf {
         let mut y = be.zeros(rows * n_out);
         be.matmul(&mut y, x, w, rows, n_out, n_in, false, true, false);
         be.bias_add(&mut y, b.0, b.1, rows, n_out);
@@ -395,7 +472,14 @@ impl<B: Backend> Encoder<B> {
 
     /// The whole forward pass. With `save`, layers at or above the lowest
     /// trainable one keep what the backward pass needs.
-    fn forward(&self, be: &B, params: &B::Buf, x: &DeviceBatch<B>, drop: Option<Drop>, save: bool) -> (Vec<Option<Saved<B>>>, B::Buf, HeadSaved<B>) {
+    fn forward(
+        &self,
+        be: &B,
+        params: &B::Buf,
+        x: &DeviceBatch<B>,
+        drop: Option<Drop>,
+        save: bool,
+    ) -> (Vec<Option<Saved<B>>>, B::Buf, HeadSaved<B>) {
         let cfg = &self.cfg;
         let (d, ff) = (cfg.hidden_size, cfg.intermediate_size);
         let n = x.batch * x.seq;
@@ -409,7 +493,18 @@ impl<B: Backend> Encoder<B> {
         let mut h = be.zeros(n * d);
         let (mut xh, mut rs) = (be.zeros(n * d), be.zeros(n));
         let (bb, bo) = self.bias_ref(&self.emb_ln_b, params);
-        be.layernorm_fwd(&mut h, &mut xh, &mut rs, &e, &self.emb_ln_g, bb, bo, n, d, cfg.layer_norm_eps);
+        be.layernorm_fwd(
+            &mut h,
+            &mut xh,
+            &mut rs,
+            &e,
+            &self.emb_ln_g,
+            bb,
+            bo,
+            n,
+            d,
+            cfg.layer_norm_eps,
+        );
         if let Some(dr) = drop {
             be.dropout(&mut h, n * d, dr.hidden, dr.site(0, 0));
         }
@@ -422,7 +517,10 @@ impl<B: Backend> Encoder<B> {
             let v = self.linear(be, &h, &layer.wv, bias(BiasTerm::V), n, d, d);
             let mut ctx = be.zeros(n * d);
             let mut lse = be.zeros(x.batch * dims.heads * x.seq);
-            let attn_drop = drop.filter(|dr| dr.attn > 0.0).map(|dr| Dropout { p: dr.attn, seed: dr.site(l, 1) });
+            let attn_drop = drop.filter(|dr| dr.attn > 0.0).map(|dr| Dropout {
+                p: dr.attn,
+                seed: dr.site(l, 1),
+            });
             be.attention_fwd(&mut ctx, &mut lse, &q, &k, &v, &x.mask, dims, attn_drop);
             let mut a = self.linear(be, &ctx, &layer.wo, bias(BiasTerm::O), n, d, d);
             if let Some(dr) = drop {
@@ -432,7 +530,18 @@ impl<B: Backend> Encoder<B> {
             let mut h1 = be.zeros(n * d);
             let (mut xhat1, mut rstd1) = (be.zeros(n * d), be.zeros(n));
             let (b1, o1) = bias(BiasTerm::Ln1);
-            be.layernorm_fwd(&mut h1, &mut xhat1, &mut rstd1, &a, &layer.ln1_g, b1, o1, n, d, cfg.layer_norm_eps);
+            be.layernorm_fwd(
+                &mut h1,
+                &mut xhat1,
+                &mut rstd1,
+                &a,
+                &layer.ln1_g,
+                b1,
+                o1,
+                n,
+                d,
+                cfg.layer_norm_eps,
+            );
             let f = self.linear(be, &h1, &layer.w1, bias(BiasTerm::MlpIn), n, d, ff);
             let mut g = be.zeros(n * ff);
             be.act_fwd(cfg.hidden_act, &mut g, &f, n * ff);
@@ -444,9 +553,31 @@ impl<B: Backend> Encoder<B> {
             let mut out = be.zeros(n * d);
             let (mut xhat2, mut rstd2) = (be.zeros(n * d), be.zeros(n));
             let (b2, o2) = bias(BiasTerm::Ln2);
-            be.layernorm_fwd(&mut out, &mut xhat2, &mut rstd2, &m, &layer.ln2_g, b2, o2, n, d, cfg.layer_norm_eps);
+            be.layernorm_fwd(
+                &mut out,
+                &mut xhat2,
+                &mut rstd2,
+                &m,
+                &layer.ln2_g,
+                b2,
+                o2,
+                n,
+                d,
+                cfg.layer_norm_eps,
+            );
             saved.push(if save && l >= self.lowest {
-                Some(Saved { q, k, v, ctx, lse, xhat1, rstd1, f, xhat2, rstd2 })
+                Some(Saved {
+                    q,
+                    k,
+                    v,
+                    ctx,
+                    lse,
+                    xhat1,
+                    rstd1,
+                    f,
+                    xhat2,
+                    rstd2,
+                })
             } else {
                 None
             });
@@ -457,7 +588,14 @@ impl<B: Backend> Encoder<B> {
         (saved, h, head)
     }
 
-    fn head_forward(&self, be: &B, params: &B::Buf, h: &B::Buf, x: &DeviceBatch<B>, drop: Option<Drop>) -> HeadSaved<B> {
+    fn head_forward(
+        &self,
+        be: &B,
+        params: &B::Buf,
+        h: &B::Buf,
+        x: &DeviceBatch<B>,
+        drop: Option<Drop>,
+    ) -> HeadSaved<B> {
         let d = self.cfg.hidden_size;
         let nb = x.batch;
         let c = self.opts.num_labels;
@@ -481,7 +619,11 @@ impl<B: Backend> Encoder<B> {
         let mut hw = be.zeros(c * d);
         be.copy(&mut hw, 0, params, self.head_w_off, c * d);
         let logits = self.linear(be, &pooled, &hw, (params, self.head_b_off), nb, d, c);
-        HeadSaved { pooled, z: z_saved, logits }
+        HeadSaved {
+            pooled,
+            z: z_saved,
+            logits,
+        }
     }
 
     /// Logits `[batch, num_labels]` in evaluation mode (no dropout, nothing
@@ -496,7 +638,14 @@ impl<B: Backend> Encoder<B> {
     /// gradient of every trainable value into `grads` (same layout as
     /// `params`). `dropout_seed = None` disables dropout (evaluation-mode
     /// gradients, as in the parity tests).
-    pub fn loss_and_grad(&self, be: &B, params: &B::Buf, grads: &mut B::Buf, x: &DeviceBatch<B>, dropout_seed: Option<u64>) -> (f64, Vec<B::T>) {
+    pub fn loss_and_grad(
+        &self,
+        be: &B,
+        params: &B::Buf,
+        grads: &mut B::Buf,
+        x: &DeviceBatch<B>,
+        dropout_seed: Option<u64>,
+    ) -> (f64, Vec<B::T>) {
         let cfg = &self.cfg;
         let drop = dropout_seed.map(|seed| Drop {
             seed,
@@ -516,17 +665,47 @@ impl<B: Backend> Encoder<B> {
         let mut losses = be.zeros(nb);
         let mut dlogits = be.zeros(nb * c);
         if c == 1 {
-            be.mse(&mut losses, &mut dlogits, &head.logits, &x.targets, nb, 1.0 / nb as f64);
+            be.mse(
+                &mut losses,
+                &mut dlogits,
+                &head.logits,
+                &x.targets,
+                nb,
+                1.0 / nb as f64,
+            );
         } else {
-            be.cross_entropy(&mut losses, &mut dlogits, &head.logits, &x.labels, nb, c, 1.0 / nb as f64);
+            be.cross_entropy(
+                &mut losses,
+                &mut dlogits,
+                &head.logits,
+                &x.labels,
+                nb,
+                c,
+                1.0 / nb as f64,
+            );
         }
-        let loss = be.download(&losses).iter().map(|v| crate::float::Float::to_f64(*v)).sum::<f64>() / nb as f64;
+        let loss = be
+            .download(&losses)
+            .iter()
+            .map(|v| crate::float::Float::to_f64(*v))
+            .sum::<f64>()
+            / nb as f64;
 
         // Head: classifier weight and bias, then back through the pooler.
         be.bias_grad(grads, self.head_b_off, &dlogits, nb, c);
         let mut dhw = be.zeros(c * d);
         be.copy(&mut dhw, 0, grads, self.head_w_off, c * d);
-        be.matmul(&mut dhw, &dlogits, &head.pooled, c, d, nb, true, false, true);
+        be.matmul(
+            &mut dhw,
+            &dlogits,
+            &head.pooled,
+            c,
+            d,
+            nb,
+            true,
+            false,
+            true,
+        );
         be.copy(grads, self.head_w_off, &dhw, 0, c * d);
         let mut hw = be.zeros(c * d);
         be.copy(&mut hw, 0, params, self.head_w_off, c * d);
@@ -561,7 +740,9 @@ impl<B: Backend> Encoder<B> {
         };
         for l in (self.lowest..top).rev() {
             let layer = &self.layers[l];
-            let s = saved[l].as_ref().expect("saved activations of a trainable layer");
+            let s = saved[l]
+                .as_ref()
+                .expect("saved activations of a trainable layer");
             let need_dx = l > self.lowest || self.need_emb_grad;
             // out = LN2(h1 + m)
             let mut r2 = be.zeros(n * d);
@@ -603,15 +784,24 @@ impl<B: Backend> Encoder<B> {
             if let Some(off) = slab_off(l, BiasTerm::O) {
                 be.bias_grad(grads, off, &da, n, d);
             }
-            let needs_qkv = need_dx || [BiasTerm::Q, BiasTerm::K, BiasTerm::V].iter().any(|t| slab_off(l, *t).is_some());
+            let needs_qkv = need_dx
+                || [BiasTerm::Q, BiasTerm::K, BiasTerm::V]
+                    .iter()
+                    .any(|t| slab_off(l, *t).is_some());
             if !needs_qkv {
                 continue;
             }
             let mut dctx = be.zeros(n * d);
             be.matmul(&mut dctx, &da, &layer.wo, n, d, d, false, false, false);
             let (mut dq, mut dk, mut dv) = (be.zeros(n * d), be.zeros(n * d), be.zeros(n * d));
-            let attn_drop = drop.filter(|dr| dr.attn > 0.0).map(|dr| Dropout { p: dr.attn, seed: dr.site(l, 1) });
-            be.attention_bwd(&mut dq, &mut dk, &mut dv, &dctx, &s.q, &s.k, &s.v, &s.ctx, &s.lse, &x.mask, dims, attn_drop);
+            let attn_drop = drop.filter(|dr| dr.attn > 0.0).map(|dr| Dropout {
+                p: dr.attn,
+                seed: dr.site(l, 1),
+            });
+            be.attention_bwd(
+                &mut dq, &mut dk, &mut dv, &dctx, &s.q, &s.k, &s.v, &s.ctx, &s.lse, &x.mask, dims,
+                attn_drop,
+            );
             for (t, g) in [(BiasTerm::Q, &dq), (BiasTerm::K, &dk), (BiasTerm::V, &dv)] {
                 if let Some(off) = slab_off(l, t) {
                     be.bias_grad(grads, off, g, n, d);

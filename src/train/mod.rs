@@ -49,7 +49,13 @@ impl<B: Backend> Slab<B> {
     pub fn new(be: &B, init: &[f64]) -> Self {
         let vals: Vec<B::T> = init.iter().map(|x| B::T::from_f64(*x)).collect();
         let n = vals.len();
-        Slab { params: be.upload(&vals), grads: be.zeros(n), m: be.zeros(n), v: be.zeros(n), len: n }
+        Slab {
+            params: be.upload(&vals),
+            grads: be.zeros(n),
+            m: be.zeros(n),
+            v: be.zeros(n),
+            len: n,
+        }
     }
 
     /// Clip the gradient to global norm `max_norm` (if > 0); returns the norm
@@ -64,18 +70,36 @@ impl<B: Backend> Slab<B> {
 
     /// One AdamW step.
     pub fn step(&mut self, be: &B, h: AdamW) {
-        be.adamw(&mut self.params, &self.grads, &mut self.m, &mut self.v, self.len, h);
+        be.adamw(
+            &mut self.params,
+            &self.grads,
+            &mut self.m,
+            &mut self.v,
+            self.len,
+            h,
+        );
     }
 
     /// The parameters as f64 (for saving).
     pub fn params_f64(&self, be: &B) -> Vec<f64> {
-        be.download(&self.params).into_iter().map(|x| x.to_f64()).collect()
+        be.download(&self.params)
+            .into_iter()
+            .map(|x| x.to_f64())
+            .collect()
     }
 }
 
 /// Predictions of an encoder over a dataset: class index (as f32) or the
 /// regression value per example.
-pub fn predict<B: Backend>(be: &B, enc: &Encoder<B>, params: &B::Buf, encs: &[Encoding], examples: &[Example], pad_id: u32, batch: usize) -> Result<Vec<f32>> {
+pub fn predict<B: Backend>(
+    be: &B,
+    enc: &Encoder<B>,
+    params: &B::Buf,
+    encs: &[Encoding],
+    examples: &[Example],
+    pad_id: u32,
+    batch: usize,
+) -> Result<Vec<f32>> {
     let mut preds = Vec::with_capacity(encs.len());
     let c = enc.opts.num_labels;
     for idx in data::eval_batches(encs.len(), batch.max(1)) {
@@ -103,7 +127,16 @@ pub fn predict<B: Backend>(be: &B, enc: &Encoder<B>, params: &B::Buf, encs: &[En
 }
 
 /// Evaluate on a dataset and compute the task's metrics.
-pub fn evaluate<B: Backend>(be: &B, enc: &Encoder<B>, params: &B::Buf, task: &TaskSpec, encs: &[Encoding], examples: &[Example], pad_id: u32, batch: usize) -> Result<Metrics> {
+pub fn evaluate<B: Backend>(
+    be: &B,
+    enc: &Encoder<B>,
+    params: &B::Buf,
+    task: &TaskSpec,
+    encs: &[Encoding],
+    examples: &[Example],
+    pad_id: u32,
+    batch: usize,
+) -> Result<Metrics> {
     let preds = predict(be, enc, params, encs, examples, pad_id, batch)?;
     let labels: Vec<f32> = examples.iter().map(|e| e.label).collect();
     Ok(data::evaluate(task, &preds, &labels))
@@ -114,7 +147,9 @@ pub fn parse_pooling(s: &str) -> Result<PoolKind> {
     match s.to_ascii_lowercase().as_str() {
         "cls" | "pooler" => Ok(PoolKind::Cls),
         "mean" => Ok(PoolKind::Mean),
-        other => Err(crate::Error::msg(format!("--pooling: unknown pooling '{other}' (cls or mean)"))),
+        other => Err(crate::Error::msg(format!(
+            "--pooling: unknown pooling '{other}' (cls or mean)"
+        ))),
     }
 }
 
@@ -131,6 +166,15 @@ pub fn slab_tensors(layout: &SlabLayout, values: &[f64]) -> Vec<(String, Vec<usi
     layout
         .slots
         .iter()
-        .map(|s| (s.name.clone(), s.shape.clone(), values[s.offset..s.offset + s.len()].iter().map(|v| *v as f32).collect()))
+        .map(|s| {
+            (
+                s.name.clone(),
+                s.shape.clone(),
+                values[s.offset..s.offset + s.len()]
+                    .iter()
+                    .map(|v| *v as f32)
+                    .collect(),
+            )
+        })
         .collect()
 }

@@ -13,7 +13,7 @@ use serde_json::json;
 
 use super::{evaluate, lr_at, parse_pooling, pooling_name, slab_tensors, Schedule, Slab};
 use crate::backend::cpu::CpuBackend;
-use crate::backend::{sub_seed, AdamW, Backend, PoolKind};
+use crate::backend::{sub_seed, AdamW, Backend, Device, PoolKind};
 use crate::data::{self, Encoding, Example, Split, TaskSpec, TextTokenizer};
 use crate::error::{Error, Result};
 use crate::model::config::ModelDir;
@@ -110,32 +110,45 @@ pub struct Summary {
     pub batch: usize,
 }
 
-/// Parse `--device`; only the CPU exists in this build.
-pub fn check_device(spec: &str) -> Result<()> {
-    let s = spec.to_ascii_lowercase();
-    if s == "cpu" {
-        return Ok(());
+/// The error for a device this build cannot run.
+fn device_unavailable(dev: Device) -> Error {
+    let (feature, what) = match dev {
+        Device::Cuda(_) => ("cuda", "CUDA"),
+        _ => ("wgpu", "wgpu"),
+    };
+    let compiled = match dev {
+        Device::Cuda(_) => cfg!(feature = "cuda"),
+        _ => cfg!(feature = "wgpu"),
+    };
+    if compiled {
+        Error::msg(format!("--device {dev}: the {what} backend is not implemented yet in this version; use --device cpu"))
+    } else {
+        Error::msg(format!("--device {dev}: this beft was built without {what} (rebuild with --features {feature}); use --device cpu"))
     }
-    if s.starts_with("cuda") {
-        if cfg!(feature = "cuda") {
-            return Err(Error::msg("--device cuda: the CUDA backend is not implemented yet in this version; use --device cpu"));
+}
+
+/// Run `f` with the backend that `--device` names.
+macro_rules! with_backend {
+    ($spec:expr, |$be:ident| $body:expr) => {{
+        match Device::parse($spec)? {
+            Device::Cpu | Device::CpuRef => {
+                let $be = CpuBackend::<f32>::new();
+                $body
+            }
+            other => Err(device_unavailable(other)),
         }
-        return Err(Error::msg("--device cuda: this beft was built without CUDA (rebuild with --features cuda); use --device cpu"));
-    }
-    if s.starts_with("wgpu") {
-        if cfg!(feature = "wgpu") {
-            return Err(Error::msg("--device wgpu: the wgpu backend is not implemented yet in this version; use --device cpu"));
-        }
-        return Err(Error::msg("--device wgpu: this beft was built without wgpu (rebuild with --features wgpu); use --device cpu"));
-    }
-    Err(Error::msg(format!("--device: unknown device '{spec}' (cpu, cuda[:N], wgpu[:N])")))
+    }};
 }
 
 /// Peak resident set size of this process (Linux), in bytes.
 pub fn peak_rss_bytes() -> u64 {
     fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
         .map(|kb| kb * 1024)
         .unwrap_or(0)
 }
@@ -166,10 +179,23 @@ struct Prepared {
     num_labels: usize,
 }
 
-fn prepare(model: &Path, task_name: &str, data_dir: &Path, train_size: Option<usize>, dev_size: Option<usize>, seed: u64, max_len: usize, pooling: Option<&str>, need_train: bool) -> Result<Prepared> {
+fn prepare(
+    model: &Path,
+    task_name: &str,
+    data_dir: &Path,
+    train_size: Option<usize>,
+    dev_size: Option<usize>,
+    seed: u64,
+    max_len: usize,
+    pooling: Option<&str>,
+    need_train: bool,
+) -> Result<Prepared> {
     let md = ModelDir::open(model)?;
     let task = data::task(task_name)?;
-    let tok_path = md.tokenizer.clone().ok_or_else(|| Error::file(&md.dir, "no tokenizer.json in the model directory"))?;
+    let tok_path = md
+        .tokenizer
+        .clone()
+        .ok_or_else(|| Error::file(&md.dir, "no tokenizer.json in the model directory"))?;
     let tok = TextTokenizer::from_file(&tok_path, max_len)?;
     let pad_id = tok.pad_id().unwrap_or(md.config.pad_token_id);
     if tok.vocab_size() > md.config.vocab_size {
@@ -187,7 +213,11 @@ fn prepare(model: &Path, task_name: &str, data_dir: &Path, train_size: Option<us
         (task, Vec::new())
     };
     let dev_all = data::load_split(&task, data_dir, Split::Dev)?;
-    let task = if need_train { task } else { task.resolve(&dev_all)? };
+    let task = if need_train {
+        task
+    } else {
+        task.resolve(&dev_all)?
+    };
     let dev = data::sample_subset(&dev_all, dev_size, seed);
     let pooling = match pooling {
         Some(p) => parse_pooling(p)?,
@@ -196,7 +226,17 @@ fn prepare(model: &Path, task_name: &str, data_dir: &Path, train_size: Option<us
     let num_labels = task.num_labels;
     let train_enc = tok.encode_all(&train)?;
     let dev_enc = tok.encode_all(&dev)?;
-    Ok(Prepared { md, task, pad_id, train, train_enc, dev, dev_enc, pooling, num_labels })
+    Ok(Prepared {
+        md,
+        task,
+        pad_id,
+        train,
+        train_enc,
+        dev,
+        dev_enc,
+        pooling,
+        num_labels,
+    })
 }
 
 /// A staging directory beside the run directory, renamed into place when the
@@ -221,47 +261,92 @@ fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
 
 /// `beft train`.
 pub fn train(args: &TrainArgs) -> Result<Summary> {
-    check_device(&args.device)?;
+    with_backend!(&args.device, |be| train_on(&be, args))
+}
+
+/// `beft train` on a given backend.
+pub fn train_on<B: Backend>(be: &B, args: &TrainArgs) -> Result<Summary> {
     if args.batch == 0 || args.epochs == 0 {
         return Err(Error::msg("--batch and --epochs must be at least 1"));
     }
     if !(args.lr > 0.0 && args.lr.is_finite()) {
-        return Err(Error::msg(format!("--lr must be a positive number, got {}", args.lr)));
+        return Err(Error::msg(format!(
+            "--lr must be a positive number, got {}",
+            args.lr
+        )));
     }
     let terms = BiasTerm::parse_set(&args.bias)?;
     // Refuse to overwrite a finished run, before doing any work.
     if args.out.join("summary.json").exists() && !args.overwrite {
-        return Err(Error::file(&args.out, "already holds a finished run (summary.json); choose another --out or pass --overwrite"));
+        return Err(Error::file(
+            &args.out,
+            "already holds a finished run (summary.json); choose another --out or pass --overwrite",
+        ));
     }
-    let p = prepare(&args.model, &args.task, &args.data, args.train_size, args.dev_size, args.seed, args.max_len, args.pooling.as_deref(), true)?;
-    let be = CpuBackend::<f32>::new();
-    let enc = Encoder::load(&be, &p.md, EncoderOptions { pooling: p.pooling, num_labels: p.num_labels, terms: terms.clone(), seed: args.seed })?;
+    let p = prepare(
+        &args.model,
+        &args.task,
+        &args.data,
+        args.train_size,
+        args.dev_size,
+        args.seed,
+        args.max_len,
+        args.pooling.as_deref(),
+        true,
+    )?;
+    let enc = Encoder::load(
+        be,
+        &p.md,
+        EncoderOptions {
+            pooling: p.pooling,
+            num_labels: p.num_labels,
+            terms: terms.clone(),
+            seed: args.seed,
+        },
+    )?;
     if terms == [BiasTerm::K] {
         eprintln!(
             "note: b_k receives an exactly-zero gradient in softmax attention (adding a constant to every key of a query shifts all its scores alike); \
              with --bias k only the task head and pooler bias will learn"
         );
     } else if terms.contains(&BiasTerm::K) {
-        eprintln!("note: b_k receives an exactly-zero gradient in softmax attention; it will not change");
+        eprintln!(
+            "note: b_k receives an exactly-zero gradient in softmax attention; it will not change"
+        );
     }
 
     // Everything is valid: create the staging directory.
     let out = &args.out;
-    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-    let name = out.file_name().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "run".into());
-    let mut staging = Staging { dir: parent.join(format!(".{name}.partial-{}", std::process::id())), done: false };
+    let name = out
+        .file_name()
+        .map(|s| s.to_string_lossy().to_string())
+        .unwrap_or_else(|| "run".into());
+    let mut staging = Staging {
+        dir: parent.join(format!(".{name}.partial-{}", std::process::id())),
+        done: false,
+    };
     let _ = fs::remove_dir_all(&staging.dir);
     fs::create_dir_all(&staging.dir).map_err(|e| Error::io(&staging.dir, e))?;
     let metrics_path = staging.dir.join("metrics.jsonl");
-    let mut metrics_file = fs::File::create(&metrics_path).map_err(|e| Error::io(&metrics_path, e))?;
+    let mut metrics_file =
+        fs::File::create(&metrics_path).map_err(|e| Error::io(&metrics_path, e))?;
     let steps_path = staging.dir.join("steps.jsonl");
-    let mut steps_file = std::io::BufWriter::new(fs::File::create(&steps_path).map_err(|e| Error::io(&steps_path, e))?);
+    let mut steps_file = std::io::BufWriter::new(
+        fs::File::create(&steps_path).map_err(|e| Error::io(&steps_path, e))?,
+    );
 
-    let mut slab = Slab::new(&be, &enc.init);
+    let mut slab = Slab::new(be, &enc.init);
     let n_train = p.train.len();
     let steps_per_epoch = n_train.div_ceil(args.batch) as u64;
-    let total_steps = args.max_steps.map(|m| m.min(steps_per_epoch * args.epochs as u64)).unwrap_or(steps_per_epoch * args.epochs as u64);
+    let total_steps = args
+        .max_steps
+        .map(|m| m.min(steps_per_epoch * args.epochs as u64))
+        .unwrap_or(steps_per_epoch * args.epochs as u64);
     let warmup = (args.warmup_ratio * total_steps as f64).round() as u64;
 
     eprintln!(
@@ -280,13 +365,27 @@ pub fn train(args: &TrainArgs) -> Result<Summary> {
         if enc.head_from_checkpoint { "head from checkpoint" } else { "new head" }
     );
 
-    let log_eval = |epoch: usize, step: u64, m: &data::Metrics, train_loss: Option<f64>, f: &mut fs::File| -> Result<()> {
+    let log_eval = |epoch: usize,
+                    step: u64,
+                    m: &data::Metrics,
+                    train_loss: Option<f64>,
+                    f: &mut fs::File|
+     -> Result<()> {
         let line = json!({"epoch": epoch, "step": step, "metric_name": m.name, "metric": m.value, "metrics": m.all, "train_loss": train_loss, "split": "dev"});
         writeln!(f, "{line}").map_err(|e| Error::io(&metrics_path, e))
     };
 
     let initial = if args.eval_before {
-        let m = evaluate(&be, &enc, &slab.params, &p.task, &p.dev_enc, &p.dev, p.pad_id, args.eval_batch)?;
+        let m = evaluate(
+            be,
+            &enc,
+            &slab.params,
+            &p.task,
+            &p.dev_enc,
+            &p.dev,
+            p.pad_id,
+            args.eval_batch,
+        )?;
         eprintln!("epoch 0 (before training): dev {} = {:.4}", m.name, m.value);
         log_eval(0, 0, &m, None, &mut metrics_file)?;
         Some(m.value)
@@ -294,11 +393,17 @@ pub fn train(args: &TrainArgs) -> Result<Summary> {
         None
     };
 
-    let pb = if args.progress { ProgressBar::new(total_steps) } else { ProgressBar::hidden() };
+    let pb = if args.progress {
+        ProgressBar::new(total_steps)
+    } else {
+        ProgressBar::hidden()
+    };
     pb.set_style(
-        ProgressStyle::with_template("{spinner} epoch {prefix} [{bar:30}] {pos}/{len} {msg} eta {eta}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{spinner} epoch {prefix} [{bar:30}] {pos}/{len} {msg} eta {eta}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
     );
     let mut step: u64 = 0;
     let mut step_secs = Vec::new();
@@ -318,21 +423,39 @@ pub fn train(args: &TrainArgs) -> Result<Summary> {
             let refs: Vec<&Encoding> = idx.iter().map(|&i| &p.train_enc[i]).collect();
             let labels: Vec<f32> = idx.iter().map(|&i| p.train[i].label).collect();
             let hb = data::make_batch(&refs, &labels, p.pad_id);
-            let db = enc.upload_batch(&be, &hb)?;
+            let db = enc.upload_batch(be, &hb)?;
             step += 1;
             let t0 = Instant::now();
             be.fill(&mut slab.grads, 0.0);
-            let seed = if args.dropout { Some(sub_seed(args.seed, step)) } else { None };
-            let (loss, _) = enc.loss_and_grad(&be, &slab.params, &mut slab.grads, &db, seed);
+            let seed = if args.dropout {
+                Some(sub_seed(args.seed, step))
+            } else {
+                None
+            };
+            let (loss, _) = enc.loss_and_grad(be, &slab.params, &mut slab.grads, &db, seed);
             if !loss.is_finite() {
-                return Err(Error::msg(format!("non-finite loss {loss} at step {step} (epoch {epoch}); try a lower --lr")));
+                return Err(Error::msg(format!(
+                    "non-finite loss {loss} at step {step} (epoch {epoch}); try a lower --lr"
+                )));
             }
-            let gnorm = slab.clip(&be, args.clip);
+            let gnorm = slab.clip(be, args.clip);
             if !gnorm.is_finite() {
-                return Err(Error::msg(format!("non-finite gradient norm at step {step} (epoch {epoch}); try a lower --lr")));
+                return Err(Error::msg(format!(
+                    "non-finite gradient norm at step {step} (epoch {epoch}); try a lower --lr"
+                )));
             }
             let lr = lr_at(args.schedule, args.lr, step, total_steps, warmup);
-            slab.step(&be, AdamW { lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: args.weight_decay, step });
+            slab.step(
+                be,
+                AdamW {
+                    lr,
+                    beta1: 0.9,
+                    beta2: 0.999,
+                    eps: 1e-8,
+                    weight_decay: args.weight_decay,
+                    step,
+                },
+            );
             let dt = t0.elapsed().as_secs_f64();
             step_secs.push(dt);
             train_time += dt;
@@ -341,13 +464,37 @@ pub fn train(args: &TrainArgs) -> Result<Summary> {
             loss_n += 1;
             let line = json!({"step": step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": gnorm, "tokens": hb.tokens, "seconds": dt});
             writeln!(steps_file, "{line}").map_err(|e| Error::io(&steps_path, e))?;
-            pb.set_message(format!("loss {:.4} | {:.0} tok/s", loss_sum / loss_n as f64, train_tokens as f64 / train_time.max(1e-9)));
+            pb.set_message(format!(
+                "loss {:.4} | {:.0} tok/s",
+                loss_sum / loss_n as f64,
+                train_tokens as f64 / train_time.max(1e-9)
+            ));
             pb.inc(1);
         }
         epochs_run = epoch;
-        let m = evaluate(&be, &enc, &slab.params, &p.task, &p.dev_enc, &p.dev, p.pad_id, args.eval_batch)?;
-        let tl = if loss_n > 0 { Some(loss_sum / loss_n as f64) } else { None };
-        pb.suspend(|| eprintln!("epoch {epoch}: train loss {:.4} | dev {} = {:.4}", tl.unwrap_or(f64::NAN), m.name, m.value));
+        let m = evaluate(
+            be,
+            &enc,
+            &slab.params,
+            &p.task,
+            &p.dev_enc,
+            &p.dev,
+            p.pad_id,
+            args.eval_batch,
+        )?;
+        let tl = if loss_n > 0 {
+            Some(loss_sum / loss_n as f64)
+        } else {
+            None
+        };
+        pb.suspend(|| {
+            eprintln!(
+                "epoch {epoch}: train loss {:.4} | dev {} = {:.4}",
+                tl.unwrap_or(f64::NAN),
+                m.name,
+                m.value
+            )
+        });
         log_eval(epoch, step, &m, tl, &mut metrics_file)?;
         if m.value > best.0 {
             best = (m.value, epoch);
@@ -362,7 +509,7 @@ pub fn train(args: &TrainArgs) -> Result<Summary> {
     drop(steps_file);
 
     // The trained biases (and head), with what they belong to.
-    let values = slab.params_f64(&be);
+    let values = slab.params_f64(be);
     let bias_path = staging.dir.join("biases.safetensors");
     let meta = bias_metadata(&p.md, &enc, &terms, &p.task, p.pooling);
     write_safetensors(&bias_path, &slab_tensors(&enc.layout, &values), &meta)?;
@@ -413,8 +560,14 @@ pub fn train(args: &TrainArgs) -> Result<Summary> {
     if out.exists() {
         if args.overwrite {
             fs::remove_dir_all(out).map_err(|e| Error::io(out, e))?;
-        } else if fs::read_dir(out).map(|mut d| d.next().is_some()).unwrap_or(true) {
-            return Err(Error::file(out, "exists and is not empty; choose another --out or pass --overwrite"));
+        } else if fs::read_dir(out)
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(true)
+        {
+            return Err(Error::file(
+                out,
+                "exists and is not empty; choose another --out or pass --overwrite",
+            ));
         } else {
             fs::remove_dir(out).map_err(|e| Error::io(out, e))?;
         }
@@ -424,7 +577,13 @@ pub fn train(args: &TrainArgs) -> Result<Summary> {
     Ok(summary)
 }
 
-fn bias_metadata(md: &ModelDir, enc: &Encoder<CpuBackend<f32>>, terms: &[BiasTerm], task: &TaskSpec, pooling: PoolKind) -> BTreeMap<String, String> {
+fn bias_metadata<B: Backend>(
+    md: &ModelDir,
+    enc: &Encoder<B>,
+    terms: &[BiasTerm],
+    task: &TaskSpec,
+    pooling: PoolKind,
+) -> BTreeMap<String, String> {
     let mut m = BTreeMap::new();
     m.insert("format".into(), "beft-biases".into());
     m.insert("beft_version".into(), env!("CARGO_PKG_VERSION").into());
@@ -467,14 +626,32 @@ pub struct EvalResult {
 
 /// `beft eval`: the base model plus (optionally) trained biases, on the dev split.
 pub fn eval(args: &EvalArgs) -> Result<EvalResult> {
-    check_device(&args.device)?;
+    with_backend!(&args.device, |be| eval_on(&be, args))
+}
+
+/// `beft eval` on a given backend.
+pub fn eval_on<B: Backend>(be: &B, args: &EvalArgs) -> Result<EvalResult> {
     let biases = match &args.biases {
         Some(p) => Some((p.clone(), WeightStore::open_file(p)?)),
         None => None,
     };
-    let meta = |k: &str| biases.as_ref().and_then(|(_, s)| s.metadata().get(k).cloned());
+    let meta = |k: &str| {
+        biases
+            .as_ref()
+            .and_then(|(_, s)| s.metadata().get(k).cloned())
+    };
     let pooling = args.pooling.clone().or_else(|| meta("pooling"));
-    let p = prepare(&args.model, &args.task, &args.data, None, args.dev_size, args.seed, args.max_len, pooling.as_deref(), false)?;
+    let p = prepare(
+        &args.model,
+        &args.task,
+        &args.data,
+        None,
+        args.dev_size,
+        args.seed,
+        args.max_len,
+        pooling.as_deref(),
+        false,
+    )?;
     if let (Some((path, _)), Some(fp)) = (&biases, meta("base_model_fingerprint")) {
         let ours = p.md.weights.fingerprint();
         if fp != ours {
@@ -486,20 +663,38 @@ pub fn eval(args: &EvalArgs) -> Result<EvalResult> {
         None => vec![BiasTerm::V],
     };
     let num_labels = match meta("num_labels") {
-        Some(n) => n.parse::<usize>().map_err(|_| Error::msg(format!("biases file: bad num_labels '{n}'")))?,
+        Some(n) => n
+            .parse::<usize>()
+            .map_err(|_| Error::msg(format!("biases file: bad num_labels '{n}'")))?,
         None => p.md.config.num_labels.unwrap_or(p.num_labels),
     };
     if num_labels != p.num_labels {
-        return Err(Error::msg(format!("the model's head has {num_labels} labels but task {} has {}", p.task.name, p.num_labels)));
+        return Err(Error::msg(format!(
+            "the model's head has {num_labels} labels but task {} has {}",
+            p.task.name, p.num_labels
+        )));
     }
-    let be = CpuBackend::<f32>::new();
-    let enc = Encoder::load(&be, &p.md, EncoderOptions { pooling: p.pooling, num_labels, terms, seed: args.seed })?;
+    let enc = Encoder::load(
+        be,
+        &p.md,
+        EncoderOptions {
+            pooling: p.pooling,
+            num_labels,
+            terms,
+            seed: args.seed,
+        },
+    )?;
     let mut init = enc.init.clone();
     match &biases {
         Some((path, store)) => {
             for slot in &enc.layout.slots {
-                let t = store.get_shaped(&slot.name, &slot.shape).map_err(|e| e.context(path.display()))?;
-                for (dst, v) in init[slot.offset..slot.offset + slot.len()].iter_mut().zip(t.to_f64_vec()) {
+                let t = store
+                    .get_shaped(&slot.name, &slot.shape)
+                    .map_err(|e| e.context(path.display()))?;
+                for (dst, v) in init[slot.offset..slot.offset + slot.len()]
+                    .iter_mut()
+                    .zip(t.to_f64_vec())
+                {
                     *dst = v;
                 }
             }
@@ -513,8 +708,17 @@ pub fn eval(args: &EvalArgs) -> Result<EvalResult> {
             }
         }
     }
-    let slab = Slab::new(&be, &init);
-    let m = evaluate(&be, &enc, &slab.params, &p.task, &p.dev_enc, &p.dev, p.pad_id, args.batch)?;
+    let slab = Slab::new(be, &init);
+    let m = evaluate(
+        be,
+        &enc,
+        &slab.params,
+        &p.task,
+        &p.dev_enc,
+        &p.dev,
+        p.pad_id,
+        args.batch,
+    )?;
     Ok(EvalResult {
         metric_name: m.name,
         metric: m.value,

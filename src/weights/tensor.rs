@@ -52,16 +52,39 @@ pub struct TensorView {
 
 impl fmt::Debug for TensorView {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} {}{:?} in {}", self.name, self.dtype, self.shape, self.file.display())
+        write!(
+            f,
+            "{} {}{:?} in {}",
+            self.name,
+            self.dtype,
+            self.shape,
+            self.file.display()
+        )
     }
 }
 
 impl TensorView {
     /// A view of `data[start..end]`. The caller has checked that the range
     /// lies inside `data` and that its length is `numel(shape) · dtype.size()`.
-    pub fn new(name: String, file: Arc<PathBuf>, dtype: DType, shape: Vec<usize>, data: Bytes, start: usize, end: usize) -> Self {
+    pub fn new(
+        name: String,
+        file: Arc<PathBuf>,
+        dtype: DType,
+        shape: Vec<usize>,
+        data: Bytes,
+        start: usize,
+        end: usize,
+    ) -> Self {
         debug_assert!(end <= (*data).as_ref().len() && start <= end);
-        TensorView { name, file, dtype, shape, data, start, end }
+        TensorView {
+            name,
+            file,
+            dtype,
+            shape,
+            data,
+            start,
+            end,
+        }
     }
 
     /// A tensor held in an owned buffer of f32 values (for decoded formats
@@ -69,7 +92,15 @@ impl TensorView {
     pub fn from_f32(name: &str, shape: Vec<usize>, values: &[f32]) -> Self {
         let bytes: Vec<u8> = bytemuck::cast_slice(values).to_vec();
         let n = bytes.len();
-        TensorView::new(name.to_string(), Arc::new(PathBuf::from("<memory>")), DType::F32, shape, Arc::new(bytes), 0, n)
+        TensorView::new(
+            name.to_string(),
+            Arc::new(PathBuf::from("<memory>")),
+            DType::F32,
+            shape,
+            Arc::new(bytes),
+            0,
+            n,
+        )
     }
 
     /// The raw little-endian bytes.

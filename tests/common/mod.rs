@@ -57,7 +57,6 @@ pub fn tiny_tokenizer_json(padding: bool) -> String {
     )
 }
 
-
 /// Architecture of a tiny random model.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum TinyArch {
@@ -68,7 +67,13 @@ pub enum TinyArch {
 pub const TINY_VOCAB: usize = 13;
 
 /// config.json of a tiny random model.
-pub fn tiny_config(arch: TinyArch, hidden: usize, layers: usize, heads: usize, ff: usize) -> serde_json::Value {
+pub fn tiny_config(
+    arch: TinyArch,
+    hidden: usize,
+    layers: usize,
+    heads: usize,
+    ff: usize,
+) -> serde_json::Value {
     match arch {
         TinyArch::Bert => json!({
             "model_type": "bert", "vocab_size": TINY_VOCAB, "hidden_size": hidden, "num_hidden_layers": layers,
@@ -105,9 +110,24 @@ pub fn write_tiny_model(dir: &Path, arch: TinyArch, seed: u64, head: Option<usiz
     };
     let max_pos = cfg["max_position_embeddings"].as_u64().unwrap() as usize;
     let types = cfg["type_vocab_size"].as_u64().unwrap() as usize;
-    rand(format!("{p}embeddings.word_embeddings.weight"), vec![TINY_VOCAB, d], 0.0, 0.5);
-    rand(format!("{p}embeddings.position_embeddings.weight"), vec![max_pos, d], 0.0, 0.3);
-    rand(format!("{p}embeddings.token_type_embeddings.weight"), vec![types, d], 0.0, 0.3);
+    rand(
+        format!("{p}embeddings.word_embeddings.weight"),
+        vec![TINY_VOCAB, d],
+        0.0,
+        0.5,
+    );
+    rand(
+        format!("{p}embeddings.position_embeddings.weight"),
+        vec![max_pos, d],
+        0.0,
+        0.3,
+    );
+    rand(
+        format!("{p}embeddings.token_type_embeddings.weight"),
+        vec![types, d],
+        0.0,
+        0.3,
+    );
     rand(format!("{p}embeddings.LayerNorm.weight"), vec![d], 1.0, 0.1);
     rand(format!("{p}embeddings.LayerNorm.bias"), vec![d], 0.0, 0.1);
     for l in 0..layers {

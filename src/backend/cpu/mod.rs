@@ -12,7 +12,7 @@ use std::marker::PhantomData;
 
 use rayon::prelude::*;
 
-use super::{dropout_keep, Act, AdamW, AttnDims, Backend, Dropout, PoolKind};
+use super::{dropout_keep, Act, AdamW, AttnDims, Backend, CandidateIndex, Dropout, PoolKind};
 use crate::error::Result;
 use crate::float::Float;
 use crate::weights::{DType, TensorView};
@@ -48,7 +48,8 @@ impl<T: Float> CpuBuf<T> {
                 if TypeId::of::<T>() == TypeId::of::<f32>() {
                     if let Some(s) = t.as_f32_slice() {
                         // SAFETY: T is f32 (checked through TypeId above).
-                        let s = unsafe { std::slice::from_raw_parts(s.as_ptr() as *const T, s.len()) };
+                        let s =
+                            unsafe { std::slice::from_raw_parts(s.as_ptr() as *const T, s.len()) };
                         return Cow::Borrowed(s);
                     }
                 }
@@ -87,7 +88,9 @@ impl<T: Float> CpuBuf<T> {
     pub fn slice_mut(&mut self) -> &mut [T] {
         match self {
             CpuBuf::Owned(v) => v,
-            CpuBuf::Mapped(t) => panic!("internal error: frozen weight {} used as an output", t.name),
+            CpuBuf::Mapped(t) => {
+                panic!("internal error: frozen weight {} used as an output", t.name)
+            }
         }
     }
 
@@ -182,13 +185,13 @@ pub fn act_grad<T: Float>(act: Act, x: T) -> T {
 /// Whether query `i` may attend to key `j` of sequence `b`.
 #[inline]
 fn visible<T: Float>(mask: &[T], dims: &AttnDims, b: usize, i: usize, j: usize) -> bool {
-    mask[b * dims.seq + j] > T::zero() && (!dims.causal || j <= i)
+    mask[b * dims.kv_seq + j] > T::zero() && (!dims.causal || j <= dims.q_start + i)
 }
 
 /// Dropout index of score (b, h, i, j), shared by every backend.
 #[inline]
 pub fn attn_dropout_index(dims: &AttnDims, b: usize, h: usize, i: usize, j: usize) -> u32 {
-    ((((b * dims.heads + h) * dims.seq + i) * dims.seq) + j) as u32
+    ((((b * dims.heads + h) * dims.seq + i) * dims.kv_seq) + j) as u32
 }
 
 impl<T: Float> Backend for CpuBackend<T> {
@@ -197,7 +200,11 @@ impl<T: Float> Backend for CpuBackend<T> {
     type Ids = Vec<u32>;
 
     fn name(&self) -> String {
-        format!("cpu ({}-bit, {} threads)", T::BYTES * 8, rayon::current_num_threads())
+        format!(
+            "cpu ({}-bit, {} threads)",
+            T::BYTES * 8,
+            rayon::current_num_threads()
+        )
     }
 
     fn zeros(&self, n: usize) -> CpuBuf<T> {
@@ -221,7 +228,9 @@ impl<T: Float> Backend for CpuBackend<T> {
             // Read in place from the memory map; f16/bf16 convert on use.
             Ok(CpuBuf::Mapped(t.clone()))
         } else {
-            Ok(CpuBuf::Owned(t.to_f64_vec().into_iter().map(T::from_f64).collect()))
+            Ok(CpuBuf::Owned(
+                t.to_f64_vec().into_iter().map(T::from_f64).collect(),
+            ))
         }
     }
 
@@ -253,7 +262,10 @@ impl<T: Float> Backend for CpuBackend<T> {
         let a = a.values();
         let b = b.values();
         let c = c.slice_mut();
-        assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n, "matmul shapes");
+        assert!(
+            a.len() >= m * k && b.len() >= k * n && c.len() >= m * n,
+            "matmul shapes"
+        );
         let c = &mut c[..m * n];
         if k == 0 {
             if !accumulate {
@@ -262,8 +274,16 @@ impl<T: Float> Backend for CpuBackend<T> {
             return;
         }
         // Strides of op(a) (m×k) and op(b) (k×n) in row-major storage.
-        let (rsa, csa) = if ta { (1isize, m as isize) } else { (k as isize, 1isize) };
-        let (rsb, csb) = if tb { (1isize, k as isize) } else { (n as isize, 1isize) };
+        let (rsa, csa) = if ta {
+            (1isize, m as isize)
+        } else {
+            (k as isize, 1isize)
+        };
+        let (rsb, csb) = if tb {
+            (1isize, k as isize)
+        } else {
+            (n as isize, 1isize)
+        };
         let beta = if accumulate { T::one() } else { T::zero() };
         // Split the rows of c into blocks, one GEMM per block (deterministic:
         // each element's k-sum is the same whatever the split).
@@ -271,19 +291,43 @@ impl<T: Float> Backend for CpuBackend<T> {
         let rows_per = m.div_ceil(threads).max(32);
         let a_ptr = a.as_ptr() as usize;
         let b_ptr = b.as_ptr() as usize;
-        c.par_chunks_mut(rows_per * n).enumerate().for_each(|(blk, cb)| {
-            let r0 = blk * rows_per;
-            let rows = cb.len() / n;
-            // SAFETY: the slices outlive the call; each block writes only its
-            // own rows of c, and a/b are read-only.
-            unsafe {
-                let ap = (a_ptr as *const T).offset(r0 as isize * rsa);
-                T::gemm(rows, k, n, T::one(), ap, rsa, csa, b_ptr as *const T, rsb, csb, beta, cb.as_mut_ptr(), n as isize, 1);
-            }
-        });
+        c.par_chunks_mut(rows_per * n)
+            .enumerate()
+            .for_each(|(blk, cb)| {
+                let r0 = blk * rows_per;
+                let rows = cb.len() / n;
+                // SAFETY: the slices outlive the call; each block writes only its
+                // own rows of c, and a/b are read-only.
+                unsafe {
+                    let ap = (a_ptr as *const T).offset(r0 as isize * rsa);
+                    T::gemm(
+                        rows,
+                        k,
+                        n,
+                        T::one(),
+                        ap,
+                        rsa,
+                        csa,
+                        b_ptr as *const T,
+                        rsb,
+                        csb,
+                        beta,
+                        cb.as_mut_ptr(),
+                        n as isize,
+                        1,
+                    );
+                }
+            });
     }
 
-    fn bias_add(&self, y: &mut CpuBuf<T>, bias: &CpuBuf<T>, bias_off: usize, rows: usize, cols: usize) {
+    fn bias_add(
+        &self,
+        y: &mut CpuBuf<T>,
+        bias: &CpuBuf<T>,
+        bias_off: usize,
+        rows: usize,
+        cols: usize,
+    ) {
         let mut b = vec![T::zero(); cols];
         bias.read_into(bias_off, &mut b);
         let y = y.slice_mut();
@@ -294,7 +338,14 @@ impl<T: Float> Backend for CpuBackend<T> {
         }
     }
 
-    fn bias_grad(&self, db: &mut CpuBuf<T>, db_off: usize, dy: &CpuBuf<T>, rows: usize, cols: usize) {
+    fn bias_grad(
+        &self,
+        db: &mut CpuBuf<T>,
+        db_off: usize,
+        dy: &CpuBuf<T>,
+        rows: usize,
+        cols: usize,
+    ) {
         let dy = dy.values();
         let db = &mut db.slice_mut()[db_off..db_off + cols];
         // Accumulate in f64 for an accurate oracle regardless of T.
@@ -324,12 +375,18 @@ impl<T: Float> Backend for CpuBackend<T> {
     }
 
     fn sum_sq(&self, y: &CpuBuf<T>, n: usize) -> f64 {
-        y.values()[..n].iter().map(|v| v.to_f64() * v.to_f64()).sum()
+        y.values()[..n]
+            .iter()
+            .map(|v| v.to_f64() * v.to_f64())
+            .sum()
     }
 
     fn act_fwd(&self, act: Act, y: &mut CpuBuf<T>, x: &CpuBuf<T>, n: usize) {
         let x = x.values();
-        y.slice_mut()[..n].par_iter_mut().zip(&x[..n]).for_each(|(o, v)| *o = act_value(act, *v));
+        y.slice_mut()[..n]
+            .par_iter_mut()
+            .zip(&x[..n])
+            .for_each(|(o, v)| *o = act_value(act, *v));
     }
 
     fn act_bwd(&self, act: Act, dx: &mut CpuBuf<T>, x: &CpuBuf<T>, dy: &CpuBuf<T>, n: usize) {
@@ -347,7 +404,11 @@ impl<T: Float> Backend for CpuBackend<T> {
         }
         let s = T::from_f64(1.0 / (1.0 - p as f64));
         for (i, v) in y.slice_mut()[..n].iter_mut().enumerate() {
-            *v = if dropout_keep(seed, i as u32, p) { *v * s } else { T::zero() };
+            *v = if dropout_keep(seed, i as u32, p) {
+                *v * s
+            } else {
+                T::zero()
+            };
         }
     }
 
@@ -428,7 +489,14 @@ impl<T: Float> Backend for CpuBackend<T> {
         dropout: Option<Dropout>,
     ) {
         let (q, k, v, mask) = (q.values(), k.values(), v.values(), mask.values());
-        let AttnDims { seq: t, heads: nh, kv_heads: nkv, head_dim: dh, .. } = dims;
+        let AttnDims {
+            seq: t,
+            kv_seq: tk,
+            heads: nh,
+            kv_heads: nkv,
+            head_dim: dh,
+            ..
+        } = dims;
         let group = nh / nkv;
         let scale = T::from_f64(dims.scale);
         let (qs, ks) = (nh * dh, nkv * dh); // row strides of q/out and k/v
@@ -439,15 +507,15 @@ impl<T: Float> Backend for CpuBackend<T> {
             .zip(lse[..dims.batch * nh * t].par_chunks_mut(nh * t))
             .enumerate()
             .for_each(|(b, (ob, lb))| {
-                let mut s = vec![T::zero(); t];
+                let mut s = vec![T::zero(); tk];
                 for h in 0..nh {
                     let kh = h / group;
                     for i in 0..t {
                         let qi = &q[(b * t + i) * qs + h * dh..][..dh];
                         let mut mx = T::neg_infinity();
-                        for j in 0..t {
+                        for j in 0..tk {
                             if visible(&mask, &dims, b, i, j) {
-                                let kj = &k[(b * t + j) * ks + kh * dh..][..dh];
+                                let kj = &k[(b * tk + j) * ks + kh * dh..][..dh];
                                 let d: T = qi.iter().zip(kj).map(|(a, c)| *a * *c).sum();
                                 s[j] = d * scale;
                                 mx = mx.max(s[j]);
@@ -462,26 +530,30 @@ impl<T: Float> Backend for CpuBackend<T> {
                             continue;
                         }
                         let mut sum = T::zero();
-                        for j in 0..t {
+                        for j in 0..tk {
                             if visible(&mask, &dims, b, i, j) {
                                 sum += (s[j] - mx).exp();
                             }
                         }
                         let l = mx + sum.ln();
                         lb[h * t + i] = l;
-                        for j in 0..t {
+                        for j in 0..tk {
                             if !visible(&mask, &dims, b, i, j) {
                                 continue;
                             }
                             let mut p = (s[j] - l).exp();
                             if let Some(dr) = dropout {
-                                p = if dropout_keep(dr.seed, attn_dropout_index(&dims, b, h, i, j), dr.p) {
+                                p = if dropout_keep(
+                                    dr.seed,
+                                    attn_dropout_index(&dims, b, h, i, j),
+                                    dr.p,
+                                ) {
                                     p / T::from_f64(1.0 - dr.p as f64)
                                 } else {
                                     T::zero()
                                 };
                             }
-                            let vj = &v[(b * t + j) * ks + kh * dh..][..dh];
+                            let vj = &v[(b * tk + j) * ks + kh * dh..][..dh];
                             for (oo, vv) in o.iter_mut().zip(vj) {
                                 *oo += p * *vv;
                             }
@@ -506,8 +578,26 @@ impl<T: Float> Backend for CpuBackend<T> {
         dims: AttnDims,
         dropout: Option<Dropout>,
     ) {
-        let (dout, q, k, v, out, lse, mask) = (dout.values(), q.values(), k.values(), v.values(), out.values(), lse.values(), mask.values());
-        let AttnDims { seq: t, heads: nh, kv_heads: nkv, head_dim: dh, .. } = dims;
+        let (dout, q, k, v, out, lse, mask) = (
+            dout.values(),
+            q.values(),
+            k.values(),
+            v.values(),
+            out.values(),
+            lse.values(),
+            mask.values(),
+        );
+        let AttnDims {
+            seq: t,
+            heads: nh,
+            kv_heads: nkv,
+            head_dim: dh,
+            ..
+        } = dims;
+        assert!(
+            dims.kv_seq == t && dims.q_start == 0,
+            "attention_bwd: training shape only"
+        );
         let group = nh / nkv;
         let scale = T::from_f64(dims.scale);
         let (qs, ks) = (nh * dh, nkv * dh);
@@ -533,7 +623,11 @@ impl<T: Float> Backend for CpuBackend<T> {
                         let qi = &q[row..row + dh];
                         let doi = &dout[row..row + dh];
                         // D_i = dO_i · O_i  (= Σ_j P_ij dP_ij, also with dropout)
-                        let di: T = doi.iter().zip(&out[row..row + dh]).map(|(a, c)| *a * *c).sum();
+                        let di: T = doi
+                            .iter()
+                            .zip(&out[row..row + dh])
+                            .map(|(a, c)| *a * *c)
+                            .sum();
                         for j in 0..t {
                             if !visible(&mask, &dims, b, i, j) {
                                 continue;
@@ -544,7 +638,11 @@ impl<T: Float> Backend for CpuBackend<T> {
                             let p = (s - l).exp();
                             let w = match dropout {
                                 Some(dr) => {
-                                    if dropout_keep(dr.seed, attn_dropout_index(&dims, b, h, i, j), dr.p) {
+                                    if dropout_keep(
+                                        dr.seed,
+                                        attn_dropout_index(&dims, b, h, i, j),
+                                        dr.p,
+                                    ) {
                                         T::one() / T::from_f64(1.0 - dr.p as f64)
                                     } else {
                                         T::zero()
@@ -575,7 +673,201 @@ impl<T: Float> Backend for CpuBackend<T> {
             });
     }
 
-    fn embedding_fwd(&self, out: &mut CpuBuf<T>, table: &CpuBuf<T>, ids: &Vec<u32>, rows: usize, dim: usize, accumulate: bool) {
+    fn rmsnorm_fwd(
+        &self,
+        y: &mut CpuBuf<T>,
+        xhat: &mut CpuBuf<T>,
+        rstd: &mut CpuBuf<T>,
+        x: &CpuBuf<T>,
+        gamma: &CpuBuf<T>,
+        rows: usize,
+        cols: usize,
+        eps: f64,
+    ) {
+        let (x, g) = (x.values(), gamma.values());
+        let (y, xh, rs) = (y.slice_mut(), xhat.slice_mut(), rstd.slice_mut());
+        for r in 0..rows {
+            let xr = &x[r * cols..(r + 1) * cols];
+            let ms = xr.iter().map(|v| v.to_f64() * v.to_f64()).sum::<f64>() / cols as f64;
+            let s = 1.0 / (ms + eps).sqrt();
+            rs[r] = T::from_f64(s);
+            for c in 0..cols {
+                let h = T::from_f64(xr[c].to_f64() * s);
+                xh[r * cols + c] = h;
+                y[r * cols + c] = h * g[c];
+            }
+        }
+    }
+
+    fn rmsnorm_bwd(
+        &self,
+        dx: &mut CpuBuf<T>,
+        dy: &CpuBuf<T>,
+        xhat: &CpuBuf<T>,
+        rstd: &CpuBuf<T>,
+        gamma: &CpuBuf<T>,
+        rows: usize,
+        cols: usize,
+    ) {
+        let (dy, xh, rs, g) = (dy.values(), xhat.values(), rstd.values(), gamma.values());
+        let dx = dx.slice_mut();
+        for r in 0..rows {
+            let o = r * cols;
+            // dx = rstd · (g − x̂ · mean(g ⊙ x̂)), g = dy ⊙ γ
+            let mean_gx = (0..cols)
+                .map(|c| dy[o + c].to_f64() * g[c].to_f64() * xh[o + c].to_f64())
+                .sum::<f64>()
+                / cols as f64;
+            let s = rs[r].to_f64();
+            for c in 0..cols {
+                let gg = dy[o + c].to_f64() * g[c].to_f64();
+                dx[o + c] = T::from_f64(s * (gg - xh[o + c].to_f64() * mean_gx));
+            }
+        }
+    }
+
+    fn rope(
+        &self,
+        x: &mut CpuBuf<T>,
+        positions: &Vec<u32>,
+        rows: usize,
+        heads: usize,
+        head_dim: usize,
+        theta: f64,
+        inverse: bool,
+    ) {
+        let x = x.slice_mut();
+        let half = head_dim / 2;
+        let sign = if inverse { -1.0 } else { 1.0 };
+        for r in 0..rows {
+            let pos = positions[r] as f64;
+            for i in 0..half {
+                let inv_freq = theta.powf(-2.0 * i as f64 / head_dim as f64);
+                let ang = pos * inv_freq;
+                let (sn, cs) = (sign * ang.sin(), ang.cos());
+                for h in 0..heads {
+                    let base = (r * heads + h) * head_dim;
+                    let (x1, x2) = (x[base + i].to_f64(), x[base + i + half].to_f64());
+                    x[base + i] = T::from_f64(x1 * cs - x2 * sn);
+                    x[base + i + half] = T::from_f64(x2 * cs + x1 * sn);
+                }
+            }
+        }
+    }
+
+    fn swiglu_fwd(&self, h: &mut CpuBuf<T>, gate: &CpuBuf<T>, up: &CpuBuf<T>, n: usize) {
+        let (g, u) = (gate.values(), up.values());
+        for (o, (a, b)) in h.slice_mut()[..n].iter_mut().zip(g.iter().zip(u.iter())) {
+            *o = act_value(Act::Silu, *a) * *b;
+        }
+    }
+
+    fn swiglu_bwd(
+        &self,
+        dgate: &mut CpuBuf<T>,
+        dup: &mut CpuBuf<T>,
+        dh: &CpuBuf<T>,
+        gate: &CpuBuf<T>,
+        up: &CpuBuf<T>,
+        n: usize,
+    ) {
+        let (dh, g, u) = (dh.values(), gate.values(), up.values());
+        let (dg, du) = (dgate.slice_mut(), dup.slice_mut());
+        for i in 0..n {
+            dg[i] = dh[i] * u[i] * act_grad(Act::Silu, g[i]);
+            du[i] = dh[i] * act_value(Act::Silu, g[i]);
+        }
+    }
+
+    fn scatter_add_rows(
+        &self,
+        dx: &mut CpuBuf<T>,
+        dy: &CpuBuf<T>,
+        idx: &Vec<u32>,
+        rows: usize,
+        cols: usize,
+    ) {
+        let dy = dy.values();
+        let dx = dx.slice_mut();
+        for r in 0..rows {
+            let dst = idx[r] as usize * cols;
+            for c in 0..cols {
+                dx[dst + c] += dy[r * cols + c];
+            }
+        }
+    }
+
+    fn scale_rows(&self, y: &mut CpuBuf<T>, w: &CpuBuf<T>, rows: usize, cols: usize) {
+        let w = w.values();
+        let y = y.slice_mut();
+        for r in 0..rows {
+            for v in &mut y[r * cols..(r + 1) * cols] {
+                *v *= w[r];
+            }
+        }
+    }
+
+    fn candidate_loss(
+        &self,
+        ex_loss: &mut CpuBuf<T>,
+        scores: &mut CpuBuf<T>,
+        row_w: &mut CpuBuf<T>,
+        tok_loss: &CpuBuf<T>,
+        idx: &CandidateIndex<'_, Vec<u32>>,
+        grad_scale: f64,
+    ) {
+        let tl = tok_loss.values();
+        let (nc, ne) = (idx.cands, idx.examples);
+        let mut sum = vec![0f64; nc];
+        let mut len = vec![0usize; nc];
+        for r in 0..idx.rows {
+            let c = idx.tok_cand[r] as usize;
+            sum[c] += tl[r].to_f64();
+            len[c] += 1;
+        }
+        // s_c = −mean token loss (the length-normalised log-likelihood).
+        let s: Vec<f64> = (0..nc).map(|c| -sum[c] / len[c].max(1) as f64).collect();
+        let mut mx = vec![f64::NEG_INFINITY; ne];
+        for c in 0..nc {
+            let e = idx.cand_ex[c] as usize;
+            mx[e] = mx[e].max(s[c]);
+        }
+        let mut z = vec![0f64; ne];
+        for c in 0..nc {
+            z[idx.cand_ex[c] as usize] += (s[c] - mx[idx.cand_ex[c] as usize]).exp();
+        }
+        let el = ex_loss.slice_mut();
+        for e in 0..ne {
+            let g = idx.gold[e] as usize;
+            el[e] = T::from_f64(mx[e] + z[e].ln() - s[g]);
+        }
+        // dL/ds_c = softmax_c − [c = gold];  ds_c/d tok_loss_r = −1/len_c.
+        let mut dsc = vec![0f64; nc];
+        for c in 0..nc {
+            let e = idx.cand_ex[c] as usize;
+            let p = (s[c] - mx[e]).exp() / z[e];
+            dsc[c] = p - if idx.gold[e] as usize == c { 1.0 } else { 0.0 };
+        }
+        let sc = scores.slice_mut();
+        for c in 0..nc {
+            sc[c] = T::from_f64(s[c]);
+        }
+        let w = row_w.slice_mut();
+        for r in 0..idx.rows {
+            let c = idx.tok_cand[r] as usize;
+            w[r] = T::from_f64(-grad_scale * dsc[c] / len[c].max(1) as f64);
+        }
+    }
+
+    fn embedding_fwd(
+        &self,
+        out: &mut CpuBuf<T>,
+        table: &CpuBuf<T>,
+        ids: &Vec<u32>,
+        rows: usize,
+        dim: usize,
+        accumulate: bool,
+    ) {
         let o = out.slice_mut();
         let mut row = vec![T::zero(); dim];
         for r in 0..rows {
@@ -591,7 +883,16 @@ impl<T: Float> Backend for CpuBackend<T> {
         }
     }
 
-    fn pool_fwd(&self, kind: PoolKind, out: &mut CpuBuf<T>, h: &CpuBuf<T>, mask: &CpuBuf<T>, b: usize, t: usize, d: usize) {
+    fn pool_fwd(
+        &self,
+        kind: PoolKind,
+        out: &mut CpuBuf<T>,
+        h: &CpuBuf<T>,
+        mask: &CpuBuf<T>,
+        b: usize,
+        t: usize,
+        d: usize,
+    ) {
         let (h, mask) = (h.values(), mask.values());
         let o = out.slice_mut();
         for bi in 0..b {
@@ -617,7 +918,16 @@ impl<T: Float> Backend for CpuBackend<T> {
         }
     }
 
-    fn pool_bwd(&self, kind: PoolKind, dh: &mut CpuBuf<T>, dout: &CpuBuf<T>, mask: &CpuBuf<T>, b: usize, t: usize, d: usize) {
+    fn pool_bwd(
+        &self,
+        kind: PoolKind,
+        dh: &mut CpuBuf<T>,
+        dout: &CpuBuf<T>,
+        mask: &CpuBuf<T>,
+        b: usize,
+        t: usize,
+        d: usize,
+    ) {
         let (dout, mask) = (dout.values(), mask.values());
         let g = dh.slice_mut();
         g[..b * t * d].fill(T::zero());
@@ -626,7 +936,11 @@ impl<T: Float> Backend for CpuBackend<T> {
             match kind {
                 PoolKind::Cls => g[bi * t * d..bi * t * d + d].copy_from_slice(src),
                 PoolKind::Mean => {
-                    let cnt: T = mask[bi * t..(bi + 1) * t].iter().copied().sum::<T>().max(T::from_f64(1e-9));
+                    let cnt: T = mask[bi * t..(bi + 1) * t]
+                        .iter()
+                        .copied()
+                        .sum::<T>()
+                        .max(T::from_f64(1e-9));
                     for ti in 0..t {
                         let w = mask[bi * t + ti] / cnt;
                         for (a, x) in g[(bi * t + ti) * d..][..d].iter_mut().zip(src) {
@@ -665,7 +979,15 @@ impl<T: Float> Backend for CpuBackend<T> {
         }
     }
 
-    fn mse(&self, losses: &mut CpuBuf<T>, dx: &mut CpuBuf<T>, x: &CpuBuf<T>, target: &CpuBuf<T>, rows: usize, grad_scale: f64) {
+    fn mse(
+        &self,
+        losses: &mut CpuBuf<T>,
+        dx: &mut CpuBuf<T>,
+        x: &CpuBuf<T>,
+        target: &CpuBuf<T>,
+        rows: usize,
+        grad_scale: f64,
+    ) {
         let (x, y) = (x.values(), target.values());
         let (l, d) = (losses.slice_mut(), dx.slice_mut());
         for r in 0..rows {
@@ -675,7 +997,15 @@ impl<T: Float> Backend for CpuBackend<T> {
         }
     }
 
-    fn adamw(&self, params: &mut CpuBuf<T>, grads: &CpuBuf<T>, m: &mut CpuBuf<T>, v: &mut CpuBuf<T>, n: usize, h: AdamW) {
+    fn adamw(
+        &self,
+        params: &mut CpuBuf<T>,
+        grads: &CpuBuf<T>,
+        m: &mut CpuBuf<T>,
+        v: &mut CpuBuf<T>,
+        n: usize,
+        h: AdamW,
+    ) {
         let g = grads.values();
         let (p, m, v) = (params.slice_mut(), m.slice_mut(), v.slice_mut());
         // PyTorch's AdamW: decoupled decay, bias-corrected moments.
