@@ -262,7 +262,7 @@ fn naive_attention(q: &[f64], k: &[f64], vv: &[f64], mask: &[f64], c: &AttnCase)
 #[test]
 fn attention_forward_and_backward_match_references() {
     let be = Be::new();
-    let cases = vec![
+    let cases = [
         AttnCase {
             b: 2,
             t: 5,
