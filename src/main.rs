@@ -28,6 +28,37 @@ enum Cmd {
     Train(TrainCli),
     /// Evaluate a base model plus trained biases on the dev split.
     Eval(EvalCli),
+    /// Write trained biases as a Hugging Face PEFT adapter or a merged model.
+    Export(ExportCli),
+    /// Read a PEFT BEFT adapter back into a beft biases file.
+    ImportPeft(ImportPeftCli),
+}
+
+#[derive(Args)]
+struct ExportCli {
+    /// The base model the biases were trained on.
+    #[arg(long)]
+    model: PathBuf,
+    /// RUN_DIR/biases.safetensors.
+    #[arg(long)]
+    biases: PathBuf,
+    /// peft (a PEFT BEFT adapter directory) or merged (a full model with the biases folded in).
+    #[arg(long, default_value = "peft")]
+    format: String,
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Args)]
+struct ImportPeftCli {
+    /// The adapter directory (adapter_config.json + adapter_model.safetensors).
+    adapter: PathBuf,
+    /// The base model.
+    #[arg(long)]
+    model: PathBuf,
+    /// Where to write the biases file.
+    #[arg(long, default_value = "biases.safetensors")]
+    out: PathBuf,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -133,6 +164,10 @@ struct EvalCli {
     /// Print one JSON object on stdout.
     #[arg(long)]
     json: bool,
+    /// Also write the inputs and logits of the first dev batch to this JSON
+    /// file (for comparisons with other frameworks).
+    #[arg(long)]
+    dump_logits: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -154,6 +189,10 @@ fn main() -> ExitCode {
     let res = match cli.cmd {
         Cmd::Train(t) => run_train(t),
         Cmd::Eval(e) => run_eval(e),
+        Cmd::Export(x) => beft::method::adapter::ExportFormat::parse(&x.format)
+            .and_then(|f| beft::method::adapter::export(&x.model, &x.biases, f, &x.out))
+            .map(|p| println!("wrote {}", p.display())),
+        Cmd::ImportPeft(x) => beft::method::adapter::import_peft(&x.adapter, &x.model, &x.out).map(|p| println!("wrote {}", p.display())),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
@@ -228,6 +267,7 @@ fn run_eval(e: EvalCli) -> beft::Result<()> {
         dev_size: e.dev_size,
         seed: e.seed,
         device: e.device,
+        dump_logits: e.dump_logits,
     };
     let r = run::eval(&args)?;
     if e.json {

@@ -132,6 +132,8 @@ pub struct Encoder<B: Backend> {
     pub init: Vec<f64>,
     /// Whether the head came from the checkpoint (vs freshly initialised).
     pub head_from_checkpoint: bool,
+    /// The checkpoint's tensor-name prefix (`""`, `"bert."`, `"roberta."`).
+    pub prefix: String,
     word: B::Buf,
     pos: B::Buf,
     tok_type: B::Buf,
@@ -334,6 +336,7 @@ impl<B: Backend> Encoder<B> {
             layout,
             init,
             head_from_checkpoint,
+            prefix: prefix.clone(),
             word,
             pos,
             tok_type,

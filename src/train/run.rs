@@ -597,6 +597,26 @@ fn bias_metadata<B: Backend>(
     m
 }
 
+/// Write the first evaluation batch (ids, type ids, mask, logits) as JSON.
+fn dump_first_batch<B: Backend>(be: &B, enc: &Encoder<B>, params: &B::Buf, encs: &[Encoding], examples: &[Example], pad_id: u32, batch: usize, path: &Path) -> Result<()> {
+    let n = encs.len().min(batch.max(1));
+    let refs: Vec<&Encoding> = encs[..n].iter().collect();
+    let labels: Vec<f32> = examples[..n].iter().map(|e| e.label).collect();
+    let hb = data::make_batch(&refs, &labels, pad_id);
+    let db = enc.upload_batch(be, &hb)?;
+    let logits: Vec<f64> = enc.logits(be, params, &db).iter().map(|x| crate::float::Float::to_f64(*x)).collect();
+    let c = enc.opts.num_labels;
+    let rows = |v: &[u32]| -> Vec<Vec<u32>> { v.chunks(hb.seq).map(|r| r.to_vec()).collect() };
+    let v = json!({
+        "input_ids": rows(&hb.ids),
+        "token_type_ids": rows(&hb.type_ids),
+        "attention_mask": hb.mask.chunks(hb.seq).map(|r| r.iter().map(|m| *m as u32).collect::<Vec<_>>()).collect::<Vec<_>>(),
+        "logits": logits.chunks(c).map(|r| r.to_vec()).collect::<Vec<_>>(),
+        "pooling": pooling_name(enc.opts.pooling),
+    });
+    write_json(path, &v)
+}
+
 /// Options of `beft eval`.
 #[derive(Clone, Debug)]
 pub struct EvalArgs {
@@ -610,6 +630,8 @@ pub struct EvalArgs {
     pub dev_size: Option<usize>,
     pub seed: u64,
     pub device: String,
+    /// Write the first dev batch's inputs and logits here (JSON).
+    pub dump_logits: Option<PathBuf>,
 }
 
 /// Result of `beft eval`.
@@ -719,6 +741,9 @@ pub fn eval_on<B: Backend>(be: &B, args: &EvalArgs) -> Result<EvalResult> {
         p.pad_id,
         args.batch,
     )?;
+    if let Some(path) = &args.dump_logits {
+        dump_first_batch(be, &enc, &slab.params, &p.dev_enc, &p.dev, p.pad_id, args.batch, path)?;
+    }
     Ok(EvalResult {
         metric_name: m.name,
         metric: m.value,
