@@ -1,9 +1,11 @@
 //! One bias-only training step (`--bias v`, head trainable) and one
 //! forward-only step of an all-MiniLM-L6-v2-shaped encoder (random weights)
-//! at batch 16 × 128 tokens on the CPU backend. Criterion reports tokens/s
-//! (2,048 tokens per step).
+//! at batch 16 × 128 tokens, on the fast CPU backend (`--device cpu`) and
+//! the reference (`--device cpu-ref`). Criterion reports tokens/s (2,048
+//! tokens per step).
 
 use beft::backend::cpu::CpuBackend;
+use beft::backend::fast::FastCpu;
 use beft::backend::{Backend, PoolKind};
 use beft::data::Batch;
 use beft::model::config::ModelDir;
@@ -18,10 +20,14 @@ fn bench_steps(c: &mut Criterion) {
     let shape = BertShape::MINILM_L6;
     write_random_bert(tmp.path(), shape, 0).unwrap();
     let md = ModelDir::open(tmp.path()).unwrap();
-    let be = CpuBackend::<f32>::new();
+    bench_backend(c, &md, &FastCpu::new(), "minilm_cpu_b16_t128");
+    bench_backend(c, &md, &CpuBackend::<f32>::new(), "minilm_cpu_ref_b16_t128");
+}
+
+fn bench_backend<B: Backend>(c: &mut Criterion, md: &ModelDir, be: &B, group: &str) {
     let enc = Encoder::load(
-        &be,
-        &md,
+        be,
+        md,
         EncoderOptions {
             pooling: PoolKind::Mean,
             num_labels: 2,
@@ -41,9 +47,9 @@ fn bench_steps(c: &mut Criterion) {
         labels: (0..b).map(|i| (i % 2) as f32).collect(),
         tokens: b * t,
     };
-    let db = enc.upload_batch(&be, &batch).unwrap();
-    let mut slab = Slab::new(&be, &enc.init);
-    let mut g = c.benchmark_group("minilm_cpu_b16_t128");
+    let db = enc.upload_batch(be, &batch).unwrap();
+    let mut slab = Slab::new(be, &enc.init);
+    let mut g = c.benchmark_group(group);
     g.sample_size(10);
     g.throughput(Throughput::Elements((b * t) as u64));
     let mut step = 0u64;
@@ -51,10 +57,10 @@ fn bench_steps(c: &mut Criterion) {
         bench.iter(|| {
             step += 1;
             be.fill(&mut slab.grads, 0.0);
-            let (loss, _) = enc.loss_and_grad(&be, &slab.params, &mut slab.grads, &db, Some(step));
-            slab.clip(&be, 1.0);
+            let (loss, _) = enc.loss_and_grad(be, &slab.params, &mut slab.grads, &db, Some(step));
+            slab.clip(be, 1.0);
             slab.step(
-                &be,
+                be,
                 beft::backend::AdamW {
                     lr: 1e-4,
                     beta1: 0.9,
@@ -68,7 +74,7 @@ fn bench_steps(c: &mut Criterion) {
         })
     });
     g.bench_function("forward_eval", |bench| {
-        bench.iter(|| enc.logits(&be, &slab.params, &db))
+        bench.iter(|| enc.logits(be, &slab.params, &db))
     });
     g.finish();
 }

@@ -1,0 +1,327 @@
+//! Fused softmax attention for the fast CPU backend.
+//!
+//! One task per (sequence, head) and block of at most [`QB`] queries: the
+//! scores of that block (`QB × kv_seq`) are the only ones ever held, built
+//! with one small GEMM (`Q_blk·Kᵀ`), turned into probabilities in place by
+//! a vectorised softmax, and consumed by a second GEMM (`P·V`). The backward
+//! pass recomputes them from the saved log-sum-exp (flash-style) and runs
+//! four GEMMs per block: `dV += P̃ᵀ·dO`, `dP = dO·Vᵀ`, `dQ = dS·K`,
+//! `dK += dSᵀ·Q`.
+
+use std::cell::RefCell;
+
+use rayon::prelude::*;
+
+use super::kernels;
+use super::sgemm;
+use crate::backend::cpu::attn_dropout_index;
+use crate::backend::{AttnDims, Dropout};
+
+/// Queries per block.
+pub const QB: usize = 64;
+
+thread_local! {
+    static SCRATCH: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+#[derive(Clone, Copy)]
+struct P(*mut f32);
+unsafe impl Send for P {}
+unsafe impl Sync for P {}
+
+#[derive(Clone, Copy)]
+struct C(*const f32);
+unsafe impl Send for C {}
+unsafe impl Sync for C {}
+
+fn lim(dims: &AttnDims, i: usize) -> usize {
+    if dims.causal {
+        dims.q_start + i
+    } else {
+        usize::MAX
+    }
+}
+
+/// Forward: `out` `[b, seq, heads, dh]`, `lse` `[b, heads, seq]`.
+#[allow(clippy::too_many_arguments)]
+pub fn forward(
+    out: &mut [f32],
+    lse: &mut [f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    mask: &[f32],
+    dims: AttnDims,
+    dropout: Option<Dropout>,
+) {
+    let AttnDims {
+        batch: nb,
+        seq: t,
+        kv_seq: tk,
+        heads: nh,
+        kv_heads: nkv,
+        head_dim: dh,
+        ..
+    } = dims;
+    let group = nh / nkv;
+    let (qs, ks) = (nh * dh, nkv * dh);
+    assert!(
+        q.len() >= nb * t * qs
+            && out.len() >= nb * t * qs
+            && k.len() >= nb * tk * ks
+            && v.len() >= nb * tk * ks
+            && lse.len() >= nb * nh * t
+            && mask.len() >= nb * tk,
+        "attention_fwd shapes"
+    );
+    let scale = dims.scale as f32;
+    let nblk = t.div_ceil(QB);
+    let (op, lp) = (P(out.as_mut_ptr()), P(lse.as_mut_ptr()));
+    let (qp, kp, vp) = (C(q.as_ptr()), C(k.as_ptr()), C(v.as_ptr()));
+    (0..nb * nh * nblk).into_par_iter().for_each(|task| {
+        let (op, lp, qp, kp, vp) = (op, lp, qp, kp, vp);
+        let blk = task % nblk;
+        let h = (task / nblk) % nh;
+        let b = task / (nblk * nh);
+        let kh = h / group;
+        let i0 = blk * QB;
+        let mq = QB.min(t - i0);
+        let mrow = &mask[b * tk..(b + 1) * tk];
+        SCRATCH.with(|sc| {
+            let mut sc = sc.borrow_mut();
+            let s = &mut sc.0;
+            s.clear();
+            s.resize(mq * tk, 0.0);
+            // SAFETY: all pointers are in bounds (asserted above); this task
+            // writes only rows i0..i0+mq, columns h·dh..(h+1)·dh of out and
+            // its own lse entries.
+            unsafe {
+                sgemm(
+                    mq,
+                    tk,
+                    dh,
+                    s.as_mut_ptr(),
+                    tk as isize,
+                    false,
+                    qp.0.add((b * t + i0) * qs + h * dh),
+                    qs as isize,
+                    1,
+                    kp.0.add(b * tk * ks + kh * dh),
+                    1,
+                    ks as isize,
+                    scale,
+                );
+            }
+            for r in 0..mq {
+                let i = i0 + r;
+                let row = &mut s[r * tk..(r + 1) * tk];
+                let l = kernels::softmax_row(row, mrow, lim(&dims, i));
+                if let Some(dr) = dropout {
+                    if l != f32::NEG_INFINITY {
+                        let first = attn_dropout_index(&dims, b, h, i, 0);
+                        kernels::attn_drop_row(row, dr.seed, first, dr.p);
+                    }
+                }
+                unsafe { *lp.0.add((b * nh + h) * t + i) = l };
+            }
+            unsafe {
+                sgemm(
+                    mq,
+                    dh,
+                    tk,
+                    op.0.add((b * t + i0) * qs + h * dh),
+                    qs as isize,
+                    false,
+                    s.as_ptr(),
+                    tk as isize,
+                    1,
+                    vp.0.add(b * tk * ks + kh * dh),
+                    ks as isize,
+                    1,
+                    1.0,
+                );
+            }
+        });
+    });
+}
+
+/// Backward (training shape: `kv_seq == seq`, `q_start == 0`); overwrites
+/// dq, dk, dv.
+#[allow(clippy::too_many_arguments)]
+pub fn backward(
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+    dout: &[f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    out: &[f32],
+    lse: &[f32],
+    mask: &[f32],
+    dims: AttnDims,
+    dropout: Option<Dropout>,
+) {
+    let AttnDims {
+        batch: nb,
+        seq: t,
+        heads: nh,
+        kv_heads: nkv,
+        head_dim: dh,
+        ..
+    } = dims;
+    assert!(
+        dims.kv_seq == t && dims.q_start == 0,
+        "attention_bwd: training shape only"
+    );
+    let group = nh / nkv;
+    let (qs, ks) = (nh * dh, nkv * dh);
+    assert!(
+        q.len() >= nb * t * qs
+            && dq.len() >= nb * t * qs
+            && dout.len() >= nb * t * qs
+            && out.len() >= nb * t * qs
+            && k.len() >= nb * t * ks
+            && v.len() >= nb * t * ks
+            && dk.len() >= nb * t * ks
+            && dv.len() >= nb * t * ks
+            && lse.len() >= nb * nh * t
+            && mask.len() >= nb * t,
+        "attention_bwd shapes"
+    );
+    let scale = dims.scale as f32;
+    let (dqp, dkp, dvp) = (P(dq.as_mut_ptr()), P(dk.as_mut_ptr()), P(dv.as_mut_ptr()));
+    let (qp, kp, vp, dop) = (C(q.as_ptr()), C(k.as_ptr()), C(v.as_ptr()), C(dout.as_ptr()));
+    (0..nb * nkv).into_par_iter().for_each(|task| {
+        let (dqp, dkp, dvp, qp, kp, vp, dop) = (dqp, dkp, dvp, qp, kp, vp, dop);
+        let b = task / nkv;
+        let kh = task % nkv;
+        let mrow = &mask[b * t..(b + 1) * t];
+        // SAFETY (whole task): pointers are in bounds (asserted above). This
+        // task owns columns kh·dh.. of dk/dv rows of sequence b, and the
+        // columns of its query heads in dq rows of sequence b.
+        unsafe {
+            for j in 0..t {
+                let o = (b * t + j) * ks + kh * dh;
+                std::ptr::write_bytes(dkp.0.add(o), 0, dh);
+                std::ptr::write_bytes(dvp.0.add(o), 0, dh);
+            }
+        }
+        let kbase = b * t * ks + kh * dh;
+        SCRATCH.with(|sc| {
+            let mut sc = sc.borrow_mut();
+            let (s, dp) = &mut *sc;
+            for h in kh * group..(kh + 1) * group {
+                for i0 in (0..t).step_by(QB) {
+                    let mq = QB.min(t - i0);
+                    s.clear();
+                    s.resize(mq * t, 0.0);
+                    dp.clear();
+                    dp.resize(mq * t, 0.0);
+                    let qrow = (b * t + i0) * qs + h * dh;
+                    unsafe {
+                        // S = scale · Q_blk·Kᵀ
+                        sgemm(
+                            mq,
+                            t,
+                            dh,
+                            s.as_mut_ptr(),
+                            t as isize,
+                            false,
+                            qp.0.add(qrow),
+                            qs as isize,
+                            1,
+                            kp.0.add(kbase),
+                            1,
+                            ks as isize,
+                            scale,
+                        );
+                        // dP = dO_blk·Vᵀ
+                        sgemm(
+                            mq,
+                            t,
+                            dh,
+                            dp.as_mut_ptr(),
+                            t as isize,
+                            false,
+                            dop.0.add(qrow),
+                            qs as isize,
+                            1,
+                            vp.0.add(kbase),
+                            1,
+                            ks as isize,
+                            1.0,
+                        );
+                    }
+                    for r in 0..mq {
+                        let i = i0 + r;
+                        let l = lse[(b * nh + h) * t + i];
+                        let srow = &mut s[r * t..(r + 1) * t];
+                        let dprow = &mut dp[r * t..(r + 1) * t];
+                        if l == f32::NEG_INFINITY {
+                            srow.fill(0.0);
+                            dprow.fill(0.0);
+                            continue;
+                        }
+                        let o = (b * t + i) * qs + h * dh;
+                        let d = kernels::dot(&dout[o..o + dh], &out[o..o + dh]);
+                        let drop = dropout.map(|dr| {
+                            (dr.seed, attn_dropout_index(&dims, b, h, i, 0), dr.p)
+                        });
+                        kernels::attn_bwd_row(srow, dprow, mrow, lim(&dims, i), l, d, scale, drop);
+                    }
+                    unsafe {
+                        // dV += P̃ᵀ·dO_blk
+                        sgemm(
+                            t,
+                            dh,
+                            mq,
+                            dvp.0.add(kbase),
+                            ks as isize,
+                            true,
+                            s.as_ptr(),
+                            1,
+                            t as isize,
+                            dop.0.add(qrow),
+                            qs as isize,
+                            1,
+                            1.0,
+                        );
+                        // dQ_blk = dS·K
+                        sgemm(
+                            mq,
+                            dh,
+                            t,
+                            dqp.0.add(qrow),
+                            qs as isize,
+                            false,
+                            dp.as_ptr(),
+                            t as isize,
+                            1,
+                            kp.0.add(kbase),
+                            ks as isize,
+                            1,
+                            1.0,
+                        );
+                        // dK += dSᵀ·Q_blk
+                        sgemm(
+                            t,
+                            dh,
+                            mq,
+                            dkp.0.add(kbase),
+                            ks as isize,
+                            true,
+                            dp.as_ptr(),
+                            1,
+                            t as isize,
+                            qp.0.add(qrow),
+                            qs as isize,
+                            1,
+                            1.0,
+                        );
+                    }
+                }
+            }
+        });
+    });
+}

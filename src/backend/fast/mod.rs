@@ -1,0 +1,760 @@
+//! The fast CPU backend (`--device cpu`): the same op vocabulary as the
+//! reference [`CpuBackend`], in f32, built for speed.
+//!
+//! - matmul: a packed, cache-blocked SIMD GEMM (the `gemm` crate; AVX-512
+//!   or AVX2 kernels picked at run time, portable fallback), threaded over
+//!   the rayon pool (sized by `--threads`);
+//! - attention: fused per (sequence, head, block of queries), never holding
+//!   more than one block of scores; see [`attn`];
+//! - element-wise ops and row reductions: vectorised loops with polynomial
+//!   `exp` / erf-GELU, compiled for AVX-512, AVX2 and the baseline, chosen at
+//!   run time; see [`kernels`];
+//! - buffers: served from a free list ([`pool`]), so a training step after
+//!   the first allocates (almost) nothing;
+//! - frozen weights: f32 tensors are read in place from the memory map;
+//!   f16/bf16 tensors are converted on use into a pooled scratch buffer, one
+//!   matrix at a time (never a full f32 copy of the model).
+//!
+//! The ops that are off the hot path of an encoder step (losses, pooling,
+//! the optimiser, candidate scoring, RoPE, row gathers/scatters) are the
+//! reference backend's own code, called on the same buffers.
+
+pub mod attn;
+pub mod kernels;
+pub mod pool;
+
+use std::ops::Deref;
+
+use rayon::prelude::*;
+
+use super::cpu::{CpuBackend, CpuBuf};
+use super::{Act, AdamW, AttnDims, Backend, CandidateIndex, Dropout, PoolKind};
+use crate::error::Result;
+use crate::weights::TensorView;
+
+/// A buffer of the fast backend: the reference backend's buffer (owned f32
+/// values, or a frozen weight read in place), whose owned storage goes back
+/// to the free list when dropped.
+#[derive(Debug)]
+pub struct FastBuf(CpuBuf<f32>);
+
+impl FastBuf {
+    fn owned(v: Vec<f32>) -> Self {
+        FastBuf(CpuBuf::Owned(v))
+    }
+
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The underlying reference-backend buffer.
+    pub fn inner(&self) -> &CpuBuf<f32> {
+        &self.0
+    }
+
+    /// Owned values (for tests and read-back).
+    pub fn to_vec(&self) -> Vec<f32> {
+        self.0.to_vec()
+    }
+
+    fn slice_mut(&mut self) -> &mut [f32] {
+        self.0.slice_mut()
+    }
+}
+
+impl Clone for FastBuf {
+    fn clone(&self) -> Self {
+        match &self.0 {
+            CpuBuf::Owned(v) => {
+                let mut w = pool::take(v.len());
+                w.extend_from_slice(v);
+                FastBuf::owned(w)
+            }
+            CpuBuf::Mapped(t) => FastBuf(CpuBuf::Mapped(t.clone())),
+        }
+    }
+}
+
+impl Drop for FastBuf {
+    fn drop(&mut self) {
+        if let CpuBuf::Owned(v) = &mut self.0 {
+            pool::give(std::mem::take(v));
+        }
+    }
+}
+
+/// f32 values of a buffer: borrowed, or converted into a pooled scratch.
+enum F32<'a> {
+    Borrowed(&'a [f32]),
+    Scratch(FastBuf),
+}
+
+impl Deref for F32<'_> {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        match self {
+            F32::Borrowed(s) => s,
+            F32::Scratch(b) => match &b.0 {
+                CpuBuf::Owned(v) => v,
+                CpuBuf::Mapped(_) => unreachable!(),
+            },
+        }
+    }
+}
+
+fn view(b: &FastBuf) -> F32<'_> {
+    match &b.0 {
+        CpuBuf::Owned(v) => F32::Borrowed(v),
+        CpuBuf::Mapped(t) => {
+            if let Some(s) = t.as_f32_slice() {
+                return F32::Borrowed(s);
+            }
+            let n = t.numel();
+            let mut v = pool::take(n);
+            v.resize(n, 0.0);
+            // Convert in parallel chunks (f16/bf16 weights, one matrix).
+            v.par_chunks_mut(1 << 16).enumerate().for_each(|(i, c)| {
+                t.read_f32_into(i << 16, c);
+            });
+            F32::Scratch(FastBuf::owned(v))
+        }
+    }
+}
+
+/// `bias[off..off+n]` as f32 (a frozen bias may be f16/bf16).
+fn small(b: &FastBuf, off: usize, n: usize) -> Vec<f32> {
+    let mut v = vec![0f32; n];
+    b.0.read_into(off, &mut v);
+    v
+}
+
+/// `c[m×n] = (accumulate ? c : 0) + scale · A·B` with arbitrary strides
+/// (row stride `rs*`, column stride `cs*`), single-threaded.
+///
+/// # Safety
+/// Every pointer must be valid for the elements its strides reach.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn sgemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    c: *mut f32,
+    rsc: isize,
+    accumulate: bool,
+    a: *const f32,
+    rsa: isize,
+    csa: isize,
+    b: *const f32,
+    rsb: isize,
+    csb: isize,
+    scale: f32,
+) {
+    sgemm_par(
+        m,
+        n,
+        k,
+        c,
+        rsc,
+        accumulate,
+        a,
+        rsa,
+        csa,
+        b,
+        rsb,
+        csb,
+        scale,
+        gemm::Parallelism::None,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+unsafe fn sgemm_par(
+    m: usize,
+    n: usize,
+    k: usize,
+    c: *mut f32,
+    rsc: isize,
+    accumulate: bool,
+    a: *const f32,
+    rsa: isize,
+    csa: isize,
+    b: *const f32,
+    rsb: isize,
+    csb: isize,
+    scale: f32,
+    par: gemm::Parallelism,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                for j in 0..n {
+                    *c.offset(i as isize * rsc + j as isize) = 0.0;
+                }
+            }
+        }
+        return;
+    }
+    // gemm: dst = alpha·dst + beta·lhs·rhs (dst read only when asked).
+    gemm::gemm(
+        m, n, k, c, 1, rsc, accumulate, a, csa, rsa, b, csb, rsb, 1.0, scale, false, false, false,
+        par,
+    );
+}
+
+/// Elements per parallel chunk of element-wise ops.
+const CHUNK: usize = 1 << 15;
+
+/// The fast CPU backend (f32).
+#[derive(Clone, Debug, Default)]
+pub struct FastCpu {
+    r: CpuBackend<f32>,
+}
+
+impl FastCpu {
+    /// A new backend; threads come from the current rayon pool.
+    pub fn new() -> Self {
+        FastCpu {
+            r: CpuBackend::new(),
+        }
+    }
+
+    /// Release the buffers kept for reuse.
+    pub fn release_pool(&self) {
+        pool::clear();
+    }
+
+    fn threads() -> usize {
+        rayon::current_num_threads().max(1)
+    }
+}
+
+impl Backend for FastCpu {
+    type T = f32;
+    type Buf = FastBuf;
+    type Ids = Vec<u32>;
+
+    fn name(&self) -> String {
+        format!(
+            "cpu (fast, f32, {}, {} threads)",
+            kernels::simd_name(),
+            Self::threads()
+        )
+    }
+
+    fn zeros(&self, n: usize) -> FastBuf {
+        let mut v = pool::take(n);
+        v.resize(n, 0.0);
+        FastBuf::owned(v)
+    }
+
+    fn upload(&self, data: &[f32]) -> FastBuf {
+        let mut v = pool::take(data.len());
+        v.extend_from_slice(data);
+        FastBuf::owned(v)
+    }
+
+    fn download(&self, buf: &FastBuf) -> Vec<f32> {
+        buf.0.to_vec()
+    }
+
+    fn upload_ids(&self, ids: &[u32]) -> Vec<u32> {
+        ids.to_vec()
+    }
+
+    fn weight(&self, t: &TensorView) -> Result<FastBuf> {
+        Ok(FastBuf(CpuBuf::Mapped(t.clone())))
+    }
+
+    fn len(&self, buf: &FastBuf) -> usize {
+        buf.len()
+    }
+
+    fn copy(&self, dst: &mut FastBuf, dst_off: usize, src: &FastBuf, src_off: usize, n: usize) {
+        self.r.copy(&mut dst.0, dst_off, &src.0, src_off, n)
+    }
+
+    fn fill(&self, buf: &mut FastBuf, value: f64) {
+        buf.slice_mut().fill(value as f32);
+    }
+
+    fn matmul(
+        &self,
+        c: &mut FastBuf,
+        a: &FastBuf,
+        b: &FastBuf,
+        m: usize,
+        n: usize,
+        k: usize,
+        ta: bool,
+        tb: bool,
+        accumulate: bool,
+    ) {
+        let a = view(a);
+        let b = view(b);
+        let c = c.slice_mut();
+        assert!(
+            a.len() >= m * k && b.len() >= k * n && c.len() >= m * n,
+            "matmul shapes"
+        );
+        let (rsa, csa) = if ta {
+            (1isize, m as isize)
+        } else {
+            (k as isize, 1isize)
+        };
+        let (rsb, csb) = if tb {
+            (1isize, k as isize)
+        } else {
+            (n as isize, 1isize)
+        };
+        let threads = Self::threads();
+        let par = if threads > 1 && m * n * k >= 1 << 18 {
+            gemm::Parallelism::Rayon(threads)
+        } else {
+            gemm::Parallelism::None
+        };
+        // SAFETY: lengths checked above; c is exclusively borrowed.
+        unsafe {
+            sgemm_par(
+                m,
+                n,
+                k,
+                c.as_mut_ptr(),
+                n as isize,
+                accumulate,
+                a.as_ptr(),
+                rsa,
+                csa,
+                b.as_ptr(),
+                rsb,
+                csb,
+                1.0,
+                par,
+            );
+        }
+    }
+
+    fn bias_add(&self, y: &mut FastBuf, bias: &FastBuf, bias_off: usize, rows: usize, cols: usize) {
+        let b = small(bias, bias_off, cols);
+        let y = &mut y.slice_mut()[..rows * cols];
+        let per = (CHUNK / cols.max(1)).max(1) * cols;
+        y.par_chunks_mut(per.max(1))
+            .for_each(|c| kernels::add_row_vec(c, &b));
+    }
+
+    fn bias_grad(&self, db: &mut FastBuf, db_off: usize, dy: &FastBuf, rows: usize, cols: usize) {
+        let dy = view(dy);
+        let dy = &dy[..rows * cols];
+        let per = 64 * cols.max(1);
+        let acc = dy
+            .par_chunks(per)
+            .fold(
+                || vec![0f64; cols],
+                |mut a, c| {
+                    kernels::col_sums_f64(&mut a, c, cols);
+                    a
+                },
+            )
+            .reduce(
+                || vec![0f64; cols],
+                |mut a, b| {
+                    for (x, y) in a.iter_mut().zip(&b) {
+                        *x += *y;
+                    }
+                    a
+                },
+            );
+        let db = &mut db.slice_mut()[db_off..db_off + cols];
+        for (d, a) in db.iter_mut().zip(acc) {
+            *d += a as f32;
+        }
+    }
+
+    fn add(&self, y: &mut FastBuf, x: &FastBuf, n: usize) {
+        let x = view(x);
+        y.slice_mut()[..n]
+            .par_chunks_mut(CHUNK)
+            .zip(x[..n].par_chunks(CHUNK))
+            .for_each(|(a, b)| kernels::add(a, b));
+    }
+
+    fn scale(&self, y: &mut FastBuf, s: f64, n: usize) {
+        y.slice_mut()[..n]
+            .par_chunks_mut(CHUNK)
+            .for_each(|a| kernels::scale(a, s as f32));
+    }
+
+    fn sum_sq(&self, y: &FastBuf, n: usize) -> f64 {
+        let y = view(y);
+        y[..n].chunks(CHUNK).map(kernels::sum_sq).sum()
+    }
+
+    fn act_fwd(&self, act: Act, y: &mut FastBuf, x: &FastBuf, n: usize) {
+        let x = view(x);
+        y.slice_mut()[..n]
+            .par_chunks_mut(CHUNK)
+            .zip(x[..n].par_chunks(CHUNK))
+            .for_each(|(o, i)| kernels::act_fwd(act, o, i));
+    }
+
+    fn act_bwd(&self, act: Act, dx: &mut FastBuf, x: &FastBuf, dy: &FastBuf, n: usize) {
+        let (x, dy) = (view(x), view(dy));
+        dx.slice_mut()[..n]
+            .par_chunks_mut(CHUNK)
+            .zip(x[..n].par_chunks(CHUNK))
+            .zip(dy[..n].par_chunks(CHUNK))
+            .for_each(|((o, i), g)| kernels::act_bwd(act, o, i, g));
+    }
+
+    fn dropout(&self, y: &mut FastBuf, n: usize, p: f32, seed: u64) {
+        if p <= 0.0 {
+            return;
+        }
+        y.slice_mut()[..n]
+            .par_chunks_mut(CHUNK)
+            .enumerate()
+            .for_each(|(i, c)| kernels::dropout(c, (i * CHUNK) as u32, p, seed));
+    }
+
+    fn layernorm_fwd(
+        &self,
+        y: &mut FastBuf,
+        xhat: &mut FastBuf,
+        rstd: &mut FastBuf,
+        x: &FastBuf,
+        gamma: &FastBuf,
+        beta: &FastBuf,
+        beta_off: usize,
+        rows: usize,
+        cols: usize,
+        eps: f64,
+    ) {
+        let x = view(x);
+        let g = view(gamma);
+        let g = &g[..cols];
+        let b = small(beta, beta_off, cols);
+        let rb = (CHUNK / cols.max(1)).max(1);
+        y.slice_mut()[..rows * cols]
+            .par_chunks_mut(rb * cols)
+            .zip(xhat.slice_mut()[..rows * cols].par_chunks_mut(rb * cols))
+            .zip(rstd.slice_mut()[..rows].par_chunks_mut(rb))
+            .zip(x[..rows * cols].par_chunks(rb * cols))
+            .for_each(|(((y, xh), rs), x)| {
+                kernels::layernorm_rows(y, xh, rs, x, g, &b, cols, eps as f32)
+            });
+    }
+
+    fn layernorm_bwd(
+        &self,
+        dx: &mut FastBuf,
+        dy: &FastBuf,
+        xhat: &FastBuf,
+        rstd: &FastBuf,
+        gamma: &FastBuf,
+        rows: usize,
+        cols: usize,
+    ) {
+        let (dy, xh, rs, g) = (view(dy), view(xhat), view(rstd), view(gamma));
+        let g = &g[..cols];
+        let rb = (CHUNK / cols.max(1)).max(1);
+        dx.slice_mut()[..rows * cols]
+            .par_chunks_mut(rb * cols)
+            .zip(dy[..rows * cols].par_chunks(rb * cols))
+            .zip(xh[..rows * cols].par_chunks(rb * cols))
+            .zip(rs[..rows].par_chunks(rb))
+            .for_each(|(((dx, dy), xh), rs)| kernels::layernorm_bwd_rows(dx, dy, xh, rs, g, cols));
+    }
+
+    fn attention_fwd(
+        &self,
+        out: &mut FastBuf,
+        lse: &mut FastBuf,
+        q: &FastBuf,
+        k: &FastBuf,
+        v: &FastBuf,
+        mask: &FastBuf,
+        dims: AttnDims,
+        dropout: Option<Dropout>,
+    ) {
+        let (q, k, v, mask) = (view(q), view(k), view(v), view(mask));
+        attn::forward(
+            out.slice_mut(),
+            lse.slice_mut(),
+            &q,
+            &k,
+            &v,
+            &mask,
+            dims,
+            dropout,
+        );
+    }
+
+    fn attention_bwd(
+        &self,
+        dq: &mut FastBuf,
+        dk: &mut FastBuf,
+        dv: &mut FastBuf,
+        dout: &FastBuf,
+        q: &FastBuf,
+        k: &FastBuf,
+        v: &FastBuf,
+        out: &FastBuf,
+        lse: &FastBuf,
+        mask: &FastBuf,
+        dims: AttnDims,
+        dropout: Option<Dropout>,
+    ) {
+        let (dout, q, k, v, out, lse, mask) = (
+            view(dout),
+            view(q),
+            view(k),
+            view(v),
+            view(out),
+            view(lse),
+            view(mask),
+        );
+        attn::backward(
+            dq.slice_mut(),
+            dk.slice_mut(),
+            dv.slice_mut(),
+            &dout,
+            &q,
+            &k,
+            &v,
+            &out,
+            &lse,
+            &mask,
+            dims,
+            dropout,
+        );
+    }
+
+    fn rmsnorm_fwd(
+        &self,
+        y: &mut FastBuf,
+        xhat: &mut FastBuf,
+        rstd: &mut FastBuf,
+        x: &FastBuf,
+        gamma: &FastBuf,
+        rows: usize,
+        cols: usize,
+        eps: f64,
+    ) {
+        let x = view(x);
+        let g = view(gamma);
+        let g = &g[..cols];
+        let rb = (CHUNK / cols.max(1)).max(1);
+        y.slice_mut()[..rows * cols]
+            .par_chunks_mut(rb * cols)
+            .zip(xhat.slice_mut()[..rows * cols].par_chunks_mut(rb * cols))
+            .zip(rstd.slice_mut()[..rows].par_chunks_mut(rb))
+            .zip(x[..rows * cols].par_chunks(rb * cols))
+            .for_each(|(((y, xh), rs), x)| {
+                kernels::rmsnorm_rows(y, xh, rs, x, g, cols, eps as f32)
+            });
+    }
+
+    fn rmsnorm_bwd(
+        &self,
+        dx: &mut FastBuf,
+        dy: &FastBuf,
+        xhat: &FastBuf,
+        rstd: &FastBuf,
+        gamma: &FastBuf,
+        rows: usize,
+        cols: usize,
+    ) {
+        let (dy, xh, rs, g) = (view(dy), view(xhat), view(rstd), view(gamma));
+        let g = &g[..cols];
+        let rb = (CHUNK / cols.max(1)).max(1);
+        dx.slice_mut()[..rows * cols]
+            .par_chunks_mut(rb * cols)
+            .zip(dy[..rows * cols].par_chunks(rb * cols))
+            .zip(xh[..rows * cols].par_chunks(rb * cols))
+            .zip(rs[..rows].par_chunks(rb))
+            .for_each(|(((dx, dy), xh), rs)| kernels::rmsnorm_bwd_rows(dx, dy, xh, rs, g, cols));
+    }
+
+    fn rope(
+        &self,
+        x: &mut FastBuf,
+        positions: &Vec<u32>,
+        rows: usize,
+        heads: usize,
+        head_dim: usize,
+        theta: f64,
+        inverse: bool,
+    ) {
+        self.r
+            .rope(&mut x.0, positions, rows, heads, head_dim, theta, inverse)
+    }
+
+    fn swiglu_fwd(&self, h: &mut FastBuf, gate: &FastBuf, up: &FastBuf, n: usize) {
+        let (g, u) = (view(gate), view(up));
+        h.slice_mut()[..n]
+            .par_chunks_mut(CHUNK)
+            .zip(g[..n].par_chunks(CHUNK))
+            .zip(u[..n].par_chunks(CHUNK))
+            .for_each(|((h, g), u)| kernels::swiglu_fwd(h, g, u));
+    }
+
+    fn swiglu_bwd(
+        &self,
+        dgate: &mut FastBuf,
+        dup: &mut FastBuf,
+        dh: &FastBuf,
+        gate: &FastBuf,
+        up: &FastBuf,
+        n: usize,
+    ) {
+        let (dh, g, u) = (view(dh), view(gate), view(up));
+        dgate.slice_mut()[..n]
+            .par_chunks_mut(CHUNK)
+            .zip(dup.slice_mut()[..n].par_chunks_mut(CHUNK))
+            .zip(dh[..n].par_chunks(CHUNK))
+            .zip(g[..n].par_chunks(CHUNK).zip(u[..n].par_chunks(CHUNK)))
+            .for_each(|(((dg, du), dh), (g, u))| kernels::swiglu_bwd(dg, du, dh, g, u));
+    }
+
+    fn embedding_fwd(
+        &self,
+        out: &mut FastBuf,
+        table: &FastBuf,
+        ids: &Vec<u32>,
+        rows: usize,
+        dim: usize,
+        accumulate: bool,
+    ) {
+        let table = &table.0;
+        out.slice_mut()[..rows * dim]
+            .par_chunks_mut(dim.max(1) * 64)
+            .enumerate()
+            .for_each(|(blk, o)| {
+                let mut row = vec![0f32; dim];
+                for (r, dst) in o.chunks_exact_mut(dim).enumerate() {
+                    let id = ids[blk * 64 + r] as usize;
+                    if accumulate {
+                        table.read_into(id * dim, &mut row);
+                        kernels::add(dst, &row);
+                    } else {
+                        table.read_into(id * dim, dst);
+                    }
+                }
+            });
+    }
+
+    fn scatter_add_rows(
+        &self,
+        dx: &mut FastBuf,
+        dy: &FastBuf,
+        idx: &Vec<u32>,
+        rows: usize,
+        cols: usize,
+    ) {
+        self.r.scatter_add_rows(&mut dx.0, &dy.0, idx, rows, cols)
+    }
+
+    fn scale_rows(&self, y: &mut FastBuf, w: &FastBuf, rows: usize, cols: usize) {
+        self.r.scale_rows(&mut y.0, &w.0, rows, cols)
+    }
+
+    fn pool_fwd(
+        &self,
+        kind: PoolKind,
+        out: &mut FastBuf,
+        h: &FastBuf,
+        mask: &FastBuf,
+        b: usize,
+        t: usize,
+        d: usize,
+    ) {
+        self.r.pool_fwd(kind, &mut out.0, &h.0, &mask.0, b, t, d)
+    }
+
+    fn pool_bwd(
+        &self,
+        kind: PoolKind,
+        dh: &mut FastBuf,
+        dout: &FastBuf,
+        mask: &FastBuf,
+        b: usize,
+        t: usize,
+        d: usize,
+    ) {
+        self.r.pool_bwd(kind, &mut dh.0, &dout.0, &mask.0, b, t, d)
+    }
+
+    fn cross_entropy(
+        &self,
+        losses: &mut FastBuf,
+        dlogits: &mut FastBuf,
+        logits: &FastBuf,
+        labels: &Vec<u32>,
+        rows: usize,
+        classes: usize,
+        grad_scale: f64,
+    ) {
+        self.r.cross_entropy(
+            &mut losses.0,
+            &mut dlogits.0,
+            &logits.0,
+            labels,
+            rows,
+            classes,
+            grad_scale,
+        )
+    }
+
+    fn candidate_loss(
+        &self,
+        ex_loss: &mut FastBuf,
+        scores: &mut FastBuf,
+        row_w: &mut FastBuf,
+        tok_loss: &FastBuf,
+        idx: &CandidateIndex<'_, Vec<u32>>,
+        grad_scale: f64,
+    ) {
+        self.r.candidate_loss(
+            &mut ex_loss.0,
+            &mut scores.0,
+            &mut row_w.0,
+            &tok_loss.0,
+            idx,
+            grad_scale,
+        )
+    }
+
+    fn mse(
+        &self,
+        losses: &mut FastBuf,
+        dx: &mut FastBuf,
+        x: &FastBuf,
+        target: &FastBuf,
+        rows: usize,
+        grad_scale: f64,
+    ) {
+        self.r
+            .mse(&mut losses.0, &mut dx.0, &x.0, &target.0, rows, grad_scale)
+    }
+
+    fn adamw(
+        &self,
+        params: &mut FastBuf,
+        grads: &FastBuf,
+        m: &mut FastBuf,
+        v: &mut FastBuf,
+        n: usize,
+        h: AdamW,
+    ) {
+        self.r
+            .adamw(&mut params.0, &grads.0, &mut m.0, &mut v.0, n, h)
+    }
+}

@@ -1,0 +1,677 @@
+//! The fast CPU backend against the reference oracle (`CpuBackend<f32>`):
+//! every op on random inputs at several (ragged) shapes, with the outputs
+//! poisoned (NaN) first so that an element the fast op forgets to write
+//! shows up; the whole model's loss, logits and bias gradients on tiny
+//! random models (with dropout); and the Hugging Face parity fixtures of
+//! `tests/parity.rs` run on the fast backend.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use beft::backend::cpu::{act_value, CpuBackend, CpuBuf};
+use beft::backend::fast::{FastBuf, FastCpu};
+use beft::backend::{Act, AdamW, AttnDims, Backend, CandidateIndex, Dropout, PoolKind};
+use beft::data::Batch;
+use beft::model::config::ModelDir;
+use beft::model::{BiasTerm, Encoder, EncoderOptions};
+use beft::rng::Rng;
+use beft::train::Slab;
+use beft::weights::TensorView;
+
+type Ref = CpuBackend<f32>;
+
+fn rv(rng: &mut Rng, n: usize, scale: f64) -> Vec<f32> {
+    (0..n).map(|_| (rng.normal() * scale) as f32).collect()
+}
+
+/// Both backends and a buffer pair holding the same values.
+struct Pair {
+    r: CpuBuf<f32>,
+    f: FastBuf,
+}
+
+struct Env {
+    r: Ref,
+    f: FastCpu,
+}
+
+impl Env {
+    fn new() -> Self {
+        Env {
+            r: Ref::new(),
+            f: FastCpu::new(),
+        }
+    }
+    fn buf(&self, v: &[f32]) -> Pair {
+        Pair {
+            r: self.r.upload(v),
+            f: self.f.upload(v),
+        }
+    }
+    /// An output buffer full of NaN.
+    fn poisoned(&self, n: usize) -> Pair {
+        self.buf(&vec![f32::NAN; n])
+    }
+    /// A frozen weight (read in place, as from a memory map).
+    fn weight(&self, v: &[f32], shape: Vec<usize>) -> Pair {
+        let t = TensorView::from_f32("w", shape, v);
+        Pair {
+            r: self.r.weight(&t).unwrap(),
+            f: self.f.weight(&t).unwrap(),
+        }
+    }
+}
+
+/// Largest |got − want| over the largest |want| (or `floor`).
+fn check(name: &str, p: &Pair, tol: f32) {
+    let (a, b) = (p.f.to_vec(), p.r.to_vec());
+    check_vec(name, &a, &b, tol);
+}
+
+fn check_vec(name: &str, got: &[f32], want: &[f32], tol: f32) {
+    assert_eq!(got.len(), want.len(), "{name}: length");
+    let scale = want
+        .iter()
+        .filter(|x| x.is_finite())
+        .fold(0f32, |a, b| a.max(b.abs()))
+        // Outputs that vanish in exact arithmetic are compared at the scale
+        // of the (O(1)) inputs.
+        .max(1e-2);
+    for (i, (a, b)) in got.iter().zip(want).enumerate() {
+        if b.is_infinite() {
+            assert_eq!(a, b, "{name}[{i}]");
+            continue;
+        }
+        assert!(
+            a.is_finite() && (a - b).abs() <= tol * scale,
+            "{name}[{i}]: fast {a}, reference {b} (tolerance {})",
+            tol * scale
+        );
+    }
+}
+
+#[test]
+fn matmul_matches_reference() {
+    let e = Env::new();
+    let mut rng = Rng::new(1);
+    for &(m, n, k) in &[
+        (1, 1, 1),
+        (3, 5, 7),
+        (17, 33, 9),
+        (64, 48, 130),
+        (130, 70, 65),
+        (257, 96, 384),
+        (4, 6, 0),
+    ] {
+        for ta in [false, true] {
+            for tb in [false, true] {
+                for acc in [false, true] {
+                    for mapped in [false, true] {
+                        let a = e.buf(&rv(&mut rng, m * k, 1.0));
+                        let bv = rv(&mut rng, k * n, 1.0);
+                        let b = if mapped {
+                            e.weight(&bv, vec![k * n])
+                        } else {
+                            e.buf(&bv)
+                        };
+                        let mut c = if acc {
+                            e.buf(&rv(&mut rng, m * n, 1.0))
+                        } else {
+                            e.poisoned(m * n)
+                        };
+                        e.r.matmul(&mut c.r, &a.r, &b.r, m, n, k, ta, tb, acc);
+                        e.f.matmul(&mut c.f, &a.f, &b.f, m, n, k, ta, tb, acc);
+                        check(
+                            &format!("matmul {m}x{n}x{k} ta={ta} tb={tb} acc={acc} mapped={mapped}"),
+                            &c,
+                            2e-5,
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn elementwise_ops_match_reference() {
+    let e = Env::new();
+    let mut rng = Rng::new(2);
+    for &(rows, cols) in &[(1, 1), (3, 7), (17, 33), (130, 384), (9, 1000)] {
+        let n = rows * cols;
+        let x = rv(&mut rng, n, 2.0);
+        let bias = rv(&mut rng, cols + 3, 1.0);
+        // bias_add from the slab (offset 3) and from a frozen weight.
+        for (bb, off) in [
+            (e.buf(&bias), 3usize),
+            (e.weight(&bias[..cols], vec![cols]), 0),
+        ] {
+            let mut y = e.buf(&x);
+            e.r.bias_add(&mut y.r, &bb.r, off, rows, cols);
+            e.f.bias_add(&mut y.f, &bb.f, off, rows, cols);
+            check("bias_add", &y, 1e-7);
+        }
+        let mut db = e.buf(&rv(&mut rng, cols + 5, 1.0));
+        let dy = e.buf(&x);
+        e.r.bias_grad(&mut db.r, 5, &dy.r, rows, cols);
+        e.f.bias_grad(&mut db.f, 5, &dy.f, rows, cols);
+        check("bias_grad", &db, 1e-6);
+
+        let mut y = e.buf(&rv(&mut rng, n, 1.0));
+        e.r.add(&mut y.r, &dy.r, n);
+        e.f.add(&mut y.f, &dy.f, n);
+        check("add", &y, 1e-7);
+        e.r.scale(&mut y.r, 0.37, n);
+        e.f.scale(&mut y.f, 0.37, n);
+        check("scale", &y, 1e-7);
+        let (a, b) = (e.r.sum_sq(&y.r, n), e.f.sum_sq(&y.f, n));
+        assert!((a - b).abs() <= 1e-6 * a.abs().max(1e-6), "sum_sq {a} vs {b}");
+
+        for act in [Act::Gelu, Act::GeluTanh, Act::Relu, Act::Tanh, Act::Silu] {
+            let xx = e.buf(&rv(&mut rng, n, 3.0));
+            let mut y = e.poisoned(n);
+            e.r.act_fwd(act, &mut y.r, &xx.r, n);
+            e.f.act_fwd(act, &mut y.f, &xx.f, n);
+            check(&format!("act_fwd {act:?}"), &y, 1e-4);
+            check_truth(&format!("act_fwd {act:?} vs f64"), act, &xx.r.to_vec(), &y.f.to_vec());
+            let g = e.buf(&rv(&mut rng, n, 1.0));
+            let mut dx = e.poisoned(n);
+            e.r.act_bwd(act, &mut dx.r, &xx.r, &g.r, n);
+            e.f.act_bwd(act, &mut dx.f, &xx.f, &g.f, n);
+            check(&format!("act_bwd {act:?}"), &dx, 3e-6);
+        }
+
+        for p in [0.1f32, 0.5] {
+            let mut y = e.buf(&x);
+            e.r.dropout(&mut y.r, n, p, 77 + n as u64);
+            e.f.dropout(&mut y.f, n, p, 77 + n as u64);
+            assert_eq!(
+                y.r.to_vec().iter().map(|v| *v == 0.0).collect::<Vec<_>>(),
+                y.f.to_vec().iter().map(|v| *v == 0.0).collect::<Vec<_>>(),
+                "dropout mask"
+            );
+            check("dropout", &y, 1e-7);
+        }
+
+        let gate = e.buf(&rv(&mut rng, n, 2.0));
+        let up = e.buf(&rv(&mut rng, n, 1.0));
+        let mut h = e.poisoned(n);
+        e.r.swiglu_fwd(&mut h.r, &gate.r, &up.r, n);
+        e.f.swiglu_fwd(&mut h.f, &gate.f, &up.f, n);
+        check("swiglu_fwd", &h, 2e-6);
+        let dh = e.buf(&rv(&mut rng, n, 1.0));
+        let (mut dg, mut du) = (e.poisoned(n), e.poisoned(n));
+        e.r.swiglu_bwd(&mut dg.r, &mut du.r, &dh.r, &gate.r, &up.r, n);
+        e.f.swiglu_bwd(&mut dg.f, &mut du.f, &dh.f, &gate.f, &up.f, n);
+        check("swiglu_bwd dgate", &dg, 2e-6);
+        check("swiglu_bwd dup", &du, 2e-6);
+    }
+}
+
+/// Element-wise relative check against the activation in f64 (the
+/// reference's f32 erf loses relative accuracy on the negative tail, where
+/// `1 + erf` cancels; the fast GELU does not).
+fn check_truth(name: &str, act: Act, x: &[f32], got: &[f32]) {
+    for (i, (xv, g)) in x.iter().zip(got).enumerate() {
+        let xd = *xv as f64;
+        let want = match act {
+            // Φ(x) through erfc: exact on the negative tail.
+            Act::Gelu => 0.5 * xd * libm::erfc(-xd / std::f64::consts::SQRT_2),
+            // x·σ(2u), not ½x(1 + tanh u): the latter cancels in f64 below x ≈ -6.
+            Act::GeluTanh => {
+                let u = (2.0 / std::f64::consts::PI).sqrt() * (xd + 0.044715 * xd * xd * xd);
+                xd / (1.0 + (-2.0 * u).exp())
+            }
+            _ => act_value::<f64>(act, xd),
+        };
+        // On the tails the value is e^{-A} with A ≈ x²/2 (GELU) or ≈ 1.6·|x|
+        // + 0.07·|x|³ (tanh-GELU); A rounded to f32 carries a relative error
+        // of about A·6e-8, so the allowed relative error grows with x².
+        let tol = 3e-6 * want.abs() * (1.0 + xd * xd / 8.0) + 1e-30;
+        assert!(
+            (*g as f64 - want).abs() <= tol,
+            "{name}[{i}]: x = {xv}: fast {g}, f64 {want}"
+        );
+    }
+}
+
+#[test]
+fn norms_match_reference() {
+    let e = Env::new();
+    let mut rng = Rng::new(3);
+    for &(rows, cols) in &[(1, 1), (3, 7), (17, 33), (130, 384), (5, 1000)] {
+        let n = rows * cols;
+        let x = e.buf(&rv(&mut rng, n, 3.0));
+        let gv: Vec<f32> = (0..cols).map(|_| 1.0 + 0.3 * rng.normal() as f32).collect();
+        let g = e.weight(&gv, vec![cols]);
+        let beta = e.buf(&rv(&mut rng, cols + 2, 1.0));
+        let (mut y, mut xh, mut rs) = (e.poisoned(n), e.poisoned(n), e.poisoned(rows));
+        e.r.layernorm_fwd(&mut y.r, &mut xh.r, &mut rs.r, &x.r, &g.r, &beta.r, 2, rows, cols, 1e-12);
+        e.f.layernorm_fwd(&mut y.f, &mut xh.f, &mut rs.f, &x.f, &g.f, &beta.f, 2, rows, cols, 1e-12);
+        check("layernorm y", &y, 2e-6);
+        check("layernorm xhat", &xh, 2e-6);
+        check("layernorm rstd", &rs, 2e-6);
+        let dy = e.buf(&rv(&mut rng, n, 1.0));
+        let mut dx = e.poisoned(n);
+        e.r.layernorm_bwd(&mut dx.r, &dy.r, &xh.r, &rs.r, &g.r, rows, cols);
+        e.f.layernorm_bwd(&mut dx.f, &dy.f, &xh.f, &rs.f, &g.f, rows, cols);
+        check("layernorm_bwd", &dx, 1e-5);
+
+        let (mut y, mut xh, mut rs) = (e.poisoned(n), e.poisoned(n), e.poisoned(rows));
+        e.r.rmsnorm_fwd(&mut y.r, &mut xh.r, &mut rs.r, &x.r, &g.r, rows, cols, 1e-6);
+        e.f.rmsnorm_fwd(&mut y.f, &mut xh.f, &mut rs.f, &x.f, &g.f, rows, cols, 1e-6);
+        check("rmsnorm y", &y, 2e-6);
+        check("rmsnorm rstd", &rs, 2e-6);
+        let mut dx = e.poisoned(n);
+        e.r.rmsnorm_bwd(&mut dx.r, &dy.r, &xh.r, &rs.r, &g.r, rows, cols);
+        e.f.rmsnorm_bwd(&mut dx.f, &dy.f, &xh.f, &rs.f, &g.f, rows, cols);
+        check("rmsnorm_bwd", &dx, 1e-5);
+    }
+}
+
+fn attn_case(e: &Env, rng: &mut Rng, dims: AttnDims, pad: &[usize], dropout: Option<Dropout>) {
+    let AttnDims {
+        batch: nb,
+        seq: t,
+        kv_seq: tk,
+        heads: nh,
+        kv_heads: nkv,
+        head_dim: dh,
+        ..
+    } = dims;
+    let q = e.buf(&rv(rng, nb * t * nh * dh, 1.0));
+    let k = e.buf(&rv(rng, nb * tk * nkv * dh, 1.0));
+    let v = e.buf(&rv(rng, nb * tk * nkv * dh, 1.0));
+    // pad[b] = number of padded keys at the end of sequence b.
+    let mut mv = vec![1f32; nb * tk];
+    for b in 0..nb {
+        for j in tk - pad[b].min(tk)..tk {
+            mv[b * tk + j] = 0.0;
+        }
+    }
+    let mask = e.buf(&mv);
+    let name = format!("attention {dims:?} pad={pad:?} dropout={dropout:?}");
+    let (mut out, mut lse) = (e.poisoned(nb * t * nh * dh), e.poisoned(nb * nh * t));
+    e.r.attention_fwd(&mut out.r, &mut lse.r, &q.r, &k.r, &v.r, &mask.r, dims, dropout);
+    e.f.attention_fwd(&mut out.f, &mut lse.f, &q.f, &k.f, &v.f, &mask.f, dims, dropout);
+    check(&format!("{name}: out"), &out, 2e-5);
+    check(&format!("{name}: lse"), &lse, 2e-6);
+    if tk != t || dims.q_start != 0 {
+        return;
+    }
+    let dout = e.buf(&rv(rng, nb * t * nh * dh, 1.0));
+    let (mut dq, mut dk, mut dv) = (
+        e.poisoned(nb * t * nh * dh),
+        e.poisoned(nb * t * nkv * dh),
+        e.poisoned(nb * t * nkv * dh),
+    );
+    e.r.attention_bwd(
+        &mut dq.r, &mut dk.r, &mut dv.r, &dout.r, &q.r, &k.r, &v.r, &out.r, &lse.r, &mask.r, dims,
+        dropout,
+    );
+    e.f.attention_bwd(
+        &mut dq.f, &mut dk.f, &mut dv.f, &dout.f, &q.f, &k.f, &v.f, &out.f, &lse.f, &mask.f, dims,
+        dropout,
+    );
+    check(&format!("{name}: dq"), &dq, 5e-5);
+    check(&format!("{name}: dk"), &dk, 5e-5);
+    check(&format!("{name}: dv"), &dv, 5e-5);
+}
+
+#[test]
+fn attention_matches_reference() {
+    let e = Env::new();
+    let mut rng = Rng::new(4);
+    for &(nb, t, nh, nkv, dh) in &[
+        (1, 1, 1, 1, 4),
+        (2, 5, 2, 2, 8),
+        (2, 37, 4, 2, 13),
+        (3, 70, 2, 1, 16),
+        (2, 130, 3, 3, 32),
+    ] {
+        for causal in [false, true] {
+            for drop in [None, Some(0.25f32)] {
+                let dims = AttnDims::self_attn(nb, t, nh, nkv, dh, causal);
+                let mut pad: Vec<usize> = (0..nb).map(|b| (b * 3) % t.max(1)).collect();
+                if nb > 1 {
+                    // A fully padded sequence: every query sees no key.
+                    pad[nb - 1] = t;
+                }
+                let dropout = drop.map(|p| Dropout { p, seed: 99 + t as u64 });
+                attn_case(&e, &mut rng, dims, &pad, dropout);
+            }
+        }
+    }
+    // Incremental decoding: new queries against a longer KV cache.
+    for &(t, tk, q_start) in &[(1, 9, 8), (3, 40, 37), (70, 100, 30)] {
+        let dims = AttnDims {
+            batch: 2,
+            seq: t,
+            kv_seq: tk,
+            q_start,
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 8,
+            scale: 0.3,
+            causal: true,
+        };
+        attn_case(&e, &mut rng, dims, &[0, 2], None);
+    }
+}
+
+#[test]
+fn gathers_pools_losses_and_optimiser_match_reference() {
+    let e = Env::new();
+    let mut rng = Rng::new(5);
+    let (vocab, dim, rows) = (50, 24, 67);
+    let table_v = rv(&mut rng, vocab * dim, 1.0);
+    let table = e.weight(&table_v, vec![vocab, dim]);
+    let ids: Vec<u32> = (0..rows).map(|_| rng.below(vocab) as u32).collect();
+    for acc in [false, true] {
+        let mut out = if acc {
+            e.buf(&rv(&mut rng, rows * dim, 1.0))
+        } else {
+            e.poisoned(rows * dim)
+        };
+        e.r.embedding_fwd(&mut out.r, &table.r, &ids, rows, dim, acc);
+        e.f.embedding_fwd(&mut out.f, &table.f, &ids, rows, dim, acc);
+        check("embedding_fwd", &out, 1e-7);
+    }
+    let mut dx = e.buf(&rv(&mut rng, vocab * dim, 1.0));
+    let dy = e.buf(&rv(&mut rng, rows * dim, 1.0));
+    e.r.scatter_add_rows(&mut dx.r, &dy.r, &ids, rows, dim);
+    e.f.scatter_add_rows(&mut dx.f, &dy.f, &ids, rows, dim);
+    check("scatter_add_rows", &dx, 1e-6);
+    let w = e.buf(&rv(&mut rng, rows, 1.0));
+    let mut y = e.buf(&rv(&mut rng, rows * dim, 1.0));
+    e.r.scale_rows(&mut y.r, &w.r, rows, dim);
+    e.f.scale_rows(&mut y.f, &w.f, rows, dim);
+    check("scale_rows", &y, 1e-7);
+
+    let positions: Vec<u32> = (0..rows as u32).map(|i| i * 3 % 40).collect();
+    for inverse in [false, true] {
+        let mut x = e.buf(&rv(&mut rng, rows * 2 * 12, 1.0));
+        e.r.rope(&mut x.r, &positions, rows, 2, 12, 10000.0, inverse);
+        e.f.rope(&mut x.f, &positions, rows, 2, 12, 10000.0, inverse);
+        check("rope", &x, 1e-6);
+    }
+
+    let (b, t, d) = (3, 11, 20);
+    let h = e.buf(&rv(&mut rng, b * t * d, 1.0));
+    let mask = e.buf(&(0..b * t).map(|i| if i % t < 7 + i / t { 1.0 } else { 0.0 }).collect::<Vec<f32>>());
+    for kind in [PoolKind::Cls, PoolKind::Mean] {
+        let mut out = e.poisoned(b * d);
+        e.r.pool_fwd(kind, &mut out.r, &h.r, &mask.r, b, t, d);
+        e.f.pool_fwd(kind, &mut out.f, &h.f, &mask.f, b, t, d);
+        check("pool_fwd", &out, 1e-6);
+        let dout = e.buf(&rv(&mut rng, b * d, 1.0));
+        let mut dh = e.poisoned(b * t * d);
+        e.r.pool_bwd(kind, &mut dh.r, &dout.r, &mask.r, b, t, d);
+        e.f.pool_bwd(kind, &mut dh.f, &dout.f, &mask.f, b, t, d);
+        check("pool_bwd", &dh, 1e-6);
+    }
+
+    let (r, c) = (7, 5);
+    let logits = e.buf(&rv(&mut rng, r * c, 2.0));
+    let labels: Vec<u32> = (0..r as u32).map(|i| i % c as u32).collect();
+    let (mut l, mut dl) = (e.poisoned(r), e.poisoned(r * c));
+    e.r.cross_entropy(&mut l.r, &mut dl.r, &logits.r, &labels, r, c, 0.5);
+    e.f.cross_entropy(&mut l.f, &mut dl.f, &logits.f, &labels, r, c, 0.5);
+    check("cross_entropy loss", &l, 1e-6);
+    check("cross_entropy grad", &dl, 1e-6);
+    let target = e.buf(&rv(&mut rng, r, 1.0));
+    let (mut l, mut dl) = (e.poisoned(r), e.poisoned(r));
+    e.r.mse(&mut l.r, &mut dl.r, &logits.r, &target.r, r, 0.5);
+    e.f.mse(&mut l.f, &mut dl.f, &logits.f, &target.f, r, 0.5);
+    check("mse loss", &l, 1e-6);
+    check("mse grad", &dl, 1e-6);
+
+    let tok_cand = vec![0u32, 0, 1, 2, 2, 2, 3];
+    let cand_ex = vec![0u32, 0, 1, 1];
+    let gold = vec![1u32, 0];
+    let tl = e.buf(&rv(&mut rng, 7, 1.0).iter().map(|x| x.abs()).collect::<Vec<_>>());
+    let idx = CandidateIndex {
+        tok_cand: &tok_cand,
+        cand_ex: &cand_ex,
+        gold: &gold,
+        rows: 7,
+        cands: 4,
+        examples: 2,
+    };
+    let (mut el, mut sc, mut rw) = (e.poisoned(2), e.poisoned(4), e.poisoned(7));
+    e.r.candidate_loss(&mut el.r, &mut sc.r, &mut rw.r, &tl.r, &idx, 0.5);
+    e.f.candidate_loss(&mut el.f, &mut sc.f, &mut rw.f, &tl.f, &idx, 0.5);
+    check("candidate ex_loss", &el, 1e-6);
+    check("candidate scores", &sc, 1e-6);
+    check("candidate row_w", &rw, 1e-6);
+
+    let n = 37;
+    let mut p = e.buf(&rv(&mut rng, n, 1.0));
+    let g = e.buf(&rv(&mut rng, n, 1.0));
+    let (mut m, mut v) = (e.buf(&vec![0.0; n]), e.buf(&vec![0.0; n]));
+    for step in 1..4 {
+        let h = AdamW {
+            lr: 1e-2,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+            step,
+        };
+        e.r.adamw(&mut p.r, &g.r, &mut m.r, &mut v.r, n, h);
+        e.f.adamw(&mut p.f, &g.f, &mut m.f, &mut v.f, n, h);
+    }
+    check("adamw params", &p, 1e-6);
+
+    let mut c = e.poisoned(10);
+    let src = e.buf(&rv(&mut rng, 20, 1.0));
+    e.r.fill(&mut c.r, 1.5);
+    e.f.fill(&mut c.f, 1.5);
+    e.r.copy(&mut c.r, 2, &src.r, 5, 6);
+    e.f.copy(&mut c.f, 2, &src.f, 5, 6);
+    check("fill+copy", &c, 0.0);
+    // zeros() after pooled reuse still gives zeros.
+    drop(c);
+    let z = e.f.zeros(4096);
+    assert!(e.f.download(&z).iter().all(|v| *v == 0.0));
+}
+
+// ---- the whole model ---------------------------------------------------
+
+fn random_batch(rng: &mut Rng, b: usize, t: usize, vocab: usize, classes: usize) -> Batch {
+    let mut mask = vec![1f32; b * t];
+    for bi in 1..b {
+        for ti in t - (bi * 2).min(t - 1)..t {
+            mask[bi * t + ti] = 0.0;
+        }
+    }
+    Batch {
+        batch: b,
+        seq: t,
+        ids: (0..b * t)
+            .map(|i| {
+                if mask[i] > 0.0 {
+                    rng.below(vocab) as u32
+                } else {
+                    0
+                }
+            })
+            .collect(),
+        type_ids: (0..b * t).map(|i| ((i % t) >= t / 2) as u32).collect(),
+        tokens: mask.iter().filter(|m| **m > 0.0).count(),
+        mask,
+        labels: (0..b).map(|i| (i % classes.max(2)) as f32).collect(),
+    }
+}
+
+fn whole_model_case(dir: &Path, pooling: PoolKind, bias: &str, classes: usize, dropout: Option<u64>) {
+    let md = ModelDir::open(dir).unwrap();
+    let opts = EncoderOptions {
+        pooling,
+        num_labels: classes,
+        terms: BiasTerm::parse_set(bias).unwrap(),
+        seed: 3,
+    };
+    let (r, f) = (Ref::new(), FastCpu::new());
+    let er = Encoder::load(&r, &md, opts.clone()).unwrap();
+    let ef = Encoder::load(&f, &md, opts).unwrap();
+    let mut rng = Rng::new(11);
+    let batch = random_batch(&mut rng, 4, 19, common::TINY_VOCAB, classes);
+    let (dr, df) = (er.upload_batch(&r, &batch).unwrap(), ef.upload_batch(&f, &batch).unwrap());
+    let (mut sr, mut sf) = (Slab::new(&r, &er.init), Slab::new(&f, &ef.init));
+    let (lr, logr) = er.loss_and_grad(&r, &sr.params, &mut sr.grads, &dr, dropout);
+    let (lf, logf) = ef.loss_and_grad(&f, &sf.params, &mut sf.grads, &df, dropout);
+    let name = format!("{} {pooling:?} bias={bias} classes={classes} dropout={dropout:?}", dir.display());
+    assert!((lr - lf).abs() <= 1e-5 * lr.abs().max(1e-3), "{name}: loss {lf} vs {lr}");
+    check_vec(&format!("{name}: logits"), &logf, &logr, 1e-5);
+    let (gr, gf) = (r.download(&sr.grads), f.download(&sf.grads));
+    let all = gr.iter().fold(0f32, |a, b| a.max(b.abs()));
+    for slot in &er.layout.slots {
+        let (a, b) = (&gf[slot.offset..slot.offset + slot.len()], &gr[slot.offset..slot.offset + slot.len()]);
+        let scale = if slot.name.contains("attention.self.key") {
+            all
+        } else {
+            b.iter().fold(0f32, |x, y| x.max(y.abs())).max(1e-6 * all)
+        };
+        let e = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max) / scale;
+        assert!(e <= 1e-4, "{name}: gradient of {} differs (rel err {e:.2e})", slot.name);
+    }
+    let ev_r = er.logits(&r, &sr.params, &dr);
+    let ev_f = ef.logits(&f, &sf.params, &df);
+    check_vec(&format!("{name}: eval logits"), &ev_f, &ev_r, 1e-5);
+}
+
+#[test]
+fn whole_model_matches_reference_on_tiny_random_models() {
+    for arch in [common::TinyArch::Bert, common::TinyArch::Roberta] {
+        for classes in [1usize, 3] {
+            let tmp = tempfile::TempDir::new().unwrap();
+            common::write_tiny_model(tmp.path(), arch, 7, None);
+            for pooling in [PoolKind::Cls, PoolKind::Mean] {
+                for bias in ["v", "all"] {
+                    for dropout in [None, Some(5u64)] {
+                        whole_model_case(tmp.path(), pooling, bias, classes, dropout);
+                    }
+                }
+            }
+        }
+    }
+}
+
+// ---- Hugging Face parity fixtures on the fast backend -----------------
+
+fn fixture(case: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(case)
+}
+
+fn read_expected(case: &str) -> (HashMap<String, (Vec<usize>, Vec<f64>)>, HashMap<String, String>) {
+    use safetensors::{Dtype, SafeTensors};
+    let bytes = std::fs::read(fixture(case).join("expected.safetensors")).expect("fixture");
+    let (_, meta) = SafeTensors::read_metadata(&bytes).expect("header");
+    let st = SafeTensors::deserialize(&bytes).expect("fixture parses");
+    let mut tensors = HashMap::new();
+    for (name, t) in st.tensors() {
+        let d = t.data();
+        let vals: Vec<f64> = match t.dtype() {
+            Dtype::F32 => d
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64)
+                .collect(),
+            Dtype::I32 => d
+                .chunks_exact(4)
+                .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64)
+                .collect(),
+            Dtype::I64 => d
+                .chunks_exact(8)
+                .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64)
+                .collect(),
+            other => panic!("unexpected dtype {other:?}"),
+        };
+        tensors.insert(name, (t.shape().to_vec(), vals));
+    }
+    (tensors, meta.metadata().clone().unwrap_or_default())
+}
+
+fn max_abs(v: &[f64]) -> f64 {
+    v.iter().fold(0.0, |a, b| a.max(b.abs()))
+}
+
+fn rel_err(got: &[f64], want: &[f64], scale: f64) -> f64 {
+    assert_eq!(got.len(), want.len());
+    got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max) / scale.max(1e-30)
+}
+
+fn hf_case(case: &str) {
+    let (tensors, meta) = read_expected(case);
+    let md = ModelDir::open(&fixture(case).join("model")).expect("fixture model opens");
+    let (lshape, logits_want) = tensors["logits"].clone();
+    let pooling = match meta.get("pooling").map(|s| s.as_str()) {
+        Some("mean") => PoolKind::Mean,
+        _ => PoolKind::Cls,
+    };
+    let be = FastCpu::new();
+    let enc = Encoder::load(
+        &be,
+        &md,
+        EncoderOptions {
+            pooling,
+            num_labels: lshape[1],
+            terms: BiasTerm::parse_set("all").unwrap(),
+            seed: 0,
+        },
+    )
+    .expect("encoder loads");
+    let (ishape, ids) = &tensors["input_ids"];
+    let (b, t) = (ishape[0], ishape[1]);
+    let mask: Vec<f32> = tensors["attention_mask"].1.iter().map(|x| *x as f32).collect();
+    let batch = Batch {
+        batch: b,
+        seq: t,
+        ids: ids.iter().map(|x| *x as u32).collect(),
+        type_ids: tensors["token_type_ids"].1.iter().map(|x| *x as u32).collect(),
+        tokens: mask.iter().filter(|m| **m > 0.0).count(),
+        mask,
+        labels: tensors["labels"].1.iter().map(|x| *x as f32).collect(),
+    };
+    let db = enc.upload_batch(&be, &batch).expect("batch uploads");
+    let mut slab = Slab::new(&be, &enc.init);
+    let (loss, logits) = enc.loss_and_grad(&be, &slab.params, &mut slab.grads, &db, None);
+    let logits: Vec<f64> = logits.iter().map(|x| *x as f64).collect();
+    let e = rel_err(&logits, &logits_want, max_abs(&logits_want));
+    assert!(e <= 1e-4, "{case}: logits differ (rel err {e:.2e})");
+    let loss_want = tensors["loss"].1[0];
+    assert!((loss - loss_want).abs() / loss_want.abs() <= 1e-4, "{case}: loss {loss} vs {loss_want}");
+    let grads: Vec<f64> = be.download(&slab.grads).iter().map(|x| *x as f64).collect();
+    let all_scale = tensors
+        .iter()
+        .filter(|(k, _)| k.starts_with("grad."))
+        .map(|(_, (_, v))| max_abs(v))
+        .fold(0.0, f64::max);
+    let mut checked = 0;
+    for slot in &enc.layout.slots {
+        let (_, want) = &tensors[&format!("grad.{}", slot.name)];
+        let got = &grads[slot.offset..slot.offset + slot.len()];
+        let is_key = slot.name.contains("attention.self.key");
+        let scale = if is_key { all_scale } else { max_abs(want) };
+        let e = rel_err(got, want, scale);
+        assert!(e <= 1e-4, "{case}: gradient of {} differs (rel err {e:.2e})", slot.name);
+        checked += 1;
+    }
+    assert!(checked > 0);
+}
+
+#[test]
+fn hf_parity_fixtures_on_fast_backend() {
+    for case in [
+        "bert_cls",
+        "bert_pair_regression",
+        "roberta_cls",
+        "bert_mean",
+        "bert_cls_bf16",
+        "bert_cls_sharded",
+    ] {
+        hf_case(case);
+    }
+}
