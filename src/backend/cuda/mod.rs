@@ -1,0 +1,1538 @@
+//! The CUDA backend: the op vocabulary as CUDA kernels (`kernels/*.cu`, one
+//! file per op family, kernels named after the ops), launched through
+//! `cudarc`'s driver API.
+//!
+//! - Activations, gradients, the trainable slab and optimizer state are f32
+//!   (`type T = f32`). Frozen weight matrices (rank ≥ 2) are held on the GPU
+//!   in bf16, converted from f32/f16 checkpoints on upload (round to nearest
+//!   even); rank-1 weights (LayerNorm gains, frozen biases) stay f32. A
+//!   `CudaBackend::with_weight_dtype(WeightDtype::F32)` backend keeps every
+//!   weight in f32, for exact comparisons with the CPU.
+//! - Products of f32 activations and bf16 weights run on the tensor cores
+//!   (`mma.sync`), with the activation split into two bf16 halves so that
+//!   only the weight's own rounding remains (see kernels/matmul.cu).
+//! - The driver and NVRTC are loaded at run time (cudarc's
+//!   `dynamic-loading`): the crate builds anywhere, and a machine without a
+//!   driver gets "no CUDA driver found" from [`CudaBackend::new`] instead of
+//!   a panic. Kernels are compiled by NVRTC for the device's architecture and
+//!   cached on disk ([`ptx`]).
+//! - Everything runs on the context's default stream, in order; a host read
+//!   (`download`, `sum_sq`) waits for the work before it. Launch and driver
+//!   failures inside an op panic with the kernel's name (the `Backend`
+//!   methods return no `Result`, as on the CPU, where a bad shape asserts).
+
+pub mod ptx;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DeviceRepr, LaunchArgs, LaunchConfig,
+    PushKernelArg,
+};
+
+use super::{Act, AdamW, AttnDims, Backend, CandidateIndex, Dropout, PoolKind};
+use crate::error::{Error, Result};
+use crate::weights::{DType, TensorView};
+
+/// The message of a machine without the CUDA driver (`libcuda.so`).
+pub const NO_DRIVER: &str = "no CUDA driver found: use --device cpu or --device wgpu";
+
+/// Whether the CUDA driver library can be loaded on this machine (no
+/// context is created).
+pub fn driver_present() -> bool {
+    // SAFETY: tries to dlopen libcuda by its usual names; nothing is called.
+    unsafe { cudarc::driver::sys::is_culib_present() }
+}
+
+/// How frozen weight matrices are held on the GPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WeightDtype {
+    /// bf16 (the default): half the memory and tensor-core products.
+    Bf16,
+    /// f32, as read (checks against the CPU with no weight rounding).
+    F32,
+}
+
+/// A device buffer: f32, or a frozen weight in bf16 (raw bits). The logical
+/// length is kept beside the allocation (an empty buffer owns one element:
+/// CUDA allocates nothing of size zero).
+pub enum CudaBuf {
+    F32(CudaSlice<f32>, usize),
+    Bf16(CudaSlice<u16>, usize),
+}
+
+/// Device integers (token ids, labels, indices).
+pub struct CudaIds {
+    data: CudaSlice<u32>,
+    len: usize,
+}
+
+impl CudaIds {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl CudaBuf {
+    pub fn len(&self) -> usize {
+        match self {
+            CudaBuf::F32(_, n) | CudaBuf::Bf16(_, n) => *n,
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Whether the buffer holds bf16 values.
+    pub fn is_bf16(&self) -> bool {
+        matches!(self, CudaBuf::Bf16(..))
+    }
+    fn f32_mut(&mut self) -> &mut CudaSlice<f32> {
+        match self {
+            CudaBuf::F32(s, _) => s,
+            CudaBuf::Bf16(..) => panic!("internal error: a bf16 frozen weight used as an output"),
+        }
+    }
+}
+
+/// An f32 view of an input: the buffer itself, or a converted copy of a
+/// bf16 weight (for ops that have no bf16 kernel; rare by construction,
+/// since rank-1 weights are held in f32).
+enum F32In<'a> {
+    Borrowed(&'a CudaSlice<f32>),
+    Owned(CudaSlice<f32>),
+}
+
+impl std::ops::Deref for F32In<'_> {
+    type Target = CudaSlice<f32>;
+    fn deref(&self) -> &CudaSlice<f32> {
+        match self {
+            F32In::Borrowed(s) => s,
+            F32In::Owned(s) => s,
+        }
+    }
+}
+
+/// `AttnArgs` of kernels/attention.cu (same field order, all 4 bytes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct AttnArgs {
+    batch: i32,
+    seq: i32,
+    kv_seq: i32,
+    q_start: i32,
+    heads: i32,
+    kv_heads: i32,
+    head_dim: i32,
+    causal: i32,
+    scale: f32,
+    drop_p: f32,
+    drop_scale: f32,
+    seed_lo: u32,
+    seed_hi: u32,
+}
+
+// SAFETY: plain old data with the C layout of the kernels' struct.
+unsafe impl DeviceRepr for AttnArgs {}
+
+/// Largest head dimension the attention kernels take (8 registers per lane).
+pub const MAX_HEAD_DIM: usize = 256;
+const ATTN_QPB: usize = 16; // queries per block (forward, dq)
+const ATTN_KPB: usize = 8; // keys per block (dk/dv)
+
+/// The CUDA backend on one device.
+pub struct CudaBackend {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    funcs: HashMap<&'static str, CudaFunction>,
+    weights: WeightDtype,
+    name: String,
+    smem_optin: usize,
+}
+
+/// Every kernel the backend launches, by file.
+pub const KERNELS: &[(&str, &[&str])] = &[
+    (
+        "activation.cu",
+        &[
+            "act_fwd_f32",
+            "act_bwd_f32",
+            "swiglu_fwd_f32",
+            "swiglu_bwd_f32",
+            "dropout_f32",
+        ],
+    ),
+    ("adamw.cu", &["adamw_f32"]),
+    (
+        "attention.cu",
+        &[
+            "attention_fwd_f32",
+            "attention_bwd_prep_f32",
+            "attention_bwd_dq_f32",
+            "attention_bwd_dkv_f32",
+        ],
+    ),
+    ("bias.cu", &["bias_add_f32", "bias_grad_f32"]),
+    (
+        "elementwise.cu",
+        &[
+            "add_f32",
+            "scale_f32",
+            "fill_f32",
+            "copy_f32",
+            "copy_bf16",
+            "scale_rows_f32",
+            "sum_sq_f32",
+        ],
+    ),
+    (
+        "embedding.cu",
+        &[
+            "embedding_fwd_f32",
+            "embedding_fwd_bf16",
+            "scatter_add_rows_f32",
+        ],
+    ),
+    (
+        "loss.cu",
+        &[
+            "cross_entropy_f32",
+            "mse_f32",
+            "candidate_scores_f32",
+            "candidate_examples_f32",
+            "candidate_rows_f32",
+        ],
+    ),
+    (
+        "matmul.cu",
+        &["matmul_f32", "matmul_f32_bf16", "matmul_bf16_bf16"],
+    ),
+    (
+        "norm.cu",
+        &[
+            "layernorm_fwd_f32",
+            "layernorm_bwd_f32",
+            "rmsnorm_fwd_f32",
+            "rmsnorm_bwd_f32",
+        ],
+    ),
+    ("pool.cu", &["pool_fwd_f32", "pool_bwd_f32"]),
+    ("rope.cu", &["rope_f32"]),
+];
+
+const THREADS: u32 = 256;
+
+/// A 1-D launch over `n` elements (grid-stride kernels), `None` when empty.
+fn cfg_1d(n: usize) -> Option<LaunchConfig> {
+    if n == 0 {
+        return None;
+    }
+    let blocks = n.div_ceil(THREADS as usize).min(1 << 16) as u32;
+    Some(LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
+/// A size as the kernels' `int` (sizes are checked, never truncated).
+fn i32_of(what: &str, n: usize) -> i32 {
+    i32::try_from(n).unwrap_or_else(|_| panic!("CUDA backend: {what} = {n} exceeds 2^31 - 1"))
+}
+
+fn seed_halves(seed: u64) -> (u32, u32) {
+    (seed as u32, (seed >> 32) as u32)
+}
+
+fn act_code(act: Act) -> i32 {
+    match act {
+        Act::Gelu => 0,
+        Act::GeluTanh => 1,
+        Act::Relu => 2,
+        Act::Tanh => 3,
+        Act::Silu => 4,
+    }
+}
+
+fn pool_code(kind: PoolKind) -> i32 {
+    match kind {
+        PoolKind::Cls => 0,
+        PoolKind::Mean => 1,
+    }
+}
+
+impl CudaBackend {
+    /// The backend on device `ordinal`, weights in bf16. Fails with
+    /// [`NO_DRIVER`] on a machine without the CUDA driver.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        Self::with_weight_dtype(ordinal, WeightDtype::Bf16)
+    }
+
+    /// The backend with a chosen weight precision.
+    pub fn with_weight_dtype(ordinal: usize, weights: WeightDtype) -> Result<Self> {
+        if !driver_present() {
+            return Err(Error::msg(NO_DRIVER));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| {
+            Error::msg(format!(
+                "CUDA device {ordinal}: cannot create a context: {e}"
+            ))
+        })?;
+        // One stream, in-order: cudarc's per-buffer events (for multi-stream
+        // synchronisation) would only add work to every launch.
+        // SAFETY: every buffer of this backend lives on `stream`.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.default_stream();
+        let dev_err =
+            |e: cudarc::driver::DriverError| Error::msg(format!("CUDA device {ordinal}: {e}"));
+        let cc = ctx.compute_capability().map_err(dev_err)?;
+        if cc.0 < 8 {
+            return Err(Error::msg(format!(
+                "CUDA device {ordinal}: compute capability {}.{}; the kernels need 8.0 or newer (bf16 tensor cores)",
+                cc.0, cc.1
+            )));
+        }
+        let smem_optin = ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+            .map_err(dev_err)? as usize;
+        let mut funcs = HashMap::new();
+        for (file, ptx) in ptx::load_all(cc)? {
+            let module = ctx.load_module(ptx).map_err(|e| {
+                Error::msg(format!(
+                    "CUDA device {ordinal}: loading the PTX of kernels/{file} failed: {e} \
+                     (CUDA_ERROR_UNSUPPORTED_PTX_VERSION means NVRTC is newer than the driver: \
+                     update the driver or use an older NVRTC)"
+                ))
+            })?;
+            let names = KERNELS
+                .iter()
+                .find(|(f, _)| *f == file)
+                .map(|(_, n)| *n)
+                .unwrap_or(&[]);
+            for name in names {
+                let f = module.load_function(name).map_err(|e| {
+                    Error::msg(format!("kernels/{file}: kernel {name} not found: {e}"))
+                })?;
+                funcs.insert(*name, f);
+            }
+        }
+        // The attention kernels size their shared memory by head dimension;
+        // allow them the device's opt-in maximum.
+        for name in [
+            "attention_fwd_f32",
+            "attention_bwd_dq_f32",
+            "attention_bwd_dkv_f32",
+        ] {
+            funcs[name]
+                .set_attribute(
+                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    smem_optin as i32,
+                )
+                .map_err(dev_err)?;
+        }
+        let dev_name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
+        let name = format!(
+            "cuda:{ordinal} ({dev_name}, sm_{}{}, f32 activations, {} weights)",
+            cc.0,
+            cc.1,
+            match weights {
+                WeightDtype::Bf16 => "bf16",
+                WeightDtype::F32 => "f32",
+            }
+        );
+        Ok(CudaBackend {
+            ctx,
+            stream,
+            funcs,
+            weights,
+            name,
+            smem_optin,
+        })
+    }
+
+    /// The CUDA context (for tests and tools).
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// Wait for all queued work (surfacing any asynchronous kernel error).
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream
+            .synchronize()
+            .map_err(|e| Error::msg(format!("CUDA: {e}")))
+    }
+
+    fn f(&self, name: &str) -> &CudaFunction {
+        self.funcs
+            .get(name)
+            .unwrap_or_else(|| panic!("internal error: CUDA kernel {name} not loaded"))
+    }
+
+    fn alloc_f32(&self, n: usize) -> CudaSlice<f32> {
+        self.stream
+            .alloc_zeros::<f32>(n.max(1))
+            .unwrap_or_else(|e| panic!("CUDA: allocating {n} floats failed: {e}"))
+    }
+
+    fn alloc_zeroed<T: DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+        &self,
+        n: usize,
+    ) -> CudaSlice<T> {
+        self.stream
+            .alloc_zeros::<T>(n.max(1))
+            .unwrap_or_else(|e| panic!("CUDA: allocating {n} elements failed: {e}"))
+    }
+
+    /// Launch kernel `name`; `push` adds its arguments in order. `'a` is
+    /// the call's own span: the arguments need only outlive the launch.
+    fn launch<'a>(&'a self, name: &str, cfg: LaunchConfig, push: impl FnOnce(&mut LaunchArgs<'a>)) {
+        let f = self.f(name);
+        let mut b = self.stream.launch_builder(f);
+        push(&mut b);
+        // SAFETY: argument lists match the kernels' signatures (one call site
+        // per kernel, next to its op); every size was checked against the
+        // buffers' lengths by the caller.
+        unsafe { b.launch(cfg) }.unwrap_or_else(|e| panic!("CUDA: launching {name} failed: {e}"));
+    }
+
+    /// An f32 view of an input buffer (converting a bf16 weight).
+    fn f32_in<'a>(&self, buf: &'a CudaBuf) -> F32In<'a> {
+        match buf {
+            CudaBuf::F32(s, _) => F32In::Borrowed(s),
+            CudaBuf::Bf16(s, n) => {
+                let mut out = self.alloc_f32(*n);
+                if let Some(cfg) = cfg_1d(*n) {
+                    let (zero, nn) = (0i32, i32_of("n", *n));
+                    self.launch("copy_bf16", cfg, |b| {
+                        b.arg(&mut out).arg(&zero).arg(s).arg(&zero).arg(&nn);
+                    });
+                }
+                F32In::Owned(out)
+            }
+        }
+    }
+
+    fn need(&self, what: &str, buf_len: usize, n: usize) {
+        assert!(
+            buf_len >= n,
+            "CUDA backend: {what} holds {buf_len} elements, {n} needed"
+        );
+    }
+
+    fn upload_bf16(&self, bits: &[u16]) -> CudaBuf {
+        let n = bits.len();
+        let s = if n == 0 {
+            self.alloc_zeroed::<u16>(1)
+        } else {
+            self.stream
+                .clone_htod(bits)
+                .unwrap_or_else(|e| panic!("CUDA: upload of {n} bf16 values failed: {e}"))
+        };
+        CudaBuf::Bf16(s, n)
+    }
+
+    /// Tile size of the attention kernels: the largest of 32/16/8 rows whose
+    /// shared memory fits the device.
+    fn attn_tile(&self, what: &str, bytes: impl Fn(usize) -> usize) -> (u32, usize) {
+        for t in [32usize, 16, 8] {
+            let b = bytes(t);
+            if b <= self.smem_optin {
+                return (b as u32, t);
+            }
+        }
+        panic!("CUDA: {what}: head dimension too large for shared memory")
+    }
+
+    fn attn_args(&self, dims: &AttnDims, dropout: Option<Dropout>) -> AttnArgs {
+        assert!(
+            dims.head_dim >= 1 && dims.head_dim <= MAX_HEAD_DIM,
+            "CUDA attention: head_dim {} outside 1..={MAX_HEAD_DIM}",
+            dims.head_dim
+        );
+        assert!(
+            dims.kv_heads >= 1 && dims.heads % dims.kv_heads == 0,
+            "CUDA attention: {} heads not a multiple of {} kv heads",
+            dims.heads,
+            dims.kv_heads
+        );
+        let (p, seed) = match dropout {
+            Some(d) if d.p > 0.0 => (d.p, d.seed),
+            _ => (0.0, 0),
+        };
+        let (seed_lo, seed_hi) = seed_halves(seed);
+        AttnArgs {
+            batch: i32_of("batch", dims.batch),
+            seq: i32_of("seq", dims.seq),
+            kv_seq: i32_of("kv_seq", dims.kv_seq),
+            q_start: i32_of("q_start", dims.q_start),
+            heads: i32_of("heads", dims.heads),
+            kv_heads: i32_of("kv_heads", dims.kv_heads),
+            head_dim: i32_of("head_dim", dims.head_dim),
+            causal: dims.causal as i32,
+            scale: dims.scale as f32,
+            drop_p: p,
+            drop_scale: if p > 0.0 {
+                (1.0 / (1.0 - p as f64)) as f32
+            } else {
+                1.0
+            },
+            seed_lo,
+            seed_hi,
+        }
+    }
+}
+
+/// Row stride of the attention kernels' shared-memory tiles (odd: no bank conflicts).
+fn attn_ds(head_dim: usize) -> usize {
+    head_dim | 1
+}
+
+impl Backend for CudaBackend {
+    type T = f32;
+    type Buf = CudaBuf;
+    type Ids = CudaIds;
+
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    fn zeros(&self, n: usize) -> CudaBuf {
+        CudaBuf::F32(self.alloc_f32(n), n)
+    }
+
+    fn upload(&self, data: &[f32]) -> CudaBuf {
+        let n = data.len();
+        if n == 0 {
+            return self.zeros(0);
+        }
+        let s = self
+            .stream
+            .clone_htod(data)
+            .unwrap_or_else(|e| panic!("CUDA: upload of {n} floats failed: {e}"));
+        CudaBuf::F32(s, n)
+    }
+
+    fn download(&self, buf: &CudaBuf) -> Vec<f32> {
+        match buf {
+            CudaBuf::F32(s, n) => {
+                let mut v = self
+                    .stream
+                    .clone_dtoh(s)
+                    .unwrap_or_else(|e| panic!("CUDA: download failed: {e}"));
+                v.truncate(*n);
+                v
+            }
+            CudaBuf::Bf16(s, n) => {
+                let v = self
+                    .stream
+                    .clone_dtoh(s)
+                    .unwrap_or_else(|e| panic!("CUDA: download failed: {e}"));
+                v[..*n]
+                    .iter()
+                    .map(|b| half::bf16::from_bits(*b).to_f32())
+                    .collect()
+            }
+        }
+    }
+
+    fn upload_ids(&self, ids: &[u32]) -> CudaIds {
+        let len = ids.len();
+        let data = if len == 0 {
+            self.alloc_zeroed::<u32>(1)
+        } else {
+            self.stream
+                .clone_htod(ids)
+                .unwrap_or_else(|e| panic!("CUDA: upload of {len} ids failed: {e}"))
+        };
+        CudaIds { data, len }
+    }
+
+    fn weight(&self, t: &TensorView) -> Result<CudaBuf> {
+        let n = t.numel();
+        let matrix = t.shape.len() >= 2;
+        if self.weights == WeightDtype::Bf16 && matrix {
+            let bits: Vec<u16> = if t.dtype == DType::BF16 {
+                t.bytes()
+                    .chunks_exact(2)
+                    .map(|c| u16::from_le_bytes([c[0], c[1]]))
+                    .collect()
+            } else {
+                // Convert in chunks: no f32 copy of the whole tensor.
+                let mut bits = Vec::with_capacity(n);
+                let mut tmp = vec![0f32; n.min(1 << 20)];
+                let mut i = 0;
+                while i < n {
+                    let len = (n - i).min(tmp.len());
+                    t.read_f32_into(i, &mut tmp[..len]);
+                    bits.extend(
+                        tmp[..len]
+                            .iter()
+                            .map(|x| half::bf16::from_f32(*x).to_bits()),
+                    );
+                    i += len;
+                }
+                bits
+            };
+            Ok(self.upload_bf16(&bits))
+        } else {
+            Ok(self.upload(&t.to_f32_vec()))
+        }
+    }
+
+    fn len(&self, buf: &CudaBuf) -> usize {
+        buf.len()
+    }
+
+    fn copy(&self, dst: &mut CudaBuf, dst_off: usize, src: &CudaBuf, src_off: usize, n: usize) {
+        self.need("copy destination", dst.len(), dst_off + n);
+        self.need("copy source", src.len(), src_off + n);
+        let Some(cfg) = cfg_1d(n) else { return };
+        let (d_off, s_off, nn) = (
+            i32_of("dst_off", dst_off),
+            i32_of("src_off", src_off),
+            i32_of("n", n),
+        );
+        let d = dst.f32_mut();
+        match src {
+            CudaBuf::F32(s, _) => self.launch("copy_f32", cfg, |b| {
+                b.arg(d).arg(&d_off).arg(s).arg(&s_off).arg(&nn);
+            }),
+            CudaBuf::Bf16(s, _) => self.launch("copy_bf16", cfg, |b| {
+                b.arg(d).arg(&d_off).arg(s).arg(&s_off).arg(&nn);
+            }),
+        }
+    }
+
+    fn fill(&self, buf: &mut CudaBuf, value: f64) {
+        let n = buf.len();
+        let Some(cfg) = cfg_1d(n) else { return };
+        let (v, nn) = (value as f32, i32_of("n", n));
+        let y = buf.f32_mut();
+        self.launch("fill_f32", cfg, |b| {
+            b.arg(y).arg(&v).arg(&nn);
+        });
+    }
+
+    fn matmul(
+        &self,
+        c: &mut CudaBuf,
+        a: &CudaBuf,
+        b: &CudaBuf,
+        m: usize,
+        n: usize,
+        k: usize,
+        ta: bool,
+        tb: bool,
+        accumulate: bool,
+    ) {
+        self.need("matmul a", a.len(), m * k);
+        self.need("matmul b", b.len(), k * n);
+        self.need("matmul c", c.len(), m * n);
+        if m == 0 || n == 0 {
+            return;
+        }
+        if k == 0 {
+            if !accumulate {
+                self.fill_prefix(c, m * n);
+            }
+            return;
+        }
+        let (mi, ni, ki) = (i32_of("m", m), i32_of("n", n), i32_of("k", k));
+        // Strides of op(a) (m x k), op(b) (k x n) and c.
+        let (sam, sak) = if ta { (1, mi) } else { (ki, 1) };
+        let (sbk, sbn) = if tb { (1, ki) } else { (ni, 1) };
+        let (scm, scn) = (ni, 1);
+        let acc = accumulate as i32;
+        // (kernel, m, n, a, b, strides of a', b', c') — the (bf16, f32) case
+        // computes cᵀ = op(b)ᵀ·op(a)ᵀ so that the bf16 operand is the
+        // kernel's b.
+        let c = c.f32_mut();
+        let grid = |rows: usize, cols: usize, tile: usize| {
+            let gy = rows.div_ceil(tile);
+            assert!(gy <= 65_535, "CUDA matmul: {rows} rows exceed the grid");
+            (cols.div_ceil(tile) as u32, gy as u32, 1u32)
+        };
+        match (a, b) {
+            (CudaBuf::F32(a, _), CudaBuf::F32(b, _)) => {
+                let cfg = LaunchConfig {
+                    grid_dim: grid(m, n, 64),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                self.launch("matmul_f32", cfg, |l| {
+                    l.arg(c).arg(a).arg(b).arg(&mi).arg(&ni).arg(&ki);
+                    l.arg(&sam)
+                        .arg(&sak)
+                        .arg(&sbk)
+                        .arg(&sbn)
+                        .arg(&scm)
+                        .arg(&scn)
+                        .arg(&acc);
+                });
+            }
+            (CudaBuf::F32(a, _), CudaBuf::Bf16(b, _)) => {
+                let cfg = LaunchConfig {
+                    grid_dim: grid(m, n, 64),
+                    block_dim: (128, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                self.launch("matmul_f32_bf16", cfg, |l| {
+                    l.arg(c).arg(a).arg(b).arg(&mi).arg(&ni).arg(&ki);
+                    l.arg(&sam)
+                        .arg(&sak)
+                        .arg(&sbk)
+                        .arg(&sbn)
+                        .arg(&scm)
+                        .arg(&scn)
+                        .arg(&acc);
+                });
+            }
+            (CudaBuf::Bf16(a, _), CudaBuf::Bf16(b, _)) => {
+                let cfg = LaunchConfig {
+                    grid_dim: grid(m, n, 64),
+                    block_dim: (128, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                self.launch("matmul_bf16_bf16", cfg, |l| {
+                    l.arg(c).arg(a).arg(b).arg(&mi).arg(&ni).arg(&ki);
+                    l.arg(&sam)
+                        .arg(&sak)
+                        .arg(&sbk)
+                        .arg(&sbn)
+                        .arg(&scm)
+                        .arg(&scn)
+                        .arg(&acc);
+                });
+            }
+            (CudaBuf::Bf16(a, _), CudaBuf::F32(b, _)) => {
+                // cᵀ (n x m) = op(b)ᵀ (n x k) · op(a)ᵀ (k x m), stored into c.
+                let cfg = LaunchConfig {
+                    grid_dim: grid(n, m, 64),
+                    block_dim: (128, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                self.launch("matmul_f32_bf16", cfg, |l| {
+                    l.arg(c).arg(b).arg(a).arg(&ni).arg(&mi).arg(&ki);
+                    // a'(i, p) = op(b)(p, i); b'(p, j) = op(a)(j, p); c'(i, j) = c(j, i)
+                    l.arg(&sbn)
+                        .arg(&sbk)
+                        .arg(&sak)
+                        .arg(&sam)
+                        .arg(&scn)
+                        .arg(&scm)
+                        .arg(&acc);
+                });
+            }
+        }
+    }
+
+    fn bias_add(&self, y: &mut CudaBuf, bias: &CudaBuf, bias_off: usize, rows: usize, cols: usize) {
+        self.need("bias_add y", y.len(), rows * cols);
+        self.need("bias_add bias", bias.len(), bias_off + cols);
+        let Some(cfg) = cfg_1d(rows * cols) else {
+            return;
+        };
+        let bias = self.f32_in(bias);
+        let (off, r, c) = (
+            i32_of("bias_off", bias_off),
+            i32_of("rows", rows),
+            i32_of("cols", cols),
+        );
+        let y = y.f32_mut();
+        self.launch("bias_add_f32", cfg, |b| {
+            b.arg(y).arg(&*bias).arg(&off).arg(&r).arg(&c);
+        });
+    }
+
+    fn bias_grad(&self, db: &mut CudaBuf, db_off: usize, dy: &CudaBuf, rows: usize, cols: usize) {
+        self.need("bias_grad db", db.len(), db_off + cols);
+        self.need("bias_grad dy", dy.len(), rows * cols);
+        if cols == 0 {
+            return;
+        }
+        let dy = self.f32_in(dy);
+        let (off, r, c) = (
+            i32_of("db_off", db_off),
+            i32_of("rows", rows),
+            i32_of("cols", cols),
+        );
+        let cfg = LaunchConfig {
+            grid_dim: (cols.div_ceil(32) as u32, 1, 1),
+            block_dim: (32, 8, 1),
+            shared_mem_bytes: 0,
+        };
+        let db = db.f32_mut();
+        self.launch("bias_grad_f32", cfg, |b| {
+            b.arg(db).arg(&off).arg(&*dy).arg(&r).arg(&c);
+        });
+    }
+
+    fn add(&self, y: &mut CudaBuf, x: &CudaBuf, n: usize) {
+        self.need("add y", y.len(), n);
+        self.need("add x", x.len(), n);
+        let Some(cfg) = cfg_1d(n) else { return };
+        let x = self.f32_in(x);
+        let nn = i32_of("n", n);
+        let y = y.f32_mut();
+        self.launch("add_f32", cfg, |b| {
+            b.arg(y).arg(&*x).arg(&nn);
+        });
+    }
+
+    fn scale(&self, y: &mut CudaBuf, s: f64, n: usize) {
+        self.need("scale y", y.len(), n);
+        let Some(cfg) = cfg_1d(n) else { return };
+        let (s, nn) = (s as f32, i32_of("n", n));
+        let y = y.f32_mut();
+        self.launch("scale_f32", cfg, |b| {
+            b.arg(y).arg(&s).arg(&nn);
+        });
+    }
+
+    fn sum_sq(&self, y: &CudaBuf, n: usize) -> f64 {
+        self.need("sum_sq y", y.len(), n);
+        let Some(mut cfg) = cfg_1d(n) else { return 0.0 };
+        cfg.grid_dim.0 = cfg.grid_dim.0.min(1024);
+        let blocks = cfg.grid_dim.0 as usize;
+        let y = self.f32_in(y);
+        let mut partial = self.alloc_zeroed::<f64>(blocks);
+        let nn = i32_of("n", n);
+        self.launch("sum_sq_f32", cfg, |b| {
+            b.arg(&mut partial).arg(&*y).arg(&nn);
+        });
+        let host = self
+            .stream
+            .clone_dtoh(&partial)
+            .unwrap_or_else(|e| panic!("CUDA: sum_sq read-back failed: {e}"));
+        host[..blocks].iter().sum()
+    }
+
+    fn act_fwd(&self, act: Act, y: &mut CudaBuf, x: &CudaBuf, n: usize) {
+        self.need("act_fwd y", y.len(), n);
+        self.need("act_fwd x", x.len(), n);
+        let Some(cfg) = cfg_1d(n) else { return };
+        let x = self.f32_in(x);
+        let (code, nn) = (act_code(act), i32_of("n", n));
+        let y = y.f32_mut();
+        self.launch("act_fwd_f32", cfg, |b| {
+            b.arg(&code).arg(y).arg(&*x).arg(&nn);
+        });
+    }
+
+    fn act_bwd(&self, act: Act, dx: &mut CudaBuf, x: &CudaBuf, dy: &CudaBuf, n: usize) {
+        self.need("act_bwd dx", dx.len(), n);
+        self.need("act_bwd x", x.len(), n);
+        self.need("act_bwd dy", dy.len(), n);
+        let Some(cfg) = cfg_1d(n) else { return };
+        let (x, dy) = (self.f32_in(x), self.f32_in(dy));
+        let (code, nn) = (act_code(act), i32_of("n", n));
+        let dx = dx.f32_mut();
+        self.launch("act_bwd_f32", cfg, |b| {
+            b.arg(&code).arg(dx).arg(&*x).arg(&*dy).arg(&nn);
+        });
+    }
+
+    fn dropout(&self, y: &mut CudaBuf, n: usize, p: f32, seed: u64) {
+        self.need("dropout y", y.len(), n);
+        if p <= 0.0 {
+            return;
+        }
+        let Some(cfg) = cfg_1d(n) else { return };
+        let scale = (1.0 / (1.0 - p as f64)) as f32;
+        let (lo, hi) = seed_halves(seed);
+        let nn = i32_of("n", n);
+        let y = y.f32_mut();
+        self.launch("dropout_f32", cfg, |b| {
+            b.arg(y).arg(&nn).arg(&p).arg(&scale).arg(&lo).arg(&hi);
+        });
+    }
+
+    fn layernorm_fwd(
+        &self,
+        y: &mut CudaBuf,
+        xhat: &mut CudaBuf,
+        rstd: &mut CudaBuf,
+        x: &CudaBuf,
+        gamma: &CudaBuf,
+        beta: &CudaBuf,
+        beta_off: usize,
+        rows: usize,
+        cols: usize,
+        eps: f64,
+    ) {
+        for (what, len, need) in [
+            ("y", y.len(), rows * cols),
+            ("xhat", xhat.len(), rows * cols),
+            ("rstd", rstd.len(), rows),
+            ("x", x.len(), rows * cols),
+            ("gamma", gamma.len(), cols),
+            ("beta", beta.len(), beta_off + cols),
+        ] {
+            self.need(&format!("layernorm_fwd {what}"), len, need);
+        }
+        if rows == 0 {
+            return;
+        }
+        let (x, g, bt) = (self.f32_in(x), self.f32_in(gamma), self.f32_in(beta));
+        let (off, r, c, e) = (
+            i32_of("beta_off", beta_off),
+            i32_of("rows", rows),
+            i32_of("cols", cols),
+            eps as f32,
+        );
+        let cfg = rows_cfg(rows);
+        let (y, xh, rs) = (y.f32_mut(), xhat.f32_mut(), rstd.f32_mut());
+        self.launch("layernorm_fwd_f32", cfg, |b| {
+            b.arg(y).arg(xh).arg(rs).arg(&*x).arg(&*g).arg(&*bt);
+            b.arg(&off).arg(&r).arg(&c).arg(&e);
+        });
+    }
+
+    fn layernorm_bwd(
+        &self,
+        dx: &mut CudaBuf,
+        dy: &CudaBuf,
+        xhat: &CudaBuf,
+        rstd: &CudaBuf,
+        gamma: &CudaBuf,
+        rows: usize,
+        cols: usize,
+    ) {
+        self.norm_bwd("layernorm_bwd_f32", dx, dy, xhat, rstd, gamma, rows, cols);
+    }
+
+    fn attention_fwd(
+        &self,
+        out: &mut CudaBuf,
+        lse: &mut CudaBuf,
+        q: &CudaBuf,
+        k: &CudaBuf,
+        v: &CudaBuf,
+        mask: &CudaBuf,
+        dims: AttnDims,
+        dropout: Option<Dropout>,
+    ) {
+        let a = self.attn_args(&dims, dropout);
+        let (qn, kn) = (
+            dims.batch * dims.seq * dims.heads * dims.head_dim,
+            dims.batch * dims.kv_seq * dims.kv_heads * dims.head_dim,
+        );
+        self.need("attention_fwd out", out.len(), qn);
+        self.need(
+            "attention_fwd lse",
+            lse.len(),
+            dims.batch * dims.heads * dims.seq,
+        );
+        self.need("attention_fwd q", q.len(), qn);
+        self.need("attention_fwd k", k.len(), kn);
+        self.need("attention_fwd v", v.len(), kn);
+        self.need("attention_fwd mask", mask.len(), dims.batch * dims.kv_seq);
+        if qn == 0 {
+            return;
+        }
+        let ds = attn_ds(dims.head_dim);
+        let (smem, kt) = self.attn_tile("attention_fwd", |kt| (2 * kt + ATTN_QPB) * ds * 4);
+        let (q, k, v, mask) = (
+            self.f32_in(q),
+            self.f32_in(k),
+            self.f32_in(v),
+            self.f32_in(mask),
+        );
+        let cfg = LaunchConfig {
+            grid_dim: (
+                dims.seq.div_ceil(ATTN_QPB) as u32,
+                dims.heads as u32,
+                dims.batch as u32,
+            ),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: smem,
+        };
+        let kt = kt as i32;
+        let (out, lse) = (out.f32_mut(), lse.f32_mut());
+        self.launch("attention_fwd_f32", cfg, |b| {
+            b.arg(out)
+                .arg(lse)
+                .arg(&*q)
+                .arg(&*k)
+                .arg(&*v)
+                .arg(&*mask)
+                .arg(&a)
+                .arg(&kt);
+        });
+    }
+
+    fn attention_bwd(
+        &self,
+        dq: &mut CudaBuf,
+        dk: &mut CudaBuf,
+        dv: &mut CudaBuf,
+        dout: &CudaBuf,
+        q: &CudaBuf,
+        k: &CudaBuf,
+        v: &CudaBuf,
+        out: &CudaBuf,
+        lse: &CudaBuf,
+        mask: &CudaBuf,
+        dims: AttnDims,
+        dropout: Option<Dropout>,
+    ) {
+        assert!(
+            dims.kv_seq == dims.seq && dims.q_start == 0,
+            "attention_bwd: training shape only"
+        );
+        let a = self.attn_args(&dims, dropout);
+        let qn = dims.batch * dims.seq * dims.heads * dims.head_dim;
+        let kn = dims.batch * dims.kv_seq * dims.kv_heads * dims.head_dim;
+        let ln = dims.batch * dims.heads * dims.seq;
+        for (what, len, need) in [
+            ("dq", dq.len(), qn),
+            ("dk", dk.len(), kn),
+            ("dv", dv.len(), kn),
+            ("dout", dout.len(), qn),
+            ("q", q.len(), qn),
+            ("k", k.len(), kn),
+            ("v", v.len(), kn),
+            ("out", out.len(), qn),
+            ("lse", lse.len(), ln),
+            ("mask", mask.len(), dims.batch * dims.kv_seq),
+        ] {
+            self.need(&format!("attention_bwd {what}"), len, need);
+        }
+        if qn == 0 {
+            return;
+        }
+        let (dout, q, k, v, out, lse, mask) = (
+            self.f32_in(dout),
+            self.f32_in(q),
+            self.f32_in(k),
+            self.f32_in(v),
+            self.f32_in(out),
+            self.f32_in(lse),
+            self.f32_in(mask),
+        );
+        // D_i = dO_i · O_i, one warp per query row.
+        let mut dsum = self.alloc_f32(ln);
+        let rows = dims.batch * dims.seq * dims.heads;
+        let cfg = LaunchConfig {
+            grid_dim: (rows.div_ceil(4) as u32, 1, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        self.launch("attention_bwd_prep_f32", cfg, |b| {
+            b.arg(&mut dsum).arg(&*dout).arg(&*out).arg(&a);
+        });
+        let ds = attn_ds(dims.head_dim);
+        let (smem, kt) =
+            self.attn_tile("attention_bwd (dq)", |kt| (2 * kt + 2 * ATTN_QPB) * ds * 4);
+        let cfg = LaunchConfig {
+            grid_dim: (
+                dims.seq.div_ceil(ATTN_QPB) as u32,
+                dims.heads as u32,
+                dims.batch as u32,
+            ),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: smem,
+        };
+        let kt = kt as i32;
+        let dq = dq.f32_mut();
+        self.launch("attention_bwd_dq_f32", cfg, |b| {
+            b.arg(dq).arg(&*dout).arg(&*q).arg(&*k).arg(&*v);
+            b.arg(&*lse).arg(&dsum).arg(&*mask).arg(&a).arg(&kt);
+        });
+        let (smem, qt) = self.attn_tile("attention_bwd (dk, dv)", |qt| {
+            (2 * ATTN_KPB + 2 * qt) * ds * 4 + 2 * qt * 4
+        });
+        let cfg = LaunchConfig {
+            grid_dim: (
+                dims.kv_seq.div_ceil(ATTN_KPB) as u32,
+                dims.kv_heads as u32,
+                dims.batch as u32,
+            ),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: smem,
+        };
+        let qt = qt as i32;
+        let (dk, dv) = (dk.f32_mut(), dv.f32_mut());
+        self.launch("attention_bwd_dkv_f32", cfg, |b| {
+            b.arg(dk).arg(dv).arg(&*dout).arg(&*q).arg(&*k).arg(&*v);
+            b.arg(&*lse).arg(&dsum).arg(&*mask).arg(&a).arg(&qt);
+        });
+    }
+
+    fn rmsnorm_fwd(
+        &self,
+        y: &mut CudaBuf,
+        xhat: &mut CudaBuf,
+        rstd: &mut CudaBuf,
+        x: &CudaBuf,
+        gamma: &CudaBuf,
+        rows: usize,
+        cols: usize,
+        eps: f64,
+    ) {
+        for (what, len, need) in [
+            ("y", y.len(), rows * cols),
+            ("xhat", xhat.len(), rows * cols),
+            ("rstd", rstd.len(), rows),
+            ("x", x.len(), rows * cols),
+            ("gamma", gamma.len(), cols),
+        ] {
+            self.need(&format!("rmsnorm_fwd {what}"), len, need);
+        }
+        if rows == 0 {
+            return;
+        }
+        let (x, g) = (self.f32_in(x), self.f32_in(gamma));
+        let (r, c, e) = (i32_of("rows", rows), i32_of("cols", cols), eps as f32);
+        let cfg = rows_cfg(rows);
+        let (y, xh, rs) = (y.f32_mut(), xhat.f32_mut(), rstd.f32_mut());
+        self.launch("rmsnorm_fwd_f32", cfg, |b| {
+            b.arg(y)
+                .arg(xh)
+                .arg(rs)
+                .arg(&*x)
+                .arg(&*g)
+                .arg(&r)
+                .arg(&c)
+                .arg(&e);
+        });
+    }
+
+    fn rmsnorm_bwd(
+        &self,
+        dx: &mut CudaBuf,
+        dy: &CudaBuf,
+        xhat: &CudaBuf,
+        rstd: &CudaBuf,
+        gamma: &CudaBuf,
+        rows: usize,
+        cols: usize,
+    ) {
+        self.norm_bwd("rmsnorm_bwd_f32", dx, dy, xhat, rstd, gamma, rows, cols);
+    }
+
+    fn rope(
+        &self,
+        x: &mut CudaBuf,
+        positions: &CudaIds,
+        rows: usize,
+        heads: usize,
+        head_dim: usize,
+        theta: f64,
+        inverse: bool,
+    ) {
+        self.need("rope x", x.len(), rows * heads * head_dim);
+        self.need("rope positions", positions.len(), rows);
+        let Some(cfg) = cfg_1d(rows * heads * (head_dim / 2)) else {
+            return;
+        };
+        let (r, h, d, inv) = (
+            i32_of("rows", rows),
+            i32_of("heads", heads),
+            i32_of("head_dim", head_dim),
+            inverse as i32,
+        );
+        let x = x.f32_mut();
+        self.launch("rope_f32", cfg, |b| {
+            b.arg(x)
+                .arg(&positions.data)
+                .arg(&r)
+                .arg(&h)
+                .arg(&d)
+                .arg(&theta)
+                .arg(&inv);
+        });
+    }
+
+    fn swiglu_fwd(&self, h: &mut CudaBuf, gate: &CudaBuf, up: &CudaBuf, n: usize) {
+        self.need("swiglu_fwd h", h.len(), n);
+        self.need("swiglu_fwd gate", gate.len(), n);
+        self.need("swiglu_fwd up", up.len(), n);
+        let Some(cfg) = cfg_1d(n) else { return };
+        let (g, u) = (self.f32_in(gate), self.f32_in(up));
+        let nn = i32_of("n", n);
+        let h = h.f32_mut();
+        self.launch("swiglu_fwd_f32", cfg, |b| {
+            b.arg(h).arg(&*g).arg(&*u).arg(&nn);
+        });
+    }
+
+    fn swiglu_bwd(
+        &self,
+        dgate: &mut CudaBuf,
+        dup: &mut CudaBuf,
+        dh: &CudaBuf,
+        gate: &CudaBuf,
+        up: &CudaBuf,
+        n: usize,
+    ) {
+        for (what, len) in [
+            ("dgate", dgate.len()),
+            ("dup", dup.len()),
+            ("dh", dh.len()),
+            ("gate", gate.len()),
+            ("up", up.len()),
+        ] {
+            self.need(&format!("swiglu_bwd {what}"), len, n);
+        }
+        let Some(cfg) = cfg_1d(n) else { return };
+        let (d, g, u) = (self.f32_in(dh), self.f32_in(gate), self.f32_in(up));
+        let nn = i32_of("n", n);
+        let (dg, du) = (dgate.f32_mut(), dup.f32_mut());
+        self.launch("swiglu_bwd_f32", cfg, |b| {
+            b.arg(dg).arg(du).arg(&*d).arg(&*g).arg(&*u).arg(&nn);
+        });
+    }
+
+    fn embedding_fwd(
+        &self,
+        out: &mut CudaBuf,
+        table: &CudaBuf,
+        ids: &CudaIds,
+        rows: usize,
+        dim: usize,
+        accumulate: bool,
+    ) {
+        self.need("embedding_fwd out", out.len(), rows * dim);
+        self.need("embedding_fwd ids", ids.len(), rows);
+        let Some(cfg) = cfg_1d(rows * dim) else {
+            return;
+        };
+        let (r, d, acc) = (i32_of("rows", rows), i32_of("dim", dim), accumulate as i32);
+        let out = out.f32_mut();
+        match table {
+            CudaBuf::F32(t, _) => self.launch("embedding_fwd_f32", cfg, |b| {
+                b.arg(out).arg(t).arg(&ids.data).arg(&r).arg(&d).arg(&acc);
+            }),
+            CudaBuf::Bf16(t, _) => self.launch("embedding_fwd_bf16", cfg, |b| {
+                b.arg(out).arg(t).arg(&ids.data).arg(&r).arg(&d).arg(&acc);
+            }),
+        }
+    }
+
+    fn scatter_add_rows(
+        &self,
+        dx: &mut CudaBuf,
+        dy: &CudaBuf,
+        idx: &CudaIds,
+        rows: usize,
+        cols: usize,
+    ) {
+        self.need("scatter_add_rows dy", dy.len(), rows * cols);
+        self.need("scatter_add_rows idx", idx.len(), rows);
+        if rows == 0 || cols == 0 {
+            return;
+        }
+        let dy = self.f32_in(dy);
+        let (r, c) = (i32_of("rows", rows), i32_of("cols", cols));
+        let cfg = LaunchConfig {
+            grid_dim: (cols.div_ceil(128) as u32, 1, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let dx = dx.f32_mut();
+        self.launch("scatter_add_rows_f32", cfg, |b| {
+            b.arg(dx).arg(&*dy).arg(&idx.data).arg(&r).arg(&c);
+        });
+    }
+
+    fn scale_rows(&self, y: &mut CudaBuf, w: &CudaBuf, rows: usize, cols: usize) {
+        self.need("scale_rows y", y.len(), rows * cols);
+        self.need("scale_rows w", w.len(), rows);
+        let Some(cfg) = cfg_1d(rows * cols) else {
+            return;
+        };
+        let w = self.f32_in(w);
+        let (r, c) = (i32_of("rows", rows), i32_of("cols", cols));
+        let y = y.f32_mut();
+        self.launch("scale_rows_f32", cfg, |b| {
+            b.arg(y).arg(&*w).arg(&r).arg(&c);
+        });
+    }
+
+    fn pool_fwd(
+        &self,
+        kind: PoolKind,
+        out: &mut CudaBuf,
+        h: &CudaBuf,
+        mask: &CudaBuf,
+        b: usize,
+        t: usize,
+        d: usize,
+    ) {
+        self.need("pool_fwd out", out.len(), b * d);
+        self.need("pool_fwd h", h.len(), b * t * d);
+        self.need("pool_fwd mask", mask.len(), b * t);
+        let Some(cfg) = cfg_1d(b * d) else { return };
+        let (h, mask) = (self.f32_in(h), self.f32_in(mask));
+        let (code, bi, ti, di) = (
+            pool_code(kind),
+            i32_of("b", b),
+            i32_of("t", t),
+            i32_of("d", d),
+        );
+        let out = out.f32_mut();
+        self.launch("pool_fwd_f32", cfg, |l| {
+            l.arg(&code)
+                .arg(out)
+                .arg(&*h)
+                .arg(&*mask)
+                .arg(&bi)
+                .arg(&ti)
+                .arg(&di);
+        });
+    }
+
+    fn pool_bwd(
+        &self,
+        kind: PoolKind,
+        dh: &mut CudaBuf,
+        dout: &CudaBuf,
+        mask: &CudaBuf,
+        b: usize,
+        t: usize,
+        d: usize,
+    ) {
+        self.need("pool_bwd dh", dh.len(), b * t * d);
+        self.need("pool_bwd dout", dout.len(), b * d);
+        self.need("pool_bwd mask", mask.len(), b * t);
+        let Some(cfg) = cfg_1d(b * t * d) else { return };
+        let (dout, mask) = (self.f32_in(dout), self.f32_in(mask));
+        let (code, bi, ti, di) = (
+            pool_code(kind),
+            i32_of("b", b),
+            i32_of("t", t),
+            i32_of("d", d),
+        );
+        let dh = dh.f32_mut();
+        self.launch("pool_bwd_f32", cfg, |l| {
+            l.arg(&code)
+                .arg(dh)
+                .arg(&*dout)
+                .arg(&*mask)
+                .arg(&bi)
+                .arg(&ti)
+                .arg(&di);
+        });
+    }
+
+    fn cross_entropy(
+        &self,
+        losses: &mut CudaBuf,
+        dlogits: &mut CudaBuf,
+        logits: &CudaBuf,
+        labels: &CudaIds,
+        rows: usize,
+        classes: usize,
+        grad_scale: f64,
+    ) {
+        self.need("cross_entropy losses", losses.len(), rows);
+        self.need("cross_entropy dlogits", dlogits.len(), rows * classes);
+        self.need("cross_entropy logits", logits.len(), rows * classes);
+        self.need("cross_entropy labels", labels.len(), rows);
+        if rows == 0 || classes == 0 {
+            return;
+        }
+        let x = self.f32_in(logits);
+        let (r, c, gs) = (
+            i32_of("rows", rows),
+            i32_of("classes", classes),
+            grad_scale as f32,
+        );
+        let cfg = LaunchConfig {
+            grid_dim: (r as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (l, d) = (losses.f32_mut(), dlogits.f32_mut());
+        self.launch("cross_entropy_f32", cfg, |b| {
+            b.arg(l)
+                .arg(d)
+                .arg(&*x)
+                .arg(&labels.data)
+                .arg(&r)
+                .arg(&c)
+                .arg(&gs);
+        });
+    }
+
+    fn candidate_loss(
+        &self,
+        ex_loss: &mut CudaBuf,
+        scores: &mut CudaBuf,
+        row_w: &mut CudaBuf,
+        tok_loss: &CudaBuf,
+        idx: &CandidateIndex<'_, CudaIds>,
+        grad_scale: f64,
+    ) {
+        let (nr, nc, ne) = (idx.rows, idx.cands, idx.examples);
+        self.need("candidate_loss ex_loss", ex_loss.len(), ne);
+        self.need("candidate_loss scores", scores.len(), nc);
+        self.need("candidate_loss row_w", row_w.len(), nr);
+        self.need("candidate_loss tok_loss", tok_loss.len(), nr);
+        self.need("candidate_loss tok_cand", idx.tok_cand.len(), nr);
+        self.need("candidate_loss cand_ex", idx.cand_ex.len(), nc);
+        self.need("candidate_loss gold", idx.gold.len(), ne);
+        let tl = self.f32_in(tok_loss);
+        let mut s = self.alloc_zeroed::<f64>(nc);
+        let mut dsc = self.alloc_zeroed::<f64>(nc);
+        let mut len = self.alloc_zeroed::<i32>(nc);
+        let (r, c, e) = (
+            i32_of("rows", nr),
+            i32_of("cands", nc),
+            i32_of("examples", ne),
+        );
+        if let Some(cfg) = cfg_1d(nc) {
+            let sc = scores.f32_mut();
+            self.launch("candidate_scores_f32", cfg, |b| {
+                b.arg(sc)
+                    .arg(&mut s)
+                    .arg(&mut len)
+                    .arg(&*tl)
+                    .arg(&idx.tok_cand.data);
+                b.arg(&r).arg(&c);
+            });
+        }
+        if let Some(cfg) = cfg_1d(ne) {
+            let el = ex_loss.f32_mut();
+            self.launch("candidate_examples_f32", cfg, |b| {
+                b.arg(el)
+                    .arg(&mut dsc)
+                    .arg(&s)
+                    .arg(&idx.cand_ex.data)
+                    .arg(&idx.gold.data);
+                b.arg(&c).arg(&e);
+            });
+        }
+        if let Some(cfg) = cfg_1d(nr) {
+            let w = row_w.f32_mut();
+            self.launch("candidate_rows_f32", cfg, |b| {
+                b.arg(w)
+                    .arg(&dsc)
+                    .arg(&len)
+                    .arg(&idx.tok_cand.data)
+                    .arg(&r)
+                    .arg(&grad_scale);
+            });
+        }
+    }
+
+    fn mse(
+        &self,
+        losses: &mut CudaBuf,
+        dx: &mut CudaBuf,
+        x: &CudaBuf,
+        target: &CudaBuf,
+        rows: usize,
+        grad_scale: f64,
+    ) {
+        self.need("mse losses", losses.len(), rows);
+        self.need("mse dx", dx.len(), rows);
+        self.need("mse x", x.len(), rows);
+        self.need("mse target", target.len(), rows);
+        let Some(cfg) = cfg_1d(rows) else { return };
+        let (x, t) = (self.f32_in(x), self.f32_in(target));
+        let (r, g2) = (i32_of("rows", rows), (2.0 * grad_scale) as f32);
+        let (l, d) = (losses.f32_mut(), dx.f32_mut());
+        self.launch("mse_f32", cfg, |b| {
+            b.arg(l).arg(d).arg(&*x).arg(&*t).arg(&r).arg(&g2);
+        });
+    }
+
+    fn adamw(
+        &self,
+        params: &mut CudaBuf,
+        grads: &CudaBuf,
+        m: &mut CudaBuf,
+        v: &mut CudaBuf,
+        n: usize,
+        h: AdamW,
+    ) {
+        self.need("adamw params", params.len(), n);
+        self.need("adamw grads", grads.len(), n);
+        self.need("adamw m", m.len(), n);
+        self.need("adamw v", v.len(), n);
+        let Some(cfg) = cfg_1d(n) else { return };
+        let g = self.f32_in(grads);
+        let bc1 = 1.0 - h.beta1.powi(h.step as i32);
+        let bc2 = 1.0 - h.beta2.powi(h.step as i32);
+        let nn = i32_of("n", n);
+        let (p, m, v) = (params.f32_mut(), m.f32_mut(), v.f32_mut());
+        self.launch("adamw_f32", cfg, |b| {
+            b.arg(p).arg(&*g).arg(m).arg(v).arg(&nn);
+            b.arg(&h.lr)
+                .arg(&h.beta1)
+                .arg(&h.beta2)
+                .arg(&h.eps)
+                .arg(&h.weight_decay);
+            b.arg(&bc1).arg(&bc2);
+        });
+    }
+}
+
+/// One warp per row, 4 rows per 128-thread block (kernels/norm.cu).
+fn rows_cfg(rows: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows.div_ceil(4) as u32, 1, 1),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+impl CudaBackend {
+    /// Set the first `n` elements of `c` to zero (a matmul with k = 0).
+    fn fill_prefix(&self, c: &mut CudaBuf, n: usize) {
+        let Some(cfg) = cfg_1d(n) else { return };
+        let (v, nn) = (0f32, i32_of("n", n));
+        let y = c.f32_mut();
+        self.launch("fill_f32", cfg, |b| {
+            b.arg(y).arg(&v).arg(&nn);
+        });
+    }
+
+    fn norm_bwd(
+        &self,
+        kernel: &str,
+        dx: &mut CudaBuf,
+        dy: &CudaBuf,
+        xhat: &CudaBuf,
+        rstd: &CudaBuf,
+        gamma: &CudaBuf,
+        rows: usize,
+        cols: usize,
+    ) {
+        for (what, len, need) in [
+            ("dx", dx.len(), rows * cols),
+            ("dy", dy.len(), rows * cols),
+            ("xhat", xhat.len(), rows * cols),
+            ("rstd", rstd.len(), rows),
+            ("gamma", gamma.len(), cols),
+        ] {
+            self.need(&format!("{kernel} {what}"), len, need);
+        }
+        if rows == 0 {
+            return;
+        }
+        let (dy, xh, rs, g) = (
+            self.f32_in(dy),
+            self.f32_in(xhat),
+            self.f32_in(rstd),
+            self.f32_in(gamma),
+        );
+        let (r, c) = (i32_of("rows", rows), i32_of("cols", cols));
+        let dx = dx.f32_mut();
+        self.launch(kernel, rows_cfg(rows), |b| {
+            b.arg(dx)
+                .arg(&*dy)
+                .arg(&*xh)
+                .arg(&*rs)
+                .arg(&*g)
+                .arg(&r)
+                .arg(&c);
+        });
+    }
+}
