@@ -494,7 +494,7 @@ def make_case(name: str, case: dict):
                 f32_err=f32_err, n_grads=len(names))
 
 
-def write_readme(results: dict):
+def write_readme(results: dict, dec_results: dict):
     v = versions()
     lines = [
         "# Hugging Face parity fixtures",
@@ -601,8 +601,253 @@ def write_readme(results: dict):
     for name, r in results.items():
         size = sum(p.stat().st_size for p in r["case_dir"].rglob("*") if p.is_file())
         lines.append(f"| `{name}` | {size / 1024:.1f} KiB | {r['loss']:.6f} | {r['f32_err']:.1e} |")
+    lines += [
+        "",
+        "## Decoder cases",
+        "",
+        "Tiny random causal LMs (vocab 64, hidden 32, 2 layers, 4 heads, MLP 48, 40 positions),",
+        "batch of 3 rows of 7, 5 and 3 real tokens (left or right padding), position_ids =",
+        "number of real tokens before each token. Loss: mean next-token cross-entropy over every",
+        "position whose next token is real (`rows` = b·T + t, `targets` = the next token).",
+        "`logits` holds the logits at those rows only ([R, vocab]). Every bias has a gradient",
+        "`grad.<name>`; GPT-2's fused `c_attn.bias` is one [3·hidden] tensor (q, k, v slices).",
+        "LLaMA / Qwen2 get zero biases on their bias-free projections before the gradient is",
+        "taken (metadata `added_biases`); `model/` does not contain them.",
+        "",
+        "| case | model | padding | notes |",
+        "|---|---|---|---|",
+        "| `gpt2_lm` | GPT2LMHeadModel, gelu_new, tied head | right | Conv1D weights, fused c_attn |",
+        "| `opt_lm` | OPTForCausalLM, pre-LN, ReLU, tied head | left | learned positions offset 2 |",
+        "| `opt_postln_lm` | OPTForCausalLM, do_layer_norm_before=false, word_embed_proj_dim=24 | right | project_in/out, no final LayerNorm |",
+        "| `llama_lm` | LlamaForCausalLM, 2 KV heads (GQA), rope_theta 500, untied head | left | zero biases added on q,k,v,o,gate,up,down |",
+        "| `qwen2_lm` | Qwen2ForCausalLM, 2 KV heads, rope_theta 1000, tied head | right | q,k,v biases; zero biases added on o,gate,up,down |",
+        "",
+        "| case | files | loss | #grads |",
+        "|---|---|---|---|",
+    ]
+    for name, r in dec_results.items():
+        size = sum(p.stat().st_size for p in r["case_dir"].rglob("*") if p.is_file())
+        lines.append(f"| `{name}` | {size / 1024:.1f} KiB | {r['loss']:.6f} | {r['n_grads']} |")
     lines.append("")
     (OUT_DIR / "README.md").write_text("\n".join(lines))
+
+
+# --------------------------------------------------------------------------- decoders
+#
+# Tiny random causal LMs (GPT-2, OPT pre-LN, OPT post-LN with project_in/out,
+# LLaMA with grouped-query attention, Qwen2). The loss is the mean next-token
+# cross-entropy over every position whose next token is real (teacher
+# forcing); the trainable set is every bias, plus, for the bias-free
+# projections of LLaMA / Qwen2, a zero bias attached as an nn.Parameter (the
+# base model written to disk does not contain it).
+
+DEC_TINY = dict(vocab_size=64, hidden=32, layers=2, heads=4, ff=48, max_pos=40)
+DEC_LENGTHS = [7, 5, 3]
+
+DECODER_CASES = {
+    "gpt2_lm": dict(arch="gpt2", padding="right", seed=2001),
+    "opt_lm": dict(arch="opt", padding="left", seed=2002),
+    "opt_postln_lm": dict(arch="opt_post", padding="right", seed=2003),
+    "llama_lm": dict(arch="llama", padding="left", seed=2004),
+    "qwen2_lm": dict(arch="qwen2", padding="right", seed=2005),
+}
+
+
+def make_decoder_model(case: dict):
+    from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, OPTConfig,
+                              OPTForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+    t = DEC_TINY
+    a = case["arch"]
+    if a == "gpt2":
+        cfg = GPT2Config(vocab_size=t["vocab_size"], n_embd=t["hidden"], n_layer=t["layers"], n_head=t["heads"],
+                         n_inner=t["ff"], n_positions=t["max_pos"], activation_function="gelu_new",
+                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+        return GPT2LMHeadModel._from_config(cfg, attn_implementation="eager")
+    if a in ("opt", "opt_post"):
+        post = a == "opt_post"
+        cfg = OPTConfig(vocab_size=t["vocab_size"], hidden_size=t["hidden"], num_hidden_layers=t["layers"],
+                        num_attention_heads=t["heads"], ffn_dim=t["ff"], max_position_embeddings=t["max_pos"],
+                        do_layer_norm_before=not post, word_embed_proj_dim=24 if post else t["hidden"],
+                        dropout=0.0, attention_dropout=0.0, pad_token_id=1, bos_token_id=2, eos_token_id=2)
+        return OPTForCausalLM._from_config(cfg, attn_implementation="eager")
+    if a == "llama":
+        cfg = LlamaConfig(vocab_size=t["vocab_size"], hidden_size=t["hidden"], num_hidden_layers=t["layers"],
+                          num_attention_heads=t["heads"], num_key_value_heads=2, intermediate_size=t["ff"],
+                          max_position_embeddings=t["max_pos"], rope_theta=500.0, tie_word_embeddings=False,
+                          rms_norm_eps=1e-6)
+        return LlamaForCausalLM._from_config(cfg, attn_implementation="eager")
+    cfg = Qwen2Config(vocab_size=t["vocab_size"], hidden_size=t["hidden"], num_hidden_layers=t["layers"],
+                      num_attention_heads=t["heads"], num_key_value_heads=2, intermediate_size=t["ff"],
+                      max_position_embeddings=t["max_pos"], rope_theta=1000.0, tie_word_embeddings=True,
+                      rms_norm_eps=1e-6, use_sliding_window=False)
+    return Qwen2ForCausalLM._from_config(cfg, attn_implementation="eager")
+
+
+ADDED_BIAS_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def randomize_decoder_(model, gen: torch.Generator):
+    """randomize_ for decoders: also GPT-2's Conv1D and the RMSNorms."""
+    with torch.no_grad():
+        for _, mod in model.named_modules():
+            w = getattr(mod, "weight", None)
+            if not isinstance(w, nn.Parameter):
+                continue
+            if w.dim() == 2:
+                w.copy_(torch.randn(w.shape, generator=gen) * WEIGHT_STD)
+            else:
+                w.add_(torch.randn(w.shape, generator=gen) * PERTURB_STD)
+            b = getattr(mod, "bias", None)
+            if isinstance(b, nn.Parameter):
+                b.add_(torch.randn(b.shape, generator=gen) * PERTURB_STD)
+    for name, p in model.named_parameters():
+        if name.endswith(".bias"):
+            assert bool((p != 0).all()), f"{name} has an exact zero"
+
+
+def attach_zero_biases(model) -> list[str]:
+    """Give every bias-free projection of a LLaMA-family layer a zero bias
+    (what beft's --bias adds); returns the new parameters' names."""
+    added = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear) and name.split(".")[-1] in ADDED_BIAS_MODULES and mod.bias is None:
+            mod.bias = nn.Parameter(torch.zeros(mod.out_features, dtype=mod.weight.dtype))
+            added.append(name + ".bias")
+    return added
+
+
+def detach_added_biases(model, added: list[str]):
+    for n in added:
+        mod = model.get_submodule(n[: -len(".bias")])
+        mod.bias = None
+
+
+def make_decoder_inputs(case: dict, gen: torch.Generator):
+    V = DEC_TINY["vocab_size"]
+    T = max(DEC_LENGTHS)
+    pad = 1 if case["arch"].startswith("opt") else 0
+    ids = torch.full((BATCH, T), pad, dtype=torch.int32)
+    mask = torch.zeros((BATCH, T), dtype=torch.int32)
+    for b, n in enumerate(DEC_LENGTHS):
+        toks = torch.randint(3, V, (n,), generator=gen, dtype=torch.int32)
+        s = T - n if case["padding"] == "left" else 0
+        ids[b, s:s + n] = toks
+        mask[b, s:s + n] = 1
+    pos = (mask.cumsum(1) - 1).clamp(min=0).to(torch.int32)
+    rows, targets = [], []
+    for b in range(BATCH):
+        for t in range(T - 1):
+            if mask[b, t] == 1 and mask[b, t + 1] == 1:
+                rows.append(b * T + t)
+                targets.append(int(ids[b, t + 1]))
+    return dict(input_ids=ids, attention_mask=mask, position_ids=pos,
+                rows=torch.tensor(rows, dtype=torch.int32), targets=torch.tensor(targets, dtype=torch.int32))
+
+
+def decoder_layers(model):
+    if hasattr(model, "transformer"):
+        return model.transformer.h
+    if hasattr(model.model, "decoder"):
+        return model.model.decoder.layers
+    return model.model.layers
+
+
+def run_decoder(model, inputs: dict):
+    # With left padding, a padding query sees no key at all; transformers' eager
+    # attention then gives it NaN, which later layers would spread through
+    # 0·NaN. Padding rows are masked out as keys, so any finite value is right:
+    # zero them after every layer (beft's attention outputs zero there).
+    keep = inputs["attention_mask"].to(torch.float64).unsqueeze(-1) > 0
+
+    def hook(_m, _args, out):
+        if isinstance(out, tuple):
+            return (torch.where(keep, out[0], torch.zeros_like(out[0])),) + tuple(out[1:])
+        return torch.where(keep, out, torch.zeros_like(out))
+
+    handles = [layer.register_forward_hook(hook) for layer in decoder_layers(model)]
+    try:
+        return _run_decoder(model, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _run_decoder(model, inputs: dict):
+    # A 4-D additive mask: causal + key padding, and a padding query sees
+    # itself (so that no softmax row is empty and nothing is NaN).
+    m = inputs["attention_mask"].bool()
+    T = m.shape[1]
+    causal = torch.tril(torch.ones(T, T, dtype=torch.bool))
+    vis = causal.unsqueeze(0) & m.unsqueeze(1)
+    vis = vis | (torch.eye(T, dtype=torch.bool).unsqueeze(0) & ~m.unsqueeze(2))
+    dtype = next(model.parameters()).dtype
+    mask4 = torch.zeros(vis.shape, dtype=dtype).masked_fill(~vis, torch.finfo(dtype).min).unsqueeze(1)
+    out = model(input_ids=inputs["input_ids"].long(), attention_mask=mask4,
+                position_ids=inputs["position_ids"].long(), use_cache=False)
+    logits = out.logits.reshape(-1, out.logits.shape[-1])[inputs["rows"].long()]
+    loss = F.cross_entropy(logits, inputs["targets"].long())
+    return logits, loss
+
+
+def decoder_grads(model, inputs: dict):
+    model.eval()
+    params = dict(model.named_parameters())
+    names = [n for n in params if n.endswith(".bias")]
+    for p in model.parameters():
+        p.requires_grad_(False)
+        p.grad = None
+    for n in names:
+        params[n].requires_grad_(True)
+    logits, loss = run_decoder(model, inputs)
+    loss.backward()
+    grads = {}
+    for n in names:
+        g = params[n].grad
+        assert g is not None, f"no gradient reached {n}"
+        grads[n] = g.detach().float().contiguous()
+    return logits, loss, grads
+
+
+def make_decoder_case(name: str, case: dict):
+    torch.manual_seed(case["seed"])
+    gen = torch.Generator().manual_seed(case["seed"])
+    model = make_decoder_model(case).float()
+    randomize_decoder_(model, gen)
+    round_weights_(model, torch.float32)
+    added = attach_zero_biases(model) if case["arch"] in ("llama", "qwen2") else []
+    inputs = make_decoder_inputs(case, gen)
+    logits, loss, grads = decoder_grads(model, inputs)
+
+    case_dir = OUT_DIR / name
+    model_dir = case_dir / "model"
+    if model_dir.exists():
+        shutil.rmtree(model_dir)
+    model_dir.mkdir(parents=True)
+    detach_added_biases(model, added)
+    model.float().save_pretrained(model_dir, safe_serialization=True)
+    model.double()
+
+    exp = {k: v.contiguous() for k, v in inputs.items()}
+    exp["logits"] = logits.detach().float()
+    exp["loss"] = loss.detach().float().reshape(1)
+    for n, g in grads.items():
+        exp[f"grad.{n}"] = g
+    meta = {"case": name, "arch": case["arch"], "padding": case["padding"], "added_biases": ",".join(added),
+            "compute_dtype": "float64", "seed": str(case["seed"]), **versions()}
+    save_deterministic(exp, case_dir / "expected.safetensors", meta)
+
+    # Self-check: reload from disk, re-attach the zero biases, recompute.
+    cls = type(model)
+    m2 = cls.from_pretrained(model_dir, attn_implementation="eager").double()
+    if added:
+        assert sorted(attach_zero_biases(m2)) == sorted(added)
+    m2.double()
+    lg2, loss2, g2 = decoder_grads(m2, inputs)
+    assert torch.allclose(lg2.float(), exp["logits"], rtol=0, atol=1e-6)
+    assert abs(float(loss2.detach()) - float(loss.detach())) < 1e-6
+    for n, g in grads.items():
+        assert torch.allclose(g2[n], g, rtol=1e-6, atol=1e-7), n
+    return dict(case_dir=case_dir, loss=float(loss), n_grads=len(grads))
 
 
 def main():
@@ -620,7 +865,11 @@ def main():
     b = load_file(str(OUT_DIR / "bert_cls_sharded" / "expected.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
-    write_readme(results)
+    dec_results = {}
+    for name, case in DECODER_CASES.items():
+        dec_results[name] = make_decoder_case(name, case)
+
+    write_readme(results, dec_results)
 
     print(f"transformers {transformers.__version__}, torch {torch.__version__}\n")
     print("model.safetensors keys (bert_cls):")

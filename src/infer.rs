@@ -1,0 +1,160 @@
+//! Embedding beft as a library: classify text with a base model and a
+//! trained biases file, on the fast CPU backend, without any CLI code.
+//!
+//! ```no_run
+//! use beft::infer::Classifier;
+//! # fn main() -> beft::Result<()> {
+//! let clf = Classifier::load(
+//!     "models/all-MiniLM-L6-v2".as_ref(),
+//!     "runs/sst2-v/biases.safetensors".as_ref(),
+//! )?;
+//! for (label, prob) in clf.classify(&["a gripping, beautiful film", "dull and far too long"])? {
+//!     println!("label {label} (p = {prob:.3})");
+//! }
+//! # Ok(())
+//! # }
+//! ```
+
+use std::path::Path;
+
+use crate::backend::fast::{FastBuf, FastCpu};
+use crate::backend::{Backend, PoolKind};
+use crate::data::{make_batch, TextTokenizer};
+use crate::error::{Error, Result};
+use crate::model::config::ModelDir;
+use crate::model::{BiasTerm, Encoder, EncoderOptions};
+use crate::train::parse_pooling;
+use crate::weights::WeightStore;
+
+/// A sequence classifier: a frozen base model (memory-mapped) plus the
+/// trained biases and head of a `beft train` run.
+pub struct Classifier {
+    be: FastCpu,
+    enc: Encoder<FastCpu>,
+    params: FastBuf,
+    tok: TextTokenizer,
+    pad_id: u32,
+}
+
+impl Classifier {
+    /// Load the model directory (`config.json`, safetensors weights,
+    /// `tokenizer.json`) and a `biases.safetensors` written by `beft train`.
+    /// The biases file must have been trained on this model (its stored
+    /// fingerprint is checked). Inputs are truncated to 128 tokens.
+    pub fn load(model_dir: &Path, biases: &Path) -> Result<Self> {
+        Self::load_with_max_len(model_dir, biases, 128)
+    }
+
+    /// [`Classifier::load`] with a chosen truncation length.
+    pub fn load_with_max_len(model_dir: &Path, biases: &Path, max_len: usize) -> Result<Self> {
+        let md = ModelDir::open(model_dir)?;
+        let store = WeightStore::open_file(biases)?;
+        let meta = |k: &str| store.metadata().get(k).cloned();
+        if let Some(fp) = meta("base_model_fingerprint") {
+            let ours = md.weights.fingerprint();
+            if fp != ours {
+                return Err(Error::file(
+                    biases,
+                    format!("was trained on a different base model (fingerprint {fp}, this model is {ours})"),
+                ));
+            }
+        }
+        let terms = match meta("bias_terms") {
+            Some(t) => BiasTerm::parse_set(&t)?,
+            None => vec![BiasTerm::V],
+        };
+        let num_labels = match meta("num_labels") {
+            Some(n) => n
+                .parse::<usize>()
+                .map_err(|_| Error::file(biases, format!("bad num_labels '{n}'")))?,
+            None => 2,
+        };
+        let pooling = match meta("pooling") {
+            Some(p) => parse_pooling(&p)?,
+            None => md.default_pooling.unwrap_or(PoolKind::Cls),
+        };
+        let tok_path = md
+            .tokenizer
+            .clone()
+            .ok_or_else(|| Error::file(&md.dir, "no tokenizer.json in the model directory"))?;
+        let tok = TextTokenizer::from_file(&tok_path, max_len)?;
+        let pad_id = tok.pad_id().unwrap_or(md.config.pad_token_id);
+        let be = FastCpu::new();
+        let enc = Encoder::load(
+            &be,
+            &md,
+            EncoderOptions {
+                pooling,
+                num_labels,
+                terms,
+                seed: 0,
+            },
+        )?;
+        let mut init = enc.init.clone();
+        for slot in &enc.layout.slots {
+            let t = store
+                .get_shaped(&slot.name, &slot.shape)
+                .map_err(|e| e.context(biases.display()))?;
+            init[slot.offset..slot.offset + slot.len()].copy_from_slice(&t.to_f64_vec());
+        }
+        let vals: Vec<f32> = init.iter().map(|v| *v as f32).collect();
+        let params = be.upload(&vals);
+        Ok(Classifier {
+            be,
+            enc,
+            params,
+            tok,
+            pad_id,
+        })
+    }
+
+    /// Number of labels of the head (1 = regression).
+    pub fn num_labels(&self) -> usize {
+        self.enc.opts.num_labels
+    }
+
+    /// Raw head outputs, one row of [`Classifier::num_labels`] values per text.
+    pub fn logits(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>> {
+        let mut out = Vec::with_capacity(texts.len());
+        for chunk in texts.chunks(32) {
+            let encs = chunk
+                .iter()
+                .map(|t| self.tok.encode(t, None))
+                .collect::<Result<Vec<_>>>()?;
+            let refs: Vec<_> = encs.iter().collect();
+            let batch = make_batch(&refs, &vec![0.0; refs.len()], self.pad_id);
+            let db = self.enc.upload_batch(&self.be, &batch)?;
+            let logits = self.enc.logits(&self.be, &self.params, &db);
+            let c = self.num_labels();
+            out.extend(logits.chunks(c).map(|r| r.to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// The most probable label of each text and its softmax probability
+    /// (for a regression head: label 0 and the predicted value).
+    pub fn classify(&self, texts: &[&str]) -> Result<Vec<(usize, f32)>> {
+        Ok(self
+            .logits(texts)?
+            .into_iter()
+            .map(|row| {
+                if row.len() == 1 {
+                    return (0, row[0]);
+                }
+                let mx = row.iter().fold(f32::NEG_INFINITY, |a, b| a.max(*b));
+                let z: f32 = row.iter().map(|v| (v - mx).exp()).sum();
+                let (best, v) = row
+                    .iter()
+                    .enumerate()
+                    .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, v)| {
+                        if *v > bv {
+                            (i, *v)
+                        } else {
+                            (bi, bv)
+                        }
+                    });
+                (best, (v - mx).exp() / z)
+            })
+            .collect())
+    }
+}

@@ -1,0 +1,1449 @@
+//! Causal decoders (GPT-2, OPT, LLaMA/Mistral/SmolLM, Qwen2): the forward
+//! pass, the hand-written bias-only backward pass, candidate scoring and
+//! greedy decoding with a KV cache, over the op vocabulary.
+//!
+//! Pre-LN block (GPT-2, OPT, LLaMA family):
+//! ```text
+//! n1 = N1(x)   q,k,v = n1·Wᵀ + b   (RoPE on q, k)   ctx = attn(q,k,v)
+//! x1 = x + ctx·Woᵀ + bo
+//! n2 = N2(x1)  MLP: act(n2·W1ᵀ + b1)·W2ᵀ + b2   or   silu(gate)·up·Wdᵀ + bd
+//! out = x1 + mlp
+//! ```
+//! OPT with `do_layer_norm_before = false` (OPT-350m) is post-LN, like the
+//! encoder. `N` is LayerNorm (GPT-2, OPT) or RMSNorm (LLaMA family).
+//!
+//! As in the encoder, the backward pass keeps no matmul input: a layer saves
+//! q, k, v (after RoPE), the attention output and log-sum-exp, the norms' x̂
+//! and 1/σ and the MLP pre-activations, and layers below the lowest trainable
+//! bias save nothing. The LM head is evaluated only at the rows that carry a
+//! loss (answer tokens): those rows are gathered with `embedding_fwd` before
+//! the final norm and scattered back with `scatter_add_rows`.
+//!
+//! Bias-free projections (LLaMA's q/k/v/o/MLP, Qwen2's o/MLP, OPT without
+//! `enable_bias`) get a trainable zero-initialised bias when asked for; its
+//! slot is named as Hugging Face would name the bias (`….v_proj.bias`) and
+//! listed in [`Decoder::added`].
+//!
+//! GPT-2's fused `c_attn` bias is split into three slots named
+//! `….attn.c_attn.bias[q]`, `[k]` and `[v]` (slices `0..d`, `d..2d`,
+//! `2d..3d` of `c_attn.bias`).
+
+use crate::backend::{AttnDims, Backend, CandidateIndex};
+use crate::error::{Error, Result};
+use crate::float::Float;
+use crate::model::bias::{BiasTerm, SlabLayout, SlotKind};
+use crate::model::config::{Arch, ModelConfig, ModelDir};
+use crate::weights::{TensorView, WeightStore};
+
+/// How to build a decoder.
+#[derive(Clone, Debug)]
+pub struct DecoderOptions {
+    /// The trainable bias terms (`--bias`).
+    pub terms: Vec<BiasTerm>,
+}
+
+/// A bias read by the forward pass.
+enum BiasSrc<B: Backend> {
+    /// The projection has no bias (and it does not train).
+    None,
+    Frozen(B::Buf),
+    Slab(usize),
+}
+
+impl<B: Backend> BiasSrc<B> {
+    fn slab(&self) -> Option<usize> {
+        match self {
+            BiasSrc::Slab(o) => Some(*o),
+            _ => None,
+        }
+    }
+}
+
+/// A frozen linear map with an optional bias.
+struct Lin<B: Backend> {
+    w: B::Buf,
+    n_in: usize,
+    n_out: usize,
+    /// Stored `[in, out]` (GPT-2's Conv1D) instead of `[out, in]`.
+    in_out: bool,
+    b: BiasSrc<B>,
+}
+
+struct Norm<B: Backend> {
+    g: B::Buf,
+    /// LayerNorm's beta; `None` for RMSNorm.
+    b: BiasSrc<B>,
+    rms: bool,
+}
+
+struct Layer<B: Backend> {
+    q: Lin<B>,
+    k: Lin<B>,
+    v: Lin<B>,
+    o: Lin<B>,
+    /// c_fc / fc1 / up_proj.
+    up: Lin<B>,
+    /// gate_proj (LLaMA family).
+    gate: Option<Lin<B>>,
+    /// c_proj / fc2 / down_proj.
+    down: Lin<B>,
+    n1: Norm<B>,
+    n2: Norm<B>,
+}
+
+/// A batch of token sequences on the device.
+pub struct DecBatch<B: Backend> {
+    pub batch: usize,
+    pub seq: usize,
+    ids: B::Ids,
+    /// Position of each token (count of real tokens before it in its row).
+    pos: B::Ids,
+    /// Row ids into the learned position table (OPT: + 2).
+    pos_table: B::Ids,
+    mask: B::Buf,
+    /// Host copies.
+    host_mask: Vec<f32>,
+}
+
+impl<B: Backend> DecBatch<B> {
+    /// Whether token `t` of row `b` is real (not padding).
+    pub fn is_real(&self, b: usize, t: usize) -> bool {
+        self.host_mask[b * self.seq + t] > 0.0
+    }
+}
+
+/// Rows of a batch at which the LM head is evaluated, with their target
+/// tokens (the next token).
+pub struct RowTargets<B: Backend> {
+    rows: B::Ids,
+    targets: B::Ids,
+    n: usize,
+}
+
+/// A candidate-scoring batch: the rows (and next tokens) of every answer
+/// token, each row's candidate, each candidate's example, each example's
+/// gold candidate.
+pub struct CandBatch<B: Backend> {
+    pub x: DecBatch<B>,
+    rt: RowTargets<B>,
+    tok_cand: B::Ids,
+    cand_ex: B::Ids,
+    gold: B::Ids,
+    pub cands: usize,
+    pub examples: usize,
+}
+
+struct Saved<B: Backend> {
+    xhat1: B::Buf,
+    rstd1: B::Buf,
+    q: B::Buf,
+    k: B::Buf,
+    v: B::Buf,
+    ctx: B::Buf,
+    lse: B::Buf,
+    xhat2: B::Buf,
+    rstd2: B::Buf,
+    /// MLP pre-activation (fc1) or gate pre-activation (LLaMA).
+    f: B::Buf,
+    /// up projection (LLaMA).
+    up: Option<B::Buf>,
+}
+
+struct TopSaved<B: Backend> {
+    xhat: Option<B::Buf>,
+    rstd: Option<B::Buf>,
+    logits: B::Buf,
+}
+
+/// A KV cache for greedy decoding: per layer `[batch, cap, kv_heads, head_dim]`.
+struct KvCache<B: Backend> {
+    k: Vec<B::Buf>,
+    v: Vec<B::Buf>,
+    cap: usize,
+    mask: B::Buf,
+}
+
+/// A causal decoder with its trainable slab layout.
+pub struct Decoder<B: Backend> {
+    pub cfg: ModelConfig,
+    pub terms: Vec<BiasTerm>,
+    pub layout: SlabLayout,
+    /// Initial slab values (pre-trained biases; zeros for added ones).
+    pub init: Vec<f64>,
+    /// Names of trainable biases that the base model has no slot for.
+    pub added: Vec<String>,
+    embed: B::Buf,
+    pos: Option<B::Buf>,
+    project_in: Option<Lin<B>>,
+    project_out: Option<Lin<B>>,
+    layers: Vec<Layer<B>>,
+    final_norm: Option<Norm<B>>,
+    /// Untied LM head `[vocab, hidden]`; `None` = tied to `embed`.
+    lm_head: Option<B::Buf>,
+    /// Layers below this index neither save activations nor get gradients.
+    lowest: usize,
+}
+
+/// Hugging Face names of one layer's modules.
+struct Names {
+    q: String,
+    k: String,
+    v: String,
+    o: String,
+    up: String,
+    gate: Option<String>,
+    down: String,
+    n1: String,
+    n2: String,
+}
+
+fn layer_names(arch: Arch, p: &str, l: usize) -> Names {
+    match arch {
+        Arch::Gpt2 => {
+            let b = format!("{p}h.{l}.");
+            Names {
+                q: format!("{b}attn.c_attn"),
+                k: format!("{b}attn.c_attn"),
+                v: format!("{b}attn.c_attn"),
+                o: format!("{b}attn.c_proj"),
+                up: format!("{b}mlp.c_fc"),
+                gate: None,
+                down: format!("{b}mlp.c_proj"),
+                n1: format!("{b}ln_1"),
+                n2: format!("{b}ln_2"),
+            }
+        }
+        Arch::Opt => {
+            let b = format!("{p}layers.{l}.");
+            Names {
+                q: format!("{b}self_attn.q_proj"),
+                k: format!("{b}self_attn.k_proj"),
+                v: format!("{b}self_attn.v_proj"),
+                o: format!("{b}self_attn.out_proj"),
+                up: format!("{b}fc1"),
+                gate: None,
+                down: format!("{b}fc2"),
+                n1: format!("{b}self_attn_layer_norm"),
+                n2: format!("{b}final_layer_norm"),
+            }
+        }
+        _ => {
+            let b = format!("{p}layers.{l}.");
+            Names {
+                q: format!("{b}self_attn.q_proj"),
+                k: format!("{b}self_attn.k_proj"),
+                v: format!("{b}self_attn.v_proj"),
+                o: format!("{b}self_attn.o_proj"),
+                up: format!("{b}mlp.up_proj"),
+                gate: Some(format!("{b}mlp.gate_proj")),
+                down: format!("{b}mlp.down_proj"),
+                n1: format!("{b}input_layernorm"),
+                n2: format!("{b}post_attention_layernorm"),
+            }
+        }
+    }
+}
+
+/// Builds slab slots and frozen buffers while loading.
+struct Loader<'a, B: Backend> {
+    be: &'a B,
+    w: &'a WeightStore,
+    layout: SlabLayout,
+    init: Vec<f64>,
+    added: Vec<String>,
+}
+
+impl<B: Backend> Loader<'_, B> {
+    fn weight(&self, name: &str, shape: &[usize]) -> Result<B::Buf> {
+        self.be.weight(self.w.get_shaped(name, shape)?)
+    }
+
+    fn host(&self, vals: &[f64]) -> B::Buf {
+        let v: Vec<B::T> = vals.iter().map(|x| B::T::from_f64(*x)).collect();
+        self.be.upload(&v)
+    }
+
+    /// A bias: from the checkpoint (`present`), trainable or frozen; or,
+    /// absent from the checkpoint, a zero bias in the slab if it trains.
+    fn bias(
+        &mut self,
+        name: String,
+        present: bool,
+        trains: bool,
+        term: BiasTerm,
+        layer: Option<usize>,
+        n: usize,
+    ) -> Result<BiasSrc<B>> {
+        if present {
+            let t = self.w.get_shaped(&name, &[n])?;
+            if trains {
+                let off = self.layout.push(name, SlotKind::Bias(term), layer, vec![n]);
+                self.init.extend(t.to_f64_vec());
+                Ok(BiasSrc::Slab(off))
+            } else {
+                Ok(BiasSrc::Frozen(self.be.weight(t)?))
+            }
+        } else if trains {
+            self.added.push(name.clone());
+            let off = self.layout.push(name, SlotKind::Bias(term), layer, vec![n]);
+            self.init.extend(std::iter::repeat(0.0).take(n));
+            Ok(BiasSrc::Slab(off))
+        } else {
+            Ok(BiasSrc::None)
+        }
+    }
+
+    /// A slice of a checkpoint bias (GPT-2's c_attn), trainable or frozen.
+    fn bias_slice(
+        &mut self,
+        t: &TensorView,
+        slot: String,
+        from: usize,
+        n: usize,
+        trains: bool,
+        term: BiasTerm,
+        layer: usize,
+    ) -> BiasSrc<B> {
+        let vals = t.to_f64_vec()[from..from + n].to_vec();
+        if trains {
+            let off = self
+                .layout
+                .push(slot, SlotKind::Bias(term), Some(layer), vec![n]);
+            self.init.extend(vals);
+            BiasSrc::Slab(off)
+        } else {
+            BiasSrc::Frozen(self.host(&vals))
+        }
+    }
+}
+
+fn tensor_or_err<'a>(w: &'a WeightStore, name: &str) -> Result<&'a TensorView> {
+    w.get(name)
+}
+
+impl<B: Backend> Decoder<B> {
+    /// Build the decoder from a model directory (or any `ModelDir`-like
+    /// config + weight store with Hugging Face names).
+    pub fn load(be: &B, md: &ModelDir, opts: DecoderOptions) -> Result<Self> {
+        Self::from_parts(be, &md.config, &md.weights, &md.dir, opts)
+    }
+
+    /// Build the decoder from a config and a weight store (`source` names
+    /// the model in messages).
+    pub fn from_parts(
+        be: &B,
+        cfg: &ModelConfig,
+        w: &WeightStore,
+        source: &std::path::Path,
+        opts: DecoderOptions,
+    ) -> Result<Self> {
+        let cfg = cfg.clone();
+        let arch = cfg.arch;
+        if !arch.is_decoder() {
+            return Err(Error::file(
+                source,
+                format!("model_type '{}' is not a decoder", cfg.model_type),
+            ));
+        }
+        let all = BiasTerm::ALL.iter().all(|t| opts.terms.contains(t));
+        if arch.is_llama_like() && !all {
+            if let Some(t) = opts
+                .terms
+                .iter()
+                .find(|t| matches!(t, BiasTerm::Ln1 | BiasTerm::Ln2 | BiasTerm::EmbLn))
+            {
+                return Err(Error::msg(format!(
+                    "--bias {}: {} uses RMSNorm, which has no bias (trainable terms: q, k, v, o, mlp-in, mlp-out)",
+                    t.short(),
+                    cfg.model_type
+                )));
+            }
+        }
+        let trains = |t: BiasTerm| opts.terms.contains(&t);
+        let (d, ff) = (cfg.hidden_size, cfg.intermediate_size);
+        let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim());
+        let (qd, kvd) = (nh * hd, nkv * hd);
+        let v_size = cfg.vocab_size;
+
+        let (probe, cands): (&str, &[&str]) = match arch {
+            Arch::Gpt2 => ("wte.weight", &["transformer.", ""]),
+            Arch::Opt => ("decoder.embed_tokens.weight", &["model.", ""]),
+            _ => ("embed_tokens.weight", &["model.", ""]),
+        };
+        let prefix = w.find_prefix(probe, cands).ok_or_else(|| {
+            Error::file(
+                source,
+                format!(
+                    "no tensor named '[prefix.]{probe}': not a {} checkpoint",
+                    cfg.model_type
+                ),
+            )
+        })?;
+        let p = match arch {
+            Arch::Opt => format!("{prefix}decoder."),
+            _ => prefix.clone(),
+        };
+        let mut ld = Loader {
+            be,
+            w,
+            layout: SlabLayout::default(),
+            init: Vec::new(),
+            added: Vec::new(),
+        };
+
+        let dp = cfg.word_embed_proj_dim;
+        let (embed, pos) = match arch {
+            Arch::Gpt2 => (
+                ld.weight(&format!("{p}wte.weight"), &[v_size, d])?,
+                Some(ld.weight(&format!("{p}wpe.weight"), &[cfg.max_position_embeddings, d])?),
+            ),
+            Arch::Opt => (
+                ld.weight(&format!("{p}embed_tokens.weight"), &[v_size, dp])?,
+                Some(ld.weight(
+                    &format!("{p}embed_positions.weight"),
+                    &[cfg.max_position_embeddings + 2, d],
+                )?),
+            ),
+            _ => (
+                ld.weight(&format!("{p}embed_tokens.weight"), &[v_size, d])?,
+                None,
+            ),
+        };
+        let (mut project_in, mut project_out) = (None, None);
+        if arch == Arch::Opt && dp != d {
+            project_in = Some(Lin {
+                w: ld.weight(&format!("{p}project_in.weight"), &[d, dp])?,
+                n_in: dp,
+                n_out: d,
+                in_out: false,
+                b: BiasSrc::None,
+            });
+            project_out = Some(Lin {
+                w: ld.weight(&format!("{p}project_out.weight"), &[dp, d])?,
+                n_in: d,
+                n_out: dp,
+                in_out: false,
+                b: BiasSrc::None,
+            });
+        }
+
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for l in 0..cfg.num_layers {
+            let n = layer_names(arch, &p, l);
+            let norm = |ld: &mut Loader<'_, B>, name: &str, term: BiasTerm| -> Result<Norm<B>> {
+                let g = ld.weight(&format!("{name}.weight"), &[d])?;
+                if arch.is_llama_like() {
+                    Ok(Norm {
+                        g,
+                        b: BiasSrc::None,
+                        rms: true,
+                    })
+                } else {
+                    let b =
+                        ld.bias(format!("{name}.bias"), true, trains(term), term, Some(l), d)?;
+                    Ok(Norm { g, b, rms: false })
+                }
+            };
+            let n1 = norm(&mut ld, &n.n1, BiasTerm::Ln1)?;
+            let n2 = norm(&mut ld, &n.n2, BiasTerm::Ln2)?;
+            let lin = |ld: &mut Loader<'_, B>,
+                       name: &str,
+                       term: BiasTerm,
+                       n_in: usize,
+                       n_out: usize|
+             -> Result<Lin<B>> {
+                let w = ld.weight(&format!("{name}.weight"), &[n_out, n_in])?;
+                let b = ld.bias(
+                    format!("{name}.bias"),
+                    cfg.has_bias(term),
+                    trains(term),
+                    term,
+                    Some(l),
+                    n_out,
+                )?;
+                Ok(Lin {
+                    w,
+                    n_in,
+                    n_out,
+                    in_out: false,
+                    b,
+                })
+            };
+            let layer = if arch == Arch::Gpt2 {
+                // Conv1D weights are [in, out]; c_attn fuses q, k, v.
+                let conv = |ld: &mut Loader<'_, B>,
+                            name: &str,
+                            term: BiasTerm,
+                            n_in: usize,
+                            n_out: usize|
+                 -> Result<Lin<B>> {
+                    let w = ld.weight(&format!("{name}.weight"), &[n_in, n_out])?;
+                    let b = ld.bias(
+                        format!("{name}.bias"),
+                        true,
+                        trains(term),
+                        term,
+                        Some(l),
+                        n_out,
+                    )?;
+                    Ok(Lin {
+                        w,
+                        n_in,
+                        n_out,
+                        in_out: true,
+                        b,
+                    })
+                };
+                let cw = w.get_shaped(&format!("{}.weight", n.q), &[d, 3 * d])?;
+                let cb = w.get_shaped(&format!("{}.bias", n.q), &[3 * d])?;
+                let all_w = cw.to_f64_vec();
+                let mut split = Vec::new();
+                for (i, term) in [BiasTerm::Q, BiasTerm::K, BiasTerm::V]
+                    .into_iter()
+                    .enumerate()
+                {
+                    // Columns i·d..(i+1)·d of the [d, 3d] matrix, kept [in, out].
+                    let mut part = Vec::with_capacity(d * d);
+                    for r in 0..d {
+                        part.extend_from_slice(&all_w[r * 3 * d + i * d..r * 3 * d + (i + 1) * d]);
+                    }
+                    let b = ld.bias_slice(
+                        cb,
+                        format!("{}.bias[{}]", n.q, term.short()),
+                        i * d,
+                        d,
+                        trains(term),
+                        term,
+                        l,
+                    );
+                    split.push(Lin {
+                        w: ld.host(&part),
+                        n_in: d,
+                        n_out: d,
+                        in_out: true,
+                        b,
+                    });
+                }
+                let v = split.pop().expect("v");
+                let k = split.pop().expect("k");
+                let q = split.pop().expect("q");
+                Layer {
+                    q,
+                    k,
+                    v,
+                    o: conv(&mut ld, &n.o, BiasTerm::O, d, d)?,
+                    up: conv(&mut ld, &n.up, BiasTerm::MlpIn, d, ff)?,
+                    gate: None,
+                    down: conv(&mut ld, &n.down, BiasTerm::MlpOut, ff, d)?,
+                    n1,
+                    n2,
+                }
+            } else {
+                let q = lin(&mut ld, &n.q, BiasTerm::Q, d, qd)?;
+                let k = lin(&mut ld, &n.k, BiasTerm::K, d, kvd)?;
+                let v = lin(&mut ld, &n.v, BiasTerm::V, d, kvd)?;
+                let o = lin(&mut ld, &n.o, BiasTerm::O, qd, d)?;
+                let gate = match &n.gate {
+                    Some(g) => Some(lin(&mut ld, g, BiasTerm::MlpIn, d, ff)?),
+                    None => None,
+                };
+                let up = lin(&mut ld, &n.up, BiasTerm::MlpIn, d, ff)?;
+                let down = lin(&mut ld, &n.down, BiasTerm::MlpOut, ff, d)?;
+                Layer {
+                    q,
+                    k,
+                    v,
+                    o,
+                    up,
+                    gate,
+                    down,
+                    n1,
+                    n2,
+                }
+            };
+            layers.push(layer);
+        }
+
+        // Final norm: GPT-2 ln_f, OPT final_layer_norm (pre-LN only), LLaMA norm.
+        let final_norm = match arch {
+            Arch::Gpt2 => {
+                let g = ld.weight(&format!("{p}ln_f.weight"), &[d])?;
+                let b = ld.bias(
+                    format!("{p}ln_f.bias"),
+                    true,
+                    trains(BiasTerm::EmbLn),
+                    BiasTerm::EmbLn,
+                    None,
+                    d,
+                )?;
+                Some(Norm { g, b, rms: false })
+            }
+            Arch::Opt => {
+                let name = format!("{p}final_layer_norm.weight");
+                if cfg.norm_before && w.try_get(&name).is_some() {
+                    let g = ld.weight(&name, &[d])?;
+                    let b = ld.bias(
+                        format!("{p}final_layer_norm.bias"),
+                        true,
+                        trains(BiasTerm::EmbLn),
+                        BiasTerm::EmbLn,
+                        None,
+                        d,
+                    )?;
+                    Some(Norm { g, b, rms: false })
+                } else {
+                    if trains(BiasTerm::EmbLn) && !all {
+                        return Err(Error::msg(format!(
+                            "--bias emb-ln: this {} model has no final LayerNorm",
+                            cfg.model_type
+                        )));
+                    }
+                    None
+                }
+            }
+            _ => Some(Norm {
+                g: ld.weight(&format!("{p}norm.weight"), &[d])?,
+                b: BiasSrc::None,
+                rms: true,
+            }),
+        };
+        let lm_head = if cfg.tie_word_embeddings {
+            None
+        } else {
+            let _ = tensor_or_err(w, "lm_head.weight").map_err(|e| {
+                e.context(format!(
+                    "{}: tie_word_embeddings is false, so an LM head is needed",
+                    source.display()
+                ))
+            })?;
+            Some(ld.weight("lm_head.weight", &[v_size, dp])?)
+        };
+
+        let lowest = ld
+            .layout
+            .slots
+            .iter()
+            .filter_map(|s| s.layer)
+            .min()
+            .unwrap_or(cfg.num_layers);
+        if ld.layout.slots.is_empty() {
+            return Err(Error::msg(format!(
+                "--bias {}: {} has no such bias to train",
+                BiasTerm::format_set(&opts.terms),
+                cfg.model_type
+            )));
+        }
+        Ok(Decoder {
+            cfg,
+            terms: opts.terms,
+            layout: ld.layout,
+            init: ld.init,
+            added: ld.added,
+            embed,
+            pos,
+            project_in,
+            project_out,
+            layers,
+            final_norm,
+            lm_head,
+            lowest,
+        })
+    }
+
+    /// Number of trainable values.
+    pub fn trainable_params(&self) -> usize {
+        self.layout.len
+    }
+
+    /// Upload a padded batch of token ids (`mask`: 1 real, 0 padding; left
+    /// or right padding). Positions count the real tokens before each token.
+    pub fn upload(
+        &self,
+        be: &B,
+        batch: usize,
+        seq: usize,
+        ids: &[u32],
+        mask: &[f32],
+    ) -> Result<DecBatch<B>> {
+        self.upload_from(be, batch, seq, ids, mask, &vec![0; batch])
+    }
+
+    fn upload_from(
+        &self,
+        be: &B,
+        batch: usize,
+        seq: usize,
+        ids: &[u32],
+        mask: &[f32],
+        start: &[u32],
+    ) -> Result<DecBatch<B>> {
+        let cfg = &self.cfg;
+        if batch == 0 || seq == 0 {
+            return Err(Error::msg("empty batch"));
+        }
+        if ids.len() != batch * seq || mask.len() != batch * seq {
+            return Err(Error::msg(format!(
+                "batch of {batch}×{seq} tokens has {} ids and {} mask values",
+                ids.len(),
+                mask.len()
+            )));
+        }
+        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= cfg.vocab_size) {
+            return Err(Error::msg(format!(
+                "token id {bad} is outside the model's vocabulary of {} (tokenizer and model do not match)",
+                cfg.vocab_size
+            )));
+        }
+        let mut pos = vec![0u32; batch * seq];
+        for b in 0..batch {
+            let mut run = start[b];
+            for t in 0..seq {
+                if mask[b * seq + t] > 0.0 {
+                    pos[b * seq + t] = run;
+                    run += 1;
+                }
+            }
+        }
+        let max_pos = pos.iter().copied().max().unwrap_or(0) as usize;
+        if self.pos.is_some() && max_pos >= cfg.max_position_embeddings {
+            return Err(Error::msg(format!(
+                "a sequence needs position {max_pos}, but the model has only {} position embeddings (lower --max-len)",
+                cfg.max_position_embeddings
+            )));
+        }
+        let off = if cfg.arch == Arch::Opt { 2 } else { 0 };
+        let pos_table: Vec<u32> = pos.iter().map(|p| p + off).collect();
+        let m: Vec<B::T> = mask.iter().map(|x| B::T::from_f32(*x)).collect();
+        Ok(DecBatch {
+            batch,
+            seq,
+            ids: be.upload_ids(ids),
+            pos: be.upload_ids(&pos),
+            pos_table: be.upload_ids(&pos_table),
+            mask: be.upload(&m),
+            host_mask: mask.to_vec(),
+        })
+    }
+
+    /// Rows (`b·seq + t`) at which to evaluate the LM head, and the token
+    /// each must predict.
+    pub fn row_targets(
+        &self,
+        be: &B,
+        x: &DecBatch<B>,
+        rows: &[u32],
+        targets: &[u32],
+    ) -> Result<RowTargets<B>> {
+        if rows.is_empty() || rows.len() != targets.len() {
+            return Err(Error::msg(format!(
+                "{} rows but {} targets (need at least one)",
+                rows.len(),
+                targets.len()
+            )));
+        }
+        let n = (x.batch * x.seq) as u32;
+        if let Some(r) = rows.iter().find(|&&r| r >= n) {
+            return Err(Error::msg(format!(
+                "row {r} is outside the batch of {n} tokens"
+            )));
+        }
+        if let Some(t) = targets.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
+            return Err(Error::msg(format!(
+                "target token {t} is outside the vocabulary of {}",
+                self.cfg.vocab_size
+            )));
+        }
+        Ok(RowTargets {
+            rows: be.upload_ids(rows),
+            targets: be.upload_ids(targets),
+            n: rows.len(),
+        })
+    }
+
+    /// A candidate-scoring batch: sequence `c` of `x` is candidate `c`
+    /// (prompt + option); `rows`/`targets` are its answer tokens' rows and
+    /// next tokens, `tok_cand` their candidates; `cand_ex[c]` its example;
+    /// `gold[e]` the gold candidate of example `e` (an index into 0..cands).
+    pub fn cand_batch(
+        &self,
+        be: &B,
+        x: DecBatch<B>,
+        rows: &[u32],
+        targets: &[u32],
+        tok_cand: &[u32],
+        cand_ex: &[u32],
+        gold: &[u32],
+    ) -> Result<CandBatch<B>> {
+        let rt = self.row_targets(be, &x, rows, targets)?;
+        let cands = cand_ex.len();
+        let examples = gold.len();
+        if tok_cand.len() != rows.len()
+            || tok_cand.iter().any(|&c| c as usize >= cands)
+            || cand_ex.iter().any(|&e| e as usize >= examples)
+            || gold.iter().any(|&g| g as usize >= cands)
+        {
+            return Err(Error::msg(
+                "candidate batch: inconsistent candidate/example indices",
+            ));
+        }
+        Ok(CandBatch {
+            x,
+            rt,
+            tok_cand: be.upload_ids(tok_cand),
+            cand_ex: be.upload_ids(cand_ex),
+            gold: be.upload_ids(gold),
+            cands,
+            examples,
+        })
+    }
+
+    fn bref<'a>(&'a self, b: &'a BiasSrc<B>, params: &'a B::Buf) -> Option<(&'a B::Buf, usize)> {
+        match b {
+            BiasSrc::None => None,
+            BiasSrc::Frozen(buf) => Some((buf, 0)),
+            BiasSrc::Slab(o) => Some((params, *o)),
+        }
+    }
+
+    fn lin_fwd(&self, be: &B, lin: &Lin<B>, x: &B::Buf, rows: usize, params: &B::Buf) -> B::Buf {
+        let mut y = be.zeros(rows * lin.n_out);
+        be.matmul(
+            &mut y,
+            x,
+            &lin.w,
+            rows,
+            lin.n_out,
+            lin.n_in,
+            false,
+            !lin.in_out,
+            false,
+        );
+        if let Some((b, o)) = self.bref(&lin.b, params) {
+            be.bias_add(&mut y, b, o, rows, lin.n_out);
+        }
+        y
+    }
+
+    /// `dx (+)= dy·W` (the input gradient of a linear map).
+    fn lin_bwd(&self, be: &B, lin: &Lin<B>, dx: &mut B::Buf, dy: &B::Buf, rows: usize, acc: bool) {
+        be.matmul(
+            dx, dy, &lin.w, rows, lin.n_in, lin.n_out, false, lin.in_out, acc,
+        );
+    }
+
+    fn norm_fwd(
+        &self,
+        be: &B,
+        nm: &Norm<B>,
+        x: &B::Buf,
+        rows: usize,
+        params: &B::Buf,
+    ) -> (B::Buf, B::Buf, B::Buf) {
+        let d = self.cfg.hidden_size;
+        let (mut y, mut xh, mut rs) = (be.zeros(rows * d), be.zeros(rows * d), be.zeros(rows));
+        if nm.rms {
+            be.rmsnorm_fwd(
+                &mut y,
+                &mut xh,
+                &mut rs,
+                x,
+                &nm.g,
+                rows,
+                d,
+                self.cfg.layer_norm_eps,
+            );
+        } else {
+            let (b, o) = self.bref(&nm.b, params).expect("LayerNorm bias");
+            be.layernorm_fwd(
+                &mut y,
+                &mut xh,
+                &mut rs,
+                x,
+                &nm.g,
+                b,
+                o,
+                rows,
+                d,
+                self.cfg.layer_norm_eps,
+            );
+        }
+        (y, xh, rs)
+    }
+
+    /// Norm backward: bias gradient (if trainable) and the input gradient.
+    fn norm_bwd(
+        &self,
+        be: &B,
+        nm: &Norm<B>,
+        grads: &mut B::Buf,
+        dy: &B::Buf,
+        xh: &B::Buf,
+        rs: &B::Buf,
+        rows: usize,
+        need_dx: bool,
+    ) -> Option<B::Buf> {
+        let d = self.cfg.hidden_size;
+        if let Some(off) = nm.b.slab() {
+            be.bias_grad(grads, off, dy, rows, d);
+        }
+        if !need_dx {
+            return None;
+        }
+        let mut dx = be.zeros(rows * d);
+        if nm.rms {
+            be.rmsnorm_bwd(&mut dx, dy, xh, rs, &nm.g, rows, d);
+        } else {
+            be.layernorm_bwd(&mut dx, dy, xh, rs, &nm.g, rows, d);
+        }
+        Some(dx)
+    }
+
+    fn dims(&self, batch: usize, seq: usize) -> AttnDims {
+        let c = &self.cfg;
+        AttnDims::self_attn(batch, seq, c.num_heads, c.num_kv_heads, c.head_dim(), true)
+    }
+
+    /// Attention part of a layer: q, k, v (RoPE applied), attention output
+    /// and lse. With a cache, k and v are written into it at `write` (per
+    /// batch row: first slot) and the attention reads the cache.
+    fn attn_fwd(
+        &self,
+        be: &B,
+        layer: &Layer<B>,
+        l: usize,
+        n1: &B::Buf,
+        x: &DecBatch<B>,
+        params: &B::Buf,
+        cache: Option<(&mut KvCache<B>, usize)>,
+    ) -> (B::Buf, B::Buf, B::Buf, B::Buf, B::Buf) {
+        let c = &self.cfg;
+        let n = x.batch * x.seq;
+        let hd = c.head_dim();
+        let mut q = self.lin_fwd(be, &layer.q, n1, n, params);
+        let mut k = self.lin_fwd(be, &layer.k, n1, n, params);
+        let v = self.lin_fwd(be, &layer.v, n1, n, params);
+        if c.arch.is_llama_like() {
+            be.rope(&mut q, &x.pos, n, c.num_heads, hd, c.rope_theta, false);
+            be.rope(&mut k, &x.pos, n, c.num_kv_heads, hd, c.rope_theta, false);
+        }
+        let mut ctx = be.zeros(n * c.num_heads * hd);
+        let mut lse = be.zeros(x.batch * c.num_heads * x.seq);
+        match cache {
+            None => {
+                let dims = self.dims(x.batch, x.seq);
+                be.attention_fwd(&mut ctx, &mut lse, &q, &k, &v, &x.mask, dims, None);
+            }
+            Some((kv, start)) => {
+                let kvd = c.num_kv_heads * hd;
+                for b in 0..x.batch {
+                    let dst = (b * kv.cap + start) * kvd;
+                    let src = b * x.seq * kvd;
+                    be.copy(&mut kv.k[l], dst, &k, src, x.seq * kvd);
+                    be.copy(&mut kv.v[l], dst, &v, src, x.seq * kvd);
+                }
+                let mut dims = self.dims(x.batch, x.seq);
+                dims.kv_seq = kv.cap;
+                dims.q_start = start;
+                be.attention_fwd(
+                    &mut ctx, &mut lse, &q, &kv.k[l], &kv.v[l], &kv.mask, dims, None,
+                );
+            }
+        }
+        (q, k, v, ctx, lse)
+    }
+
+    /// The layers. Returns each layer's saved activations (when `save`, for
+    /// layers at or above the lowest trainable one) and the last hidden state.
+    fn forward(
+        &self,
+        be: &B,
+        params: &B::Buf,
+        x: &DecBatch<B>,
+        save: bool,
+        mut cache: Option<(&mut KvCache<B>, usize)>,
+    ) -> (Vec<Option<Saved<B>>>, B::Buf) {
+        let c = &self.cfg;
+        let (d, ff) = (c.hidden_size, c.intermediate_size);
+        let n = x.batch * x.seq;
+        let dp = c.word_embed_proj_dim;
+        let mut e = be.zeros(n * dp);
+        be.embedding_fwd(&mut e, &self.embed, &x.ids, n, dp, false);
+        let mut h = match &self.project_in {
+            Some(pi) => self.lin_fwd(be, pi, &e, n, params),
+            None => e,
+        };
+        if let Some(pt) = &self.pos {
+            be.embedding_fwd(&mut h, pt, &x.pos_table, n, d, true);
+        }
+        let mut saved = Vec::with_capacity(self.layers.len());
+        for (l, layer) in self.layers.iter().enumerate() {
+            let keep = save && l >= self.lowest;
+            let cache_l = cache.as_mut().map(|(kv, s)| (&mut **kv, *s));
+            let mlp = |inp: &B::Buf| -> (B::Buf, B::Buf, Option<B::Buf>) {
+                match &layer.gate {
+                    Some(g) => {
+                        let gt = self.lin_fwd(be, g, inp, n, params);
+                        let up = self.lin_fwd(be, &layer.up, inp, n, params);
+                        let mut hm = be.zeros(n * ff);
+                        be.swiglu_fwd(&mut hm, &gt, &up, n * ff);
+                        let m = self.lin_fwd(be, &layer.down, &hm, n, params);
+                        (m, gt, Some(up))
+                    }
+                    None => {
+                        let f = self.lin_fwd(be, &layer.up, inp, n, params);
+                        let mut g = be.zeros(n * ff);
+                        be.act_fwd(c.hidden_act, &mut g, &f, n * ff);
+                        let m = self.lin_fwd(be, &layer.down, &g, n, params);
+                        (m, f, None)
+                    }
+                }
+            };
+            if c.norm_before {
+                let (n1, xhat1, rstd1) = self.norm_fwd(be, &layer.n1, &h, n, params);
+                let (q, k, v, ctx, lse) = self.attn_fwd(be, layer, l, &n1, x, params, cache_l);
+                let mut x1 = self.lin_fwd(be, &layer.o, &ctx, n, params);
+                be.add(&mut x1, &h, n * d);
+                let (n2, xhat2, rstd2) = self.norm_fwd(be, &layer.n2, &x1, n, params);
+                let (mut m, f, up) = mlp(&n2);
+                be.add(&mut m, &x1, n * d);
+                saved.push(keep.then_some(Saved {
+                    xhat1,
+                    rstd1,
+                    q,
+                    k,
+                    v,
+                    ctx,
+                    lse,
+                    xhat2,
+                    rstd2,
+                    f,
+                    up,
+                }));
+                h = m;
+            } else {
+                let (q, k, v, ctx, lse) = self.attn_fwd(be, layer, l, &h, x, params, cache_l);
+                let mut a = self.lin_fwd(be, &layer.o, &ctx, n, params);
+                be.add(&mut a, &h, n * d);
+                let (x1, xhat1, rstd1) = self.norm_fwd(be, &layer.n1, &a, n, params);
+                let (mut m, f, up) = mlp(&x1);
+                be.add(&mut m, &x1, n * d);
+                let (out, xhat2, rstd2) = self.norm_fwd(be, &layer.n2, &m, n, params);
+                saved.push(keep.then_some(Saved {
+                    xhat1,
+                    rstd1,
+                    q,
+                    k,
+                    v,
+                    ctx,
+                    lse,
+                    xhat2,
+                    rstd2,
+                    f,
+                    up,
+                }));
+                h = out;
+            }
+        }
+        (saved, h)
+    }
+
+    /// The head at `r` gathered rows: final norm, project_out, logits.
+    fn top_forward(
+        &self,
+        be: &B,
+        params: &B::Buf,
+        h: &B::Buf,
+        rows: &B::Ids,
+        r: usize,
+    ) -> TopSaved<B> {
+        let c = &self.cfg;
+        let (d, dp, vs) = (c.hidden_size, c.word_embed_proj_dim, c.vocab_size);
+        let mut hs = be.zeros(r * d);
+        be.embedding_fwd(&mut hs, h, rows, r, d, false);
+        let (hs, xhat, rstd) = match &self.final_norm {
+            Some(nm) => {
+                let (y, xh, rs) = self.norm_fwd(be, nm, &hs, r, params);
+                (y, Some(xh), Some(rs))
+            }
+            None => (hs, None, None),
+        };
+        let hs = match &self.project_out {
+            Some(po) => self.lin_fwd(be, po, &hs, r, params),
+            None => hs,
+        };
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        let mut logits = be.zeros(r * vs);
+        be.matmul(&mut logits, &hs, head, r, vs, dp, false, true, false);
+        TopSaved { xhat, rstd, logits }
+    }
+
+    /// The backward pass from `dlogits` (`[r, vocab]`), accumulating into `grads`.
+    fn backward(
+        &self,
+        be: &B,
+        grads: &mut B::Buf,
+        x: &DecBatch<B>,
+        saved: &[Option<Saved<B>>],
+        top: &TopSaved<B>,
+        rows: &B::Ids,
+        r: usize,
+        dlogits: &B::Buf,
+    ) {
+        let c = &self.cfg;
+        let (d, ff, dp, vs) = (
+            c.hidden_size,
+            c.intermediate_size,
+            c.word_embed_proj_dim,
+            c.vocab_size,
+        );
+        let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim());
+        let n = x.batch * x.seq;
+        let nl = self.layers.len();
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        let mut dhs = be.zeros(r * dp);
+        be.matmul(&mut dhs, dlogits, head, r, dp, vs, false, false, false);
+        if let Some(po) = &self.project_out {
+            let mut t = be.zeros(r * d);
+            self.lin_bwd(be, po, &mut t, &dhs, r, false);
+            dhs = t;
+        }
+        let need_layers = self.lowest < nl;
+        if let Some(nm) = &self.final_norm {
+            let (xh, rs) = (
+                top.xhat.as_ref().expect("xhat"),
+                top.rstd.as_ref().expect("rstd"),
+            );
+            match self.norm_bwd(be, nm, grads, &dhs, xh, rs, r, need_layers) {
+                Some(t) => dhs = t,
+                None => return,
+            }
+        }
+        if !need_layers {
+            return;
+        }
+        let mut dh = be.zeros(n * d);
+        be.scatter_add_rows(&mut dh, &dhs, rows, r, d);
+        let dims = self.dims(x.batch, x.seq);
+        let (qd, kvd) = (nh * hd, nkv * hd);
+        for l in (self.lowest..nl).rev() {
+            let layer = &self.layers[l];
+            let s = saved[l]
+                .as_ref()
+                .expect("saved activations of a trainable layer");
+            let need_dx = l > self.lowest;
+            // Gradient at the MLP's output (dm) and the MLP backward, to the
+            // gradient at the MLP's input.
+            let mlp_bwd = |grads: &mut B::Buf, dm: &B::Buf| -> B::Buf {
+                if let Some(off) = layer.down.b.slab() {
+                    be.bias_grad(grads, off, dm, n, d);
+                }
+                let mut dhm = be.zeros(n * ff);
+                self.lin_bwd(be, &layer.down, &mut dhm, dm, n, false);
+                let mut dn = be.zeros(n * d);
+                match &layer.gate {
+                    Some(g) => {
+                        let (mut dg, mut du) = (be.zeros(n * ff), be.zeros(n * ff));
+                        let up = s.up.as_ref().expect("up");
+                        be.swiglu_bwd(&mut dg, &mut du, &dhm, &s.f, up, n * ff);
+                        if let Some(off) = g.b.slab() {
+                            be.bias_grad(grads, off, &dg, n, ff);
+                        }
+                        if let Some(off) = layer.up.b.slab() {
+                            be.bias_grad(grads, off, &du, n, ff);
+                        }
+                        self.lin_bwd(be, g, &mut dn, &dg, n, false);
+                        self.lin_bwd(be, &layer.up, &mut dn, &du, n, true);
+                    }
+                    None => {
+                        let mut df = be.zeros(n * ff);
+                        be.act_bwd(c.hidden_act, &mut df, &s.f, &dhm, n * ff);
+                        if let Some(off) = layer.up.b.slab() {
+                            be.bias_grad(grads, off, &df, n, ff);
+                        }
+                        self.lin_bwd(be, &layer.up, &mut dn, &df, n, false);
+                    }
+                }
+                dn
+            };
+            // Attention backward from the gradient at its output projection's
+            // output; returns the gradient at its input (if wanted).
+            let attn_bwd = |grads: &mut B::Buf, da: &B::Buf, want_dx: bool| -> Option<B::Buf> {
+                if let Some(off) = layer.o.b.slab() {
+                    be.bias_grad(grads, off, da, n, d);
+                }
+                let any_qkv = [&layer.q, &layer.k, &layer.v]
+                    .iter()
+                    .any(|l| l.b.slab().is_some());
+                if !(want_dx || any_qkv) {
+                    return None;
+                }
+                let mut dctx = be.zeros(n * qd);
+                self.lin_bwd(be, &layer.o, &mut dctx, da, n, false);
+                let (mut dq, mut dk, mut dv) =
+                    (be.zeros(n * qd), be.zeros(n * kvd), be.zeros(n * kvd));
+                be.attention_bwd(
+                    &mut dq, &mut dk, &mut dv, &dctx, &s.q, &s.k, &s.v, &s.ctx, &s.lse, &x.mask,
+                    dims, None,
+                );
+                if c.arch.is_llama_like() {
+                    be.rope(&mut dq, &x.pos, n, nh, hd, c.rope_theta, true);
+                    be.rope(&mut dk, &x.pos, n, nkv, hd, c.rope_theta, true);
+                }
+                for (lin, g, w) in [
+                    (&layer.q, &dq, qd),
+                    (&layer.k, &dk, kvd),
+                    (&layer.v, &dv, kvd),
+                ] {
+                    if let Some(off) = lin.b.slab() {
+                        be.bias_grad(grads, off, g, n, w);
+                    }
+                }
+                if !want_dx {
+                    return None;
+                }
+                let mut dn = be.zeros(n * d);
+                self.lin_bwd(be, &layer.q, &mut dn, &dq, n, false);
+                self.lin_bwd(be, &layer.k, &mut dn, &dk, n, true);
+                self.lin_bwd(be, &layer.v, &mut dn, &dv, n, true);
+                Some(dn)
+            };
+            if c.norm_before {
+                // out = x1 + mlp(N2(x1)); x1 = x + attn(N1(x))
+                let dn2 = mlp_bwd(grads, &dh);
+                let mut dx1 = dh;
+                if let Some(t) =
+                    self.norm_bwd(be, &layer.n2, grads, &dn2, &s.xhat2, &s.rstd2, n, true)
+                {
+                    be.add(&mut dx1, &t, n * d);
+                }
+                let want = need_dx || layer.n1.b.slab().is_some();
+                let dn1 = attn_bwd(grads, &dx1, want);
+                if let Some(dn1) = dn1 {
+                    if let Some(t) =
+                        self.norm_bwd(be, &layer.n1, grads, &dn1, &s.xhat1, &s.rstd1, n, need_dx)
+                    {
+                        be.add(&mut dx1, &t, n * d);
+                    }
+                }
+                dh = dx1;
+            } else {
+                // out = N2(x1 + mlp(x1)); x1 = N1(x + attn(x))
+                let r2 = self
+                    .norm_bwd(be, &layer.n2, grads, &dh, &s.xhat2, &s.rstd2, n, true)
+                    .expect("dx");
+                let dn = mlp_bwd(grads, &r2);
+                let mut dx1 = r2;
+                be.add(&mut dx1, &dn, n * d);
+                let r1 = self
+                    .norm_bwd(be, &layer.n1, grads, &dx1, &s.xhat1, &s.rstd1, n, true)
+                    .expect("dx");
+                let dn = attn_bwd(grads, &r1, need_dx);
+                let mut dx = r1;
+                if let Some(t) = dn {
+                    be.add(&mut dx, &t, n * d);
+                }
+                dh = dx;
+            }
+            if !need_dx {
+                break;
+            }
+        }
+    }
+
+    /// Logits `[rows, vocab]` at the given rows, in evaluation mode.
+    pub fn logits_at(
+        &self,
+        be: &B,
+        params: &B::Buf,
+        x: &DecBatch<B>,
+        rt: &RowTargets<B>,
+    ) -> Vec<B::T> {
+        let (_, h) = self.forward(be, params, x, false, None);
+        let top = self.top_forward(be, params, &h, &rt.rows, rt.n);
+        be.download(&top.logits)
+    }
+
+    /// Token-level LM loss (mean cross-entropy of the target tokens at the
+    /// given rows: teacher forcing) and its bias gradient, **accumulated**
+    /// into `grads`. Returns the mean loss.
+    pub fn lm_loss_and_grad(
+        &self,
+        be: &B,
+        params: &B::Buf,
+        grads: &mut B::Buf,
+        x: &DecBatch<B>,
+        rt: &RowTargets<B>,
+    ) -> f64 {
+        let (saved, h) = self.forward(be, params, x, true, None);
+        let top = self.top_forward(be, params, &h, &rt.rows, rt.n);
+        let vs = self.cfg.vocab_size;
+        let mut losses = be.zeros(rt.n);
+        let mut dl = be.zeros(rt.n * vs);
+        be.cross_entropy(
+            &mut losses,
+            &mut dl,
+            &top.logits,
+            &rt.targets,
+            rt.n,
+            vs,
+            1.0 / rt.n as f64,
+        );
+        let loss = sum(be, &losses) / rt.n as f64;
+        self.backward(be, grads, x, &saved, &top, &rt.rows, rt.n, &dl);
+        loss
+    }
+
+    /// Candidate-scoring loss (mean over examples) and its bias gradient,
+    /// **accumulated** into `grads`. Returns the loss and every candidate's
+    /// length-normalised log-likelihood.
+    pub fn candidate_loss_and_grad(
+        &self,
+        be: &B,
+        params: &B::Buf,
+        grads: &mut B::Buf,
+        cb: &CandBatch<B>,
+    ) -> (f64, Vec<f64>) {
+        let (saved, h) = self.forward(be, params, &cb.x, true, None);
+        let top = self.top_forward(be, params, &h, &cb.rt.rows, cb.rt.n);
+        let (loss, scores, dl) = self.cand_loss(be, &top.logits, cb);
+        self.backward(be, grads, &cb.x, &saved, &top, &cb.rt.rows, cb.rt.n, &dl);
+        (loss, scores)
+    }
+
+    /// Candidate scores (length-normalised log-likelihoods) and the loss, in
+    /// evaluation mode.
+    pub fn candidate_scores(&self, be: &B, params: &B::Buf, cb: &CandBatch<B>) -> (f64, Vec<f64>) {
+        let (_, h) = self.forward(be, params, &cb.x, false, None);
+        let top = self.top_forward(be, params, &h, &cb.rt.rows, cb.rt.n);
+        let (loss, scores, _) = self.cand_loss(be, &top.logits, cb);
+        (loss, scores)
+    }
+
+    fn cand_loss(&self, be: &B, logits: &B::Buf, cb: &CandBatch<B>) -> (f64, Vec<f64>, B::Buf) {
+        let vs = self.cfg.vocab_size;
+        let r = cb.rt.n;
+        let mut tok_loss = be.zeros(r);
+        let mut dl = be.zeros(r * vs);
+        be.cross_entropy(&mut tok_loss, &mut dl, logits, &cb.rt.targets, r, vs, 1.0);
+        let (mut ex_loss, mut scores, mut row_w) =
+            (be.zeros(cb.examples), be.zeros(cb.cands), be.zeros(r));
+        let idx = CandidateIndex {
+            tok_cand: &cb.tok_cand,
+            cand_ex: &cb.cand_ex,
+            gold: &cb.gold,
+            rows: r,
+            cands: cb.cands,
+            examples: cb.examples,
+        };
+        be.candidate_loss(
+            &mut ex_loss,
+            &mut scores,
+            &mut row_w,
+            &tok_loss,
+            &idx,
+            1.0 / cb.examples as f64,
+        );
+        be.scale_rows(&mut dl, &row_w, r, vs);
+        let loss = sum(be, &ex_loss) / cb.examples as f64;
+        let scores = be.download(&scores).iter().map(|v| v.to_f64()).collect();
+        (loss, scores, dl)
+    }
+
+    /// Greedy decoding with a KV cache: continues each prompt (no padding
+    /// inside a prompt) by up to `max_new` tokens, stopping a row when
+    /// `stop(row_tokens_so_far)` says so (e.g. a newline or EOS). Returns the
+    /// generated tokens of each prompt (the stop token included).
+    pub fn generate_greedy(
+        &self,
+        be: &B,
+        params: &B::Buf,
+        prompts: &[Vec<u32>],
+        max_new: usize,
+        stop: &dyn Fn(&[u32]) -> bool,
+    ) -> Result<Vec<Vec<u32>>> {
+        let c = &self.cfg;
+        let nb = prompts.len();
+        let mut out: Vec<Vec<u32>> = vec![Vec::new(); nb];
+        if nb == 0 || max_new == 0 {
+            return Ok(out);
+        }
+        if prompts.iter().any(|p| p.is_empty()) {
+            return Err(Error::msg("generation: empty prompt"));
+        }
+        let t0 = prompts.iter().map(|p| p.len()).max().unwrap_or(1);
+        let cap = t0 + max_new;
+        // Left padding, so that every row's next token comes at the same slot.
+        let mut ids = vec![c.pad_token_id; nb * t0];
+        let mut mask = vec![0f32; nb * t0];
+        for (b, p) in prompts.iter().enumerate() {
+            let o = b * t0 + t0 - p.len();
+            ids[o..o + p.len()].copy_from_slice(p);
+            mask[o..o + p.len()].fill(1.0);
+        }
+        let mut cmask = vec![1f32; nb * cap];
+        for b in 0..nb {
+            cmask[b * cap..b * cap + t0].copy_from_slice(&mask[b * t0..(b + 1) * t0]);
+        }
+        let kvd = c.num_kv_heads * c.head_dim();
+        let cm: Vec<B::T> = cmask.iter().map(|x| B::T::from_f32(*x)).collect();
+        let mut kv = KvCache {
+            k: (0..self.layers.len())
+                .map(|_| be.zeros(nb * cap * kvd))
+                .collect(),
+            v: (0..self.layers.len())
+                .map(|_| be.zeros(nb * cap * kvd))
+                .collect(),
+            cap,
+            mask: be.upload(&cm),
+        };
+        let x = self.upload(be, nb, t0, &ids, &mask)?;
+        let (_, h) = self.forward(be, params, &x, false, Some((&mut kv, 0)));
+        let last: Vec<u32> = (0..nb).map(|b| (b * t0 + t0 - 1) as u32).collect();
+        let mut next = self.argmax_rows(be, params, &h, &last);
+        let mut done = vec![false; nb];
+        let lens: Vec<u32> = prompts.iter().map(|p| p.len() as u32).collect();
+        for step in 0..max_new {
+            for b in 0..nb {
+                if !done[b] {
+                    out[b].push(next[b]);
+                    if stop(&out[b]) || Some(next[b]) == c.eos_token_id {
+                        done[b] = true;
+                    }
+                }
+            }
+            if done.iter().all(|d| *d) || step + 1 == max_new {
+                break;
+            }
+            let start: Vec<u32> = lens.iter().map(|l| l + step as u32).collect();
+            let ones = vec![1f32; nb];
+            let xs = self.upload_from(be, nb, 1, &next, &ones, &start)?;
+            let (_, h) = self.forward(be, params, &xs, false, Some((&mut kv, t0 + step)));
+            let rows: Vec<u32> = (0..nb as u32).collect();
+            next = self.argmax_rows(be, params, &h, &rows);
+        }
+        Ok(out)
+    }
+
+    fn argmax_rows(&self, be: &B, params: &B::Buf, h: &B::Buf, rows: &[u32]) -> Vec<u32> {
+        let vs = self.cfg.vocab_size;
+        let ids = be.upload_ids(rows);
+        let top = self.top_forward(be, params, h, &ids, rows.len());
+        let lg = be.download(&top.logits);
+        (0..rows.len())
+            .map(|r| {
+                let row = &lg[r * vs..(r + 1) * vs];
+                let mut best = 0;
+                for j in 1..vs {
+                    if row[j] > row[best] {
+                        best = j;
+                    }
+                }
+                best as u32
+            })
+            .collect()
+    }
+}
+
+fn sum<B: Backend>(be: &B, buf: &B::Buf) -> f64 {
+    be.download(buf).iter().map(|v| v.to_f64()).sum()
+}

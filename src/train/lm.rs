@@ -1,0 +1,795 @@
+//! `beft train` / `beft eval` for decoders (GPT-2, OPT, LLaMA family):
+//! MeZO-style prompted tasks.
+//!
+//! * Classification and multiple choice are **candidate scoring**: every
+//!   option is a verbaliser continuation of the prompt; the loss is the
+//!   cross-entropy over the candidates' length-normalised log-likelihoods and
+//!   the prediction is their arg-max (metric: accuracy).
+//! * Generation (SQuAD format) trains with teacher forcing on the answer
+//!   tokens and evaluates by greedy decoding with a KV cache (stop at a
+//!   newline or after `--max-new-tokens`), scored by SQuAD token F1 (the
+//!   reported metric) and exact match.
+//!
+//! The run directory has the encoder path's files; `summary.json` has the
+//! same keys plus `zero_shot_dev_metric` (the dev metric before training),
+//! and `biases.safetensors` records in its metadata (`added_biases`) the
+//! trained biases the base model has no slot for.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde_json::{json, Value};
+
+use super::run::{peak_rss_bytes, EvalArgs, EvalResult, Summary, TrainArgs};
+use super::{lr_at, slab_tensors, Slab};
+use crate::backend::{AdamW, Backend};
+use crate::data::generation::{self, GenExample};
+use crate::data::prompts::{self, McExample, Templates};
+use crate::data::{self, Split, TextTokenizer};
+use crate::error::{Error, Result};
+use crate::model::config::{Arch, ModelDir};
+use crate::model::{BiasTerm, Decoder, DecoderOptions};
+use crate::rng::Rng;
+use crate::weights::{write_safetensors, WeightStore};
+
+/// Whether `model` (a directory with config.json, or a .gguf file) is a
+/// decoder, judged from its config without loading weights.
+pub fn is_decoder_model(model: &Path) -> bool {
+    if crate::weights::gguf::is_gguf_path(model) {
+        return true;
+    }
+    let cfg = model.join("config.json");
+    let Ok(text) = fs::read_to_string(cfg) else {
+        return false;
+    };
+    let Ok(v) = serde_json::from_str::<Value>(&text) else {
+        return false;
+    };
+    v.get("model_type")
+        .and_then(Value::as_str)
+        .and_then(Arch::from_model_type)
+        .is_some_and(|a| a.is_decoder())
+}
+
+/// A task's examples, tokenised.
+enum Data {
+    /// Candidate scoring: prompt ids, option ids, gold option.
+    Mc(Vec<EncMc>),
+    /// Generation: prompt ids, target ids (training), reference answers.
+    Gen(Vec<EncGen>),
+}
+
+struct EncMc {
+    prompt: Vec<u32>,
+    options: Vec<Vec<u32>>,
+    gold: usize,
+}
+
+struct EncGen {
+    prompt: Vec<u32>,
+    target: Vec<u32>,
+    answers: Vec<String>,
+}
+
+impl Data {
+    fn len(&self) -> usize {
+        match self {
+            Data::Mc(v) => v.len(),
+            Data::Gen(v) => v.len(),
+        }
+    }
+}
+
+fn is_generation(task: &str) -> bool {
+    matches!(
+        prompts::task_key(task).as_str(),
+        "squad" | "squadv1" | "squadv2"
+    )
+}
+
+/// The template name of a task (`--task` key).
+fn template_name(task: &str) -> String {
+    let k = prompts::task_key(task);
+    if k.starts_with("squad") {
+        "squad".into()
+    } else {
+        k
+    }
+}
+
+struct Tok {
+    tk: TextTokenizer,
+    /// Token prepended to every prompt (OPT's `</s>`, LLaMA's `<s>`), if any.
+    bos: Option<u32>,
+    max_len: usize,
+}
+
+impl Tok {
+    fn plain(&self, text: &str) -> Result<Vec<u32>> {
+        let e = self
+            .tk
+            .inner()
+            .encode(text, false)
+            .map_err(|e| Error::file(self.tk.path(), format!("encoding failed: {e}")))?;
+        Ok(e.get_ids().to_vec())
+    }
+
+    fn prompt(&self, text: &str) -> Result<Vec<u32>> {
+        let mut ids: Vec<u32> = self.bos.into_iter().collect();
+        ids.extend(self.plain(text)?);
+        Ok(ids)
+    }
+
+    fn decode(&self, ids: &[u32]) -> String {
+        self.tk.inner().decode(ids, true).unwrap_or_default()
+    }
+
+    /// Keep `prompt + answer` within `max_len`: drop prompt tokens from the
+    /// left (after the BOS token).
+    fn fit(&self, prompt: &mut Vec<u32>, answer_len: usize) {
+        let keep_bos = self.bos.is_some() as usize;
+        let room = self.max_len.saturating_sub(answer_len).max(keep_bos + 1);
+        if prompt.len() > room {
+            let cut = prompt.len() - room;
+            prompt.drain(keep_bos..keep_bos + cut);
+        }
+    }
+}
+
+fn tokenizer(md: &ModelDir, max_len: usize) -> Result<Tok> {
+    let path = md
+        .tokenizer
+        .clone()
+        .ok_or_else(|| Error::file(&md.dir, "no tokenizer (tokenizer.json) for this model"))?;
+    // The tokenizer's own truncation must not cut prompts: allow a long
+    // input, then fit prompt + answer to max_len ourselves.
+    let tk = TextTokenizer::from_file(&path, max_len.max(1 << 16))?;
+    let bos = match md.config.arch {
+        Arch::Opt | Arch::Llama => md.config.bos_token_id,
+        _ => None,
+    };
+    if let Some(b) = bos {
+        if b as usize >= md.config.vocab_size {
+            return Err(Error::file(
+                &path,
+                format!("bos_token_id {b} is outside the vocabulary"),
+            ));
+        }
+    }
+    Ok(Tok { tk, bos, max_len })
+}
+
+fn load_data(
+    task: &str,
+    dir: &Path,
+    split: Split,
+    size: Option<usize>,
+    seed: u64,
+    templates: &Templates,
+    tok: &Tok,
+) -> Result<Data> {
+    let tpl = templates.get(&template_name(task))?;
+    let subset = |n: usize| -> Vec<usize> {
+        let mut idx: Vec<usize> = (0..n).collect();
+        if let Some(k) = size {
+            if k < n {
+                Rng::new(seed).shuffle(&mut idx);
+                idx.truncate(k);
+                idx.sort_unstable();
+            }
+        }
+        idx
+    };
+    if is_generation(task) {
+        let target = tpl.target.clone().ok_or_else(|| {
+            Error::msg(format!(
+                "template '{}' has no 'target': generation tasks need one",
+                tpl.name
+            ))
+        })?;
+        let all: Vec<GenExample> = generation::load_split(dir, split)?;
+        let mut out = Vec::new();
+        for i in subset(all.len()) {
+            let g = &all[i];
+            let mut prompt = tok.prompt(&prompts::render(&tpl.prompt, &g.fields)?)?;
+            let target = tok.plain(&prompts::render(&target, &g.fields)?)?;
+            tok.fit(&mut prompt, target.len());
+            out.push(EncGen {
+                prompt,
+                target,
+                answers: g.answers.clone(),
+            });
+        }
+        return Ok(Data::Gen(out));
+    }
+    let recs = prompts::load_records(task, dir, split, seed)?;
+    let idx = subset(recs.len());
+    let recs: Vec<_> = idx.into_iter().map(|i| recs[i].clone()).collect();
+    let mc: Vec<McExample> = prompts::to_mc(tpl, &recs)?;
+    let mut out = Vec::with_capacity(mc.len());
+    for (i, e) in mc.iter().enumerate() {
+        let options: Vec<Vec<u32>> = e
+            .options
+            .iter()
+            .map(|o| tok.plain(o))
+            .collect::<Result<_>>()?;
+        if let Some(j) = options.iter().position(|o| o.is_empty()) {
+            return Err(Error::msg(format!(
+                "example {i}: option {:?} of template '{}' encodes to no tokens",
+                e.options[j], tpl.name
+            )));
+        }
+        let longest = options.iter().map(|o| o.len()).max().unwrap_or(1);
+        let mut prompt = tok.prompt(&e.prompt)?;
+        tok.fit(&mut prompt, longest);
+        if prompt.is_empty() {
+            return Err(Error::msg(format!("example {i}: empty prompt")));
+        }
+        out.push(EncMc {
+            prompt,
+            options,
+            gold: e.gold,
+        });
+    }
+    Ok(Data::Mc(out))
+}
+
+/// Right-padded sequences, and the rows predicting each answer token.
+struct Packed {
+    batch: usize,
+    seq: usize,
+    ids: Vec<u32>,
+    mask: Vec<f32>,
+    rows: Vec<u32>,
+    targets: Vec<u32>,
+    /// Sequence of each row.
+    row_seq: Vec<u32>,
+    tokens: usize,
+}
+
+fn pack(seqs: &[(Vec<u32>, usize)], pad: u32) -> Packed {
+    // (tokens, answer_start): answer tokens are tokens[answer_start..].
+    let b = seqs.len();
+    let t = seqs.iter().map(|s| s.0.len()).max().unwrap_or(1).max(1);
+    let mut p = Packed {
+        batch: b,
+        seq: t,
+        ids: vec![pad; b * t],
+        mask: vec![0.0; b * t],
+        rows: Vec::new(),
+        targets: Vec::new(),
+        row_seq: Vec::new(),
+        tokens: 0,
+    };
+    for (i, (s, start)) in seqs.iter().enumerate() {
+        p.ids[i * t..i * t + s.len()].copy_from_slice(s);
+        p.mask[i * t..i * t + s.len()].fill(1.0);
+        p.tokens += s.len();
+        for pos in (*start).max(1)..s.len() {
+            p.rows.push((i * t + pos - 1) as u32);
+            p.targets.push(s[pos]);
+            p.row_seq.push(i as u32);
+        }
+    }
+    p
+}
+
+fn mc_batch<B: Backend>(
+    be: &B,
+    dec: &Decoder<B>,
+    ex: &[&EncMc],
+    pad: u32,
+) -> Result<(crate::model::CandBatch<B>, usize, Vec<(usize, usize)>)> {
+    let mut seqs = Vec::new();
+    let mut cand_ex = Vec::new();
+    let mut gold = Vec::new();
+    let mut spans = Vec::new();
+    for (e, x) in ex.iter().enumerate() {
+        gold.push((seqs.len() + x.gold) as u32);
+        spans.push((seqs.len(), x.options.len()));
+        for o in &x.options {
+            let mut s = x.prompt.clone();
+            s.extend_from_slice(o);
+            seqs.push((s, x.prompt.len()));
+            cand_ex.push(e as u32);
+        }
+    }
+    let p = pack(&seqs, pad);
+    let x = dec.upload(be, p.batch, p.seq, &p.ids, &p.mask)?;
+    let cb = dec.cand_batch(be, x, &p.rows, &p.targets, &p.row_seq, &cand_ex, &gold)?;
+    Ok((cb, p.tokens, spans))
+}
+
+/// Evaluate: accuracy (candidate scoring) or F1/EM (generation).
+fn evaluate<B: Backend>(
+    be: &B,
+    dec: &Decoder<B>,
+    params: &B::Buf,
+    data: &Data,
+    tok: &Tok,
+    batch: usize,
+    max_new: usize,
+) -> Result<data::Metrics> {
+    let pad = dec.cfg.pad_token_id;
+    let mut all = BTreeMap::new();
+    match data {
+        Data::Mc(ex) => {
+            let mut correct = 0usize;
+            for idx in data::eval_batches(ex.len(), batch.max(1)) {
+                let refs: Vec<&EncMc> = idx.iter().map(|&i| &ex[i]).collect();
+                let (cb, _, spans) = mc_batch(be, dec, &refs, pad)?;
+                let (_, scores) = dec.candidate_scores(be, params, &cb);
+                for (e, (start, n)) in spans.iter().enumerate() {
+                    let s = &scores[*start..start + n];
+                    let mut best = 0;
+                    for j in 1..*n {
+                        if s[j] > s[best] {
+                            best = j;
+                        }
+                    }
+                    correct += (best == refs[e].gold) as usize;
+                }
+            }
+            let acc = correct as f64 / ex.len().max(1) as f64;
+            all.insert("accuracy".to_string(), acc);
+            Ok(data::Metrics {
+                name: "accuracy".into(),
+                value: acc,
+                all,
+            })
+        }
+        Data::Gen(ex) => {
+            let (mut f1, mut em) = (0.0, 0.0);
+            let stop = |toks: &[u32]| tok.decode(toks).contains('\n');
+            for idx in data::eval_batches(ex.len(), batch.max(1)) {
+                let prompts: Vec<Vec<u32>> = idx.iter().map(|&i| ex[i].prompt.clone()).collect();
+                let outs = dec.generate_greedy(be, params, &prompts, max_new, &stop)?;
+                for (k, &i) in idx.iter().enumerate() {
+                    let text = tok.decode(&outs[k]);
+                    let answer = text.split('\n').next().unwrap_or("").trim();
+                    let (a, b) = generation::best_f1_em(answer, &ex[i].answers);
+                    f1 += a;
+                    em += b;
+                }
+            }
+            let n = ex.len().max(1) as f64;
+            all.insert("f1".to_string(), f1 / n);
+            all.insert("exact_match".to_string(), em / n);
+            Ok(data::Metrics {
+                name: "f1".into(),
+                value: f1 / n,
+                all,
+            })
+        }
+    }
+}
+
+/// One optimiser step's loss and gradient (accumulated into `grads`) on
+/// the examples `idx`; returns (loss, tokens).
+fn step_grad<B: Backend>(
+    be: &B,
+    dec: &Decoder<B>,
+    params: &B::Buf,
+    grads: &mut B::Buf,
+    data: &Data,
+    idx: &[usize],
+) -> Result<(f64, usize)> {
+    let pad = dec.cfg.pad_token_id;
+    match data {
+        Data::Mc(ex) => {
+            let refs: Vec<&EncMc> = idx.iter().map(|&i| &ex[i]).collect();
+            let (cb, tokens, _) = mc_batch(be, dec, &refs, pad)?;
+            let (loss, _) = dec.candidate_loss_and_grad(be, params, grads, &cb);
+            Ok((loss, tokens))
+        }
+        Data::Gen(ex) => {
+            let seqs: Vec<(Vec<u32>, usize)> = idx
+                .iter()
+                .map(|&i| {
+                    let mut s = ex[i].prompt.clone();
+                    s.extend_from_slice(&ex[i].target);
+                    (s, ex[i].prompt.len())
+                })
+                .collect();
+            let p = pack(&seqs, pad);
+            if p.rows.is_empty() {
+                return Err(Error::msg("generation batch has no answer tokens"));
+            }
+            let x = dec.upload(be, p.batch, p.seq, &p.ids, &p.mask)?;
+            let rt = dec.row_targets(be, &x, &p.rows, &p.targets)?;
+            Ok((dec.lm_loss_and_grad(be, params, grads, &x, &rt), p.tokens))
+        }
+    }
+}
+
+fn write_json(path: &Path, v: &Value) -> Result<()> {
+    let s = serde_json::to_string_pretty(v).map_err(|e| Error::file(path, e))?;
+    fs::write(path, s + "\n").map_err(|e| Error::io(path, e))
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        0.5 * (v[n / 2 - 1] + v[n / 2])
+    }
+}
+
+/// Metadata of a decoder's biases.safetensors.
+fn bias_metadata<B: Backend>(
+    md: &ModelDir,
+    dec: &Decoder<B>,
+    task: &str,
+) -> BTreeMap<String, String> {
+    let mut m = BTreeMap::new();
+    m.insert("format".into(), "beft-biases".into());
+    m.insert("beft_version".into(), env!("CARGO_PKG_VERSION").into());
+    m.insert("base_model".into(), md.name.clone());
+    m.insert("base_model_fingerprint".into(), md.weights.fingerprint());
+    m.insert("model_type".into(), md.config.model_type.clone());
+    m.insert("bias_terms".into(), BiasTerm::format_set(&dec.terms));
+    m.insert("task".into(), task.to_string());
+    m.insert("objective".into(), "decoder".into());
+    // Trained biases the base model has no slot for (zero-initialised).
+    m.insert("added_biases".into(), dec.added.join(","));
+    m
+}
+
+/// Removes a staging directory unless the run completed.
+struct Staging {
+    dir: PathBuf,
+    done: bool,
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// `beft train` for a decoder.
+pub fn train_on<B: Backend>(be: &B, args: &TrainArgs) -> Result<Summary> {
+    if args.batch == 0 || args.epochs == 0 {
+        return Err(Error::msg("--batch and --epochs must be at least 1"));
+    }
+    if !(args.lr > 0.0 && args.lr.is_finite()) {
+        return Err(Error::msg(format!(
+            "--lr must be a positive number, got {}",
+            args.lr
+        )));
+    }
+    let terms = BiasTerm::parse_set(&args.bias)?;
+    if args.out.join("summary.json").exists() && !args.overwrite {
+        return Err(Error::file(
+            &args.out,
+            "already holds a finished run (summary.json); choose another --out or pass --overwrite",
+        ));
+    }
+    let templates = Templates::load(args.templates.as_deref())?;
+    let md = ModelDir::open(&args.model)?;
+    let tok = tokenizer(&md, args.max_len)?;
+    let train = load_data(
+        &args.task,
+        &args.data,
+        Split::Train,
+        args.train_size,
+        args.seed,
+        &templates,
+        &tok,
+    )?;
+    let dev = load_data(
+        &args.task,
+        &args.data,
+        Split::Dev,
+        args.dev_size,
+        args.seed,
+        &templates,
+        &tok,
+    )?;
+    if train.len() == 0 || dev.len() == 0 {
+        return Err(Error::file(&args.data, "empty dataset"));
+    }
+    let dec = Decoder::load(
+        be,
+        &md,
+        DecoderOptions {
+            terms: terms.clone(),
+        },
+    )?;
+    if terms == [BiasTerm::K] && !md.config.arch.is_llama_like() {
+        eprintln!("note: b_k receives an exactly-zero gradient in softmax attention without rotary embeddings; nothing will learn");
+    }
+    let max_new = args.max_new_tokens.max(1);
+
+    let out = &args.out;
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    let name = out
+        .file_name()
+        .map(|s| s.to_string_lossy().to_string())
+        .unwrap_or_else(|| "run".into());
+    let mut staging = Staging {
+        dir: parent.join(format!(".{name}.partial-lm-{}", std::process::id())),
+        done: false,
+    };
+    let _ = fs::remove_dir_all(&staging.dir);
+    fs::create_dir_all(&staging.dir).map_err(|e| Error::io(&staging.dir, e))?;
+    let metrics_path = staging.dir.join("metrics.jsonl");
+    let mut metrics_file =
+        fs::File::create(&metrics_path).map_err(|e| Error::io(&metrics_path, e))?;
+    let steps_path = staging.dir.join("steps.jsonl");
+    let mut steps_file = std::io::BufWriter::new(
+        fs::File::create(&steps_path).map_err(|e| Error::io(&steps_path, e))?,
+    );
+
+    let mut slab = Slab::new(be, &dec.init);
+    let n_train = train.len();
+    let steps_per_epoch = n_train.div_ceil(args.batch) as u64;
+    let total_steps = args
+        .max_steps
+        .map(|m| m.min(steps_per_epoch * args.epochs as u64))
+        .unwrap_or(steps_per_epoch * args.epochs as u64);
+    let warmup = (args.warmup_ratio * total_steps as f64).round() as u64;
+    eprintln!(
+        "beft: {} ({} layers, hidden {}) on {} | task {} ({}) | {} train / {} dev | bias {} | {} trainable values{}",
+        md.name,
+        md.config.num_layers,
+        md.config.hidden_size,
+        be.name(),
+        args.task,
+        if is_generation(&args.task) { "generation" } else { "candidate scoring" },
+        n_train,
+        dev.len(),
+        BiasTerm::format_set(&terms),
+        dec.trainable_params(),
+        if dec.added.is_empty() { String::new() } else { format!(" ({} added biases)", dec.added.len()) }
+    );
+    let log_eval = |epoch: usize,
+                    step: u64,
+                    m: &data::Metrics,
+                    tl: Option<f64>,
+                    f: &mut fs::File|
+     -> Result<()> {
+        let line = json!({"epoch": epoch, "step": step, "metric_name": m.name, "metric": m.value, "metrics": m.all, "train_loss": tl, "split": "dev"});
+        writeln!(f, "{line}").map_err(|e| Error::io(&metrics_path, e))
+    };
+    let m0 = evaluate(be, &dec, &slab.params, &dev, &tok, args.eval_batch, max_new)?;
+    eprintln!("epoch 0 (zero-shot): dev {} = {:.4}", m0.name, m0.value);
+    log_eval(0, 0, &m0, None, &mut metrics_file)?;
+    let zero_shot = m0.value;
+
+    let mut step = 0u64;
+    let mut step_secs = Vec::new();
+    let (mut train_tokens, mut train_time) = (0u64, 0.0f64);
+    let mut best = (f64::NEG_INFINITY, 0usize);
+    let mut last = f64::NAN;
+    let mut epochs_run = 0;
+    for epoch in 1..=args.epochs {
+        let (mut loss_sum, mut loss_n) = (0.0, 0usize);
+        for idx in data::epoch_batches(n_train, args.batch, args.seed, epoch as u64, true) {
+            if step >= total_steps {
+                break;
+            }
+            step += 1;
+            let t0 = Instant::now();
+            be.fill(&mut slab.grads, 0.0);
+            let (loss, tokens) = step_grad(be, &dec, &slab.params, &mut slab.grads, &train, &idx)?;
+            if !loss.is_finite() {
+                return Err(Error::msg(format!(
+                    "non-finite loss {loss} at step {step} (epoch {epoch}); try a lower --lr"
+                )));
+            }
+            let gnorm = slab.clip(be, args.clip);
+            if !gnorm.is_finite() {
+                return Err(Error::msg(format!(
+                    "non-finite gradient norm at step {step}; try a lower --lr"
+                )));
+            }
+            let lr = lr_at(args.schedule, args.lr, step, total_steps, warmup);
+            slab.step(
+                be,
+                AdamW {
+                    lr,
+                    beta1: 0.9,
+                    beta2: 0.999,
+                    eps: 1e-8,
+                    weight_decay: args.weight_decay,
+                    step,
+                },
+            );
+            let dt = t0.elapsed().as_secs_f64();
+            step_secs.push(dt);
+            train_time += dt;
+            train_tokens += tokens as u64;
+            loss_sum += loss;
+            loss_n += 1;
+            let line = json!({"step": step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": gnorm, "tokens": tokens, "seconds": dt});
+            writeln!(steps_file, "{line}").map_err(|e| Error::io(&steps_path, e))?;
+            if args.progress && step % 10 == 0 {
+                eprintln!(
+                    "  step {step}/{total_steps}: loss {:.4} ({:.2}s/step)",
+                    loss_sum / loss_n as f64,
+                    dt
+                );
+            }
+        }
+        epochs_run = epoch;
+        let m = evaluate(be, &dec, &slab.params, &dev, &tok, args.eval_batch, max_new)?;
+        let tl = (loss_n > 0).then(|| loss_sum / loss_n as f64);
+        eprintln!(
+            "epoch {epoch}: train loss {:.4} | dev {} = {:.4}",
+            tl.unwrap_or(f64::NAN),
+            m.name,
+            m.value
+        );
+        log_eval(epoch, step, &m, tl, &mut metrics_file)?;
+        if m.value > best.0 {
+            best = (m.value, epoch);
+        }
+        last = m.value;
+        if step >= total_steps {
+            break;
+        }
+    }
+    steps_file.flush().map_err(|e| Error::io(&steps_path, e))?;
+    drop(steps_file);
+    drop(metrics_file);
+
+    let values = slab.params_f64(be);
+    let bias_path = staging.dir.join("biases.safetensors");
+    write_safetensors(
+        &bias_path,
+        &slab_tensors(&dec.layout, &values),
+        &bias_metadata(&md, &dec, &args.task),
+    )?;
+    let biases_file_bytes = fs::metadata(&bias_path).map(|m| m.len()).unwrap_or(0);
+    let metric_name = if is_generation(&args.task) {
+        "f1"
+    } else {
+        "accuracy"
+    };
+    let summary = Summary {
+        task: args.task.clone(),
+        model: md.name.clone(),
+        bias: BiasTerm::format_set(&terms),
+        pooling: "none".into(),
+        trainable_params: dec.trainable_params(),
+        trainable_bias_params: dec.layout.bias_params(),
+        initial_dev_metric: Some(zero_shot),
+        final_dev_metric: last,
+        best_dev_metric: best.0,
+        best_epoch: best.1,
+        metric_name: metric_name.into(),
+        train_examples: n_train,
+        dev_examples: dev.len(),
+        epochs: epochs_run,
+        steps: step,
+        train_tokens,
+        train_tokens_per_s: train_tokens as f64 / train_time.max(1e-9),
+        step_seconds_median: median(&mut step_secs),
+        train_seconds: train_time,
+        peak_rss_bytes: peak_rss_bytes(),
+        biases_file_bytes,
+        device: be.name(),
+        seed: args.seed,
+        lr: args.lr,
+        batch: args.batch,
+    };
+    let mut sv = serde_json::to_value(&summary).map_err(|e| Error::msg(e.to_string()))?;
+    if let Value::Object(m) = &mut sv {
+        m.insert("zero_shot_dev_metric".into(), json!(zero_shot));
+        m.insert("added_biases".into(), json!(dec.added.len()));
+    }
+    write_json(&staging.dir.join("summary.json"), &sv)?;
+    write_json(
+        &staging.dir.join("config.json"),
+        &json!({
+            "model": args.model, "task": args.task, "data": args.data, "train_size": args.train_size, "bias": args.bias,
+            "epochs": args.epochs, "lr": args.lr, "batch": args.batch, "seed": args.seed, "max_len": args.max_len,
+            "schedule": args.schedule, "warmup_ratio": args.warmup_ratio, "clip": args.clip,
+            "weight_decay": args.weight_decay, "max_steps": args.max_steps, "templates": args.templates,
+            "max_new_tokens": max_new, "objective": if is_generation(&args.task) { "teacher-forcing" } else { "candidate-scoring" },
+            "beft_version": env!("CARGO_PKG_VERSION"),
+        }),
+    )?;
+    if out.exists() {
+        if args.overwrite {
+            fs::remove_dir_all(out).map_err(|e| Error::io(out, e))?;
+        } else if fs::read_dir(out)
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(true)
+        {
+            return Err(Error::file(
+                out,
+                "exists and is not empty; choose another --out or pass --overwrite",
+            ));
+        } else {
+            fs::remove_dir(out).map_err(|e| Error::io(out, e))?;
+        }
+    }
+    fs::rename(&staging.dir, out).map_err(|e| Error::io(out, e))?;
+    staging.done = true;
+    Ok(summary)
+}
+
+/// `beft eval` for a decoder: zero-shot, or with trained biases.
+pub fn eval_on<B: Backend>(be: &B, args: &EvalArgs) -> Result<EvalResult> {
+    let biases = match &args.biases {
+        Some(p) => Some((p.clone(), WeightStore::open_file(p)?)),
+        None => None,
+    };
+    let meta = |k: &str| {
+        biases
+            .as_ref()
+            .and_then(|(_, s)| s.metadata().get(k).cloned())
+    };
+    let templates = Templates::load(args.templates.as_deref())?;
+    let md = ModelDir::open(&args.model)?;
+    if let (Some((path, _)), Some(fp)) = (&biases, meta("base_model_fingerprint")) {
+        let ours = md.weights.fingerprint();
+        if fp != ours {
+            return Err(Error::file(path, format!("was trained on a different base model (fingerprint {fp}, this model is {ours})")));
+        }
+    }
+    let tok = tokenizer(&md, args.max_len)?;
+    let dev = load_data(
+        &args.task,
+        &args.data,
+        Split::Dev,
+        args.dev_size,
+        args.seed,
+        &templates,
+        &tok,
+    )?;
+    let terms = match meta("bias_terms") {
+        Some(t) => BiasTerm::parse_set(&t)?,
+        None => vec![BiasTerm::V],
+    };
+    let dec = Decoder::load(be, &md, DecoderOptions { terms })?;
+    let mut init = dec.init.clone();
+    if let Some((path, store)) = &biases {
+        for slot in &dec.layout.slots {
+            let t = store
+                .get_shaped(&slot.name, &slot.shape)
+                .map_err(|e| e.context(path.display()))?;
+            for (dst, v) in init[slot.offset..slot.offset + slot.len()]
+                .iter_mut()
+                .zip(t.to_f64_vec())
+            {
+                *dst = v;
+            }
+        }
+    }
+    let slab = Slab::new(be, &init);
+    let m = evaluate(
+        be,
+        &dec,
+        &slab.params,
+        &dev,
+        &tok,
+        args.batch,
+        args.max_new_tokens.max(1),
+    )?;
+    Ok(EvalResult {
+        metric_name: m.name,
+        metric: m.value,
+        examples: dev.len(),
+        metrics: m.all,
+        task: args.task.clone(),
+        model: md.name,
+        biases: args.biases.as_ref().map(|b| b.display().to_string()),
+    })
+}
