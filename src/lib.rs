@@ -17,6 +17,7 @@ pub mod backend;
 pub mod data;
 pub mod error;
 pub mod float;
+pub mod infer;
 pub mod method;
 pub mod model;
 pub mod rng;

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use beft::train::run::{self, EvalArgs, TrainArgs};
+use beft::method::sweep::{paper_lr, paper_train_size};
 use beft::train::Schedule;
 
 #[derive(Parser)]
@@ -28,10 +29,18 @@ enum Cmd {
     Train(TrainCli),
     /// Evaluate a base model plus trained biases on the dev split.
     Eval(EvalCli),
+    /// List the compute devices this build can use (values of --device).
+    Devices,
     /// Write trained biases as a Hugging Face PEFT adapter or a merged model.
     Export(ExportCli),
     /// Read a PEFT BEFT adapter back into a beft biases file.
     ImportPeft(ImportPeftCli),
+    /// Rank bias terms: BEFT score, magnitude and empirical Fisher per term and layer.
+    Rank(RankCli),
+    /// Run a grid of bias terms × seeds (× learning rates), resumably, and tabulate it.
+    Sweep(SweepCli),
+    /// Draw a run's loss and dev-metric curves (loss.png, dev_metric.png).
+    Plot(PlotCli),
 }
 
 #[derive(Args)]
@@ -67,39 +76,35 @@ enum ScheduleCli {
     Linear,
 }
 
+/// Training settings shared by `train`, `rank` and `sweep`.
 #[derive(Args)]
-struct TrainCli {
-    /// Hugging Face model directory (config.json, model.safetensors, tokenizer.json).
+struct TrainOpts {
+    /// Hugging Face model directory (config.json, model.safetensors, tokenizer.json). Required.
     #[arg(long)]
-    model: PathBuf,
-    /// Task: sst2, cola, rte, mrpc, stsb, qnli, qqp, mnli, or jsonl.
+    model: Option<PathBuf>,
+    /// Task: sst2, cola, rte, mrpc, stsb, qnli, qqp, mnli, or jsonl. Required.
     #[arg(long)]
-    task: String,
-    /// Directory holding train.tsv and dev.tsv (or train.jsonl / dev.jsonl).
+    task: Option<String>,
+    /// Directory holding train.tsv and dev.tsv (or train.jsonl / dev.jsonl). Required.
     #[arg(long)]
-    data: PathBuf,
-    /// Output run directory (written only when the run is complete).
-    #[arg(long, default_value = "runs/run")]
-    out: PathBuf,
+    data: Option<PathBuf>,
     /// Seeded random subset of N training examples (the low-data regime).
     #[arg(long)]
     train_size: Option<usize>,
     /// Seeded random subset of N dev examples (default: all).
     #[arg(long)]
     dev_size: Option<usize>,
-    /// Trainable biases: v, q, k, o, mlp-in, mlp-out, ln1, ln2, emb-ln, all, or a comma list.
-    #[arg(long, default_value = "v")]
-    bias: String,
     #[arg(long, default_value_t = 4)]
     epochs: usize,
-    #[arg(long, default_value_t = 4e-4)]
-    lr: f64,
+    /// Learning rate (default: BEFT's per-task rate for GLUE tasks — CoLA 7e-4,
+    /// MNLI 1e-4, MRPC 7e-4, QNLI 1e-4, QQP 4e-4, RTE 1e-3, SST-2 4e-4, STS-B 1e-4 —
+    /// else 4e-4).
+    #[arg(long)]
+    lr: Option<f64>,
     #[arg(long, default_value_t = 16)]
     batch: usize,
     #[arg(long, default_value_t = 64)]
     eval_batch: usize,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
     /// Truncate inputs to this many tokens.
     #[arg(long, default_value_t = 128)]
     max_len: usize,
@@ -126,15 +131,116 @@ struct TrainCli {
     /// Stop after this many optimiser steps.
     #[arg(long)]
     max_steps: Option<u64>,
-    /// cpu, cuda[:N] or wgpu[:N].
+    /// cpu, cpu-ref, cuda[:N] or wgpu[:N].
     #[arg(long, default_value = "cpu")]
     device: String,
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
-    /// Replace an existing run directory.
+    /// Save a resumable checkpoint every N steps (and after every epoch; 0: epochs only).
+    #[arg(long, default_value_t = 50)]
+    checkpoint_every: u64,
+    /// Decoder tasks: prompt templates (JSON) replacing/extending the built-in ones.
+    #[arg(long)]
+    templates: Option<PathBuf>,
+    /// Decoder generation tasks: most tokens generated per answer.
+    #[arg(long, default_value_t = 32)]
+    max_new_tokens: usize,
+}
+
+impl TrainOpts {
+    fn to_args(&self, out: PathBuf, bias: String, seed: u64, overwrite: bool) -> beft::Result<TrainArgs> {
+        let need = |name: &str| beft::Error::msg(format!("--{name} is required"));
+        let task_name = self.task.clone().ok_or_else(|| need("task"))?;
+        let task = task_name.to_ascii_lowercase().replace(['-', '_'], "");
+        Ok(TrainArgs {
+            model: self.model.clone().ok_or_else(|| need("model"))?,
+            task: task_name,
+            data: self.data.clone().ok_or_else(|| need("data"))?,
+            out,
+            train_size: self.train_size,
+            bias,
+            epochs: self.epochs,
+            lr: self.lr.or_else(|| paper_lr(&task)).unwrap_or(4e-4),
+            batch: self.batch,
+            eval_batch: self.eval_batch,
+            seed,
+            max_len: self.max_len,
+            pooling: self.pooling.clone(),
+            schedule: match self.schedule {
+                ScheduleCli::Constant => Schedule::Constant,
+                ScheduleCli::Linear => Schedule::Linear,
+            },
+            warmup_ratio: self.warmup_ratio,
+            clip: self.clip,
+            weight_decay: self.weight_decay,
+            dropout: !self.no_dropout,
+            eval_before: !self.no_eval_before,
+            max_steps: self.max_steps,
+            dev_size: self.dev_size,
+            device: self.device.clone(),
+            progress: !self.quiet,
+            overwrite,
+            resume: false,
+            checkpoint_every: self.checkpoint_every,
+            templates: self.templates.clone(),
+            max_new_tokens: self.max_new_tokens,
+        })
+    }
+}
+
+#[derive(Args)]
+struct TrainCli {
+    #[command(flatten)]
+    opts: TrainOpts,
+    /// Output run directory (written only when the run is complete).
+    #[arg(long, default_value = "runs/run")]
+    out: PathBuf,
+    /// Trainable biases: v, q, k, o, mlp-in, mlp-out, ln1, ln2, emb-ln, all, or a comma list.
+    #[arg(long, default_value = "v")]
+    bias: String,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Replace an existing run directory (or an unfinished one's state).
     #[arg(long)]
     overwrite: bool,
+    /// Continue the unfinished run RUN_DIR from its last checkpoint (no other flags needed).
+    #[arg(long, value_name = "RUN_DIR")]
+    resume: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct RankCli {
+    #[command(flatten)]
+    opts: TrainOpts,
+    /// Output directory: ranking.json, heat-maps, bar charts, and the all-bias run.
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+#[derive(Args)]
+struct SweepCli {
+    #[command(flatten)]
+    opts: TrainOpts,
+    /// Output directory (resumable: finished cells are not rerun).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Comma list of bias settings, one cell each (`all` = BitFit; `q+v` trains both).
+    #[arg(long, default_value = "v,q,k,all")]
+    terms: String,
+    #[arg(long, default_value = "0,1,2")]
+    seeds: String,
+    /// Learning-rate grid (comma list); default: the single --lr.
+    #[arg(long)]
+    lrs: Option<String>,
+}
+
+#[derive(Args)]
+struct PlotCli {
+    /// A run directory (steps.jsonl, metrics.jsonl).
+    run: PathBuf,
 }
 
 #[derive(Args)]
@@ -168,6 +274,12 @@ struct EvalCli {
     /// file (for comparisons with other frameworks).
     #[arg(long)]
     dump_logits: Option<PathBuf>,
+    /// Decoder tasks: prompt templates (JSON) replacing/extending the built-in ones.
+    #[arg(long)]
+    templates: Option<PathBuf>,
+    /// Decoder generation tasks: most tokens generated per answer.
+    #[arg(long, default_value_t = 32)]
+    max_new_tokens: usize,
 }
 
 fn main() -> ExitCode {
@@ -189,9 +301,17 @@ fn main() -> ExitCode {
     let res = match cli.cmd {
         Cmd::Train(t) => run_train(t),
         Cmd::Eval(e) => run_eval(e),
+        Cmd::Devices => run_devices(),
         Cmd::Export(x) => beft::method::adapter::ExportFormat::parse(&x.format)
             .and_then(|f| beft::method::adapter::export(&x.model, &x.biases, f, &x.out))
             .map(|p| println!("wrote {}", p.display())),
+        Cmd::Rank(r) => run_rank(r),
+        Cmd::Sweep(x) => run_sweep(x),
+        Cmd::Plot(p) => beft::method::plot::plot_run(&p.run).map(|files| {
+            for f in files {
+                println!("wrote {}", f.display());
+            }
+        }),
         Cmd::ImportPeft(x) => beft::method::adapter::import_peft(&x.adapter, &x.model, &x.out).map(|p| println!("wrote {}", p.display())),
     };
     match res {
@@ -204,36 +324,13 @@ fn main() -> ExitCode {
 }
 
 fn run_train(t: TrainCli) -> beft::Result<()> {
-    let args = TrainArgs {
-        model: t.model,
-        task: t.task,
-        data: t.data,
-        out: t.out.clone(),
-        train_size: t.train_size,
-        bias: t.bias,
-        epochs: t.epochs,
-        lr: t.lr,
-        batch: t.batch,
-        eval_batch: t.eval_batch,
-        seed: t.seed,
-        max_len: t.max_len,
-        pooling: t.pooling,
-        schedule: match t.schedule {
-            ScheduleCli::Constant => Schedule::Constant,
-            ScheduleCli::Linear => Schedule::Linear,
-        },
-        warmup_ratio: t.warmup_ratio,
-        clip: t.clip,
-        weight_decay: t.weight_decay,
-        dropout: !t.no_dropout,
-        eval_before: !t.no_eval_before,
-        max_steps: t.max_steps,
-        dev_size: t.dev_size,
-        device: t.device,
-        progress: !t.quiet,
-        overwrite: t.overwrite,
+    let (s, out) = match &t.resume {
+        Some(dir) => (run::resume(dir)?, dir.clone()),
+        None => {
+            let args = t.opts.to_args(t.out.clone(), t.bias, t.seed, t.overwrite)?;
+            (run::train(&args)?, t.out.clone())
+        }
     };
-    let s = run::train(&args)?;
     let init = s
         .initial_dev_metric
         .map(|v| format!("{v:.4}"))
@@ -251,7 +348,7 @@ fn run_train(t: TrainCli) -> beft::Result<()> {
         s.step_seconds_median,
         s.peak_rss_bytes as f64 / (1024.0 * 1024.0)
     );
-    println!("run written to {}", t.out.display());
+    println!("run written to {}", out.display());
     Ok(())
 }
 
@@ -268,6 +365,8 @@ fn run_eval(e: EvalCli) -> beft::Result<()> {
         seed: e.seed,
         device: e.device,
         dump_logits: e.dump_logits,
+        templates: e.templates,
+        max_new_tokens: e.max_new_tokens,
     };
     let r = run::eval(&args)?;
     if e.json {
@@ -281,5 +380,57 @@ fn run_eval(e: EvalCli) -> beft::Result<()> {
             r.model, r.task, r.examples, r.metric_name, r.metric
         );
     }
+    Ok(())
+}
+
+fn run_devices() -> beft::Result<()> {
+    println!("cpu: {} threads", rayon::current_num_threads());
+    #[cfg(feature = "wgpu")]
+    {
+        let list = beft::backend::wgpu::adapters();
+        if list.is_empty() {
+            println!("wgpu: no adapter found (install a Vulkan driver, e.g. mesa-vulkan-drivers)");
+        }
+        let best = beft::backend::wgpu::best_index(&list);
+        for (i, a) in list.iter().enumerate() {
+            let tag = if Some(i) == best { "  [--device wgpu]" } else { "" };
+            println!("wgpu:{i}: {}{tag}", beft::backend::wgpu::describe(a));
+        }
+    }
+    #[cfg(not(feature = "wgpu"))]
+    println!("wgpu: not compiled in (rebuild with --features wgpu)");
+    Ok(())
+}
+
+fn run_rank(r: RankCli) -> beft::Result<()> {
+    let args = r.opts.to_args(r.out.join("bitfit"), "all".into(), r.seed, true)?;
+    let ranking = beft::method::rank::rank(&args, &r.out)?;
+    println!("layer-averaged scores ({} on {}, {} training examples):", ranking.model, ranking.task, ranking.train_examples);
+    println!("{:<8} {:>12} {:>12} {:>12}", "term", "beft_score", "magnitude", "fisher");
+    for (name, t) in &ranking.terms {
+        println!("{name:<8} {:>12.4e} {:>12.4e} {:>12.4e}", t.beft_score_mean, t.magnitude_mean, t.fisher_mean);
+    }
+    for (score, order) in &ranking.order {
+        println!("by {score}: {}", order.join(" > "));
+    }
+    println!("wrote {}", r.out.join("ranking.json").display());
+    Ok(())
+}
+
+fn run_sweep(x: SweepCli) -> beft::Result<()> {
+    use beft::method::sweep::{default_out, parse_list, parse_terms, sweep, SweepArgs};
+    let task = x.opts.task.clone().unwrap_or_default().to_ascii_lowercase().replace(['-', '_'], "");
+    let out = x.out.clone().unwrap_or_else(|| default_out(&task));
+    let mut base = x.opts.to_args(out.clone(), "v".into(), 0, true)?;
+    if base.train_size.is_none() {
+        base.train_size = paper_train_size(&task);
+    }
+    let lrs = match &x.lrs {
+        Some(s) => parse_list::<f64>("--lrs", s)?,
+        None => vec![base.lr],
+    };
+    let args = SweepArgs { base, terms: parse_terms(&x.terms)?, seeds: parse_list::<u64>("--seeds", &x.seeds)?, lrs, out: out.clone() };
+    let cells = sweep(&args)?;
+    println!("{} cells; wrote {}, {} and {}", cells.len(), out.join("results.csv").display(), out.join("results.md").display(), out.join("dev_metric_by_epoch.png").display());
     Ok(())
 }

@@ -714,6 +714,10 @@ fn tiny_wordpiece_tokenizer() {
     assert_eq!(tok.pad_id(), Some(0));
     assert_eq!(tok.max_len(), 8);
 
+    // Deliberate: an empty string encodes to the special tokens only.
+    let empty = tok.encode("", None).unwrap();
+    assert_eq!(empty.ids, vec![2, 3], "[CLS] [SEP]");
+
     // Own padding (Fixed 16 in the file) is off; lower-casing and word pieces apply.
     let e = tok.encode("Hello WORLD", None).unwrap();
     assert_eq!(

@@ -14,6 +14,11 @@
 //!   so that every backend draws the same mask for the same seed.
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+pub mod fast;
+#[cfg(feature = "wgpu")]
+pub mod wgpu;
 
 use std::fmt;
 

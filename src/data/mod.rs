@@ -11,7 +11,10 @@
 //!   Spearman, and [`evaluate`] which picks the task's primary metric.
 
 pub mod batch;
+pub mod bigbench;
+pub mod generation;
 pub mod metrics;
+pub mod prompts;
 mod read;
 pub mod tasks;
 pub mod tokenize;

@@ -51,6 +51,9 @@ impl TextTokenizer {
     /// Load `tokenizer.json`; encodings are truncated to `max_len` tokens,
     /// special tokens included. Errors name the file.
     pub fn from_file(path: &Path, max_len: usize) -> Result<Self> {
+        if crate::weights::gguf::is_gguf_path(path) {
+            return Self::from_gguf(path, max_len);
+        }
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
         let mut tk = Tokenizer::from_bytes(&bytes)
             .map_err(|e| Error::file(path, format!("not a valid tokenizer.json: {e}")))?;
@@ -84,6 +87,62 @@ impl TextTokenizer {
             max_len,
             pad_id,
         })
+    }
+
+    /// Wrap an already-built tokenizer (e.g. one built from GGUF metadata);
+    /// as [`TextTokenizer::from_file`], with the tokenizer's own padding
+    /// switched off (its pad id is kept as [`TextTokenizer::pad_id`]) and
+    /// truncation to `max_len`. Messages name `<in-memory tokenizer>`.
+    pub fn from_tokenizer(tk: Tokenizer, max_len: usize) -> Result<Self> {
+        Self::from_tokenizer_at(tk, Path::new("<in-memory tokenizer>"), max_len)
+    }
+
+    /// As [`TextTokenizer::from_tokenizer`], with `source` naming the
+    /// tokenizer in messages.
+    pub fn from_tokenizer_at(mut tk: Tokenizer, source: &Path, max_len: usize) -> Result<Self> {
+        let pad_id = tk
+            .get_padding()
+            .map(|p| p.pad_id)
+            .or_else(|| tk.token_to_id("[PAD]"))
+            .or_else(|| tk.token_to_id("<pad>"));
+        let added = tk
+            .get_post_processor()
+            .map_or(0, |p| p.added_tokens(false).max(p.added_tokens(true)));
+        if max_len <= added {
+            return Err(Error::file(
+                source,
+                format!(
+                    "maximum length {max_len} leaves no room for text: the post-processor adds {added} special tokens"
+                ),
+            ));
+        }
+        tk.with_padding(None);
+        tk.with_truncation(Some(TruncationParams {
+            direction: TruncationDirection::Right,
+            max_length: max_len,
+            strategy: TruncationStrategy::LongestFirst,
+            stride: 0,
+        }))
+        .map_err(|e| Error::file(source, format!("cannot set truncation to {max_len}: {e}")))?;
+        Ok(TextTokenizer {
+            tk,
+            path: source.to_path_buf(),
+            max_len,
+            pad_id,
+        })
+    }
+
+    /// The tokenizer of a `.gguf` model file, built from its
+    /// `tokenizer.ggml.*` metadata (see [`crate::weights::gguf::build_tokenizer`]).
+    pub fn from_gguf(path: &Path, max_len: usize) -> Result<Self> {
+        let g = crate::weights::gguf::GgufFile::open(path)?;
+        let tk = crate::weights::gguf::build_tokenizer(&g)?;
+        Self::from_tokenizer_at(tk, path, max_len)
+    }
+
+    /// The underlying Hugging Face tokenizer.
+    pub fn inner(&self) -> &Tokenizer {
+        &self.tk
     }
 
     /// Encode a text or a text pair, with the special tokens of the

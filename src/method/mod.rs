@@ -2,3 +2,6 @@
 //! (and back), bias-term ranking, and sweeps.
 
 pub mod adapter;
+pub mod plot;
+pub mod rank;
+pub mod sweep;

@@ -3,8 +3,10 @@
 
 pub mod bias;
 pub mod config;
+pub mod decoder;
 pub mod encoder;
 pub mod random;
 
 pub use bias::{BiasTerm, SlabLayout, Slot, SlotKind};
+pub use decoder::{CandBatch, DecBatch, Decoder, DecoderOptions, RowTargets};
 pub use encoder::{DeviceBatch, Encoder, EncoderOptions};

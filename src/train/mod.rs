@@ -2,6 +2,8 @@
 //! global-norm clipping, constant or linear schedule), evaluation, and the
 //! files of a run directory.
 
+pub mod checkpoint;
+pub mod lm;
 pub mod run;
 
 use crate::backend::{AdamW, Backend, PoolKind};
@@ -11,7 +13,7 @@ use crate::float::Float;
 use crate::model::{Encoder, SlabLayout};
 
 /// Learning-rate schedule.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Schedule {
     /// Constant after the warm-up (BEFT's protocol, with no warm-up).

@@ -11,7 +11,8 @@ use std::time::Instant;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
-use super::{evaluate, lr_at, parse_pooling, pooling_name, slab_tensors, Schedule, Slab};
+use super::{checkpoint, evaluate, lr_at, parse_pooling, pooling_name, slab_tensors, Schedule, Slab};
+use crate::float::Float;
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{sub_seed, AdamW, Backend, Device, PoolKind};
 use crate::data::{self, Encoding, Example, Split, TaskSpec, TextTokenizer};
@@ -20,8 +21,11 @@ use crate::model::config::ModelDir;
 use crate::model::{BiasTerm, Encoder, EncoderOptions};
 use crate::weights::{write_safetensors, WeightStore};
 
-/// Options of `beft train` (the CLI maps its flags onto this).
-#[derive(Clone, Debug)]
+/// Options of `beft train` (the CLI maps its flags onto this). Saved as
+/// `run_args.json` in the staging directory so that `--resume` needs nothing
+/// else.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct TrainArgs {
     pub model: PathBuf,
     pub task: String,
@@ -47,7 +51,19 @@ pub struct TrainArgs {
     pub device: String,
     pub progress: bool,
     pub overwrite: bool,
+    /// Continue the unfinished run in `out`'s staging directory.
+    pub resume: bool,
+    /// Save a checkpoint every N optimiser steps (and after every epoch); 0:
+    /// only after every epoch.
+    pub checkpoint_every: u64,
+    /// Decoder tasks: a prompt-template file replacing/extending the built-in ones.
+    pub templates: Option<PathBuf>,
+    /// Decoder generation tasks: most tokens generated per answer.
+    pub max_new_tokens: usize,
 }
+
+/// The training settings of an unfinished run, in its staging directory.
+pub const RUN_ARGS: &str = "run_args.json";
 
 impl Default for TrainArgs {
     fn default() -> Self {
@@ -76,8 +92,32 @@ impl Default for TrainArgs {
             device: "cpu".into(),
             progress: true,
             overwrite: false,
+            resume: false,
+            checkpoint_every: 50,
+            templates: None,
+            max_new_tokens: 32,
         }
     }
+}
+
+/// `beft train --resume RUN_DIR`: continue an unfinished run (killed,
+/// interrupted, or stopped by a fault) from its last checkpoint, with the
+/// settings it was started with. The result is bit-identical to an
+/// uninterrupted run on the same machine.
+pub fn resume(out: &Path) -> Result<Summary> {
+    let staging = checkpoint::staging_dir(out);
+    let path = staging.join(RUN_ARGS);
+    if !path.is_file() {
+        if out.join("summary.json").is_file() {
+            return Err(Error::file(out, "is a finished run; there is nothing to resume"));
+        }
+        return Err(Error::file(out, format!("has no unfinished run to resume (no {})", path.display())));
+    }
+    let s = fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let mut args: TrainArgs = serde_json::from_str(&s).map_err(|e| Error::file(&path, e))?;
+    args.resume = true;
+    args.out = out.to_path_buf();
+    train(&args)
 }
 
 /// What a finished run reports (also written as `summary.json`).
@@ -110,31 +150,41 @@ pub struct Summary {
     pub batch: usize,
 }
 
-/// The error for a device this build cannot run.
+/// The error for a device this build was compiled without.
 fn device_unavailable(dev: Device) -> Error {
     let (feature, what) = match dev {
         Device::Cuda(_) => ("cuda", "CUDA"),
         _ => ("wgpu", "wgpu"),
     };
-    let compiled = match dev {
-        Device::Cuda(_) => cfg!(feature = "cuda"),
-        _ => cfg!(feature = "wgpu"),
-    };
-    if compiled {
-        Error::msg(format!("--device {dev}: the {what} backend is not implemented yet in this version; use --device cpu"))
-    } else {
-        Error::msg(format!("--device {dev}: this beft was built without {what} (rebuild with --features {feature}); use --device cpu"))
-    }
+    Error::msg(format!(
+        "--device {dev}: this beft was built without {what} (rebuild with --features {feature}); use --device cpu"
+    ))
 }
 
 /// Run `f` with the backend that `--device` names.
 macro_rules! with_backend {
     ($spec:expr, |$be:ident| $body:expr) => {{
         match Device::parse($spec)? {
-            Device::Cpu | Device::CpuRef => {
+            Device::Cpu => {
+                let $be = crate::backend::fast::FastCpu::new();
+                $body
+            }
+            Device::CpuRef => {
                 let $be = CpuBackend::<f32>::new();
                 $body
             }
+            #[cfg(feature = "cuda")]
+            Device::Cuda(ordinal) => {
+                let $be = crate::backend::cuda::CudaBackend::new(ordinal)
+                    .map_err(|e| e.context(format!("--device {}", Device::Cuda(ordinal))))?;
+                $body
+            }
+            #[cfg(feature = "wgpu")]
+            Device::Wgpu(index) => {
+                let $be = crate::backend::wgpu::WgpuBackend::new(index)?;
+                $body
+            }
+            #[allow(unreachable_patterns)]
             other => Err(device_unavailable(other)),
         }
     }};
@@ -192,6 +242,16 @@ fn prepare(
 ) -> Result<Prepared> {
     let md = ModelDir::open(model)?;
     let task = data::task(task_name)?;
+    // RoBERTa's positions start after the padding index.
+    let offset = if md.config.arch == crate::model::config::Arch::Roberta { md.config.pad_token_id as usize + 1 } else { 0 };
+    let max_pos = md.config.max_position_embeddings.saturating_sub(offset);
+    // Deliberate: inputs are truncated to the model's positions at most.
+    let max_len = if max_len > max_pos {
+        eprintln!("note: --max-len {max_len} is longer than the model's {max_pos} positions ({}); truncating inputs to {max_pos} tokens", md.dir.join("config.json").display());
+        max_pos
+    } else {
+        max_len
+    };
     let tok_path = md
         .tokenizer
         .clone()
@@ -244,11 +304,13 @@ fn prepare(
 struct Staging {
     dir: PathBuf,
     done: bool,
+    /// Holds a resumable state: never removed on failure.
+    keep: bool,
 }
 
 impl Drop for Staging {
     fn drop(&mut self) {
-        if !self.done {
+        if !self.done && !self.keep {
             let _ = fs::remove_dir_all(&self.dir);
         }
     }
@@ -266,6 +328,9 @@ pub fn train(args: &TrainArgs) -> Result<Summary> {
 
 /// `beft train` on a given backend.
 pub fn train_on<B: Backend>(be: &B, args: &TrainArgs) -> Result<Summary> {
+    if super::lm::is_decoder_model(&args.model) {
+        return super::lm::train_on(be, args);
+    }
     if args.batch == 0 || args.epochs == 0 {
         return Err(Error::msg("--batch and --epochs must be at least 1"));
     }
@@ -315,38 +380,55 @@ pub fn train_on<B: Backend>(be: &B, args: &TrainArgs) -> Result<Summary> {
         );
     }
 
-    // Everything is valid: create the staging directory.
+    // Everything is valid: create (or, resuming, reopen) the staging
+    // directory beside the run directory.
     let out = &args.out;
-    let parent = out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
+    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-    let name = out
-        .file_name()
-        .map(|s| s.to_string_lossy().to_string())
-        .unwrap_or_else(|| "run".into());
-    let mut staging = Staging {
-        dir: parent.join(format!(".{name}.partial-{}", std::process::id())),
-        done: false,
-    };
-    let _ = fs::remove_dir_all(&staging.dir);
-    fs::create_dir_all(&staging.dir).map_err(|e| Error::io(&staging.dir, e))?;
-    let metrics_path = staging.dir.join("metrics.jsonl");
-    let mut metrics_file =
-        fs::File::create(&metrics_path).map_err(|e| Error::io(&metrics_path, e))?;
-    let steps_path = staging.dir.join("steps.jsonl");
-    let mut steps_file = std::io::BufWriter::new(
-        fs::File::create(&steps_path).map_err(|e| Error::io(&steps_path, e))?,
-    );
-
+    let mut staging = Staging { dir: checkpoint::staging_dir(out), done: false, keep: args.resume };
+    let ckpt_path = staging.dir.join(checkpoint::CHECKPOINT);
+    if !args.resume {
+        if staging.dir.exists() {
+            if !args.overwrite {
+                staging.keep = true;
+                return Err(Error::file(
+                    &staging.dir,
+                    format!("holds an unfinished run of {}: resume it with `beft train --resume {}`, or pass --overwrite to start again", out.display(), out.display()),
+                ));
+            }
+            fs::remove_dir_all(&staging.dir).map_err(|e| Error::io(&staging.dir, e))?;
+        }
+        fs::create_dir_all(&staging.dir).map_err(|e| Error::io(&staging.dir, e))?;
+        let run_args = serde_json::to_value(args).map_err(|e| Error::msg(e.to_string()))?;
+        write_json(&staging.dir.join(RUN_ARGS), &run_args)?;
+    }
     let mut slab = Slab::new(be, &enc.init);
+    let mut st = checkpoint::LoopState { epoch: 1, ..Default::default() };
+    if args.resume && ckpt_path.is_file() {
+        let (params, m, v, state) = checkpoint::load(&ckpt_path, slab.len)?;
+        let cast = |x: Vec<f32>| -> Vec<B::T> { x.into_iter().map(B::T::from_f32).collect() };
+        slab.params = be.upload(&cast(params));
+        slab.m = be.upload(&cast(m));
+        slab.v = be.upload(&cast(v));
+        st = state;
+        eprintln!("resuming {} at step {} (epoch {}, batch {})", out.display(), st.step, st.epoch, st.batch);
+    }
+    let metrics_path = staging.dir.join("metrics.jsonl");
+    let steps_path = staging.dir.join("steps.jsonl");
+    // Logs are cut back to the checkpoint (a resumed run rewrites what came after it).
+    let open_log = |path: &Path, keep: u64| -> Result<fs::File> {
+        let f = fs::OpenOptions::new().create(true).write(true).truncate(false).open(path).map_err(|e| Error::io(path, e))?;
+        f.set_len(keep).map_err(|e| Error::io(path, e))?;
+        let mut f = f;
+        std::io::Seek::seek(&mut f, std::io::SeekFrom::End(0)).map_err(|e| Error::io(path, e))?;
+        Ok(f)
+    };
+    let mut metrics_file = open_log(&metrics_path, st.metrics_bytes)?;
+    let mut steps_file = std::io::BufWriter::new(open_log(&steps_path, st.steps_bytes)?);
+
     let n_train = p.train.len();
     let steps_per_epoch = n_train.div_ceil(args.batch) as u64;
-    let total_steps = args
-        .max_steps
-        .map(|m| m.min(steps_per_epoch * args.epochs as u64))
-        .unwrap_or(steps_per_epoch * args.epochs as u64);
+    let total_steps = args.max_steps.map(|m| m.min(steps_per_epoch * args.epochs as u64)).unwrap_or(steps_per_epoch * args.epochs as u64);
     let warmup = (args.warmup_ratio * total_steps as f64).round() as u64;
 
     eprintln!(
@@ -365,148 +447,127 @@ pub fn train_on<B: Backend>(be: &B, args: &TrainArgs) -> Result<Summary> {
         if enc.head_from_checkpoint { "head from checkpoint" } else { "new head" }
     );
 
-    let log_eval = |epoch: usize,
-                    step: u64,
-                    m: &data::Metrics,
-                    train_loss: Option<f64>,
-                    f: &mut fs::File|
-     -> Result<()> {
+    let log_eval = |epoch: usize, step: u64, m: &data::Metrics, train_loss: Option<f64>, f: &mut fs::File| -> Result<()> {
         let line = json!({"epoch": epoch, "step": step, "metric_name": m.name, "metric": m.value, "metrics": m.all, "train_loss": train_loss, "split": "dev"});
         writeln!(f, "{line}").map_err(|e| Error::io(&metrics_path, e))
     };
+    // Save the state atomically (the logs are flushed first so that their
+    // recorded lengths are what is on disk).
+    let save = |slab: &Slab<B>, st: &mut checkpoint::LoopState, steps_file: &mut std::io::BufWriter<fs::File>, metrics_file: &mut fs::File| -> Result<()> {
+        steps_file.flush().map_err(|e| Error::io(&steps_path, e))?;
+        steps_file.get_ref().sync_data().map_err(|e| Error::io(&steps_path, e))?;
+        metrics_file.sync_data().map_err(|e| Error::io(&metrics_path, e))?;
+        st.steps_bytes = fs::metadata(&steps_path).map_err(|e| Error::io(&steps_path, e))?.len();
+        st.metrics_bytes = fs::metadata(&metrics_path).map_err(|e| Error::io(&metrics_path, e))?.len();
+        let f = |b: &B::Buf| be.download(b).into_iter().map(|x| x.to_f32()).collect::<Vec<f32>>();
+        checkpoint::save(&ckpt_path, &f(&slab.params), &f(&slab.m), &f(&slab.v), st)
+    };
 
-    let initial = if args.eval_before {
-        let m = evaluate(
-            be,
-            &enc,
-            &slab.params,
-            &p.task,
-            &p.dev_enc,
-            &p.dev,
-            p.pad_id,
-            args.eval_batch,
-        )?;
+    if args.eval_before && st.step == 0 && st.metrics_bytes == 0 {
+        let m = evaluate(be, &enc, &slab.params, &p.task, &p.dev_enc, &p.dev, p.pad_id, args.eval_batch)?;
         eprintln!("epoch 0 (before training): dev {} = {:.4}", m.name, m.value);
         log_eval(0, 0, &m, None, &mut metrics_file)?;
-        Some(m.value)
-    } else {
-        None
-    };
+        st.initial = Some(m.value);
+    }
+    save(&slab, &mut st, &mut steps_file, &mut metrics_file)?;
+    // From here on the staging directory holds a resumable state: keep it
+    // if anything fails.
+    staging.keep = true;
 
-    let pb = if args.progress {
-        ProgressBar::new(total_steps)
-    } else {
-        ProgressBar::hidden()
-    };
+    let pb = if args.progress { ProgressBar::new(total_steps) } else { ProgressBar::hidden() };
     pb.set_style(
-        ProgressStyle::with_template(
-            "{spinner} epoch {prefix} [{bar:30}] {pos}/{len} {msg} eta {eta}",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar())
-        .progress_chars("=> "),
+        ProgressStyle::with_template("{spinner} epoch {prefix} [{bar:30}] {pos}/{len} {msg} eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
     );
-    let mut step: u64 = 0;
-    let mut step_secs = Vec::new();
-    let mut train_tokens: u64 = 0;
-    let mut train_time = 0.0f64;
-    let mut best = (f64::NEG_INFINITY, 0usize);
-    let mut last = f64::NAN;
-    let mut epochs_run = 0;
-    'epochs: for epoch in 1..=args.epochs {
+    pb.set_position(st.step);
+    let resume_hint = format!("resume with `beft train --resume {}`", out.display());
+    'epochs: while st.epoch <= args.epochs {
+        let epoch = st.epoch;
         pb.set_prefix(format!("{epoch}/{}", args.epochs));
-        let mut loss_sum = 0.0;
-        let mut loss_n = 0usize;
-        for idx in data::epoch_batches(n_train, args.batch, args.seed, epoch as u64, true) {
-            if step >= total_steps {
-                break;
+        if !st.epoch_evaluated {
+            for (bi, idx) in data::epoch_batches(n_train, args.batch, args.seed, epoch as u64, true).into_iter().enumerate() {
+                if bi < st.batch {
+                    continue;
+                }
+                if st.step >= total_steps {
+                    break;
+                }
+                let refs: Vec<&Encoding> = idx.iter().map(|&i| &p.train_enc[i]).collect();
+                let labels: Vec<f32> = idx.iter().map(|&i| p.train[i].label).collect();
+                let hb = data::make_batch(&refs, &labels, p.pad_id);
+                let db = enc.upload_batch(be, &hb)?;
+                let step = st.step + 1;
+                let t0 = Instant::now();
+                be.fill(&mut slab.grads, 0.0);
+                let seed = if args.dropout { Some(sub_seed(args.seed, step)) } else { None };
+                let (loss, _) = enc.loss_and_grad(be, &slab.params, &mut slab.grads, &db, seed);
+                let gnorm = slab.clip(be, args.clip);
+                if !loss.is_finite() || !gnorm.is_finite() {
+                    let what = if loss.is_finite() { format!("non-finite gradient norm {gnorm}") } else { format!("non-finite loss {loss}") };
+                    return Err(Error::msg(format!(
+                        "{what} at step {step} (epoch {epoch}, batch {} of the epoch, training examples {:?}); stopped before applying it. The last good state (step {}) is kept in {}: try a lower --lr, then {resume_hint} or start again with --overwrite",
+                        bi + 1,
+                        idx,
+                        st.step,
+                        staging.dir.display()
+                    )));
+                }
+                let lr = lr_at(args.schedule, args.lr, step, total_steps, warmup);
+                slab.step(be, AdamW { lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: args.weight_decay, step });
+                let dt = t0.elapsed().as_secs_f64();
+                st.step = step;
+                st.batch = bi + 1;
+                st.step_secs.push(dt);
+                st.train_time += dt;
+                st.train_tokens += hb.tokens as u64;
+                st.loss_sum += loss;
+                st.loss_n += 1;
+                let line = json!({"step": step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": gnorm, "tokens": hb.tokens, "seconds": dt});
+                writeln!(steps_file, "{line}").map_err(|e| Error::io(&steps_path, e))?;
+                pb.set_message(format!("loss {:.4} | {:.0} tok/s", st.loss_sum / st.loss_n as f64, st.train_tokens as f64 / st.train_time.max(1e-9)));
+                pb.inc(1);
+                if args.checkpoint_every > 0 && step % args.checkpoint_every == 0 {
+                    save(&slab, &mut st, &mut steps_file, &mut metrics_file)?;
+                }
+                if checkpoint::interrupted() {
+                    save(&slab, &mut st, &mut steps_file, &mut metrics_file)?;
+                    pb.finish_and_clear();
+                    return Err(Error::msg(format!("interrupted at step {step}: state saved in {}; {resume_hint}", staging.dir.display())));
+                }
             }
-            let refs: Vec<&Encoding> = idx.iter().map(|&i| &p.train_enc[i]).collect();
-            let labels: Vec<f32> = idx.iter().map(|&i| p.train[i].label).collect();
-            let hb = data::make_batch(&refs, &labels, p.pad_id);
-            let db = enc.upload_batch(be, &hb)?;
-            step += 1;
-            let t0 = Instant::now();
-            be.fill(&mut slab.grads, 0.0);
-            let seed = if args.dropout {
-                Some(sub_seed(args.seed, step))
-            } else {
-                None
-            };
-            let (loss, _) = enc.loss_and_grad(be, &slab.params, &mut slab.grads, &db, seed);
-            if !loss.is_finite() {
-                return Err(Error::msg(format!(
-                    "non-finite loss {loss} at step {step} (epoch {epoch}); try a lower --lr"
-                )));
+            st.epochs_run = epoch;
+            let m = evaluate(be, &enc, &slab.params, &p.task, &p.dev_enc, &p.dev, p.pad_id, args.eval_batch)?;
+            let tl = if st.loss_n > 0 { Some(st.loss_sum / st.loss_n as f64) } else { None };
+            pb.suspend(|| eprintln!("epoch {epoch}: train loss {:.4} | dev {} = {:.4}", tl.unwrap_or(f64::NAN), m.name, m.value));
+            log_eval(epoch, st.step, &m, tl, &mut metrics_file)?;
+            if st.best.map(|b| m.value > b.0).unwrap_or(true) {
+                st.best = Some((m.value, epoch));
             }
-            let gnorm = slab.clip(be, args.clip);
-            if !gnorm.is_finite() {
-                return Err(Error::msg(format!(
-                    "non-finite gradient norm at step {step} (epoch {epoch}); try a lower --lr"
-                )));
-            }
-            let lr = lr_at(args.schedule, args.lr, step, total_steps, warmup);
-            slab.step(
-                be,
-                AdamW {
-                    lr,
-                    beta1: 0.9,
-                    beta2: 0.999,
-                    eps: 1e-8,
-                    weight_decay: args.weight_decay,
-                    step,
-                },
-            );
-            let dt = t0.elapsed().as_secs_f64();
-            step_secs.push(dt);
-            train_time += dt;
-            train_tokens += hb.tokens as u64;
-            loss_sum += loss;
-            loss_n += 1;
-            let line = json!({"step": step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": gnorm, "tokens": hb.tokens, "seconds": dt});
-            writeln!(steps_file, "{line}").map_err(|e| Error::io(&steps_path, e))?;
-            pb.set_message(format!(
-                "loss {:.4} | {:.0} tok/s",
-                loss_sum / loss_n as f64,
-                train_tokens as f64 / train_time.max(1e-9)
-            ));
-            pb.inc(1);
+            st.last = Some(m.value);
         }
-        epochs_run = epoch;
-        let m = evaluate(
-            be,
-            &enc,
-            &slab.params,
-            &p.task,
-            &p.dev_enc,
-            &p.dev,
-            p.pad_id,
-            args.eval_batch,
-        )?;
-        let tl = if loss_n > 0 {
-            Some(loss_sum / loss_n as f64)
-        } else {
-            None
-        };
-        pb.suspend(|| {
-            eprintln!(
-                "epoch {epoch}: train loss {:.4} | dev {} = {:.4}",
-                tl.unwrap_or(f64::NAN),
-                m.name,
-                m.value
-            )
-        });
-        log_eval(epoch, step, &m, tl, &mut metrics_file)?;
-        if m.value > best.0 {
-            best = (m.value, epoch);
+        // The next epoch starts afresh.
+        st.epoch_evaluated = false;
+        st.epoch = epoch + 1;
+        st.batch = 0;
+        st.loss_sum = 0.0;
+        st.loss_n = 0;
+        let finished = st.step >= total_steps;
+        if finished {
+            st.epoch = epoch;
+            st.epoch_evaluated = true;
         }
-        last = m.value;
-        if step >= total_steps {
+        save(&slab, &mut st, &mut steps_file, &mut metrics_file)?;
+        if finished {
             break 'epochs;
         }
     }
     pb.finish_and_clear();
     steps_file.flush().map_err(|e| Error::io(&steps_path, e))?;
     drop(steps_file);
+    let checkpoint::LoopState { step, train_tokens, train_time, mut step_secs, best, last, initial, epochs_run, .. } = st;
+    let best = best.unwrap_or((f64::NAN, 0));
+    let last = last.unwrap_or(f64::NAN);
 
     // The trained biases (and head), with what they belong to.
     let values = slab.params_f64(be);
@@ -555,6 +616,7 @@ pub fn train_on<B: Backend>(be: &B, args: &TrainArgs) -> Result<Summary> {
         }),
     )?;
     drop(metrics_file);
+    let _ = fs::remove_file(&ckpt_path);
 
     // Move the finished run into place.
     if out.exists() {
@@ -632,6 +694,10 @@ pub struct EvalArgs {
     pub device: String,
     /// Write the first dev batch's inputs and logits here (JSON).
     pub dump_logits: Option<PathBuf>,
+    /// Decoder tasks: a prompt-template file (see `train::lm`).
+    pub templates: Option<PathBuf>,
+    /// Decoder generation tasks: most tokens generated per answer.
+    pub max_new_tokens: usize,
 }
 
 /// Result of `beft eval`.
@@ -653,6 +719,9 @@ pub fn eval(args: &EvalArgs) -> Result<EvalResult> {
 
 /// `beft eval` on a given backend.
 pub fn eval_on<B: Backend>(be: &B, args: &EvalArgs) -> Result<EvalResult> {
+    if super::lm::is_decoder_model(&args.model) {
+        return super::lm::eval_on(be, args);
+    }
     let biases = match &args.biases {
         Some(p) => Some((p.clone(), WeightStore::open_file(p)?)),
         None => None,

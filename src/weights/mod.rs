@@ -1,6 +1,7 @@
 //! Frozen weights: memory-mapped safetensors (single file or sharded),
 //! read in place.
 
+pub mod gguf;
 mod store;
 mod tensor;
 

@@ -141,6 +141,49 @@ impl WeightStore {
         Ok(store)
     }
 
+    /// A store of tensors that are already in memory or in a map held by the
+    /// views themselves (e.g. weights decoded from a GGUF file). `source`
+    /// names the store in messages; [`WeightStore::fingerprint`] hashes the
+    /// given tensors as for a file. Two tensors with one name are an error.
+    pub fn from_tensors(
+        source: &Path,
+        tensors: Vec<TensorView>,
+        metadata: BTreeMap<String, String>,
+    ) -> Result<Self> {
+        let mut store = WeightStore {
+            source: source.to_path_buf(),
+            tensors: BTreeMap::new(),
+            unsupported: BTreeMap::new(),
+            metadata,
+        };
+        for t in tensors {
+            let expected = t
+                .shape
+                .iter()
+                .try_fold(t.dtype.size(), |a, &d| a.checked_mul(d));
+            if expected != Some(t.bytes().len()) {
+                return Err(Error::file(
+                    source,
+                    format!(
+                        "tensor '{}': {} bytes do not hold dtype {} × shape {:?}",
+                        t.name,
+                        t.bytes().len(),
+                        t.dtype,
+                        t.shape
+                    ),
+                ));
+            }
+            if store.tensors.contains_key(&t.name) {
+                return Err(Error::file(
+                    source,
+                    format!("tensor '{}' appears twice", t.name),
+                ));
+            }
+            store.tensors.insert(t.name.clone(), t);
+        }
+        Ok(store)
+    }
+
     fn open_sharded(dir: &Path, index: &Path) -> Result<Self> {
         let text = fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
         let v: Value = serde_json::from_str(&text)

@@ -1,0 +1,307 @@
+//! PNG plots with `plotters` (pure-Rust text through an embedded DejaVu Sans
+//! font): a run's loss and dev-metric curves, a sweep's dev metric per
+//! epoch, and the bias-term ranking as heat-maps and bar charts.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::Once;
+
+use plotters::prelude::*;
+use plotters::style::FontStyle;
+
+use crate::error::{Error, Result};
+use crate::method::rank::Ranking;
+
+static FONT: Once = Once::new();
+
+fn init_font() {
+    FONT.call_once(|| {
+        // The bytes are a valid TrueType font shipped by the `dejavu` crate.
+        let _ = plotters::style::register_font(
+            "sans-serif",
+            FontStyle::Normal,
+            dejavu::sans::regular(),
+        );
+    });
+}
+
+fn perr(path: &Path, e: impl std::fmt::Display) -> Error {
+    Error::file(path, format!("cannot draw the plot: {e}"))
+}
+
+const COLORS: [RGBColor; 8] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(127, 127, 127),
+];
+
+/// A line chart of named series of (x, y) points.
+pub fn line_chart(
+    path: &Path,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[(String, Vec<(f64, f64)>)],
+) -> Result<()> {
+    init_font();
+    let pts: Vec<&(f64, f64)> = series
+        .iter()
+        .flat_map(|(_, v)| v.iter())
+        .filter(|(x, y)| x.is_finite() && y.is_finite())
+        .collect();
+    if pts.is_empty() {
+        return Err(Error::file(path, "nothing to plot"));
+    }
+    let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
+    for (x, y) in pts {
+        x0 = x0.min(*x);
+        x1 = x1.max(*x);
+        y0 = y0.min(*y);
+        y1 = y1.max(*y);
+    }
+    if x1 <= x0 {
+        x1 = x0 + 1.0;
+    }
+    let pad = ((y1 - y0) * 0.05).max(1e-6);
+    let root = BitMapBackend::new(path, (900, 560)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| perr(path, e))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 24))
+        .margin(16)
+        .x_label_area_size(44)
+        .y_label_area_size(64)
+        .build_cartesian_2d(x0..x1, (y0 - pad)..(y1 + pad))
+        .map_err(|e| perr(path, e))?;
+    chart
+        .configure_mesh()
+        .x_desc(x_label)
+        .y_desc(y_label)
+        .label_style(("sans-serif", 14))
+        .draw()
+        .map_err(|e| perr(path, e))?;
+    for (i, (name, v)) in series.iter().enumerate() {
+        let c = COLORS[i % COLORS.len()];
+        chart
+            .draw_series(LineSeries::new(v.iter().copied(), c.stroke_width(2)))
+            .map_err(|e| perr(path, e))?
+            .label(name.as_str())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2)));
+        if v.len() <= 30 {
+            chart
+                .draw_series(v.iter().map(|p| Circle::new(*p, 3, c.filled())))
+                .map_err(|e| perr(path, e))?;
+        }
+    }
+    if series.len() > 1 || !series[0].0.is_empty() {
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .label_font(("sans-serif", 14))
+            .draw()
+            .map_err(|e| perr(path, e))?;
+    }
+    root.present().map_err(|e| perr(path, e))
+}
+
+/// A bar chart.
+pub fn bar_chart(path: &Path, title: &str, labels: &[String], values: &[f64]) -> Result<()> {
+    init_font();
+    let ymax = values.iter().cloned().fold(0.0f64, f64::max).max(1e-12) * 1.1;
+    let ymin = values.iter().cloned().fold(0.0f64, f64::min) * 1.1;
+    let root = BitMapBackend::new(path, (900, 500)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| perr(path, e))?;
+    let n = labels.len();
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 22))
+        .margin(16)
+        .x_label_area_size(40)
+        .y_label_area_size(80)
+        .build_cartesian_2d(0f64..n as f64, ymin..ymax)
+        .map_err(|e| perr(path, e))?;
+    let labels_owned: Vec<String> = labels.to_vec();
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(n.max(1))
+        .x_label_formatter(&move |x: &f64| {
+            let i = x.floor() as usize;
+            if (x - i as f64 - 0.5).abs() < 0.26 {
+                labels_owned.get(i).cloned().unwrap_or_default()
+            } else {
+                String::new()
+            }
+        })
+        .label_style(("sans-serif", 14))
+        .draw()
+        .map_err(|e| perr(path, e))?;
+    chart
+        .draw_series(values.iter().enumerate().map(|(i, v)| {
+            Rectangle::new(
+                [(i as f64 + 0.15, 0.0), (i as f64 + 0.85, *v)],
+                COLORS[i % COLORS.len()].filled(),
+            )
+        }))
+        .map_err(|e| perr(path, e))?;
+    root.present().map_err(|e| perr(path, e))
+}
+
+/// A heat-map of `values[row][col]` (rows labelled, columns = layers).
+pub fn heatmap(path: &Path, title: &str, rows: &[String], values: &[Vec<f64>]) -> Result<()> {
+    init_font();
+    let cols = values.iter().map(|r| r.len()).max().unwrap_or(0).max(1);
+    let (lo, hi) = values
+        .iter()
+        .flatten()
+        .fold((f64::MAX, f64::MIN), |(a, b), v| (a.min(*v), b.max(*v)));
+    let span = if hi > lo { hi - lo } else { 1.0 };
+    let root = BitMapBackend::new(path, (900, 120 + 48 * rows.len() as u32)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| perr(path, e))?;
+    let nrows = rows.len();
+    let rows_owned: Vec<String> = rows.to_vec();
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            format!("{title}  (min {lo:.3e}, max {hi:.3e})"),
+            ("sans-serif", 20),
+        )
+        .margin(16)
+        .x_label_area_size(36)
+        .y_label_area_size(80)
+        .build_cartesian_2d(0f64..cols as f64, 0f64..nrows as f64)
+        .map_err(|e| perr(path, e))?;
+    chart
+        .configure_mesh()
+        .disable_mesh()
+        .x_desc("layer")
+        .x_labels(cols)
+        .x_label_formatter(&|x: &f64| format!("{}", x.floor() as usize))
+        .y_labels(nrows)
+        .y_label_formatter(&move |y: &f64| {
+            let i = y.floor() as usize;
+            if (y - i as f64 - 0.5).abs() < 0.26 {
+                rows_owned
+                    .get(nrows.saturating_sub(i + 1))
+                    .cloned()
+                    .unwrap_or_default()
+            } else {
+                String::new()
+            }
+        })
+        .label_style(("sans-serif", 14))
+        .draw()
+        .map_err(|e| perr(path, e))?;
+    chart
+        .draw_series(values.iter().enumerate().flat_map(|(r, row)| {
+            row.iter().enumerate().map(move |(c, v)| {
+                let t = ((v - lo) / span).clamp(0.0, 1.0);
+                // White → dark blue.
+                let col = RGBColor(
+                    (255.0 * (1.0 - 0.85 * t)) as u8,
+                    (255.0 * (1.0 - 0.7 * t)) as u8,
+                    (255.0 * (1.0 - 0.3 * t)) as u8,
+                );
+                let y = (nrows - 1 - r) as f64;
+                Rectangle::new([(c as f64, y), (c as f64 + 1.0, y + 1.0)], col.filled())
+            })
+        }))
+        .map_err(|e| perr(path, e))?;
+    root.present().map_err(|e| perr(path, e))
+}
+
+/// Heat-maps (terms × layers) of each score and a bar chart of the
+/// layer-averaged scores, into `out`.
+pub fn ranking_plots(r: &Ranking, out: &Path) -> Result<Vec<PathBuf>> {
+    let names: Vec<String> = r.terms.keys().cloned().collect();
+    let mut written = Vec::new();
+    for (score, get, mean) in [
+        (
+            "beft_score",
+            (|t: &crate::method::rank::TermScores| t.beft_score.clone())
+                as fn(&crate::method::rank::TermScores) -> Vec<f64>,
+            (|t: &crate::method::rank::TermScores| t.beft_score_mean)
+                as fn(&crate::method::rank::TermScores) -> f64,
+        ),
+        ("magnitude", |t| t.magnitude.clone(), |t| t.magnitude_mean),
+        ("fisher", |t| t.fisher.clone(), |t| t.fisher_mean),
+    ] {
+        let rows: Vec<Vec<f64>> = r.terms.values().map(get).collect();
+        let p = out.join(format!("heatmap_{score}.png"));
+        heatmap(
+            &p,
+            &format!("{score}: {} on {} (terms × layers)", r.model, r.task),
+            &names,
+            &rows,
+        )?;
+        written.push(p);
+        let vals: Vec<f64> = r.terms.values().map(mean).collect();
+        let p = out.join(format!("bars_{score}.png"));
+        bar_chart(&p, &format!("{score}, mean over layers"), &names, &vals)?;
+        written.push(p);
+    }
+    Ok(written)
+}
+
+/// `beft plot RUN_DIR`: loss per step and the dev metric per epoch, as
+/// `loss.png` and `dev_metric.png` in the run directory.
+pub fn plot_run(run: &Path) -> Result<Vec<PathBuf>> {
+    let steps_path = run.join("steps.jsonl");
+    let steps = read_jsonl(&steps_path)?;
+    let loss: Vec<(f64, f64)> = steps
+        .iter()
+        .filter_map(|v| Some((v["step"].as_f64()?, v["loss"].as_f64()?)))
+        .collect();
+    // A running mean over 20 steps beside the raw loss.
+    let w = 20usize;
+    let smooth: Vec<(f64, f64)> = (0..loss.len())
+        .map(|i| {
+            let lo = i.saturating_sub(w - 1);
+            let s: f64 = loss[lo..=i].iter().map(|p| p.1).sum();
+            (loss[i].0, s / (i - lo + 1) as f64)
+        })
+        .collect();
+    let mut out = Vec::new();
+    let p = run.join("loss.png");
+    line_chart(
+        &p,
+        "training loss",
+        "step",
+        "loss",
+        &[("loss".into(), loss), (format!("mean of last {w}"), smooth)],
+    )?;
+    out.push(p);
+    let metrics = read_jsonl(&run.join("metrics.jsonl"))?;
+    let name = metrics
+        .first()
+        .and_then(|v| v["metric_name"].as_str())
+        .unwrap_or("metric")
+        .to_string();
+    let dev: Vec<(f64, f64)> = metrics
+        .iter()
+        .filter_map(|v| Some((v["epoch"].as_f64()?, v["metric"].as_f64()?)))
+        .collect();
+    let p = run.join("dev_metric.png");
+    line_chart(
+        &p,
+        &format!("dev {name}"),
+        "epoch",
+        &name,
+        &[(format!("dev {name}"), dev)],
+    )?;
+    out.push(p);
+    Ok(out)
+}
+
+/// Read a JSON-lines file.
+pub fn read_jsonl(path: &Path) -> Result<Vec<serde_json::Value>> {
+    let s = fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    s.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| serde_json::from_str(l).map_err(|e| Error::line(path, i + 1, e)))
+        .collect()
+}
