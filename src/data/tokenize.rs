@@ -55,8 +55,34 @@ impl TextTokenizer {
             return Self::from_gguf(path, max_len);
         }
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        let mut tk = Tokenizer::from_bytes(&bytes)
-            .map_err(|e| Error::file(path, format!("not a valid tokenizer.json: {e}")))?;
+        // Check the JSON syntax first: `tokenizers` (0.22) panics instead of
+        // failing on some malformed files (a syntax error inside "decoder"
+        // hits an `expect("Helper")`). A syntax pass allocates nothing.
+        serde_json::from_slice::<serde::de::IgnoredAny>(&bytes).map_err(|e| {
+            Error::file(
+                path,
+                format!("not a valid tokenizer.json: not valid JSON: {e}"),
+            )
+        })?;
+        // And a backstop for any other panic inside the library.
+        let parsed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            Tokenizer::from_bytes(&bytes)
+        }))
+        .map_err(|p| {
+            let m = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            Error::file(
+                path,
+                format!("not a valid tokenizer.json: the tokenizers library failed on it ({m})"),
+            )
+        })?;
+        let mut tk =
+            parsed.map_err(|e| Error::file(path, format!("not a valid tokenizer.json: {e}")))?;
+        check_post_processor(&tk)
+            .map_err(|m| Error::file(path, format!("not a valid tokenizer.json: {m}")))?;
         let pad_id = tk
             .get_padding()
             .map(|p| p.pad_id)
@@ -100,6 +126,7 @@ impl TextTokenizer {
     /// As [`TextTokenizer::from_tokenizer`], with `source` naming the
     /// tokenizer in messages.
     pub fn from_tokenizer_at(mut tk: Tokenizer, source: &Path, max_len: usize) -> Result<Self> {
+        check_post_processor(&tk).map_err(|m| Error::file(source, m))?;
         let pad_id = tk
             .get_padding()
             .map(|p| p.pad_id)
@@ -148,10 +175,18 @@ impl TextTokenizer {
     /// Encode a text or a text pair, with the special tokens of the
     /// tokenizer's post-processor (e.g. `[CLS] a [SEP] b [SEP]`).
     pub fn encode(&self, text: &str, pair: Option<&str>) -> Result<Encoding> {
-        let enc = match pair {
+        // A panic inside `tokenizers` (a malformed file it accepted) becomes
+        // an error naming the file.
+        let enc = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match pair {
             Some(p) => self.tk.encode((text, p), true),
             None => self.tk.encode(text, true),
-        }
+        }))
+        .map_err(|_| {
+            Error::file(
+                &self.path,
+                "encoding failed: the tokenizers library panicked (is the tokenizer file consistent?)",
+            )
+        })?
         .map_err(|e| Error::file(&self.path, format!("encoding failed: {e}")))?;
         Ok(Encoding {
             ids: enc.get_ids().to_vec(),
@@ -194,5 +229,67 @@ impl TextTokenizer {
     /// The file this tokenizer was loaded from.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+}
+
+/// Check what `tokenizers` does not check when it reads a post-processor
+/// from JSON (its builder validates, its deserializer does not, and encoding
+/// then panics): every special token a `TemplateProcessing` template names
+/// is defined, each with as many tokens as ids, and the single-sequence
+/// template does not use the second sequence. Nested `Sequence`
+/// post-processors are checked too.
+fn check_post_processor(tk: &Tokenizer) -> std::result::Result<(), String> {
+    use serde_json::Value;
+    fn walk(v: &Value) -> std::result::Result<(), String> {
+        match v {
+            Value::Array(a) => a.iter().try_for_each(walk),
+            Value::Object(o) => {
+                if o.get("type").and_then(Value::as_str) == Some("TemplateProcessing") {
+                    let specials = o.get("special_tokens").and_then(Value::as_object);
+                    for (name, t) in specials.into_iter().flatten() {
+                        let len = |k: &str| t.get(k).and_then(Value::as_array).map(Vec::len);
+                        if len("ids") != len("tokens") {
+                            return Err(format!(
+                                "post_processor: special token '{name}' has {} ids but {} tokens",
+                                len("ids").unwrap_or(0),
+                                len("tokens").unwrap_or(0)
+                            ));
+                        }
+                    }
+                    for which in ["single", "pair"] {
+                        let pieces = o.get(which).and_then(Value::as_array);
+                        for piece in pieces.into_iter().flatten() {
+                            if let Some(id) =
+                                piece.pointer("/SpecialToken/id").and_then(Value::as_str)
+                            {
+                                if !specials.is_some_and(|m| m.contains_key(id)) {
+                                    return Err(format!(
+                                        "post_processor: the '{which}' template uses special token '{id}', which \"special_tokens\" does not define"
+                                    ));
+                                }
+                            }
+                            if which == "single"
+                                && piece.pointer("/Sequence/id").and_then(Value::as_str)
+                                    == Some("B")
+                            {
+                                return Err(
+                                    "post_processor: the 'single' template uses the second sequence (B)".into(),
+                                );
+                            }
+                        }
+                    }
+                }
+                o.values().try_for_each(walk)
+            }
+            _ => Ok(()),
+        }
+    }
+    match tk.get_post_processor() {
+        None => Ok(()),
+        Some(pp) => {
+            let v = serde_json::to_value(pp)
+                .map_err(|e| format!("post_processor cannot be inspected: {e}"))?;
+            walk(&v)
+        }
     }
 }

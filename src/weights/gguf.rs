@@ -43,7 +43,7 @@ use std::sync::Arc;
 use rayon::prelude::*;
 use serde_json::{json, Value};
 
-use super::store::WeightStore;
+use super::store::{FileStamp, WeightStore};
 use super::tensor::{Bytes, DType, TensorView};
 use crate::error::{Error, Result};
 use crate::model::config::{ModelConfig, ModelDir};
@@ -170,7 +170,7 @@ impl GgmlType {
     /// blocks or the size overflows).
     pub fn bytes_for(self, n: u64) -> Option<u64> {
         let bs = self.block_size() as u64;
-        if n % bs != 0 {
+        if !n.is_multiple_of(bs) {
             return None;
         }
         (n / bs).checked_mul(self.type_size() as u64)
@@ -474,7 +474,7 @@ impl<'a> Reader<'a> {
                 let n = self.u64(&|| format!("the array length of metadata key '{key}'"))?;
                 // Bound the count by the bytes left before allocating.
                 if n.checked_mul(min)
-                    .map_or(true, |need| need > self.remaining())
+                    .is_none_or(|need| need > self.remaining())
                 {
                     return Err(self.err(format!(
                         "metadata key '{key}': array claims {n} elements, more than the {} bytes left in the file can hold",
@@ -536,6 +536,8 @@ pub struct GgufFile {
     tensors: Vec<GgufTensor>,
     index: HashMap<String, usize>,
     data: Bytes,
+    /// Size and modification time when opened (`None` for bytes in memory).
+    stamp: Option<FileStamp>,
 }
 
 impl fmt::Debug for GgufFile {
@@ -556,7 +558,8 @@ impl GgufFile {
     /// names the file.
     pub fn open(path: &Path) -> Result<Self> {
         let f = fs::File::open(path).map_err(|e| Error::io(path, e))?;
-        let len = f.metadata().map_err(|e| Error::io(path, e))?.len();
+        let meta = f.metadata().map_err(|e| Error::io(path, e))?;
+        let len = meta.len();
         if len < 24 {
             return Err(Error::file(
                 path,
@@ -567,7 +570,9 @@ impl GgufFile {
         // not being truncated or rewritten while it is open.
         let mmap = unsafe { memmap2::Mmap::map(&f) }
             .map_err(|e| Error::file(path, format!("cannot memory-map: {e}")))?;
-        Self::from_bytes(path, Arc::new(mmap))
+        let mut g = Self::from_bytes(path, Arc::new(mmap))?;
+        g.stamp = Some(FileStamp::new(path, &meta));
+        Ok(g)
     }
 
     /// Parse GGUF bytes already in memory (`path` names them in messages).
@@ -591,16 +596,13 @@ impl GgufFile {
         let n_kv = r.u64(&|| "the metadata count".to_string())?;
         // A key/value pair takes at least 8 + 1 + 4 + 1 bytes, a tensor info
         // at least 8 + 1 + 4 + 4 + 8.
-        if n_kv.checked_mul(14).map_or(true, |b| b > r.remaining()) {
+        if n_kv.checked_mul(14).is_none_or(|b| b > r.remaining()) {
             return Err(r.err(format!(
                 "header claims {n_kv} metadata entries, more than the file ({} bytes) can hold",
                 buf.len()
             )));
         }
-        if n_tensors
-            .checked_mul(25)
-            .map_or(true, |b| b > r.remaining())
-        {
+        if n_tensors.checked_mul(25).is_none_or(|b| b > r.remaining()) {
             return Err(r.err(format!(
                 "header claims {n_tensors} tensors, more than the file ({} bytes) can hold",
                 buf.len()
@@ -720,7 +722,7 @@ impl GgufFile {
                 )));
             }
             let end = info.offset.checked_add(nbytes);
-            if end.map_or(true, |e| e > data_len) {
+            if end.is_none_or(|e| e > data_len) {
                 return Err(bad(format!(
                     "data [{}, +{nbytes}) lies beyond the end of the file ({data_len} data bytes after offset {data_start}): truncated file or wrong size?",
                     info.offset
@@ -767,6 +769,7 @@ impl GgufFile {
             tensors,
             index,
             data,
+            stamp: None,
         })
     }
 
@@ -912,7 +915,7 @@ const CHUNK_BLOCKS: usize = 256;
 /// hold exactly `out.len() / block_size` blocks.
 pub fn dequantize_into(ty: GgmlType, data: &[u8], out: &mut [f32]) -> Result<()> {
     let (bs, ts) = (ty.block_size(), ty.type_size());
-    if out.len() % bs != 0 || data.len() != out.len() / bs * ts {
+    if !out.len().is_multiple_of(bs) || data.len() != out.len() / bs * ts {
         return Err(Error::msg(format!(
             "{ty}: {} bytes cannot hold {} values ({} values in {ts}-byte blocks)",
             data.len(),
@@ -1216,7 +1219,7 @@ pub fn hf_tensor_name(gguf_name: &str) -> Option<String> {
 /// is the inverse: `hf[h·Dh + i·Dh/2 + j] = gguf[h·Dh + 2j + i]`. `n_head` is
 /// the number of query heads for Q and of key/value heads for K.
 pub fn unpermute_rows(gguf: &[f32], rows: usize, cols: usize, n_head: usize) -> Option<Vec<f32>> {
-    if n_head == 0 || rows % (2 * n_head) != 0 || gguf.len() != rows * cols {
+    if n_head == 0 || !rows.is_multiple_of(2 * n_head) || gguf.len() != rows * cols {
         return None;
     }
     let dh = rows / n_head;
@@ -1445,7 +1448,11 @@ pub fn load_weights(g: &GgufFile) -> Result<WeightStore> {
             metadata.insert(k.clone(), v.summary());
         }
     }
-    WeightStore::from_tensors(g.path(), views, metadata)
+    let mut store = WeightStore::from_tensors(g.path(), views, metadata)?;
+    if let Some(stamp) = &g.stamp {
+        store.add_file(stamp.clone());
+    }
+    Ok(store)
 }
 
 // ---------------------------------------------------------------------------

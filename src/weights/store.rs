@@ -19,6 +19,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use serde_json::Value;
 
@@ -48,6 +49,65 @@ pub struct WeightStore {
     unsupported: BTreeMap<String, (Arc<PathBuf>, String)>,
     /// `__metadata__` of the (first) file.
     metadata: BTreeMap<String, String>,
+    /// Size and modification time of every mapped file when it was opened.
+    files: Vec<FileStamp>,
+}
+
+/// A memory-mapped file's size and modification time when it was opened.
+/// The map reads the file in place, so a file rewritten while it is in use
+/// changes the weights under a running job; [`FileStamp::check`] notices
+/// (cheaply: one `stat`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct FileStamp {
+    pub path: PathBuf,
+    pub len: u64,
+    pub modified: Option<SystemTime>,
+}
+
+impl FileStamp {
+    /// The stamp of `path` from the metadata of its open handle.
+    pub fn new(path: &Path, meta: &fs::Metadata) -> Self {
+        FileStamp {
+            path: path.to_path_buf(),
+            len: meta.len(),
+            modified: meta.modified().ok(),
+        }
+    }
+
+    /// An error naming the file if it is gone or its size or modification
+    /// time differ from the stamp.
+    pub fn check(&self) -> Result<()> {
+        let p = &self.path;
+        let m = fs::metadata(p).map_err(|e| {
+            Error::file(
+                p,
+                format!("cannot be checked any more ({e}); was it removed while in use?"),
+            )
+        })?;
+        let modified = m.modified().ok();
+        if m.len() == self.len && modified == self.modified {
+            return Ok(());
+        }
+        let what = if m.len() != self.len {
+            format!("its size went from {} to {} bytes", self.len, m.len())
+        } else {
+            let secs = |t: Option<SystemTime>| {
+                t.and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+                    .map_or("?".to_string(), |d| format!("{:.3}", d.as_secs_f64()))
+            };
+            format!(
+                "its modification time went from {} to {} (seconds since 1970)",
+                secs(self.modified),
+                secs(modified)
+            )
+        };
+        Err(Error::file(
+            p,
+            format!(
+                "changed while it was in use ({what}); the weights are memory-mapped, so reading on would mix old and new values"
+            ),
+        ))
+    }
 }
 
 impl fmt::Debug for WeightStore {
@@ -131,6 +191,7 @@ impl WeightStore {
             tensors: BTreeMap::new(),
             unsupported: BTreeMap::new(),
             metadata: parsed.metadata,
+            files: vec![parsed.stamp],
         };
         for t in parsed.tensors {
             store.tensors.insert(t.name.clone(), t);
@@ -155,6 +216,7 @@ impl WeightStore {
             tensors: BTreeMap::new(),
             unsupported: BTreeMap::new(),
             metadata,
+            files: Vec::new(),
         };
         for t in tensors {
             let expected = t
@@ -226,6 +288,7 @@ impl WeightStore {
             tensors: BTreeMap::new(),
             unsupported: BTreeMap::new(),
             metadata: BTreeMap::new(),
+            files: Vec::new(),
         };
         for (i, (shard, expected)) in shards.iter().enumerate() {
             let path = dir.join(shard);
@@ -243,6 +306,7 @@ impl WeightStore {
             if i == 0 {
                 store.metadata = parsed.metadata;
             }
+            store.files.push(parsed.stamp);
             for t in parsed.tensors {
                 if store.tensors.contains_key(&t.name) || store.unsupported.contains_key(&t.name) {
                     return Err(Error::file(
@@ -362,6 +426,24 @@ impl WeightStore {
         &self.source
     }
 
+    /// The files the tensors are mapped from, as they were when opened.
+    pub fn files(&self) -> &[FileStamp] {
+        &self.files
+    }
+
+    /// Record one more file the tensors are read from (e.g. the GGUF file
+    /// whose map backs a store built by [`WeightStore::from_tensors`]).
+    pub fn add_file(&mut self, stamp: FileStamp) {
+        self.files.push(stamp);
+    }
+
+    /// Check that no mapped file changed (size or modification time) since
+    /// it was opened: an error naming the first that did. One `stat` per
+    /// file, so cheap enough for every checkpoint.
+    pub fn check_files_unchanged(&self) -> Result<()> {
+        self.files.iter().try_for_each(FileStamp::check)
+    }
+
     /// A cheap identity of the weights: a 16-hex-digit FNV-1a 64 hash over
     /// the tensors in name order — for each, its name, dtype, shape and its
     /// first and last 64 bytes of data. It reads at most 128 bytes per
@@ -476,6 +558,7 @@ struct Parsed {
     /// Well-formed tensors of a non-float dtype: (name, dtype).
     unsupported: Vec<(String, String)>,
     metadata: BTreeMap<String, String>,
+    stamp: FileStamp,
 }
 
 /// Bytes per element of a safetensors dtype name, and the weight dtype if it
@@ -509,7 +592,9 @@ struct Entry {
 fn parse_file(path: &Arc<PathBuf>) -> Result<Parsed> {
     let p: &Path = path;
     let f = fs::File::open(p).map_err(|e| Error::io(p, e))?;
-    let len = f.metadata().map_err(|e| Error::io(p, e))?.len();
+    let meta = f.metadata().map_err(|e| Error::io(p, e))?;
+    let stamp = FileStamp::new(p, &meta);
+    let len = meta.len();
     if len < 8 {
         return Err(Error::file(
             p,
@@ -667,6 +752,7 @@ fn parse_file(path: &Arc<PathBuf>) -> Result<Parsed> {
         tensors,
         unsupported,
         metadata,
+        stamp,
     })
 }
 
