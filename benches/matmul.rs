@@ -33,7 +33,11 @@ fn bench_matmul(c: &mut Criterion) {
             let wt = TensorView::from_f32("w", vec![n * k], &w);
             g.throughput(Throughput::Elements((2 * m * n * k) as u64));
             {
-                let (a, b, mut out) = (fast.upload(&a), fast.weight(&wt).unwrap(), fast.zeros(m * n));
+                let (a, b, mut out) = (
+                    fast.upload(&a),
+                    fast.weight(&wt).unwrap(),
+                    fast.zeros(m * n),
+                );
                 g.bench_function(format!("{name}_{m}x{n}x{k}_fast"), |bch| {
                     bch.iter(|| fast.matmul(&mut out, &a, &b, m, n, k, false, tb, false))
                 });

@@ -143,16 +143,16 @@ impl Classifier {
                 }
                 let mx = row.iter().fold(f32::NEG_INFINITY, |a, b| a.max(*b));
                 let z: f32 = row.iter().map(|v| (v - mx).exp()).sum();
-                let (best, v) = row
-                    .iter()
-                    .enumerate()
-                    .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, v)| {
-                        if *v > bv {
-                            (i, *v)
-                        } else {
-                            (bi, bv)
-                        }
-                    });
+                let (best, v) =
+                    row.iter()
+                        .enumerate()
+                        .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, v)| {
+                            if *v > bv {
+                                (i, *v)
+                            } else {
+                                (bi, bv)
+                            }
+                        });
                 (best, (v - mx).exp() / z)
             })
             .collect())

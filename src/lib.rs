@@ -11,7 +11,11 @@
 
 // The op vocabulary passes shapes explicitly, and the reference loops index
 // by position to mirror the maths they implement.
-#![allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+#![allow(clippy::too_many_arguments, clippy::needless_range_loop,
+    // Polynomial coefficients are quoted as published; tuples of buffers are
+    // the natural return of a forward pass that keeps what backward needs.
+    clippy::excessive_precision,
+    clippy::type_complexity)]
 
 pub mod backend;
 pub mod data;

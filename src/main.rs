@@ -5,8 +5,8 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use beft::train::run::{self, EvalArgs, TrainArgs};
 use beft::method::sweep::{paper_lr, paper_train_size};
+use beft::train::run::{self, EvalArgs, TrainArgs};
 use beft::train::Schedule;
 
 #[derive(Parser)]
@@ -79,13 +79,17 @@ enum ScheduleCli {
 /// Training settings shared by `train`, `rank` and `sweep`.
 #[derive(Args)]
 struct TrainOpts {
-    /// Hugging Face model directory (config.json, model.safetensors, tokenizer.json). Required.
+    /// Hugging Face model directory (config.json, model.safetensors, tokenizer.json), or a
+    /// GGUF file (decoders: config, weights and tokenizer from its metadata). Required.
     #[arg(long)]
     model: Option<PathBuf>,
-    /// Task: sst2, cola, rte, mrpc, stsb, qnli, qqp, mnli, or jsonl. Required.
+    /// Task. Encoders: sst2, cola, rte, mrpc, stsb, qnli, qqp, mnli, jsonl. Decoders
+    /// (candidate scoring / generation): sst2, cola, rte, mrpc, qnli, qqp, mnli, cb, boolq,
+    /// copa, bigbench, squad. Required.
     #[arg(long)]
     task: Option<String>,
-    /// Directory holding train.tsv and dev.tsv (or train.jsonl / dev.jsonl). Required.
+    /// Directory holding train.tsv and dev.tsv (or train.jsonl / dev.jsonl; SuperGLUE
+    /// val.jsonl; SQuAD-format JSON), or a BIG-bench task.json. Required.
     #[arg(long)]
     data: Option<PathBuf>,
     /// Seeded random subset of N training examples (the low-data regime).
@@ -149,7 +153,13 @@ struct TrainOpts {
 }
 
 impl TrainOpts {
-    fn to_args(&self, out: PathBuf, bias: String, seed: u64, overwrite: bool) -> beft::Result<TrainArgs> {
+    fn to_args(
+        &self,
+        out: PathBuf,
+        bias: String,
+        seed: u64,
+        overwrite: bool,
+    ) -> beft::Result<TrainArgs> {
         let need = |name: &str| beft::Error::msg(format!("--{name} is required"));
         let task_name = self.task.clone().ok_or_else(|| need("task"))?;
         let task = task_name.to_ascii_lowercase().replace(['-', '_'], "");
@@ -298,6 +308,9 @@ fn main() -> ExitCode {
     let _ = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build_global();
+    if matches!(cli.cmd, Cmd::Train(_) | Cmd::Sweep(_)) {
+        install_ctrlc_handler();
+    }
     let res = match cli.cmd {
         Cmd::Train(t) => run_train(t),
         Cmd::Eval(e) => run_eval(e),
@@ -312,7 +325,8 @@ fn main() -> ExitCode {
                 println!("wrote {}", f.display());
             }
         }),
-        Cmd::ImportPeft(x) => beft::method::adapter::import_peft(&x.adapter, &x.model, &x.out).map(|p| println!("wrote {}", p.display())),
+        Cmd::ImportPeft(x) => beft::method::adapter::import_peft(&x.adapter, &x.model, &x.out)
+            .map(|p| println!("wrote {}", p.display())),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
@@ -320,6 +334,25 @@ fn main() -> ExitCode {
             eprintln!("error: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Ctrl-C during training: the first one asks the training loop to save a
+/// checkpoint at the end of the current step and stop (it then exits
+/// non-zero, naming `--resume`); a second one quits at once.
+fn install_ctrlc_handler() {
+    use std::sync::atomic::Ordering;
+    let res = ctrlc::set_handler(|| {
+        if beft::train::checkpoint::INTERRUPTED.swap(true, Ordering::SeqCst) {
+            eprintln!("\ninterrupted again: quitting without saving");
+            std::process::exit(130);
+        }
+        eprintln!("\ninterrupt: saving a checkpoint at the end of this step (Ctrl-C again to quit at once)");
+    });
+    if let Err(e) = res {
+        eprintln!(
+            "warning: cannot install the Ctrl-C handler ({e}); Ctrl-C will stop without saving"
+        );
     }
 }
 
@@ -393,7 +426,11 @@ fn run_devices() -> beft::Result<()> {
         }
         let best = beft::backend::wgpu::best_index(&list);
         for (i, a) in list.iter().enumerate() {
-            let tag = if Some(i) == best { "  [--device wgpu]" } else { "" };
+            let tag = if Some(i) == best {
+                "  [--device wgpu]"
+            } else {
+                ""
+            };
             println!("wgpu:{i}: {}{tag}", beft::backend::wgpu::describe(a));
         }
     }
@@ -403,12 +440,23 @@ fn run_devices() -> beft::Result<()> {
 }
 
 fn run_rank(r: RankCli) -> beft::Result<()> {
-    let args = r.opts.to_args(r.out.join("bitfit"), "all".into(), r.seed, true)?;
+    let args = r
+        .opts
+        .to_args(r.out.join("bitfit"), "all".into(), r.seed, true)?;
     let ranking = beft::method::rank::rank(&args, &r.out)?;
-    println!("layer-averaged scores ({} on {}, {} training examples):", ranking.model, ranking.task, ranking.train_examples);
-    println!("{:<8} {:>12} {:>12} {:>12}", "term", "beft_score", "magnitude", "fisher");
+    println!(
+        "layer-averaged scores ({} on {}, {} training examples):",
+        ranking.model, ranking.task, ranking.train_examples
+    );
+    println!(
+        "{:<8} {:>12} {:>12} {:>12}",
+        "term", "beft_score", "magnitude", "fisher"
+    );
     for (name, t) in &ranking.terms {
-        println!("{name:<8} {:>12.4e} {:>12.4e} {:>12.4e}", t.beft_score_mean, t.magnitude_mean, t.fisher_mean);
+        println!(
+            "{name:<8} {:>12.4e} {:>12.4e} {:>12.4e}",
+            t.beft_score_mean, t.magnitude_mean, t.fisher_mean
+        );
     }
     for (score, order) in &ranking.order {
         println!("by {score}: {}", order.join(" > "));
@@ -419,7 +467,13 @@ fn run_rank(r: RankCli) -> beft::Result<()> {
 
 fn run_sweep(x: SweepCli) -> beft::Result<()> {
     use beft::method::sweep::{default_out, parse_list, parse_terms, sweep, SweepArgs};
-    let task = x.opts.task.clone().unwrap_or_default().to_ascii_lowercase().replace(['-', '_'], "");
+    let task = x
+        .opts
+        .task
+        .clone()
+        .unwrap_or_default()
+        .to_ascii_lowercase()
+        .replace(['-', '_'], "");
     let out = x.out.clone().unwrap_or_else(|| default_out(&task));
     let mut base = x.opts.to_args(out.clone(), "v".into(), 0, true)?;
     if base.train_size.is_none() {
@@ -429,8 +483,20 @@ fn run_sweep(x: SweepCli) -> beft::Result<()> {
         Some(s) => parse_list::<f64>("--lrs", s)?,
         None => vec![base.lr],
     };
-    let args = SweepArgs { base, terms: parse_terms(&x.terms)?, seeds: parse_list::<u64>("--seeds", &x.seeds)?, lrs, out: out.clone() };
+    let args = SweepArgs {
+        base,
+        terms: parse_terms(&x.terms)?,
+        seeds: parse_list::<u64>("--seeds", &x.seeds)?,
+        lrs,
+        out: out.clone(),
+    };
     let cells = sweep(&args)?;
-    println!("{} cells; wrote {}, {} and {}", cells.len(), out.join("results.csv").display(), out.join("results.md").display(), out.join("dev_metric_by_epoch.png").display());
+    println!(
+        "{} cells; wrote {}, {} and {}",
+        cells.len(),
+        out.join("results.csv").display(),
+        out.join("results.md").display(),
+        out.join("dev_metric_by_epoch.png").display()
+    );
     Ok(())
 }

@@ -468,9 +468,17 @@ fn over_long_tsv_row() {
 fn max_len_beyond_the_model_positions() {
     // Deliberate behaviour: inputs are truncated to the model's positions.
     let s = setup();
-    let o = run(&train_args(&s, "out", &["--max-len", "100", "--epochs", "1"]));
+    let o = run(&train_args(
+        &s,
+        "out",
+        &["--max-len", "100", "--epochs", "1"],
+    ));
     assert!(o.status.success(), "{}", stderr(&o));
-    assert!(stderr(&o).contains("truncating inputs to 64 tokens"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("truncating inputs to 64 tokens"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]

@@ -124,7 +124,9 @@ fn matmul_matches_reference() {
                         e.r.matmul(&mut c.r, &a.r, &b.r, m, n, k, ta, tb, acc);
                         e.f.matmul(&mut c.f, &a.f, &b.f, m, n, k, ta, tb, acc);
                         check(
-                            &format!("matmul {m}x{n}x{k} ta={ta} tb={tb} acc={acc} mapped={mapped}"),
+                            &format!(
+                                "matmul {m}x{n}x{k} ta={ta} tb={tb} acc={acc} mapped={mapped}"
+                            ),
                             &c,
                             2e-5,
                         );
@@ -167,7 +169,10 @@ fn elementwise_ops_match_reference() {
         e.f.scale(&mut y.f, 0.37, n);
         check("scale", &y, 1e-7);
         let (a, b) = (e.r.sum_sq(&y.r, n), e.f.sum_sq(&y.f, n));
-        assert!((a - b).abs() <= 1e-6 * a.abs().max(1e-6), "sum_sq {a} vs {b}");
+        assert!(
+            (a - b).abs() <= 1e-6 * a.abs().max(1e-6),
+            "sum_sq {a} vs {b}"
+        );
 
         for act in [Act::Gelu, Act::GeluTanh, Act::Relu, Act::Tanh, Act::Silu] {
             let xx = e.buf(&rv(&mut rng, n, 3.0));
@@ -175,7 +180,12 @@ fn elementwise_ops_match_reference() {
             e.r.act_fwd(act, &mut y.r, &xx.r, n);
             e.f.act_fwd(act, &mut y.f, &xx.f, n);
             check(&format!("act_fwd {act:?}"), &y, 1e-4);
-            check_truth(&format!("act_fwd {act:?} vs f64"), act, &xx.r.to_vec(), &y.f.to_vec());
+            check_truth(
+                &format!("act_fwd {act:?} vs f64"),
+                act,
+                &xx.r.to_vec(),
+                &y.f.to_vec(),
+            );
             let g = e.buf(&rv(&mut rng, n, 1.0));
             let mut dx = e.poisoned(n);
             e.r.act_bwd(act, &mut dx.r, &xx.r, &g.r, n);
@@ -248,8 +258,12 @@ fn norms_match_reference() {
         let g = e.weight(&gv, vec![cols]);
         let beta = e.buf(&rv(&mut rng, cols + 2, 1.0));
         let (mut y, mut xh, mut rs) = (e.poisoned(n), e.poisoned(n), e.poisoned(rows));
-        e.r.layernorm_fwd(&mut y.r, &mut xh.r, &mut rs.r, &x.r, &g.r, &beta.r, 2, rows, cols, 1e-12);
-        e.f.layernorm_fwd(&mut y.f, &mut xh.f, &mut rs.f, &x.f, &g.f, &beta.f, 2, rows, cols, 1e-12);
+        e.r.layernorm_fwd(
+            &mut y.r, &mut xh.r, &mut rs.r, &x.r, &g.r, &beta.r, 2, rows, cols, 1e-12,
+        );
+        e.f.layernorm_fwd(
+            &mut y.f, &mut xh.f, &mut rs.f, &x.f, &g.f, &beta.f, 2, rows, cols, 1e-12,
+        );
         check("layernorm y", &y, 2e-6);
         check("layernorm xhat", &xh, 2e-6);
         check("layernorm rstd", &rs, 2e-6);
@@ -294,8 +308,12 @@ fn attn_case(e: &Env, rng: &mut Rng, dims: AttnDims, pad: &[usize], dropout: Opt
     let mask = e.buf(&mv);
     let name = format!("attention {dims:?} pad={pad:?} dropout={dropout:?}");
     let (mut out, mut lse) = (e.poisoned(nb * t * nh * dh), e.poisoned(nb * nh * t));
-    e.r.attention_fwd(&mut out.r, &mut lse.r, &q.r, &k.r, &v.r, &mask.r, dims, dropout);
-    e.f.attention_fwd(&mut out.f, &mut lse.f, &q.f, &k.f, &v.f, &mask.f, dims, dropout);
+    e.r.attention_fwd(
+        &mut out.r, &mut lse.r, &q.r, &k.r, &v.r, &mask.r, dims, dropout,
+    );
+    e.f.attention_fwd(
+        &mut out.f, &mut lse.f, &q.f, &k.f, &v.f, &mask.f, dims, dropout,
+    );
     check(&format!("{name}: out"), &out, 2e-5);
     check(&format!("{name}: lse"), &lse, 2e-6);
     if tk != t || dims.q_start != 0 {
@@ -339,7 +357,10 @@ fn attention_matches_reference() {
                     // A fully padded sequence: every query sees no key.
                     pad[nb - 1] = t;
                 }
-                let dropout = drop.map(|p| Dropout { p, seed: 99 + t as u64 });
+                let dropout = drop.map(|p| Dropout {
+                    p,
+                    seed: 99 + t as u64,
+                });
                 attn_case(&e, &mut rng, dims, &pad, dropout);
             }
         }
@@ -400,7 +421,11 @@ fn gathers_pools_losses_and_optimiser_match_reference() {
 
     let (b, t, d) = (3, 11, 20);
     let h = e.buf(&rv(&mut rng, b * t * d, 1.0));
-    let mask = e.buf(&(0..b * t).map(|i| if i % t < 7 + i / t { 1.0 } else { 0.0 }).collect::<Vec<f32>>());
+    let mask = e.buf(
+        &(0..b * t)
+            .map(|i| if i % t < 7 + i / t { 1.0 } else { 0.0 })
+            .collect::<Vec<f32>>(),
+    );
     for kind in [PoolKind::Cls, PoolKind::Mean] {
         let mut out = e.poisoned(b * d);
         e.r.pool_fwd(kind, &mut out.r, &h.r, &mask.r, b, t, d);
@@ -431,7 +456,12 @@ fn gathers_pools_losses_and_optimiser_match_reference() {
     let tok_cand = vec![0u32, 0, 1, 2, 2, 2, 3];
     let cand_ex = vec![0u32, 0, 1, 1];
     let gold = vec![1u32, 0];
-    let tl = e.buf(&rv(&mut rng, 7, 1.0).iter().map(|x| x.abs()).collect::<Vec<_>>());
+    let tl = e.buf(
+        &rv(&mut rng, 7, 1.0)
+            .iter()
+            .map(|x| x.abs())
+            .collect::<Vec<_>>(),
+    );
     let idx = CandidateIndex {
         tok_cand: &tok_cand,
         cand_ex: &cand_ex,
@@ -506,7 +536,13 @@ fn random_batch(rng: &mut Rng, b: usize, t: usize, vocab: usize, classes: usize)
     }
 }
 
-fn whole_model_case(dir: &Path, pooling: PoolKind, bias: &str, classes: usize, dropout: Option<u64>) {
+fn whole_model_case(
+    dir: &Path,
+    pooling: PoolKind,
+    bias: &str,
+    classes: usize,
+    dropout: Option<u64>,
+) {
     let md = ModelDir::open(dir).unwrap();
     let opts = EncoderOptions {
         pooling,
@@ -519,24 +555,45 @@ fn whole_model_case(dir: &Path, pooling: PoolKind, bias: &str, classes: usize, d
     let ef = Encoder::load(&f, &md, opts).unwrap();
     let mut rng = Rng::new(11);
     let batch = random_batch(&mut rng, 4, 19, common::TINY_VOCAB, classes);
-    let (dr, df) = (er.upload_batch(&r, &batch).unwrap(), ef.upload_batch(&f, &batch).unwrap());
+    let (dr, df) = (
+        er.upload_batch(&r, &batch).unwrap(),
+        ef.upload_batch(&f, &batch).unwrap(),
+    );
     let (mut sr, mut sf) = (Slab::new(&r, &er.init), Slab::new(&f, &ef.init));
     let (lr, logr) = er.loss_and_grad(&r, &sr.params, &mut sr.grads, &dr, dropout);
     let (lf, logf) = ef.loss_and_grad(&f, &sf.params, &mut sf.grads, &df, dropout);
-    let name = format!("{} {pooling:?} bias={bias} classes={classes} dropout={dropout:?}", dir.display());
-    assert!((lr - lf).abs() <= 1e-5 * lr.abs().max(1e-3), "{name}: loss {lf} vs {lr}");
+    let name = format!(
+        "{} {pooling:?} bias={bias} classes={classes} dropout={dropout:?}",
+        dir.display()
+    );
+    assert!(
+        (lr - lf).abs() <= 1e-5 * lr.abs().max(1e-3),
+        "{name}: loss {lf} vs {lr}"
+    );
     check_vec(&format!("{name}: logits"), &logf, &logr, 1e-5);
     let (gr, gf) = (r.download(&sr.grads), f.download(&sf.grads));
     let all = gr.iter().fold(0f32, |a, b| a.max(b.abs()));
     for slot in &er.layout.slots {
-        let (a, b) = (&gf[slot.offset..slot.offset + slot.len()], &gr[slot.offset..slot.offset + slot.len()]);
+        let (a, b) = (
+            &gf[slot.offset..slot.offset + slot.len()],
+            &gr[slot.offset..slot.offset + slot.len()],
+        );
         let scale = if slot.name.contains("attention.self.key") {
             all
         } else {
             b.iter().fold(0f32, |x, y| x.max(y.abs())).max(1e-6 * all)
         };
-        let e = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max) / scale;
-        assert!(e <= 1e-4, "{name}: gradient of {} differs (rel err {e:.2e})", slot.name);
+        let e = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max)
+            / scale;
+        assert!(
+            e <= 1e-4,
+            "{name}: gradient of {} differs (rel err {e:.2e})",
+            slot.name
+        );
     }
     let ev_r = er.logits(&r, &sr.params, &dr);
     let ev_f = ef.logits(&f, &sf.params, &df);
@@ -563,10 +620,18 @@ fn whole_model_matches_reference_on_tiny_random_models() {
 // ---- Hugging Face parity fixtures on the fast backend -----------------
 
 fn fixture(case: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(case)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(case)
 }
 
-fn read_expected(case: &str) -> (HashMap<String, (Vec<usize>, Vec<f64>)>, HashMap<String, String>) {
+/// Tensors by name (shape, values) and the fixture's string metadata.
+type Expected = (
+    HashMap<String, (Vec<usize>, Vec<f64>)>,
+    HashMap<String, String>,
+);
+
+fn read_expected(case: &str) -> Expected {
     use safetensors::{Dtype, SafeTensors};
     let bytes = std::fs::read(fixture(case).join("expected.safetensors")).expect("fixture");
     let (_, meta) = SafeTensors::read_metadata(&bytes).expect("header");
@@ -600,7 +665,11 @@ fn max_abs(v: &[f64]) -> f64 {
 
 fn rel_err(got: &[f64], want: &[f64], scale: f64) -> f64 {
     assert_eq!(got.len(), want.len());
-    got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max) / scale.max(1e-30)
+    got.iter()
+        .zip(want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max)
+        / scale.max(1e-30)
 }
 
 fn hf_case(case: &str) {
@@ -625,12 +694,20 @@ fn hf_case(case: &str) {
     .expect("encoder loads");
     let (ishape, ids) = &tensors["input_ids"];
     let (b, t) = (ishape[0], ishape[1]);
-    let mask: Vec<f32> = tensors["attention_mask"].1.iter().map(|x| *x as f32).collect();
+    let mask: Vec<f32> = tensors["attention_mask"]
+        .1
+        .iter()
+        .map(|x| *x as f32)
+        .collect();
     let batch = Batch {
         batch: b,
         seq: t,
         ids: ids.iter().map(|x| *x as u32).collect(),
-        type_ids: tensors["token_type_ids"].1.iter().map(|x| *x as u32).collect(),
+        type_ids: tensors["token_type_ids"]
+            .1
+            .iter()
+            .map(|x| *x as u32)
+            .collect(),
         tokens: mask.iter().filter(|m| **m > 0.0).count(),
         mask,
         labels: tensors["labels"].1.iter().map(|x| *x as f32).collect(),
@@ -642,7 +719,10 @@ fn hf_case(case: &str) {
     let e = rel_err(&logits, &logits_want, max_abs(&logits_want));
     assert!(e <= 1e-4, "{case}: logits differ (rel err {e:.2e})");
     let loss_want = tensors["loss"].1[0];
-    assert!((loss - loss_want).abs() / loss_want.abs() <= 1e-4, "{case}: loss {loss} vs {loss_want}");
+    assert!(
+        (loss - loss_want).abs() / loss_want.abs() <= 1e-4,
+        "{case}: loss {loss} vs {loss_want}"
+    );
     let grads: Vec<f64> = be.download(&slab.grads).iter().map(|x| *x as f64).collect();
     let all_scale = tensors
         .iter()
@@ -656,7 +736,11 @@ fn hf_case(case: &str) {
         let is_key = slot.name.contains("attention.self.key");
         let scale = if is_key { all_scale } else { max_abs(want) };
         let e = rel_err(got, want, scale);
-        assert!(e <= 1e-4, "{case}: gradient of {} differs (rel err {e:.2e})", slot.name);
+        assert!(
+            e <= 1e-4,
+            "{case}: gradient of {} differs (rel err {e:.2e})",
+            slot.name
+        );
         checked += 1;
     }
     assert!(checked > 0);

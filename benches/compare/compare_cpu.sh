@@ -12,7 +12,8 @@
 # alternating engines; the table shows the median tokens/s and the largest
 # peak RSS (VmHWM, read by each process itself) over the repeats.
 #
-# Environment: PYTHON (default /work/pyenv/bin/python, else python3),
+# Environment: PYTHON (default: the interpreter of scripts/python_env.sh,
+#   ${BEFT_CACHE:-~/.cache/beft}/pyenv, else python3),
 # CARGO_TARGET_DIR, BEFT_CACHE.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -37,10 +38,10 @@ while [ $# -gt 0 ]; do
 done
 
 PY=${PYTHON:-}
-if [ -z "$PY" ]; then
-    if [ -x /work/pyenv/bin/python ]; then PY=/work/pyenv/bin/python; else PY=python3; fi
-fi
 CACHE=${BEFT_CACHE:-$HOME/.cache/beft}
+if [ -z "$PY" ]; then
+    if [ -x "$CACHE/pyenv/bin/python" ]; then PY="$CACHE/pyenv/bin/python"; else PY=python3; fi
+fi
 MINILM="$CACHE/models/all-MiniLM-L6-v2"
 [ -f "$MINILM/model.safetensors" ] || MINILM=""
 

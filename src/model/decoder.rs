@@ -286,7 +286,7 @@ impl<B: Backend> Loader<'_, B> {
         } else if trains {
             self.added.push(name.clone());
             let off = self.layout.push(name, SlotKind::Bias(term), layer, vec![n]);
-            self.init.extend(std::iter::repeat(0.0).take(n));
+            self.init.extend(std::iter::repeat_n(0.0, n));
             Ok(BiasSrc::Slab(off))
         } else {
             Ok(BiasSrc::None)

@@ -618,7 +618,14 @@ pub fn train_on<B: Backend>(be: &B, args: &TrainArgs) -> Result<Summary> {
             loss_n += 1;
             let line = json!({"step": step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": gnorm, "tokens": tokens, "seconds": dt});
             writeln!(steps_file, "{line}").map_err(|e| Error::io(&steps_path, e))?;
-            if args.progress && step % 10 == 0 {
+            if super::checkpoint::interrupted() {
+                // Decoder runs keep no checkpoint yet: stop cleanly (the
+                // staging directory is removed) rather than carry on.
+                return Err(Error::msg(format!(
+                    "interrupted at step {step}: decoder runs are not checkpointed yet, so this run cannot be resumed; start it again"
+                )));
+            }
+            if args.progress && step.is_multiple_of(10) {
                 eprintln!(
                     "  step {step}/{total_steps}: loss {:.4} ({:.2}s/step)",
                     loss_sum / loss_n as f64,
@@ -649,6 +656,9 @@ pub fn train_on<B: Backend>(be: &B, args: &TrainArgs) -> Result<Summary> {
     drop(metrics_file);
 
     let values = slab.params_f64(be);
+    // The weights are memory-mapped: refuse a result computed from files
+    // that changed during the run.
+    md.weights.check_files_unchanged()?;
     let bias_path = staging.dir.join("biases.safetensors");
     write_safetensors(
         &bias_path,

@@ -11,12 +11,14 @@ use std::time::Instant;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
-use super::{checkpoint, evaluate, lr_at, parse_pooling, pooling_name, slab_tensors, Schedule, Slab};
-use crate::float::Float;
+use super::{
+    checkpoint, evaluate, lr_at, parse_pooling, pooling_name, slab_tensors, Schedule, Slab,
+};
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{sub_seed, AdamW, Backend, Device, PoolKind};
 use crate::data::{self, Encoding, Example, Split, TaskSpec, TextTokenizer};
 use crate::error::{Error, Result};
+use crate::float::Float;
 use crate::model::config::ModelDir;
 use crate::model::{BiasTerm, Encoder, EncoderOptions};
 use crate::weights::{write_safetensors, WeightStore};
@@ -109,9 +111,15 @@ pub fn resume(out: &Path) -> Result<Summary> {
     let path = staging.join(RUN_ARGS);
     if !path.is_file() {
         if out.join("summary.json").is_file() {
-            return Err(Error::file(out, "is a finished run; there is nothing to resume"));
+            return Err(Error::file(
+                out,
+                "is a finished run; there is nothing to resume",
+            ));
         }
-        return Err(Error::file(out, format!("has no unfinished run to resume (no {})", path.display())));
+        return Err(Error::file(
+            out,
+            format!("has no unfinished run to resume (no {})", path.display()),
+        ));
     }
     let s = fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
     let mut args: TrainArgs = serde_json::from_str(&s).map_err(|e| Error::file(&path, e))?;
@@ -243,7 +251,11 @@ fn prepare(
     let md = ModelDir::open(model)?;
     let task = data::task(task_name)?;
     // RoBERTa's positions start after the padding index.
-    let offset = if md.config.arch == crate::model::config::Arch::Roberta { md.config.pad_token_id as usize + 1 } else { 0 };
+    let offset = if md.config.arch == crate::model::config::Arch::Roberta {
+        md.config.pad_token_id as usize + 1
+    } else {
+        0
+    };
     let max_pos = md.config.max_position_embeddings.saturating_sub(offset);
     // Deliberate: inputs are truncated to the model's positions at most.
     let max_len = if max_len > max_pos {
@@ -383,9 +395,16 @@ pub fn train_on<B: Backend>(be: &B, args: &TrainArgs) -> Result<Summary> {
     // Everything is valid: create (or, resuming, reopen) the staging
     // directory beside the run directory.
     let out = &args.out;
-    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-    let mut staging = Staging { dir: checkpoint::staging_dir(out), done: false, keep: args.resume };
+    let mut staging = Staging {
+        dir: checkpoint::staging_dir(out),
+        done: false,
+        keep: args.resume,
+    };
     let ckpt_path = staging.dir.join(checkpoint::CHECKPOINT);
     if !args.resume {
         if staging.dir.exists() {
@@ -403,7 +422,10 @@ pub fn train_on<B: Backend>(be: &B, args: &TrainArgs) -> Result<Summary> {
         write_json(&staging.dir.join(RUN_ARGS), &run_args)?;
     }
     let mut slab = Slab::new(be, &enc.init);
-    let mut st = checkpoint::LoopState { epoch: 1, ..Default::default() };
+    let mut st = checkpoint::LoopState {
+        epoch: 1,
+        ..Default::default()
+    };
     if args.resume && ckpt_path.is_file() {
         let (params, m, v, state) = checkpoint::load(&ckpt_path, slab.len)?;
         let cast = |x: Vec<f32>| -> Vec<B::T> { x.into_iter().map(B::T::from_f32).collect() };
@@ -411,13 +433,24 @@ pub fn train_on<B: Backend>(be: &B, args: &TrainArgs) -> Result<Summary> {
         slab.m = be.upload(&cast(m));
         slab.v = be.upload(&cast(v));
         st = state;
-        eprintln!("resuming {} at step {} (epoch {}, batch {})", out.display(), st.step, st.epoch, st.batch);
+        eprintln!(
+            "resuming {} at step {} (epoch {}, batch {})",
+            out.display(),
+            st.step,
+            st.epoch,
+            st.batch
+        );
     }
     let metrics_path = staging.dir.join("metrics.jsonl");
     let steps_path = staging.dir.join("steps.jsonl");
     // Logs are cut back to the checkpoint (a resumed run rewrites what came after it).
     let open_log = |path: &Path, keep: u64| -> Result<fs::File> {
-        let f = fs::OpenOptions::new().create(true).write(true).truncate(false).open(path).map_err(|e| Error::io(path, e))?;
+        let f = fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(false)
+            .open(path)
+            .map_err(|e| Error::io(path, e))?;
         f.set_len(keep).map_err(|e| Error::io(path, e))?;
         let mut f = f;
         std::io::Seek::seek(&mut f, std::io::SeekFrom::End(0)).map_err(|e| Error::io(path, e))?;
@@ -428,7 +461,10 @@ pub fn train_on<B: Backend>(be: &B, args: &TrainArgs) -> Result<Summary> {
 
     let n_train = p.train.len();
     let steps_per_epoch = n_train.div_ceil(args.batch) as u64;
-    let total_steps = args.max_steps.map(|m| m.min(steps_per_epoch * args.epochs as u64)).unwrap_or(steps_per_epoch * args.epochs as u64);
+    let total_steps = args
+        .max_steps
+        .map(|m| m.min(steps_per_epoch * args.epochs as u64))
+        .unwrap_or(steps_per_epoch * args.epochs as u64);
     let warmup = (args.warmup_ratio * total_steps as f64).round() as u64;
 
     eprintln!(
@@ -447,24 +483,81 @@ pub fn train_on<B: Backend>(be: &B, args: &TrainArgs) -> Result<Summary> {
         if enc.head_from_checkpoint { "head from checkpoint" } else { "new head" }
     );
 
-    let log_eval = |epoch: usize, step: u64, m: &data::Metrics, train_loss: Option<f64>, f: &mut fs::File| -> Result<()> {
+    let log_eval = |epoch: usize,
+                    step: u64,
+                    m: &data::Metrics,
+                    train_loss: Option<f64>,
+                    f: &mut fs::File|
+     -> Result<()> {
         let line = json!({"epoch": epoch, "step": step, "metric_name": m.name, "metric": m.value, "metrics": m.all, "train_loss": train_loss, "split": "dev"});
         writeln!(f, "{line}").map_err(|e| Error::io(&metrics_path, e))
     };
+    let resume_hint = format!("resume with `beft train --resume {}`", out.display());
+    // A failed write (e.g. a full disk) once a checkpoint exists: say that
+    // the last good state is kept and how to go on.
+    let kept = |e: Error| -> Error {
+        if ckpt_path.is_file() {
+            Error::msg(format!("{e}; the last checkpoint is kept in {}: free space (or fix the problem), then {resume_hint}", staging.dir.display()))
+        } else {
+            e
+        }
+    };
     // Save the state atomically (the logs are flushed first so that their
-    // recorded lengths are what is on disk).
-    let save = |slab: &Slab<B>, st: &mut checkpoint::LoopState, steps_file: &mut std::io::BufWriter<fs::File>, metrics_file: &mut fs::File| -> Result<()> {
-        steps_file.flush().map_err(|e| Error::io(&steps_path, e))?;
-        steps_file.get_ref().sync_data().map_err(|e| Error::io(&steps_path, e))?;
-        metrics_file.sync_data().map_err(|e| Error::io(&metrics_path, e))?;
-        st.steps_bytes = fs::metadata(&steps_path).map_err(|e| Error::io(&steps_path, e))?.len();
-        st.metrics_bytes = fs::metadata(&metrics_path).map_err(|e| Error::io(&metrics_path, e))?.len();
-        let f = |b: &B::Buf| be.download(b).into_iter().map(|x| x.to_f32()).collect::<Vec<f32>>();
-        checkpoint::save(&ckpt_path, &f(&slab.params), &f(&slab.m), &f(&slab.v), st)
+    // recorded lengths are what is on disk). The model files are checked
+    // first: a file rewritten under the memory map would have fed mixed
+    // weights to the steps since the last checkpoint, so that state is not
+    // saved.
+    let save = |slab: &Slab<B>,
+                st: &mut checkpoint::LoopState,
+                steps_file: &mut std::io::BufWriter<fs::File>,
+                metrics_file: &mut fs::File|
+     -> Result<()> {
+        p.md.weights.check_files_unchanged().map_err(|e| {
+            if !ckpt_path.is_file() {
+                return e;
+            }
+            Error::msg(format!(
+                "{e}. Stopped at step {} without saving it: the last checkpoint in {} predates the change; restore the model files, then {resume_hint} (or start again with --overwrite)",
+                st.step,
+                staging.dir.display()
+            ))
+        })?;
+        steps_file
+            .flush()
+            .map_err(|e| kept(Error::io(&steps_path, e)))?;
+        steps_file
+            .get_ref()
+            .sync_data()
+            .map_err(|e| kept(Error::io(&steps_path, e)))?;
+        metrics_file
+            .sync_data()
+            .map_err(|e| kept(Error::io(&metrics_path, e)))?;
+        st.steps_bytes = fs::metadata(&steps_path)
+            .map_err(|e| Error::io(&steps_path, e))?
+            .len();
+        st.metrics_bytes = fs::metadata(&metrics_path)
+            .map_err(|e| Error::io(&metrics_path, e))?
+            .len();
+        let f = |b: &B::Buf| {
+            be.download(b)
+                .into_iter()
+                .map(|x| x.to_f32())
+                .collect::<Vec<f32>>()
+        };
+        checkpoint::save(&ckpt_path, &f(&slab.params), &f(&slab.m), &f(&slab.v), st).map_err(kept)
     };
 
     if args.eval_before && st.step == 0 && st.metrics_bytes == 0 {
-        let m = evaluate(be, &enc, &slab.params, &p.task, &p.dev_enc, &p.dev, p.pad_id, args.eval_batch)?;
+        let m = evaluate(
+            be,
+            &enc,
+            &slab.params,
+            &p.task,
+            &p.dev_enc,
+            &p.dev,
+            p.pad_id,
+            args.eval_batch,
+        )?;
         eprintln!("epoch 0 (before training): dev {} = {:.4}", m.name, m.value);
         log_eval(0, 0, &m, None, &mut metrics_file)?;
         st.initial = Some(m.value);
@@ -474,19 +567,27 @@ pub fn train_on<B: Backend>(be: &B, args: &TrainArgs) -> Result<Summary> {
     // if anything fails.
     staging.keep = true;
 
-    let pb = if args.progress { ProgressBar::new(total_steps) } else { ProgressBar::hidden() };
+    let pb = if args.progress {
+        ProgressBar::new(total_steps)
+    } else {
+        ProgressBar::hidden()
+    };
     pb.set_style(
-        ProgressStyle::with_template("{spinner} epoch {prefix} [{bar:30}] {pos}/{len} {msg} eta {eta}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{spinner} epoch {prefix} [{bar:30}] {pos}/{len} {msg} eta {eta}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
     );
     pb.set_position(st.step);
-    let resume_hint = format!("resume with `beft train --resume {}`", out.display());
     'epochs: while st.epoch <= args.epochs {
         let epoch = st.epoch;
         pb.set_prefix(format!("{epoch}/{}", args.epochs));
         if !st.epoch_evaluated {
-            for (bi, idx) in data::epoch_batches(n_train, args.batch, args.seed, epoch as u64, true).into_iter().enumerate() {
+            for (bi, idx) in data::epoch_batches(n_train, args.batch, args.seed, epoch as u64, true)
+                .into_iter()
+                .enumerate()
+            {
                 if bi < st.batch {
                     continue;
                 }
@@ -500,11 +601,19 @@ pub fn train_on<B: Backend>(be: &B, args: &TrainArgs) -> Result<Summary> {
                 let step = st.step + 1;
                 let t0 = Instant::now();
                 be.fill(&mut slab.grads, 0.0);
-                let seed = if args.dropout { Some(sub_seed(args.seed, step)) } else { None };
+                let seed = if args.dropout {
+                    Some(sub_seed(args.seed, step))
+                } else {
+                    None
+                };
                 let (loss, _) = enc.loss_and_grad(be, &slab.params, &mut slab.grads, &db, seed);
                 let gnorm = slab.clip(be, args.clip);
                 if !loss.is_finite() || !gnorm.is_finite() {
-                    let what = if loss.is_finite() { format!("non-finite gradient norm {gnorm}") } else { format!("non-finite loss {loss}") };
+                    let what = if loss.is_finite() {
+                        format!("non-finite gradient norm {gnorm}")
+                    } else {
+                        format!("non-finite loss {loss}")
+                    };
                     return Err(Error::msg(format!(
                         "{what} at step {step} (epoch {epoch}, batch {} of the epoch, training examples {:?}); stopped before applying it. The last good state (step {}) is kept in {}: try a lower --lr, then {resume_hint} or start again with --overwrite",
                         bi + 1,
@@ -514,7 +623,17 @@ pub fn train_on<B: Backend>(be: &B, args: &TrainArgs) -> Result<Summary> {
                     )));
                 }
                 let lr = lr_at(args.schedule, args.lr, step, total_steps, warmup);
-                slab.step(be, AdamW { lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: args.weight_decay, step });
+                slab.step(
+                    be,
+                    AdamW {
+                        lr,
+                        beta1: 0.9,
+                        beta2: 0.999,
+                        eps: 1e-8,
+                        weight_decay: args.weight_decay,
+                        step,
+                    },
+                );
                 let dt = t0.elapsed().as_secs_f64();
                 st.step = step;
                 st.batch = bi + 1;
@@ -524,23 +643,50 @@ pub fn train_on<B: Backend>(be: &B, args: &TrainArgs) -> Result<Summary> {
                 st.loss_sum += loss;
                 st.loss_n += 1;
                 let line = json!({"step": step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": gnorm, "tokens": hb.tokens, "seconds": dt});
-                writeln!(steps_file, "{line}").map_err(|e| Error::io(&steps_path, e))?;
-                pb.set_message(format!("loss {:.4} | {:.0} tok/s", st.loss_sum / st.loss_n as f64, st.train_tokens as f64 / st.train_time.max(1e-9)));
+                writeln!(steps_file, "{line}").map_err(|e| kept(Error::io(&steps_path, e)))?;
+                pb.set_message(format!(
+                    "loss {:.4} | {:.0} tok/s",
+                    st.loss_sum / st.loss_n as f64,
+                    st.train_tokens as f64 / st.train_time.max(1e-9)
+                ));
                 pb.inc(1);
-                if args.checkpoint_every > 0 && step % args.checkpoint_every == 0 {
+                if args.checkpoint_every > 0 && step.is_multiple_of(args.checkpoint_every) {
                     save(&slab, &mut st, &mut steps_file, &mut metrics_file)?;
                 }
                 if checkpoint::interrupted() {
                     save(&slab, &mut st, &mut steps_file, &mut metrics_file)?;
                     pb.finish_and_clear();
-                    return Err(Error::msg(format!("interrupted at step {step}: state saved in {}; {resume_hint}", staging.dir.display())));
+                    return Err(Error::msg(format!(
+                        "interrupted at step {step}: state saved in {}; {resume_hint}",
+                        staging.dir.display()
+                    )));
                 }
             }
             st.epochs_run = epoch;
-            let m = evaluate(be, &enc, &slab.params, &p.task, &p.dev_enc, &p.dev, p.pad_id, args.eval_batch)?;
-            let tl = if st.loss_n > 0 { Some(st.loss_sum / st.loss_n as f64) } else { None };
-            pb.suspend(|| eprintln!("epoch {epoch}: train loss {:.4} | dev {} = {:.4}", tl.unwrap_or(f64::NAN), m.name, m.value));
-            log_eval(epoch, st.step, &m, tl, &mut metrics_file)?;
+            let m = evaluate(
+                be,
+                &enc,
+                &slab.params,
+                &p.task,
+                &p.dev_enc,
+                &p.dev,
+                p.pad_id,
+                args.eval_batch,
+            )?;
+            let tl = if st.loss_n > 0 {
+                Some(st.loss_sum / st.loss_n as f64)
+            } else {
+                None
+            };
+            pb.suspend(|| {
+                eprintln!(
+                    "epoch {epoch}: train loss {:.4} | dev {} = {:.4}",
+                    tl.unwrap_or(f64::NAN),
+                    m.name,
+                    m.value
+                )
+            });
+            log_eval(epoch, st.step, &m, tl, &mut metrics_file).map_err(kept)?;
             if st.best.map(|b| m.value > b.0).unwrap_or(true) {
                 st.best = Some((m.value, epoch));
             }
@@ -565,7 +711,17 @@ pub fn train_on<B: Backend>(be: &B, args: &TrainArgs) -> Result<Summary> {
     pb.finish_and_clear();
     steps_file.flush().map_err(|e| Error::io(&steps_path, e))?;
     drop(steps_file);
-    let checkpoint::LoopState { step, train_tokens, train_time, mut step_secs, best, last, initial, epochs_run, .. } = st;
+    let checkpoint::LoopState {
+        step,
+        train_tokens,
+        train_time,
+        mut step_secs,
+        best,
+        last,
+        initial,
+        epochs_run,
+        ..
+    } = st;
     let best = best.unwrap_or((f64::NAN, 0));
     let last = last.unwrap_or(f64::NAN);
 
@@ -660,13 +816,26 @@ fn bias_metadata<B: Backend>(
 }
 
 /// Write the first evaluation batch (ids, type ids, mask, logits) as JSON.
-fn dump_first_batch<B: Backend>(be: &B, enc: &Encoder<B>, params: &B::Buf, encs: &[Encoding], examples: &[Example], pad_id: u32, batch: usize, path: &Path) -> Result<()> {
+fn dump_first_batch<B: Backend>(
+    be: &B,
+    enc: &Encoder<B>,
+    params: &B::Buf,
+    encs: &[Encoding],
+    examples: &[Example],
+    pad_id: u32,
+    batch: usize,
+    path: &Path,
+) -> Result<()> {
     let n = encs.len().min(batch.max(1));
     let refs: Vec<&Encoding> = encs[..n].iter().collect();
     let labels: Vec<f32> = examples[..n].iter().map(|e| e.label).collect();
     let hb = data::make_batch(&refs, &labels, pad_id);
     let db = enc.upload_batch(be, &hb)?;
-    let logits: Vec<f64> = enc.logits(be, params, &db).iter().map(|x| crate::float::Float::to_f64(*x)).collect();
+    let logits: Vec<f64> = enc
+        .logits(be, params, &db)
+        .iter()
+        .map(|x| crate::float::Float::to_f64(*x))
+        .collect();
     let c = enc.opts.num_labels;
     let rows = |v: &[u32]| -> Vec<Vec<u32>> { v.chunks(hb.seq).map(|r| r.to_vec()).collect() };
     let v = json!({
@@ -811,7 +980,16 @@ pub fn eval_on<B: Backend>(be: &B, args: &EvalArgs) -> Result<EvalResult> {
         args.batch,
     )?;
     if let Some(path) = &args.dump_logits {
-        dump_first_batch(be, &enc, &slab.params, &p.dev_enc, &p.dev, p.pad_id, args.batch, path)?;
+        dump_first_batch(
+            be,
+            &enc,
+            &slab.params,
+            &p.dev_enc,
+            &p.dev,
+            p.pad_id,
+            args.batch,
+            path,
+        )?;
     }
     Ok(EvalResult {
         metric_name: m.name,

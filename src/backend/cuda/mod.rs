@@ -454,7 +454,7 @@ impl CudaBackend {
             dims.head_dim
         );
         assert!(
-            dims.kv_heads >= 1 && dims.heads % dims.kv_heads == 0,
+            dims.kv_heads >= 1 && dims.heads.is_multiple_of(dims.kv_heads),
             "CUDA attention: {} heads not a multiple of {} kv heads",
             dims.heads,
             dims.kv_heads

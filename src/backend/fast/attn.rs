@@ -191,7 +191,12 @@ pub fn backward(
     );
     let scale = dims.scale as f32;
     let (dqp, dkp, dvp) = (P(dq.as_mut_ptr()), P(dk.as_mut_ptr()), P(dv.as_mut_ptr()));
-    let (qp, kp, vp, dop) = (C(q.as_ptr()), C(k.as_ptr()), C(v.as_ptr()), C(dout.as_ptr()));
+    let (qp, kp, vp, dop) = (
+        C(q.as_ptr()),
+        C(k.as_ptr()),
+        C(v.as_ptr()),
+        C(dout.as_ptr()),
+    );
     (0..nb * nkv).into_par_iter().for_each(|task| {
         let (dqp, dkp, dvp, qp, kp, vp, dop) = (dqp, dkp, dvp, qp, kp, vp, dop);
         let b = task / nkv;
@@ -265,9 +270,8 @@ pub fn backward(
                         }
                         let o = (b * t + i) * qs + h * dh;
                         let d = kernels::dot(&dout[o..o + dh], &out[o..o + dh]);
-                        let drop = dropout.map(|dr| {
-                            (dr.seed, attn_dropout_index(&dims, b, h, i, 0), dr.p)
-                        });
+                        let drop = dropout
+                            .map(|dr| (dr.seed, attn_dropout_index(&dims, b, h, i, 0), dr.p));
                         kernels::attn_bwd_row(srow, dprow, mrow, lim(&dims, i), l, d, scale, drop);
                     }
                     unsafe {

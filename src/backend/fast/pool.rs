@@ -26,10 +26,13 @@ pub fn take(n: usize) -> Vec<f32> {
         let mut best: Option<(usize, usize)> = None;
         for (i, v) in p.free.iter().enumerate() {
             let c = v.capacity();
-            if c >= n && c <= 2 * n && match best {
+            if c >= n
+                && c <= 2 * n
+                && match best {
                     None => true,
                     Some((_, bc)) => c < bc,
-                } {
+                }
+            {
                 best = Some((i, c));
                 if c == n {
                     break;

@@ -491,7 +491,7 @@ impl Gpu {
             return;
         }
         self.flush();
-        if data.len() % 4 == 0 {
+        if data.len().is_multiple_of(4) {
             self.queue.write_buffer(buf, offset, data);
         } else {
             let mut v = data.to_vec();

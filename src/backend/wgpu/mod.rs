@@ -201,7 +201,10 @@ impl WgpuBackend {
     pub fn upload_rows(&self, data: &[f32], rows: usize) -> WgpuBuf {
         let n = data.len();
         let rows = rows.max(1);
-        assert!(n % rows == 0, "upload_rows: {n} values are not {rows} rows");
+        assert!(
+            n.is_multiple_of(rows),
+            "upload_rows: {n} values are not {rows} rows"
+        );
         let row_len = n / rows;
         let max_rows = ((self.gpu.split_bytes / 4) as usize / row_len.max(1)).max(1);
         if n as u64 * 4 <= self.gpu.split_bytes || rows == 1 {
@@ -1058,7 +1061,7 @@ fn attn_params(d: &AttnDims, dropout: Option<Dropout>) -> [u32; 13] {
         d.head_dim
     );
     assert!(
-        d.kv_heads > 0 && d.heads % d.kv_heads == 0,
+        d.kv_heads > 0 && d.heads.is_multiple_of(d.kv_heads),
         "attention: heads must be a multiple of kv_heads"
     );
     let (p, seed) = match dropout {
