@@ -5,62 +5,17 @@
 //! `scripts/make_fixtures.py` (float64 in PyTorch; the engine runs in f32;
 //! relative error ≤ 1e-4 of each tensor's largest magnitude).
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+mod common;
 
 use beft::backend::cpu::CpuBackend;
 use beft::backend::Backend;
 use beft::model::config::ModelDir;
 use beft::model::{BiasTerm, Decoder, DecoderOptions};
 use beft::train::Slab;
-use safetensors::{Dtype, SafeTensors};
-
-fn fixture(case: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(case)
-}
-
-type Tensors = HashMap<String, (Vec<usize>, Vec<f64>)>;
-
-fn read_expected(case: &str) -> (Tensors, HashMap<String, String>) {
-    let bytes = std::fs::read(fixture(case).join("expected.safetensors")).expect("fixture");
-    let (_, meta) = SafeTensors::read_metadata(&bytes).expect("header");
-    let st = SafeTensors::deserialize(&bytes).expect("fixture parses");
-    let mut tensors = HashMap::new();
-    for (name, t) in st.tensors() {
-        let d = t.data();
-        let vals: Vec<f64> = match t.dtype() {
-            Dtype::F32 => d
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64)
-                .collect(),
-            Dtype::I32 => d
-                .chunks_exact(4)
-                .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64)
-                .collect(),
-            other => panic!("unexpected dtype {other:?}"),
-        };
-        tensors.insert(name, (t.shape().to_vec(), vals));
-    }
-    (tensors, meta.metadata().clone().unwrap_or_default())
-}
-
-fn max_abs(v: &[f64]) -> f64 {
-    v.iter().fold(0.0, |a, b| a.max(b.abs()))
-}
-
-fn rel_err(got: &[f64], want: &[f64], scale: f64) -> f64 {
-    assert_eq!(got.len(), want.len());
-    got.iter()
-        .zip(want)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0, f64::max)
-        / scale.max(1e-30)
-}
+use common::fixtures::{fixture, max_abs, read_expected, rel_err, Expected};
 
 fn check_case(case: &str) {
-    let (exp, meta) = read_expected(case);
+    let Expected { tensors: exp, meta } = read_expected(case);
     let md = ModelDir::open(&fixture(case).join("model")).expect("fixture model opens");
     let be = CpuBackend::<f32>::new();
     let dec = Decoder::load(

@@ -7,8 +7,7 @@
 
 mod common;
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use beft::backend::cpu::{act_value, CpuBackend, CpuBuf};
 use beft::backend::fast::{FastBuf, FastCpu};
@@ -19,6 +18,7 @@ use beft::model::{BiasTerm, Encoder, EncoderOptions};
 use beft::rng::Rng;
 use beft::train::Slab;
 use beft::weights::TensorView;
+use common::fixtures::{fixture, max_abs, read_expected, rel_err, Expected};
 
 type Ref = CpuBackend<f32>;
 
@@ -619,61 +619,8 @@ fn whole_model_matches_reference_on_tiny_random_models() {
 
 // ---- Hugging Face parity fixtures on the fast backend -----------------
 
-fn fixture(case: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(case)
-}
-
-/// Tensors by name (shape, values) and the fixture's string metadata.
-type Expected = (
-    HashMap<String, (Vec<usize>, Vec<f64>)>,
-    HashMap<String, String>,
-);
-
-fn read_expected(case: &str) -> Expected {
-    use safetensors::{Dtype, SafeTensors};
-    let bytes = std::fs::read(fixture(case).join("expected.safetensors")).expect("fixture");
-    let (_, meta) = SafeTensors::read_metadata(&bytes).expect("header");
-    let st = SafeTensors::deserialize(&bytes).expect("fixture parses");
-    let mut tensors = HashMap::new();
-    for (name, t) in st.tensors() {
-        let d = t.data();
-        let vals: Vec<f64> = match t.dtype() {
-            Dtype::F32 => d
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64)
-                .collect(),
-            Dtype::I32 => d
-                .chunks_exact(4)
-                .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64)
-                .collect(),
-            Dtype::I64 => d
-                .chunks_exact(8)
-                .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64)
-                .collect(),
-            other => panic!("unexpected dtype {other:?}"),
-        };
-        tensors.insert(name, (t.shape().to_vec(), vals));
-    }
-    (tensors, meta.metadata().clone().unwrap_or_default())
-}
-
-fn max_abs(v: &[f64]) -> f64 {
-    v.iter().fold(0.0, |a, b| a.max(b.abs()))
-}
-
-fn rel_err(got: &[f64], want: &[f64], scale: f64) -> f64 {
-    assert_eq!(got.len(), want.len());
-    got.iter()
-        .zip(want)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0, f64::max)
-        / scale.max(1e-30)
-}
-
 fn hf_case(case: &str) {
-    let (tensors, meta) = read_expected(case);
+    let Expected { tensors, meta } = read_expected(case);
     let md = ModelDir::open(&fixture(case).join("model")).expect("fixture model opens");
     let (lshape, logits_want) = tensors["logits"].clone();
     let pooling = match meta.get("pooling").map(|s| s.as_str()) {

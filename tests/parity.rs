@@ -6,8 +6,7 @@
 //! gradient is zero in exact arithmetic, is compared against the scale of
 //! all gradients instead.
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+mod common;
 
 use beft::backend::cpu::CpuBackend;
 use beft::backend::Backend;
@@ -15,62 +14,7 @@ use beft::data::Batch;
 use beft::model::config::ModelDir;
 use beft::model::{BiasTerm, Encoder, EncoderOptions};
 use beft::train::Slab;
-use safetensors::{Dtype, SafeTensors};
-
-fn fixture(case: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(case)
-}
-
-struct Expected {
-    tensors: HashMap<String, (Vec<usize>, Vec<f64>)>,
-    meta: HashMap<String, String>,
-}
-
-fn read_expected(case: &str) -> Expected {
-    let bytes = std::fs::read(fixture(case).join("expected.safetensors")).expect("fixture");
-    let (_, meta) = SafeTensors::read_metadata(&bytes).expect("header");
-    let st = SafeTensors::deserialize(&bytes).expect("fixture parses");
-    let mut tensors = HashMap::new();
-    for (name, t) in st.tensors() {
-        let d = t.data();
-        let vals: Vec<f64> = match t.dtype() {
-            Dtype::F32 => d
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64)
-                .collect(),
-            Dtype::I32 => d
-                .chunks_exact(4)
-                .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64)
-                .collect(),
-            Dtype::I64 => d
-                .chunks_exact(8)
-                .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64)
-                .collect(),
-            other => panic!("unexpected dtype {other:?}"),
-        };
-        tensors.insert(name, (t.shape().to_vec(), vals));
-    }
-    Expected {
-        tensors,
-        meta: meta.metadata().clone().unwrap_or_default(),
-    }
-}
-
-fn max_abs(v: &[f64]) -> f64 {
-    v.iter().fold(0.0, |a, b| a.max(b.abs()))
-}
-
-/// Largest |got − want| relative to `scale`.
-fn rel_err(got: &[f64], want: &[f64], scale: f64) -> f64 {
-    assert_eq!(got.len(), want.len());
-    got.iter()
-        .zip(want)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0, f64::max)
-        / scale.max(1e-30)
-}
+use common::fixtures::{fixture, max_abs, read_expected, rel_err};
 
 fn check_case(case: &str) {
     let exp = read_expected(case);

@@ -1516,7 +1516,7 @@ fn pre_tokenizer_json(pre: &str) -> (Value, Value) {
 /// SmolLM, LLaMA-3, Qwen2) are supported: a BPE model over
 /// `tokenizer.ggml.tokens` (id = position) and `tokenizer.ggml.merges`
 /// (`"a b"` pairs, in priority order), the pre-tokenizer named by
-/// `tokenizer.ggml.pre` (see [`pre_tokenizer_json`]), a ByteLevel decoder,
+/// `tokenizer.ggml.pre` (see `pre_tokenizer_json`), a ByteLevel decoder,
 /// control tokens (`token_type` 3) as special added tokens and user-defined
 /// ones (4) as plain added tokens. When `tokenizer.ggml.add_bos_token` (or
 /// `add_eos_token`) is true, a template post-processor adds BOS (EOS); the

@@ -1,6 +1,8 @@
 //! Shared test helpers: tiny random models and a hand-written tokenizer.
 #![allow(dead_code)]
 
+pub mod fixtures;
+
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::Path;
