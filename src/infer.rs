@@ -50,15 +50,7 @@ impl Classifier {
         let md = ModelDir::open(model_dir)?;
         let store = WeightStore::open_file(biases)?;
         let meta = |k: &str| store.metadata().get(k).cloned();
-        if let Some(fp) = meta("base_model_fingerprint") {
-            let ours = md.weights.fingerprint();
-            if fp != ours {
-                return Err(Error::file(
-                    biases,
-                    format!("was trained on a different base model (fingerprint {fp}, this model is {ours})"),
-                ));
-            }
-        }
+        md.check_biases_base(biases, &store)?;
         let terms = match meta("bias_terms") {
             Some(t) => BiasTerm::parse_set(&t)?,
             None => vec![BiasTerm::V],
@@ -91,12 +83,7 @@ impl Classifier {
             },
         )?;
         let mut init = enc.init.clone();
-        for slot in &enc.layout.slots {
-            let t = store
-                .get_shaped(&slot.name, &slot.shape)
-                .map_err(|e| e.context(biases.display()))?;
-            init[slot.offset..slot.offset + slot.len()].copy_from_slice(&t.to_f64_vec());
-        }
+        enc.layout.read_values(&store, biases, &mut init)?;
         let vals: Vec<f32> = init.iter().map(|v| *v as f32).collect();
         let params = be.upload(&vals);
         Ok(Classifier {

@@ -79,40 +79,11 @@ impl TextTokenizer {
                 format!("not a valid tokenizer.json: the tokenizers library failed on it ({m})"),
             )
         })?;
-        let mut tk =
+        let tk =
             parsed.map_err(|e| Error::file(path, format!("not a valid tokenizer.json: {e}")))?;
         check_post_processor(&tk)
             .map_err(|m| Error::file(path, format!("not a valid tokenizer.json: {m}")))?;
-        let pad_id = tk
-            .get_padding()
-            .map(|p| p.pad_id)
-            .or_else(|| tk.token_to_id("[PAD]"))
-            .or_else(|| tk.token_to_id("<pad>"));
-        let added = tk
-            .get_post_processor()
-            .map_or(0, |p| p.added_tokens(false).max(p.added_tokens(true)));
-        if max_len <= added {
-            return Err(Error::file(
-                path,
-                format!(
-                    "maximum length {max_len} leaves no room for text: the post-processor adds {added} special tokens"
-                ),
-            ));
-        }
-        tk.with_padding(None);
-        tk.with_truncation(Some(TruncationParams {
-            direction: TruncationDirection::Right,
-            max_length: max_len,
-            strategy: TruncationStrategy::LongestFirst,
-            stride: 0,
-        }))
-        .map_err(|e| Error::file(path, format!("cannot set truncation to {max_len}: {e}")))?;
-        Ok(TextTokenizer {
-            tk,
-            path: path.to_path_buf(),
-            max_len,
-            pad_id,
-        })
+        Self::finish(tk, path, max_len)
     }
 
     /// Wrap an already-built tokenizer (e.g. one built from GGUF metadata);
@@ -125,8 +96,14 @@ impl TextTokenizer {
 
     /// As [`TextTokenizer::from_tokenizer`], with `source` naming the
     /// tokenizer in messages.
-    pub fn from_tokenizer_at(mut tk: Tokenizer, source: &Path, max_len: usize) -> Result<Self> {
+    pub fn from_tokenizer_at(tk: Tokenizer, source: &Path, max_len: usize) -> Result<Self> {
         check_post_processor(&tk).map_err(|m| Error::file(source, m))?;
+        Self::finish(tk, source, max_len)
+    }
+
+    /// Padding off (its id kept), truncation to `max_len`, after checking
+    /// that the post-processor's special tokens leave room for text.
+    fn finish(mut tk: Tokenizer, source: &Path, max_len: usize) -> Result<Self> {
         let pad_id = tk
             .get_padding()
             .map(|p| p.pad_id)

@@ -66,18 +66,7 @@ fn open_trained(model: &Path, biases: &Path) -> Result<Trained> {
     let store = WeightStore::open_file(biases)?;
     let meta = store.metadata().clone();
     let md = ModelDir::open(model)?;
-    if let Some(fp) = meta.get("base_model_fingerprint") {
-        let ours = md.weights.fingerprint();
-        if *fp != ours {
-            return Err(Error::file(
-                biases,
-                format!(
-                    "was trained on a different base model (fingerprint {fp}, {} is {ours})",
-                    model.display()
-                ),
-            ));
-        }
-    }
+    md.check_biases_base(biases, &store)?;
     let get = |k: &str| {
         meta.get(k).cloned().ok_or_else(|| {
             Error::file(
@@ -103,12 +92,7 @@ fn open_trained(model: &Path, biases: &Path) -> Result<Trained> {
         },
     )?;
     let mut values = enc.init.clone();
-    for slot in &enc.layout.slots {
-        let t = store
-            .get_shaped(&slot.name, &slot.shape)
-            .map_err(|e| e.context(biases.display()))?;
-        values[slot.offset..slot.offset + slot.len()].copy_from_slice(&t.to_f64_vec());
-    }
+    enc.layout.read_values(&store, biases, &mut values)?;
     Ok(Trained {
         md,
         enc,

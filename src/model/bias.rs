@@ -157,6 +157,24 @@ pub struct SlabLayout {
 }
 
 impl SlabLayout {
+    /// Copy every slot's tensor from a trained-biases file into `values`
+    /// (the slab, laid out by `self`); a missing or misshapen tensor is an
+    /// error naming `path`.
+    pub fn read_values(
+        &self,
+        store: &crate::weights::WeightStore,
+        path: &std::path::Path,
+        values: &mut [f64],
+    ) -> Result<()> {
+        for slot in &self.slots {
+            let t = store
+                .get_shaped(&slot.name, &slot.shape)
+                .map_err(|e| e.context(path.display()))?;
+            values[slot.offset..slot.offset + slot.len()].copy_from_slice(&t.to_f64_vec());
+        }
+        Ok(())
+    }
+
     pub fn push(
         &mut self,
         name: String,

@@ -619,6 +619,24 @@ pub struct ModelDir {
 }
 
 impl ModelDir {
+    /// Refuse a trained-biases file whose metadata records a different base
+    /// model (by `base_model_fingerprint`; a file without one is accepted).
+    pub fn check_biases_base(&self, biases: &Path, store: &WeightStore) -> Result<()> {
+        if let Some(fp) = store.metadata().get("base_model_fingerprint") {
+            let ours = self.weights.fingerprint();
+            if *fp != ours {
+                return Err(Error::file(
+                    biases,
+                    format!(
+                        "was trained on a different base model (fingerprint {fp}, {} is {ours})",
+                        self.dir.display()
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Open a model directory: `config.json`, the safetensors weights, and
     /// the optional tokenizer and pooling config.
     pub fn open(dir: &Path) -> Result<Self> {

@@ -18,12 +18,14 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use serde_json::{json, Value};
 
-use super::run::{peak_rss_bytes, EvalArgs, EvalResult, Summary, TrainArgs};
+use super::run::{
+    median, peak_rss_bytes, write_json, EvalArgs, EvalResult, Staging, Summary, TrainArgs,
+};
 use super::{lr_at, slab_tensors, Slab};
 use crate::backend::{AdamW, Backend};
 use crate::data::generation::{self, GenExample};
@@ -405,24 +407,6 @@ fn step_grad<B: Backend>(
     }
 }
 
-fn write_json(path: &Path, v: &Value) -> Result<()> {
-    let s = serde_json::to_string_pretty(v).map_err(|e| Error::file(path, e))?;
-    fs::write(path, s + "\n").map_err(|e| Error::io(path, e))
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        0.5 * (v[n / 2 - 1] + v[n / 2])
-    }
-}
-
 /// Metadata of a decoder's biases.safetensors.
 fn bias_metadata<B: Backend>(
     md: &ModelDir,
@@ -441,20 +425,6 @@ fn bias_metadata<B: Backend>(
     // Trained biases the base model has no slot for (zero-initialised).
     m.insert("added_biases".into(), dec.added.join(","));
     m
-}
-
-/// Removes a staging directory unless the run completed.
-struct Staging {
-    dir: PathBuf,
-    done: bool,
-}
-
-impl Drop for Staging {
-    fn drop(&mut self) {
-        if !self.done {
-            let _ = fs::remove_dir_all(&self.dir);
-        }
-    }
 }
 
 /// `beft train` for a decoder.
@@ -524,6 +494,7 @@ pub fn train_on<B: Backend>(be: &B, args: &TrainArgs) -> Result<Summary> {
     let mut staging = Staging {
         dir: parent.join(format!(".{name}.partial-lm-{}", std::process::id())),
         done: false,
+        keep: false,
     };
     let _ = fs::remove_dir_all(&staging.dir);
     fs::create_dir_all(&staging.dir).map_err(|e| Error::io(&staging.dir, e))?;
@@ -715,23 +686,7 @@ pub fn train_on<B: Backend>(be: &B, args: &TrainArgs) -> Result<Summary> {
             "beft_version": env!("CARGO_PKG_VERSION"),
         }),
     )?;
-    if out.exists() {
-        if args.overwrite {
-            fs::remove_dir_all(out).map_err(|e| Error::io(out, e))?;
-        } else if fs::read_dir(out)
-            .map(|mut d| d.next().is_some())
-            .unwrap_or(true)
-        {
-            return Err(Error::file(
-                out,
-                "exists and is not empty; choose another --out or pass --overwrite",
-            ));
-        } else {
-            fs::remove_dir(out).map_err(|e| Error::io(out, e))?;
-        }
-    }
-    fs::rename(&staging.dir, out).map_err(|e| Error::io(out, e))?;
-    staging.done = true;
+    staging.publish(out, args.overwrite)?;
     Ok(summary)
 }
 
@@ -748,11 +703,8 @@ pub fn eval_on<B: Backend>(be: &B, args: &EvalArgs) -> Result<EvalResult> {
     };
     let templates = Templates::load(args.templates.as_deref())?;
     let md = ModelDir::open(&args.model)?;
-    if let (Some((path, _)), Some(fp)) = (&biases, meta("base_model_fingerprint")) {
-        let ours = md.weights.fingerprint();
-        if fp != ours {
-            return Err(Error::file(path, format!("was trained on a different base model (fingerprint {fp}, this model is {ours})")));
-        }
+    if let Some((path, store)) = &biases {
+        md.check_biases_base(path, store)?;
     }
     let tok = tokenizer(&md, args.max_len)?;
     let dev = load_data(
@@ -771,17 +723,7 @@ pub fn eval_on<B: Backend>(be: &B, args: &EvalArgs) -> Result<EvalResult> {
     let dec = Decoder::load(be, &md, DecoderOptions { terms })?;
     let mut init = dec.init.clone();
     if let Some((path, store)) = &biases {
-        for slot in &dec.layout.slots {
-            let t = store
-                .get_shaped(&slot.name, &slot.shape)
-                .map_err(|e| e.context(path.display()))?;
-            for (dst, v) in init[slot.offset..slot.offset + slot.len()]
-                .iter_mut()
-                .zip(t.to_f64_vec())
-            {
-                *dst = v;
-            }
-        }
+        dec.layout.read_values(store, path, &mut init)?;
     }
     let slab = Slab::new(be, &init);
     let m = evaluate(

@@ -211,7 +211,7 @@ pub fn peak_rss_bytes() -> u64 {
         .unwrap_or(0)
 }
 
-fn median(v: &mut [f64]) -> f64 {
+pub(super) fn median(v: &mut [f64]) -> f64 {
     if v.is_empty() {
         return 0.0;
     }
@@ -313,11 +313,36 @@ fn prepare(
 
 /// A staging directory beside the run directory, renamed into place when the
 /// run is complete and removed if it fails.
-struct Staging {
-    dir: PathBuf,
-    done: bool,
+pub(super) struct Staging {
+    pub(super) dir: PathBuf,
+    pub(super) done: bool,
     /// Holds a resumable state: never removed on failure.
-    keep: bool,
+    pub(super) keep: bool,
+}
+
+impl Staging {
+    /// Move the finished run into place at `out`: an existing `out` is
+    /// replaced only with `--overwrite` (or when it is an empty directory).
+    pub(super) fn publish(&mut self, out: &Path, overwrite: bool) -> Result<()> {
+        if out.exists() {
+            if overwrite {
+                fs::remove_dir_all(out).map_err(|e| Error::io(out, e))?;
+            } else if fs::read_dir(out)
+                .map(|mut d| d.next().is_some())
+                .unwrap_or(true)
+            {
+                return Err(Error::file(
+                    out,
+                    "exists and is not empty; choose another --out or pass --overwrite",
+                ));
+            } else {
+                fs::remove_dir(out).map_err(|e| Error::io(out, e))?;
+            }
+        }
+        fs::rename(&self.dir, out).map_err(|e| Error::io(out, e))?;
+        self.done = true;
+        Ok(())
+    }
 }
 
 impl Drop for Staging {
@@ -328,7 +353,7 @@ impl Drop for Staging {
     }
 }
 
-fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
+pub(super) fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
     let s = serde_json::to_string_pretty(v).map_err(|e| Error::file(path, e))?;
     fs::write(path, s + "\n").map_err(|e| Error::io(path, e))
 }
@@ -775,23 +800,7 @@ pub fn train_on<B: Backend>(be: &B, args: &TrainArgs) -> Result<Summary> {
     let _ = fs::remove_file(&ckpt_path);
 
     // Move the finished run into place.
-    if out.exists() {
-        if args.overwrite {
-            fs::remove_dir_all(out).map_err(|e| Error::io(out, e))?;
-        } else if fs::read_dir(out)
-            .map(|mut d| d.next().is_some())
-            .unwrap_or(true)
-        {
-            return Err(Error::file(
-                out,
-                "exists and is not empty; choose another --out or pass --overwrite",
-            ));
-        } else {
-            fs::remove_dir(out).map_err(|e| Error::io(out, e))?;
-        }
-    }
-    fs::rename(&staging.dir, out).map_err(|e| Error::io(out, e))?;
-    staging.done = true;
+    staging.publish(out, args.overwrite)?;
     Ok(summary)
 }
 
@@ -912,11 +921,8 @@ pub fn eval_on<B: Backend>(be: &B, args: &EvalArgs) -> Result<EvalResult> {
         pooling.as_deref(),
         false,
     )?;
-    if let (Some((path, _)), Some(fp)) = (&biases, meta("base_model_fingerprint")) {
-        let ours = p.md.weights.fingerprint();
-        if fp != ours {
-            return Err(Error::file(path, format!("was trained on a different base model (fingerprint {fp}, this model is {ours})")));
-        }
+    if let Some((path, store)) = &biases {
+        p.md.check_biases_base(path, store)?;
     }
     let terms = match meta("bias_terms") {
         Some(t) => BiasTerm::parse_set(&t)?,
@@ -946,19 +952,7 @@ pub fn eval_on<B: Backend>(be: &B, args: &EvalArgs) -> Result<EvalResult> {
     )?;
     let mut init = enc.init.clone();
     match &biases {
-        Some((path, store)) => {
-            for slot in &enc.layout.slots {
-                let t = store
-                    .get_shaped(&slot.name, &slot.shape)
-                    .map_err(|e| e.context(path.display()))?;
-                for (dst, v) in init[slot.offset..slot.offset + slot.len()]
-                    .iter_mut()
-                    .zip(t.to_f64_vec())
-                {
-                    *dst = v;
-                }
-            }
-        }
+        Some((path, store)) => enc.layout.read_values(store, path, &mut init)?,
         None => {
             if !enc.head_from_checkpoint {
                 return Err(Error::file(
