@@ -427,24 +427,10 @@ fn bias_metadata<B: Backend>(
     m
 }
 
-/// `beft train` for a decoder.
-pub fn train_on<B: Backend>(be: &B, args: &TrainArgs) -> Result<Summary> {
-    if args.batch == 0 || args.epochs == 0 {
-        return Err(Error::msg("--batch and --epochs must be at least 1"));
-    }
-    if !(args.lr > 0.0 && args.lr.is_finite()) {
-        return Err(Error::msg(format!(
-            "--lr must be a positive number, got {}",
-            args.lr
-        )));
-    }
+/// `beft train` for a decoder; called by [`super::run::train_on`] once it
+/// has checked the arguments every model kind shares.
+pub(super) fn train_on<B: Backend>(be: &B, args: &TrainArgs) -> Result<Summary> {
     let terms = BiasTerm::parse_set(&args.bias)?;
-    if args.out.join("summary.json").exists() && !args.overwrite {
-        return Err(Error::file(
-            &args.out,
-            "already holds a finished run (summary.json); choose another --out or pass --overwrite",
-        ));
-    }
     let templates = Templates::load(args.templates.as_deref())?;
     let md = ModelDir::open(&args.model)?;
     let tok = tokenizer(&md, args.max_len)?;

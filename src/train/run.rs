@@ -365,9 +365,6 @@ pub fn train(args: &TrainArgs) -> Result<Summary> {
 
 /// `beft train` on a given backend.
 pub fn train_on<B: Backend>(be: &B, args: &TrainArgs) -> Result<Summary> {
-    if super::lm::is_decoder_model(&args.model) {
-        return super::lm::train_on(be, args);
-    }
     if args.batch == 0 || args.epochs == 0 {
         return Err(Error::msg("--batch and --epochs must be at least 1"));
     }
@@ -384,6 +381,9 @@ pub fn train_on<B: Backend>(be: &B, args: &TrainArgs) -> Result<Summary> {
             &args.out,
             "already holds a finished run (summary.json); choose another --out or pass --overwrite",
         ));
+    }
+    if super::lm::is_decoder_model(&args.model) {
+        return super::lm::train_on(be, args);
     }
     let p = prepare(
         &args.model,
