@@ -1,0 +1,5 @@
+#![no_main]
+#[path = "../harness.rs"]
+mod harness;
+
+harness::libfuzzer_target!(harness::tsv_target);
