@@ -17,17 +17,16 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::Write;
 use std::path::Path;
-use std::time::Instant;
 
 use serde_json::{json, Value};
 
 use super::run::{
-    median, peak_rss_bytes, write_json, EvalArgs, EvalResult, Staging, Summary, TrainArgs,
+    median, peak_rss_bytes, run_loop, write_json, EvalArgs, EvalResult, Summary, TrainArgs,
+    Trained, Trainee,
 };
-use super::{lr_at, slab_tensors, Slab};
-use crate::backend::{AdamW, Backend};
+use super::{checkpoint, slab_tensors, Slab};
+use crate::backend::Backend;
 use crate::data::generation::{self, GenExample};
 use crate::data::prompts::{self, McExample, Templates};
 use crate::data::{self, Split, TextTokenizer};
@@ -407,6 +406,51 @@ fn step_grad<B: Backend>(
     }
 }
 
+/// A decoder on its prompt-formatted data.
+struct DecoderTrainee<'a, B: Backend> {
+    be: std::marker::PhantomData<B>,
+    dec: &'a Decoder<B>,
+    md: &'a ModelDir,
+    train: &'a Data,
+    dev: &'a Data,
+    tok: &'a Tok,
+    eval_batch: usize,
+    max_new: usize,
+}
+
+impl<B: Backend> Trainee<B> for DecoderTrainee<'_, B> {
+    fn evaluate(&self, be: &B, params: &B::Buf) -> Result<data::Metrics> {
+        evaluate(
+            be,
+            self.dec,
+            params,
+            self.dev,
+            self.tok,
+            self.eval_batch,
+            self.max_new,
+        )
+    }
+
+    fn loss_and_grad(
+        &self,
+        be: &B,
+        params: &B::Buf,
+        grads: &mut B::Buf,
+        idx: &[usize],
+        _step: u64,
+    ) -> Result<(f64, usize)> {
+        step_grad(be, self.dec, params, grads, self.train, idx)
+    }
+
+    fn train_len(&self) -> usize {
+        self.train.len()
+    }
+
+    fn weights(&self) -> &WeightStore {
+        &self.md.weights
+    }
+}
+
 /// Metadata of a decoder's biases.safetensors.
 fn bias_metadata<B: Backend>(
     md: &ModelDir,
@@ -467,40 +511,7 @@ pub(super) fn train_on<B: Backend>(be: &B, args: &TrainArgs) -> Result<Summary> 
     }
     let max_new = args.max_new_tokens.max(1);
 
-    let out = &args.out;
-    let parent = out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-    let name = out
-        .file_name()
-        .map(|s| s.to_string_lossy().to_string())
-        .unwrap_or_else(|| "run".into());
-    let mut staging = Staging {
-        dir: parent.join(format!(".{name}.partial-lm-{}", std::process::id())),
-        done: false,
-        keep: false,
-    };
-    let _ = fs::remove_dir_all(&staging.dir);
-    fs::create_dir_all(&staging.dir).map_err(|e| Error::io(&staging.dir, e))?;
-    let metrics_path = staging.dir.join("metrics.jsonl");
-    let mut metrics_file =
-        fs::File::create(&metrics_path).map_err(|e| Error::io(&metrics_path, e))?;
-    let steps_path = staging.dir.join("steps.jsonl");
-    let mut steps_file = std::io::BufWriter::new(
-        fs::File::create(&steps_path).map_err(|e| Error::io(&steps_path, e))?,
-    );
-
-    let mut slab = Slab::new(be, &dec.init);
-    let n_train = train.len();
-    let steps_per_epoch = n_train.div_ceil(args.batch) as u64;
-    let total_steps = args
-        .max_steps
-        .map(|m| m.min(steps_per_epoch * args.epochs as u64))
-        .unwrap_or(steps_per_epoch * args.epochs as u64);
-    let warmup = (args.warmup_ratio * total_steps as f64).round() as u64;
-    eprintln!(
+    let header = format!(
         "beft: {} ({} layers, hidden {}) on {} | task {} ({}) | {} train / {} dev | bias {} | {} trainable values{}",
         md.name,
         md.config.num_layers,
@@ -508,109 +519,41 @@ pub(super) fn train_on<B: Backend>(be: &B, args: &TrainArgs) -> Result<Summary> 
         be.name(),
         args.task,
         if is_generation(&args.task) { "generation" } else { "candidate scoring" },
-        n_train,
+        train.len(),
         dev.len(),
         BiasTerm::format_set(&terms),
         dec.trainable_params(),
         if dec.added.is_empty() { String::new() } else { format!(" ({} added biases)", dec.added.len()) }
     );
-    let log_eval = |epoch: usize,
-                    step: u64,
-                    m: &data::Metrics,
-                    tl: Option<f64>,
-                    f: &mut fs::File|
-     -> Result<()> {
-        let line = json!({"epoch": epoch, "step": step, "metric_name": m.name, "metric": m.value, "metrics": m.all, "train_loss": tl, "split": "dev"});
-        writeln!(f, "{line}").map_err(|e| Error::io(&metrics_path, e))
+    let trainee = DecoderTrainee {
+        be: std::marker::PhantomData,
+        dec: &dec,
+        md: &md,
+        train: &train,
+        dev: &dev,
+        tok: &tok,
+        eval_batch: args.eval_batch,
+        max_new,
     };
-    let m0 = evaluate(be, &dec, &slab.params, &dev, &tok, args.eval_batch, max_new)?;
-    eprintln!("epoch 0 (zero-shot): dev {} = {:.4}", m0.name, m0.value);
-    log_eval(0, 0, &m0, None, &mut metrics_file)?;
-    let zero_shot = m0.value;
-
-    let mut step = 0u64;
-    let mut step_secs = Vec::new();
-    let (mut train_tokens, mut train_time) = (0u64, 0.0f64);
-    let mut best = (f64::NEG_INFINITY, 0usize);
-    let mut last = f64::NAN;
-    let mut epochs_run = 0;
-    for epoch in 1..=args.epochs {
-        let (mut loss_sum, mut loss_n) = (0.0, 0usize);
-        for idx in data::epoch_batches(n_train, args.batch, args.seed, epoch as u64, true) {
-            if step >= total_steps {
-                break;
-            }
-            step += 1;
-            let t0 = Instant::now();
-            be.fill(&mut slab.grads, 0.0);
-            let (loss, tokens) = step_grad(be, &dec, &slab.params, &mut slab.grads, &train, &idx)?;
-            if !loss.is_finite() {
-                return Err(Error::msg(format!(
-                    "non-finite loss {loss} at step {step} (epoch {epoch}); try a lower --lr"
-                )));
-            }
-            let gnorm = slab.clip(be, args.clip);
-            if !gnorm.is_finite() {
-                return Err(Error::msg(format!(
-                    "non-finite gradient norm at step {step}; try a lower --lr"
-                )));
-            }
-            let lr = lr_at(args.schedule, args.lr, step, total_steps, warmup);
-            slab.step(
-                be,
-                AdamW {
-                    lr,
-                    beta1: 0.9,
-                    beta2: 0.999,
-                    eps: 1e-8,
-                    weight_decay: args.weight_decay,
-                    step,
-                },
-            );
-            let dt = t0.elapsed().as_secs_f64();
-            step_secs.push(dt);
-            train_time += dt;
-            train_tokens += tokens as u64;
-            loss_sum += loss;
-            loss_n += 1;
-            let line = json!({"step": step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": gnorm, "tokens": tokens, "seconds": dt});
-            writeln!(steps_file, "{line}").map_err(|e| Error::io(&steps_path, e))?;
-            if super::checkpoint::interrupted() {
-                // Decoder runs keep no checkpoint yet: stop cleanly (the
-                // staging directory is removed) rather than carry on.
-                return Err(Error::msg(format!(
-                    "interrupted at step {step}: decoder runs are not checkpointed yet, so this run cannot be resumed; start it again"
-                )));
-            }
-            if args.progress && step.is_multiple_of(10) {
-                eprintln!(
-                    "  step {step}/{total_steps}: loss {:.4} ({:.2}s/step)",
-                    loss_sum / loss_n as f64,
-                    dt
-                );
-            }
-        }
-        epochs_run = epoch;
-        let m = evaluate(be, &dec, &slab.params, &dev, &tok, args.eval_batch, max_new)?;
-        let tl = (loss_n > 0).then(|| loss_sum / loss_n as f64);
-        eprintln!(
-            "epoch {epoch}: train loss {:.4} | dev {} = {:.4}",
-            tl.unwrap_or(f64::NAN),
-            m.name,
-            m.value
-        );
-        log_eval(epoch, step, &m, tl, &mut metrics_file)?;
-        if m.value > best.0 {
-            best = (m.value, epoch);
-        }
-        last = m.value;
-        if step >= total_steps {
-            break;
-        }
-    }
-    steps_file.flush().map_err(|e| Error::io(&steps_path, e))?;
-    drop(steps_file);
-    drop(metrics_file);
+    let Trained {
+        slab,
+        st,
+        mut staging,
+    } = run_loop(be, args, &trainee, &dec.init, &header, "zero-shot")?;
+    let n_train = train.len();
+    let checkpoint::LoopState {
+        step,
+        train_tokens,
+        train_time,
+        mut step_secs,
+        best,
+        last,
+        initial,
+        epochs_run,
+        ..
+    } = st;
+    let (best, last) = (best.unwrap_or((f64::NAN, 0)), last.unwrap_or(f64::NAN));
+    let zero_shot = initial;
 
     let values = slab.params_f64(be);
     // The weights are memory-mapped: refuse a result computed from files
@@ -635,7 +578,7 @@ pub(super) fn train_on<B: Backend>(be: &B, args: &TrainArgs) -> Result<Summary> 
         pooling: "none".into(),
         trainable_params: dec.trainable_params(),
         trainable_bias_params: dec.layout.bias_params(),
-        initial_dev_metric: Some(zero_shot),
+        initial_dev_metric: zero_shot,
         final_dev_metric: last,
         best_dev_metric: best.0,
         best_epoch: best.1,
@@ -672,7 +615,7 @@ pub(super) fn train_on<B: Backend>(be: &B, args: &TrainArgs) -> Result<Summary> 
             "beft_version": env!("CARGO_PKG_VERSION"),
         }),
     )?;
-    staging.publish(out, args.overwrite)?;
+    staging.finish(&args.out, args.overwrite)?;
     Ok(summary)
 }
 

@@ -358,6 +358,390 @@ pub(super) fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
     fs::write(path, s + "\n").map_err(|e| Error::io(path, e))
 }
 
+impl Staging {
+    /// The run is complete: drop its checkpoint and move it into place.
+    pub(super) fn finish(&mut self, out: &Path, overwrite: bool) -> Result<()> {
+        let _ = fs::remove_file(self.dir.join(checkpoint::CHECKPOINT));
+        self.publish(out, overwrite)
+    }
+}
+
+/// What the shared training loop needs from a model kind (an encoder with a
+/// task head, or a decoder scoring candidates / generating).
+pub(super) trait Trainee<B: Backend> {
+    /// Dev-set metrics with the trainable values `params`.
+    fn evaluate(&self, be: &B, params: &B::Buf) -> Result<data::Metrics>;
+    /// The loss of the training examples `idx` (optimiser step `step`, for
+    /// dropout masks), its gradient accumulated into `grads`; returns (loss,
+    /// tokens).
+    fn loss_and_grad(
+        &self,
+        be: &B,
+        params: &B::Buf,
+        grads: &mut B::Buf,
+        idx: &[usize],
+        step: u64,
+    ) -> Result<(f64, usize)>;
+    /// Number of training examples.
+    fn train_len(&self) -> usize;
+    /// The memory-mapped model files (re-checked before each checkpoint).
+    fn weights(&self) -> &WeightStore;
+}
+
+/// A finished training loop: the trained slab, the loop's counters, and the
+/// staging directory holding the logs (not yet published).
+pub(super) struct Trained<B: Backend> {
+    pub(super) slab: Slab<B>,
+    pub(super) st: checkpoint::LoopState,
+    pub(super) staging: Staging,
+}
+
+/// The resumable training loop every model kind shares: creates (or, with
+/// `--resume`, reopens) the staging directory, evaluates before training,
+/// runs the epochs with checkpoints every `--checkpoint-every` steps and
+/// after every epoch, and stops cleanly — keeping the last good checkpoint
+/// — on a non-finite loss, a full disk, changed model files or Ctrl-C.
+/// `init` is the slab's initial values; `header` is printed once;
+/// `before` names the evaluation before training ("before training",
+/// "zero-shot").
+pub(super) fn run_loop<B: Backend>(
+    be: &B,
+    args: &TrainArgs,
+    t: &dyn Trainee<B>,
+    init: &[f64],
+    header: &str,
+    before: &str,
+) -> Result<Trained<B>> {
+    // Everything is valid: create (or, resuming, reopen) the staging
+    // directory beside the run directory.
+    let out = &args.out;
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    let mut staging = Staging {
+        dir: checkpoint::staging_dir(out),
+        done: false,
+        keep: args.resume,
+    };
+    let ckpt_path = staging.dir.join(checkpoint::CHECKPOINT);
+    if !args.resume {
+        if staging.dir.exists() {
+            if !args.overwrite {
+                staging.keep = true;
+                return Err(Error::file(
+                    &staging.dir,
+                    format!("holds an unfinished run of {}: resume it with `beft train --resume {}`, or pass --overwrite to start again", out.display(), out.display()),
+                ));
+            }
+            fs::remove_dir_all(&staging.dir).map_err(|e| Error::io(&staging.dir, e))?;
+        }
+        fs::create_dir_all(&staging.dir).map_err(|e| Error::io(&staging.dir, e))?;
+        let run_args = serde_json::to_value(args).map_err(|e| Error::msg(e.to_string()))?;
+        write_json(&staging.dir.join(RUN_ARGS), &run_args)?;
+    }
+    let mut slab = Slab::new(be, init);
+    let mut st = checkpoint::LoopState {
+        epoch: 1,
+        ..Default::default()
+    };
+    if args.resume && ckpt_path.is_file() {
+        let (params, m, v, state) = checkpoint::load(&ckpt_path, slab.len)?;
+        let cast = |x: Vec<f32>| -> Vec<B::T> { x.into_iter().map(B::T::from_f32).collect() };
+        slab.params = be.upload(&cast(params));
+        slab.m = be.upload(&cast(m));
+        slab.v = be.upload(&cast(v));
+        st = state;
+        eprintln!(
+            "resuming {} at step {} (epoch {}, batch {})",
+            out.display(),
+            st.step,
+            st.epoch,
+            st.batch
+        );
+    }
+    let metrics_path = staging.dir.join("metrics.jsonl");
+    let steps_path = staging.dir.join("steps.jsonl");
+    // Logs are cut back to the checkpoint (a resumed run rewrites what came after it).
+    let open_log = |path: &Path, keep: u64| -> Result<fs::File> {
+        let f = fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(false)
+            .open(path)
+            .map_err(|e| Error::io(path, e))?;
+        f.set_len(keep).map_err(|e| Error::io(path, e))?;
+        let mut f = f;
+        std::io::Seek::seek(&mut f, std::io::SeekFrom::End(0)).map_err(|e| Error::io(path, e))?;
+        Ok(f)
+    };
+    let mut metrics_file = open_log(&metrics_path, st.metrics_bytes)?;
+    let mut steps_file = std::io::BufWriter::new(open_log(&steps_path, st.steps_bytes)?);
+
+    let n_train = t.train_len();
+    let steps_per_epoch = n_train.div_ceil(args.batch) as u64;
+    let total_steps = args
+        .max_steps
+        .map(|m| m.min(steps_per_epoch * args.epochs as u64))
+        .unwrap_or(steps_per_epoch * args.epochs as u64);
+    let warmup = (args.warmup_ratio * total_steps as f64).round() as u64;
+
+    eprintln!("{header}");
+
+    let log_eval = |epoch: usize,
+                    step: u64,
+                    m: &data::Metrics,
+                    train_loss: Option<f64>,
+                    f: &mut fs::File|
+     -> Result<()> {
+        let line = json!({"epoch": epoch, "step": step, "metric_name": m.name, "metric": m.value, "metrics": m.all, "train_loss": train_loss, "split": "dev"});
+        writeln!(f, "{line}").map_err(|e| Error::io(&metrics_path, e))
+    };
+    let resume_hint = format!("resume with `beft train --resume {}`", out.display());
+    // A failed write (e.g. a full disk) once a checkpoint exists: say that
+    // the last good state is kept and how to go on.
+    let kept = |e: Error| -> Error {
+        if ckpt_path.is_file() {
+            Error::msg(format!("{e}; the last checkpoint is kept in {}: free space (or fix the problem), then {resume_hint}", staging.dir.display()))
+        } else {
+            e
+        }
+    };
+    // Save the state atomically (the logs are flushed first so that their
+    // recorded lengths are what is on disk). The model files are checked
+    // first: a file rewritten under the memory map would have fed mixed
+    // weights to the steps since the last checkpoint, so that state is not
+    // saved.
+    let save = |slab: &Slab<B>,
+                st: &mut checkpoint::LoopState,
+                steps_file: &mut std::io::BufWriter<fs::File>,
+                metrics_file: &mut fs::File|
+     -> Result<()> {
+        t.weights().check_files_unchanged().map_err(|e| {
+            if !ckpt_path.is_file() {
+                return e;
+            }
+            Error::msg(format!(
+                "{e}. Stopped at step {} without saving it: the last checkpoint in {} predates the change; restore the model files, then {resume_hint} (or start again with --overwrite)",
+                st.step,
+                staging.dir.display()
+            ))
+        })?;
+        steps_file
+            .flush()
+            .map_err(|e| kept(Error::io(&steps_path, e)))?;
+        steps_file
+            .get_ref()
+            .sync_data()
+            .map_err(|e| kept(Error::io(&steps_path, e)))?;
+        metrics_file
+            .sync_data()
+            .map_err(|e| kept(Error::io(&metrics_path, e)))?;
+        st.steps_bytes = fs::metadata(&steps_path)
+            .map_err(|e| Error::io(&steps_path, e))?
+            .len();
+        st.metrics_bytes = fs::metadata(&metrics_path)
+            .map_err(|e| Error::io(&metrics_path, e))?
+            .len();
+        let f = |b: &B::Buf| {
+            be.download(b)
+                .into_iter()
+                .map(|x| x.to_f32())
+                .collect::<Vec<f32>>()
+        };
+        checkpoint::save(&ckpt_path, &f(&slab.params), &f(&slab.m), &f(&slab.v), st).map_err(kept)
+    };
+
+    if args.eval_before && st.step == 0 && st.metrics_bytes == 0 {
+        let m = t.evaluate(be, &slab.params)?;
+        eprintln!("epoch 0 ({before}): dev {} = {:.4}", m.name, m.value);
+        log_eval(0, 0, &m, None, &mut metrics_file)?;
+        st.initial = Some(m.value);
+    }
+    save(&slab, &mut st, &mut steps_file, &mut metrics_file)?;
+    // From here on the staging directory holds a resumable state: keep it
+    // if anything fails.
+    staging.keep = true;
+
+    let pb = if args.progress {
+        ProgressBar::new(total_steps)
+    } else {
+        ProgressBar::hidden()
+    };
+    pb.set_style(
+        ProgressStyle::with_template(
+            "{spinner} epoch {prefix} [{bar:30}] {pos}/{len} {msg} eta {eta}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    pb.set_position(st.step);
+    'epochs: while st.epoch <= args.epochs {
+        let epoch = st.epoch;
+        pb.set_prefix(format!("{epoch}/{}", args.epochs));
+        if !st.epoch_evaluated {
+            for (bi, idx) in data::epoch_batches(n_train, args.batch, args.seed, epoch as u64, true)
+                .into_iter()
+                .enumerate()
+            {
+                if bi < st.batch {
+                    continue;
+                }
+                if st.step >= total_steps {
+                    break;
+                }
+                let step = st.step + 1;
+                let t0 = Instant::now();
+                be.fill(&mut slab.grads, 0.0);
+                let (loss, tokens) =
+                    t.loss_and_grad(be, &slab.params, &mut slab.grads, &idx, step)?;
+                let gnorm = slab.clip(be, args.clip);
+                if !loss.is_finite() || !gnorm.is_finite() {
+                    let what = if loss.is_finite() {
+                        format!("non-finite gradient norm {gnorm}")
+                    } else {
+                        format!("non-finite loss {loss}")
+                    };
+                    return Err(Error::msg(format!(
+                        "{what} at step {step} (epoch {epoch}, batch {} of the epoch, training examples {:?}); stopped before applying it. The last good state (step {}) is kept in {}: try a lower --lr, then {resume_hint} or start again with --overwrite",
+                        bi + 1,
+                        idx,
+                        st.step,
+                        staging.dir.display()
+                    )));
+                }
+                let lr = lr_at(args.schedule, args.lr, step, total_steps, warmup);
+                slab.step(
+                    be,
+                    AdamW {
+                        lr,
+                        beta1: 0.9,
+                        beta2: 0.999,
+                        eps: 1e-8,
+                        weight_decay: args.weight_decay,
+                        step,
+                    },
+                );
+                let dt = t0.elapsed().as_secs_f64();
+                st.step = step;
+                st.batch = bi + 1;
+                st.step_secs.push(dt);
+                st.train_time += dt;
+                st.train_tokens += tokens as u64;
+                st.loss_sum += loss;
+                st.loss_n += 1;
+                let line = json!({"step": step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": gnorm, "tokens": tokens, "seconds": dt});
+                writeln!(steps_file, "{line}").map_err(|e| kept(Error::io(&steps_path, e)))?;
+                pb.set_message(format!(
+                    "loss {:.4} | {:.0} tok/s",
+                    st.loss_sum / st.loss_n as f64,
+                    st.train_tokens as f64 / st.train_time.max(1e-9)
+                ));
+                pb.inc(1);
+                if args.checkpoint_every > 0 && step.is_multiple_of(args.checkpoint_every) {
+                    save(&slab, &mut st, &mut steps_file, &mut metrics_file)?;
+                }
+                if checkpoint::interrupted() {
+                    save(&slab, &mut st, &mut steps_file, &mut metrics_file)?;
+                    pb.finish_and_clear();
+                    return Err(Error::msg(format!(
+                        "interrupted at step {step}: state saved in {}; {resume_hint}",
+                        staging.dir.display()
+                    )));
+                }
+            }
+            st.epochs_run = epoch;
+            let m = t.evaluate(be, &slab.params)?;
+            let tl = if st.loss_n > 0 {
+                Some(st.loss_sum / st.loss_n as f64)
+            } else {
+                None
+            };
+            pb.suspend(|| {
+                eprintln!(
+                    "epoch {epoch}: train loss {:.4} | dev {} = {:.4}",
+                    tl.unwrap_or(f64::NAN),
+                    m.name,
+                    m.value
+                )
+            });
+            log_eval(epoch, st.step, &m, tl, &mut metrics_file).map_err(kept)?;
+            if st.best.map(|b| m.value > b.0).unwrap_or(true) {
+                st.best = Some((m.value, epoch));
+            }
+            st.last = Some(m.value);
+        }
+        // The next epoch starts afresh.
+        st.epoch_evaluated = false;
+        st.epoch = epoch + 1;
+        st.batch = 0;
+        st.loss_sum = 0.0;
+        st.loss_n = 0;
+        let finished = st.step >= total_steps;
+        if finished {
+            st.epoch = epoch;
+            st.epoch_evaluated = true;
+        }
+        save(&slab, &mut st, &mut steps_file, &mut metrics_file)?;
+        if finished {
+            break 'epochs;
+        }
+    }
+    pb.finish_and_clear();
+    steps_file.flush().map_err(|e| Error::io(&steps_path, e))?;
+    Ok(Trained { slab, st, staging })
+}
+
+/// An encoder with its task head, on prepared data.
+struct EncoderTrainee<'a, B: Backend> {
+    enc: &'a Encoder<B>,
+    p: &'a Prepared,
+    args: &'a TrainArgs,
+}
+
+impl<B: Backend> Trainee<B> for EncoderTrainee<'_, B> {
+    fn evaluate(&self, be: &B, params: &B::Buf) -> Result<data::Metrics> {
+        let p = self.p;
+        evaluate(
+            be,
+            self.enc,
+            params,
+            &p.task,
+            &p.dev_enc,
+            &p.dev,
+            p.pad_id,
+            self.args.eval_batch,
+        )
+    }
+
+    fn loss_and_grad(
+        &self,
+        be: &B,
+        params: &B::Buf,
+        grads: &mut B::Buf,
+        idx: &[usize],
+        step: u64,
+    ) -> Result<(f64, usize)> {
+        let p = self.p;
+        let refs: Vec<&Encoding> = idx.iter().map(|&i| &p.train_enc[i]).collect();
+        let labels: Vec<f32> = idx.iter().map(|&i| p.train[i].label).collect();
+        let hb = data::make_batch(&refs, &labels, p.pad_id);
+        let db = self.enc.upload_batch(be, &hb)?;
+        let seed = self.args.dropout.then(|| sub_seed(self.args.seed, step));
+        let (loss, _) = self.enc.loss_and_grad(be, params, grads, &db, seed);
+        Ok((loss, hb.tokens))
+    }
+
+    fn train_len(&self) -> usize {
+        self.p.train.len()
+    }
+
+    fn weights(&self) -> &WeightStore {
+        &self.p.md.weights
+    }
+}
+
 /// `beft train`.
 pub fn train(args: &TrainArgs) -> Result<Summary> {
     with_backend!(&args.device, |be| train_on(&be, args))
@@ -417,89 +801,14 @@ pub fn train_on<B: Backend>(be: &B, args: &TrainArgs) -> Result<Summary> {
         );
     }
 
-    // Everything is valid: create (or, resuming, reopen) the staging
-    // directory beside the run directory.
-    let out = &args.out;
-    let parent = out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-    let mut staging = Staging {
-        dir: checkpoint::staging_dir(out),
-        done: false,
-        keep: args.resume,
-    };
-    let ckpt_path = staging.dir.join(checkpoint::CHECKPOINT);
-    if !args.resume {
-        if staging.dir.exists() {
-            if !args.overwrite {
-                staging.keep = true;
-                return Err(Error::file(
-                    &staging.dir,
-                    format!("holds an unfinished run of {}: resume it with `beft train --resume {}`, or pass --overwrite to start again", out.display(), out.display()),
-                ));
-            }
-            fs::remove_dir_all(&staging.dir).map_err(|e| Error::io(&staging.dir, e))?;
-        }
-        fs::create_dir_all(&staging.dir).map_err(|e| Error::io(&staging.dir, e))?;
-        let run_args = serde_json::to_value(args).map_err(|e| Error::msg(e.to_string()))?;
-        write_json(&staging.dir.join(RUN_ARGS), &run_args)?;
-    }
-    let mut slab = Slab::new(be, &enc.init);
-    let mut st = checkpoint::LoopState {
-        epoch: 1,
-        ..Default::default()
-    };
-    if args.resume && ckpt_path.is_file() {
-        let (params, m, v, state) = checkpoint::load(&ckpt_path, slab.len)?;
-        let cast = |x: Vec<f32>| -> Vec<B::T> { x.into_iter().map(B::T::from_f32).collect() };
-        slab.params = be.upload(&cast(params));
-        slab.m = be.upload(&cast(m));
-        slab.v = be.upload(&cast(v));
-        st = state;
-        eprintln!(
-            "resuming {} at step {} (epoch {}, batch {})",
-            out.display(),
-            st.step,
-            st.epoch,
-            st.batch
-        );
-    }
-    let metrics_path = staging.dir.join("metrics.jsonl");
-    let steps_path = staging.dir.join("steps.jsonl");
-    // Logs are cut back to the checkpoint (a resumed run rewrites what came after it).
-    let open_log = |path: &Path, keep: u64| -> Result<fs::File> {
-        let f = fs::OpenOptions::new()
-            .create(true)
-            .write(true)
-            .truncate(false)
-            .open(path)
-            .map_err(|e| Error::io(path, e))?;
-        f.set_len(keep).map_err(|e| Error::io(path, e))?;
-        let mut f = f;
-        std::io::Seek::seek(&mut f, std::io::SeekFrom::End(0)).map_err(|e| Error::io(path, e))?;
-        Ok(f)
-    };
-    let mut metrics_file = open_log(&metrics_path, st.metrics_bytes)?;
-    let mut steps_file = std::io::BufWriter::new(open_log(&steps_path, st.steps_bytes)?);
-
-    let n_train = p.train.len();
-    let steps_per_epoch = n_train.div_ceil(args.batch) as u64;
-    let total_steps = args
-        .max_steps
-        .map(|m| m.min(steps_per_epoch * args.epochs as u64))
-        .unwrap_or(steps_per_epoch * args.epochs as u64);
-    let warmup = (args.warmup_ratio * total_steps as f64).round() as u64;
-
-    eprintln!(
+    let header = format!(
         "beft: {} ({} layers, hidden {}) on {} | task {} | {} train / {} dev | bias {} | pooling {} | {} trainable values ({} in biases) | {}",
         p.md.name,
         p.md.config.num_layers,
         p.md.config.hidden_size,
         be.name(),
         p.task.name,
-        n_train,
+        p.train.len(),
         p.dev.len(),
         BiasTerm::format_set(&terms),
         pooling_name(p.pooling),
@@ -507,235 +816,17 @@ pub fn train_on<B: Backend>(be: &B, args: &TrainArgs) -> Result<Summary> {
         enc.layout.bias_params(),
         if enc.head_from_checkpoint { "head from checkpoint" } else { "new head" }
     );
-
-    let log_eval = |epoch: usize,
-                    step: u64,
-                    m: &data::Metrics,
-                    train_loss: Option<f64>,
-                    f: &mut fs::File|
-     -> Result<()> {
-        let line = json!({"epoch": epoch, "step": step, "metric_name": m.name, "metric": m.value, "metrics": m.all, "train_loss": train_loss, "split": "dev"});
-        writeln!(f, "{line}").map_err(|e| Error::io(&metrics_path, e))
+    let trainee = EncoderTrainee {
+        enc: &enc,
+        p: &p,
+        args,
     };
-    let resume_hint = format!("resume with `beft train --resume {}`", out.display());
-    // A failed write (e.g. a full disk) once a checkpoint exists: say that
-    // the last good state is kept and how to go on.
-    let kept = |e: Error| -> Error {
-        if ckpt_path.is_file() {
-            Error::msg(format!("{e}; the last checkpoint is kept in {}: free space (or fix the problem), then {resume_hint}", staging.dir.display()))
-        } else {
-            e
-        }
-    };
-    // Save the state atomically (the logs are flushed first so that their
-    // recorded lengths are what is on disk). The model files are checked
-    // first: a file rewritten under the memory map would have fed mixed
-    // weights to the steps since the last checkpoint, so that state is not
-    // saved.
-    let save = |slab: &Slab<B>,
-                st: &mut checkpoint::LoopState,
-                steps_file: &mut std::io::BufWriter<fs::File>,
-                metrics_file: &mut fs::File|
-     -> Result<()> {
-        p.md.weights.check_files_unchanged().map_err(|e| {
-            if !ckpt_path.is_file() {
-                return e;
-            }
-            Error::msg(format!(
-                "{e}. Stopped at step {} without saving it: the last checkpoint in {} predates the change; restore the model files, then {resume_hint} (or start again with --overwrite)",
-                st.step,
-                staging.dir.display()
-            ))
-        })?;
-        steps_file
-            .flush()
-            .map_err(|e| kept(Error::io(&steps_path, e)))?;
-        steps_file
-            .get_ref()
-            .sync_data()
-            .map_err(|e| kept(Error::io(&steps_path, e)))?;
-        metrics_file
-            .sync_data()
-            .map_err(|e| kept(Error::io(&metrics_path, e)))?;
-        st.steps_bytes = fs::metadata(&steps_path)
-            .map_err(|e| Error::io(&steps_path, e))?
-            .len();
-        st.metrics_bytes = fs::metadata(&metrics_path)
-            .map_err(|e| Error::io(&metrics_path, e))?
-            .len();
-        let f = |b: &B::Buf| {
-            be.download(b)
-                .into_iter()
-                .map(|x| x.to_f32())
-                .collect::<Vec<f32>>()
-        };
-        checkpoint::save(&ckpt_path, &f(&slab.params), &f(&slab.m), &f(&slab.v), st).map_err(kept)
-    };
-
-    if args.eval_before && st.step == 0 && st.metrics_bytes == 0 {
-        let m = evaluate(
-            be,
-            &enc,
-            &slab.params,
-            &p.task,
-            &p.dev_enc,
-            &p.dev,
-            p.pad_id,
-            args.eval_batch,
-        )?;
-        eprintln!("epoch 0 (before training): dev {} = {:.4}", m.name, m.value);
-        log_eval(0, 0, &m, None, &mut metrics_file)?;
-        st.initial = Some(m.value);
-    }
-    save(&slab, &mut st, &mut steps_file, &mut metrics_file)?;
-    // From here on the staging directory holds a resumable state: keep it
-    // if anything fails.
-    staging.keep = true;
-
-    let pb = if args.progress {
-        ProgressBar::new(total_steps)
-    } else {
-        ProgressBar::hidden()
-    };
-    pb.set_style(
-        ProgressStyle::with_template(
-            "{spinner} epoch {prefix} [{bar:30}] {pos}/{len} {msg} eta {eta}",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar())
-        .progress_chars("=> "),
-    );
-    pb.set_position(st.step);
-    'epochs: while st.epoch <= args.epochs {
-        let epoch = st.epoch;
-        pb.set_prefix(format!("{epoch}/{}", args.epochs));
-        if !st.epoch_evaluated {
-            for (bi, idx) in data::epoch_batches(n_train, args.batch, args.seed, epoch as u64, true)
-                .into_iter()
-                .enumerate()
-            {
-                if bi < st.batch {
-                    continue;
-                }
-                if st.step >= total_steps {
-                    break;
-                }
-                let refs: Vec<&Encoding> = idx.iter().map(|&i| &p.train_enc[i]).collect();
-                let labels: Vec<f32> = idx.iter().map(|&i| p.train[i].label).collect();
-                let hb = data::make_batch(&refs, &labels, p.pad_id);
-                let db = enc.upload_batch(be, &hb)?;
-                let step = st.step + 1;
-                let t0 = Instant::now();
-                be.fill(&mut slab.grads, 0.0);
-                let seed = if args.dropout {
-                    Some(sub_seed(args.seed, step))
-                } else {
-                    None
-                };
-                let (loss, _) = enc.loss_and_grad(be, &slab.params, &mut slab.grads, &db, seed);
-                let gnorm = slab.clip(be, args.clip);
-                if !loss.is_finite() || !gnorm.is_finite() {
-                    let what = if loss.is_finite() {
-                        format!("non-finite gradient norm {gnorm}")
-                    } else {
-                        format!("non-finite loss {loss}")
-                    };
-                    return Err(Error::msg(format!(
-                        "{what} at step {step} (epoch {epoch}, batch {} of the epoch, training examples {:?}); stopped before applying it. The last good state (step {}) is kept in {}: try a lower --lr, then {resume_hint} or start again with --overwrite",
-                        bi + 1,
-                        idx,
-                        st.step,
-                        staging.dir.display()
-                    )));
-                }
-                let lr = lr_at(args.schedule, args.lr, step, total_steps, warmup);
-                slab.step(
-                    be,
-                    AdamW {
-                        lr,
-                        beta1: 0.9,
-                        beta2: 0.999,
-                        eps: 1e-8,
-                        weight_decay: args.weight_decay,
-                        step,
-                    },
-                );
-                let dt = t0.elapsed().as_secs_f64();
-                st.step = step;
-                st.batch = bi + 1;
-                st.step_secs.push(dt);
-                st.train_time += dt;
-                st.train_tokens += hb.tokens as u64;
-                st.loss_sum += loss;
-                st.loss_n += 1;
-                let line = json!({"step": step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": gnorm, "tokens": hb.tokens, "seconds": dt});
-                writeln!(steps_file, "{line}").map_err(|e| kept(Error::io(&steps_path, e)))?;
-                pb.set_message(format!(
-                    "loss {:.4} | {:.0} tok/s",
-                    st.loss_sum / st.loss_n as f64,
-                    st.train_tokens as f64 / st.train_time.max(1e-9)
-                ));
-                pb.inc(1);
-                if args.checkpoint_every > 0 && step.is_multiple_of(args.checkpoint_every) {
-                    save(&slab, &mut st, &mut steps_file, &mut metrics_file)?;
-                }
-                if checkpoint::interrupted() {
-                    save(&slab, &mut st, &mut steps_file, &mut metrics_file)?;
-                    pb.finish_and_clear();
-                    return Err(Error::msg(format!(
-                        "interrupted at step {step}: state saved in {}; {resume_hint}",
-                        staging.dir.display()
-                    )));
-                }
-            }
-            st.epochs_run = epoch;
-            let m = evaluate(
-                be,
-                &enc,
-                &slab.params,
-                &p.task,
-                &p.dev_enc,
-                &p.dev,
-                p.pad_id,
-                args.eval_batch,
-            )?;
-            let tl = if st.loss_n > 0 {
-                Some(st.loss_sum / st.loss_n as f64)
-            } else {
-                None
-            };
-            pb.suspend(|| {
-                eprintln!(
-                    "epoch {epoch}: train loss {:.4} | dev {} = {:.4}",
-                    tl.unwrap_or(f64::NAN),
-                    m.name,
-                    m.value
-                )
-            });
-            log_eval(epoch, st.step, &m, tl, &mut metrics_file).map_err(kept)?;
-            if st.best.map(|b| m.value > b.0).unwrap_or(true) {
-                st.best = Some((m.value, epoch));
-            }
-            st.last = Some(m.value);
-        }
-        // The next epoch starts afresh.
-        st.epoch_evaluated = false;
-        st.epoch = epoch + 1;
-        st.batch = 0;
-        st.loss_sum = 0.0;
-        st.loss_n = 0;
-        let finished = st.step >= total_steps;
-        if finished {
-            st.epoch = epoch;
-            st.epoch_evaluated = true;
-        }
-        save(&slab, &mut st, &mut steps_file, &mut metrics_file)?;
-        if finished {
-            break 'epochs;
-        }
-    }
-    pb.finish_and_clear();
-    steps_file.flush().map_err(|e| Error::io(&steps_path, e))?;
-    drop(steps_file);
+    let Trained {
+        slab,
+        st,
+        mut staging,
+    } = run_loop(be, args, &trainee, &enc.init, &header, "before training")?;
+    let n_train = p.train.len();
     let checkpoint::LoopState {
         step,
         train_tokens,
@@ -796,11 +887,7 @@ pub fn train_on<B: Backend>(be: &B, args: &TrainArgs) -> Result<Summary> {
             "beft_version": env!("CARGO_PKG_VERSION"),
         }),
     )?;
-    drop(metrics_file);
-    let _ = fs::remove_file(&ckpt_path);
-
-    // Move the finished run into place.
-    staging.publish(out, args.overwrite)?;
+    staging.finish(&args.out, args.overwrite)?;
     Ok(summary)
 }
 
