@@ -311,7 +311,9 @@ fn main() -> ExitCode {
     if matches!(cli.cmd, Cmd::Train(_) | Cmd::Sweep(_)) {
         install_ctrlc_handler();
     }
-    let res = match cli.cmd {
+    // A device fault (out of device memory, device lost) outside a training
+    // loop, which catches its own, is still an error, not a panic.
+    let res = beft::backend::fault::catch_device_fault(|| match cli.cmd {
         Cmd::Train(t) => run_train(t),
         Cmd::Eval(e) => run_eval(e),
         Cmd::Devices => run_devices(),
@@ -327,7 +329,8 @@ fn main() -> ExitCode {
         }),
         Cmd::ImportPeft(x) => beft::method::adapter::import_peft(&x.adapter, &x.model, &x.out)
             .map(|p| println!("wrote {}", p.display())),
-    };
+    })
+    .and_then(|r| r);
     match res {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -1194,3 +1194,123 @@ fn training_step_tiny_decoders_match_cpu() {
         }
     }
 }
+
+// ---------------------------------------------------------------------------
+// Device faults
+// ---------------------------------------------------------------------------
+
+/// A lost device (here destroyed on purpose, as a driver reset would) turns
+/// the next op that waits on it into a device fault that says so, which
+/// `catch_device_fault` makes an ordinary error.
+#[test]
+fn device_lost_is_an_error_not_a_panic() {
+    use beft::backend::fault::catch_device_fault;
+    // A device of its own: this one is destroyed.
+    let Some(be) = open(None) else { return };
+    let x = be.upload(&[1.0f32, 2.0, 3.0]);
+    assert_eq!(be.download(&x), vec![1.0, 2.0, 3.0]);
+    be.destroy_device();
+    let r = catch_device_fault(|| {
+        let mut y = be.zeros(3);
+        be.add(&mut y, &x, 3);
+        be.download(&y)
+    });
+    let e = r.expect_err("an op on a lost device must fail").to_string();
+    assert!(e.contains("device lost"), "{e}");
+    assert!(e.contains("wgpu ("), "names the device: {e}");
+}
+
+/// Running out of device memory (here the BEFT_MAX_DEVICE_MEMORY cap, which
+/// takes the same path as a real out-of-memory) during training: a clear
+/// message with what was asked and what was free, a non-zero exit, no panic,
+/// the last checkpoint kept; resuming with room ends like an uninterrupted
+/// run.
+#[test]
+fn out_of_device_memory_keeps_the_last_checkpoint_and_resumes() {
+    if gpu().is_none() {
+        return;
+    }
+    let tmp = TempDir::new().unwrap();
+    let (model, data) = (tmp.path().join("model"), tmp.path().join("data"));
+    write_tiny_model(&model, TinyArch::Bert, 3, None);
+    common::write_tiny_sst2(&data, 32, 8);
+    let run = |out: &std::path::Path, cap: Option<&str>, extra: &[&str]| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_beft"));
+        c.args(["--threads", "1", "train", "--device", "wgpu", "--model"])
+            .arg(&model)
+            .args(["--task", "sst2", "--data"])
+            .arg(&data)
+            .arg("--out")
+            .arg(out)
+            .args([
+                "--epochs",
+                "2",
+                "--batch",
+                "32",
+                "--eval-batch",
+                "1",
+                "--bias",
+                "all",
+            ])
+            .args(["--pooling", "mean", "--quiet", "--no-dropout"])
+            .args(extra);
+        match cap {
+            Some(cap) => c.env("BEFT_MAX_DEVICE_MEMORY", cap),
+            None => c.env_remove("BEFT_MAX_DEVICE_MEMORY"),
+        };
+        c.output().unwrap()
+    };
+    // Too small for the model itself: refused at load, nothing written.
+    let out = tmp.path().join("tiny-cap");
+    let o = run(&out, Some("1KiB"), &[]);
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(!o.status.success());
+    assert!(
+        err.contains("out of device memory")
+            && err.contains("asked for")
+            && err.contains("free of"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(!out.exists() && !beft::train::checkpoint::staging_dir(&out).exists());
+
+    // Room for the weights and a one-example evaluation but not for a
+    // 32-example training step: find such a cap by halving.
+    let full = tmp.path().join("full");
+    let o = run(&full, None, &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let mut found = None;
+    for kib in [4096u64, 2048, 1024, 512, 384, 256, 192, 128, 96, 64, 48, 32] {
+        let out = tmp.path().join(format!("cap{kib}"));
+        let o = run(&out, Some(&format!("{kib}KiB")), &[]);
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        assert!(!err.contains("panicked"), "{err}");
+        if !o.status.success() && err.contains("at step 1, epoch 1") {
+            found = Some((out, err));
+            break;
+        }
+    }
+    let (out, err) = found.expect("no cap between evaluation and training needs");
+    assert!(err.contains("out of device memory"), "{err}");
+    assert!(
+        err.contains("The last good state (step 0) is kept in"),
+        "{err}"
+    );
+    assert!(err.contains("--batch"), "suggests a smaller batch: {err}");
+    assert!(beft::train::checkpoint::staging_dir(&out)
+        .join("checkpoint.safetensors")
+        .is_file());
+    // With room again, --resume finishes the run exactly as the uninterrupted one.
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_beft"));
+    let o = c
+        .args(["--threads", "1", "train", "--quiet", "--resume"])
+        .arg(&out)
+        .env_remove("BEFT_MAX_DEVICE_MEMORY")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        std::fs::read(full.join("biases.safetensors")).unwrap(),
+        std::fs::read(out.join("biases.safetensors")).unwrap()
+    );
+}

@@ -17,6 +17,7 @@ pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod fast;
+pub mod fault;
 #[cfg(feature = "wgpu")]
 pub mod wgpu;
 

@@ -55,10 +55,12 @@ impl TextTokenizer {
             return Self::from_gguf(path, max_len);
         }
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        // Check the JSON syntax first: `tokenizers` (0.22) panics instead of
-        // failing on some malformed files (a syntax error inside "decoder"
-        // hits an `expect("Helper")`). A syntax pass allocates nothing.
-        serde_json::from_slice::<serde::de::IgnoredAny>(&bytes).map_err(|e| {
+        // Check the JSON first: `tokenizers` (0.22) panics instead of
+        // failing on some malformed files (a syntax error, or a string with
+        // an invalid escape such as a lone surrogate, inside "decoder" hits
+        // an `expect("Helper")`). The pass decodes every string (serde's
+        // `IgnoredAny` skips escapes unchecked) but keeps nothing.
+        serde_json::from_slice::<StrictJson>(&bytes).map_err(|e| {
             Error::file(
                 path,
                 format!("not a valid tokenizer.json: not valid JSON: {e}"),
@@ -268,5 +270,56 @@ fn check_post_processor(tk: &Tokenizer) -> std::result::Result<(), String> {
                 .map_err(|e| format!("post_processor cannot be inspected: {e}"))?;
             walk(&v)
         }
+    }
+}
+
+/// Any JSON value, every string decoded (escapes checked), nothing kept.
+struct StrictJson;
+
+impl<'de> serde::Deserialize<'de> for StrictJson {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        d.deserialize_any(StrictVisitor).map(|()| StrictJson)
+    }
+}
+
+struct StrictVisitor;
+
+impl<'de> serde::de::Visitor<'de> for StrictVisitor {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> std::result::Result<(), E> {
+        Ok(())
+    }
+    fn visit_i64<E>(self, _: i64) -> std::result::Result<(), E> {
+        Ok(())
+    }
+    fn visit_u64<E>(self, _: u64) -> std::result::Result<(), E> {
+        Ok(())
+    }
+    fn visit_f64<E>(self, _: f64) -> std::result::Result<(), E> {
+        Ok(())
+    }
+    fn visit_str<E>(self, _: &str) -> std::result::Result<(), E> {
+        Ok(())
+    }
+    fn visit_unit<E>(self) -> std::result::Result<(), E> {
+        Ok(())
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(
+        self,
+        mut a: A,
+    ) -> std::result::Result<(), A::Error> {
+        while a.next_element::<StrictJson>()?.is_some() {}
+        Ok(())
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(
+        self,
+        mut a: A,
+    ) -> std::result::Result<(), A::Error> {
+        while a.next_entry::<StrictJson, StrictJson>()?.is_some() {}
+        Ok(())
     }
 }

@@ -15,6 +15,7 @@ use super::{
     checkpoint, evaluate, lr_at, parse_pooling, pooling_name, slab_tensors, Schedule, Slab,
 };
 use crate::backend::cpu::CpuBackend;
+use crate::backend::fault::catch_device_fault;
 use crate::backend::{sub_seed, AdamW, Backend, Device, PoolKind};
 use crate::data::{self, Encoding, Example, Split, TaskSpec, TextTokenizer};
 use crate::error::{Error, Result};
@@ -508,6 +509,18 @@ pub(super) fn run_loop<B: Backend>(
             e
         }
     };
+    // A device fault (out of device memory, device lost): say where, and
+    // what is kept.
+    let fault = |e: Error, during: String, good: u64| -> Error {
+        if ckpt_path.is_file() {
+            Error::msg(format!(
+                "{e} ({during}). The last good state (step {good}) is kept in {}: {resume_hint} once the device has room, or start again with other settings and --overwrite",
+                staging.dir.display()
+            ))
+        } else {
+            Error::msg(format!("{e} ({during})"))
+        }
+    };
     // Save the state atomically (the logs are flushed first so that their
     // recorded lengths are what is on disk). The model files are checked
     // first: a file rewritten under the memory map would have fed mixed
@@ -554,7 +567,8 @@ pub(super) fn run_loop<B: Backend>(
     };
 
     if args.eval_before && st.step == 0 && st.metrics_bytes == 0 {
-        let m = t.evaluate(be, &slab.params)?;
+        let m = catch_device_fault(|| t.evaluate(be, &slab.params))
+            .map_err(|e| fault(e, "evaluating before training".into(), 0))??;
         eprintln!("epoch 0 ({before}): dev {} = {:.4}", m.name, m.value);
         log_eval(0, 0, &m, None, &mut metrics_file)?;
         st.initial = Some(m.value);
@@ -593,10 +607,13 @@ pub(super) fn run_loop<B: Backend>(
                 }
                 let step = st.step + 1;
                 let t0 = Instant::now();
-                be.fill(&mut slab.grads, 0.0);
-                let (loss, tokens) =
-                    t.loss_and_grad(be, &slab.params, &mut slab.grads, &idx, step)?;
-                let gnorm = slab.clip(be, args.clip);
+                let (loss, tokens, gnorm) = catch_device_fault(|| -> Result<_> {
+                    be.fill(&mut slab.grads, 0.0);
+                    let (loss, tokens) =
+                        t.loss_and_grad(be, &slab.params, &mut slab.grads, &idx, step)?;
+                    Ok((loss, tokens, slab.clip(be, args.clip)))
+                })
+                .map_err(|e| fault(e, format!("at step {step}, epoch {epoch}"), st.step))??;
                 if !loss.is_finite() || !gnorm.is_finite() {
                     let what = if loss.is_finite() {
                         format!("non-finite gradient norm {gnorm}")
@@ -612,17 +629,20 @@ pub(super) fn run_loop<B: Backend>(
                     )));
                 }
                 let lr = lr_at(args.schedule, args.lr, step, total_steps, warmup);
-                slab.step(
-                    be,
-                    AdamW {
-                        lr,
-                        beta1: 0.9,
-                        beta2: 0.999,
-                        eps: 1e-8,
-                        weight_decay: args.weight_decay,
-                        step,
-                    },
-                );
+                catch_device_fault(|| {
+                    slab.step(
+                        be,
+                        AdamW {
+                            lr,
+                            beta1: 0.9,
+                            beta2: 0.999,
+                            eps: 1e-8,
+                            weight_decay: args.weight_decay,
+                            step,
+                        },
+                    )
+                })
+                .map_err(|e| fault(e, format!("in the optimiser step {step}"), st.step))?;
                 let dt = t0.elapsed().as_secs_f64();
                 st.step = step;
                 st.batch = bi + 1;
@@ -652,7 +672,8 @@ pub(super) fn run_loop<B: Backend>(
                 }
             }
             st.epochs_run = epoch;
-            let m = t.evaluate(be, &slab.params)?;
+            let m = catch_device_fault(|| t.evaluate(be, &slab.params))
+                .map_err(|e| fault(e, format!("evaluating after epoch {epoch}"), st.step))??;
             let tl = if st.loss_n > 0 {
                 Some(st.loss_sum / st.loss_n as f64)
             } else {

@@ -32,6 +32,7 @@ use cudarc::driver::{
     PushKernelArg,
 };
 
+use super::fault::{device_fault, max_device_memory, mib, oom_message};
 use super::{Act, AdamW, AttnDims, Backend, CandidateIndex, Dropout, PoolKind};
 use crate::error::{Error, Result};
 use crate::weights::{DType, TensorView};
@@ -152,6 +153,10 @@ pub struct CudaBackend {
     weights: WeightDtype,
     name: String,
     smem_optin: usize,
+    /// `BEFT_MAX_DEVICE_MEMORY`, and the free device memory when the
+    /// backend was created (what the cap is measured from).
+    cap: Option<u64>,
+    free_at_start: u64,
 }
 
 /// Every kernel the backend launches, by file.
@@ -344,6 +349,8 @@ impl CudaBackend {
                 WeightDtype::F32 => "f32",
             }
         );
+        let cap = max_device_memory()?;
+        let free_at_start = ctx.mem_get_info().map(|(f, _)| f as u64).unwrap_or(0);
         Ok(CudaBackend {
             ctx,
             stream,
@@ -351,6 +358,8 @@ impl CudaBackend {
             weights,
             name,
             smem_optin,
+            cap,
+            free_at_start,
         })
     }
 
@@ -373,18 +382,50 @@ impl CudaBackend {
     }
 
     fn alloc_f32(&self, n: usize) -> CudaSlice<f32> {
-        self.stream
-            .alloc_zeros::<f32>(n.max(1))
-            .unwrap_or_else(|e| panic!("CUDA: allocating {n} floats failed: {e}"))
+        self.alloc_zeroed::<f32>(n)
     }
 
+    /// `n` zeroed elements. Out of device memory (or over the
+    /// `BEFT_MAX_DEVICE_MEMORY` cap) is a [`device_fault`] that says how much
+    /// was asked and what was free.
     fn alloc_zeroed<T: DeviceRepr + cudarc::driver::ValidAsZeroBits>(
         &self,
         n: usize,
     ) -> CudaSlice<T> {
-        self.stream
-            .alloc_zeros::<T>(n.max(1))
-            .unwrap_or_else(|e| panic!("CUDA: allocating {n} elements failed: {e}"))
+        let n = n.max(1);
+        let bytes = (n * std::mem::size_of::<T>()) as u64;
+        if let Some(cap) = self.cap {
+            let (free, _) = self.ctx.mem_get_info().unwrap_or((0, 0));
+            let used = self.free_at_start.saturating_sub(free as u64);
+            if used + bytes > cap {
+                device_fault(oom_message(
+                    &self.name,
+                    bytes,
+                    cap.saturating_sub(used),
+                    cap,
+                    true,
+                ));
+            }
+        }
+        self.stream.alloc_zeros::<T>(n).unwrap_or_else(|e| {
+            let (free, total) = self.ctx.mem_get_info().unwrap_or((0, 0));
+            if free as u64 >= bytes {
+                self.lost(&format!("allocating {}", mib(bytes)), e)
+            }
+            device_fault(format!(
+                "{} ({e})",
+                oom_message(&self.name, bytes, free as u64, total as u64, false)
+            ))
+        })
+    }
+
+    /// A CUDA error outside an allocation: the context is unusable (an
+    /// illegal address, a launch failure, an ECC error, a lost or reset GPU).
+    fn lost(&self, during: &str, e: impl std::fmt::Display) -> ! {
+        device_fault(format!(
+            "{}: CUDA error {during}: {e}; the GPU context is unusable (device lost or reset, or a kernel fault); the run cannot go on on this device",
+            self.name
+        ))
     }
 
     /// Launch kernel `name`; `push` adds its arguments in order. `'a` is
@@ -396,7 +437,7 @@ impl CudaBackend {
         // SAFETY: argument lists match the kernels' signatures (one call site
         // per kernel, next to its op); every size was checked against the
         // buffers' lengths by the caller.
-        unsafe { b.launch(cfg) }.unwrap_or_else(|e| panic!("CUDA: launching {name} failed: {e}"));
+        unsafe { b.launch(cfg) }.unwrap_or_else(|e| self.lost(&format!("launching {name}"), e));
     }
 
     /// An f32 view of an input buffer (converting a bf16 weight).
@@ -430,7 +471,7 @@ impl CudaBackend {
         } else {
             self.stream
                 .clone_htod(bits)
-                .unwrap_or_else(|e| panic!("CUDA: upload of {n} bf16 values failed: {e}"))
+                .unwrap_or_else(|e| self.lost(&format!("uploading {n} bf16 values"), e))
         };
         CudaBuf::Bf16(s, n)
     }
@@ -512,7 +553,7 @@ impl Backend for CudaBackend {
         let s = self
             .stream
             .clone_htod(data)
-            .unwrap_or_else(|e| panic!("CUDA: upload of {n} floats failed: {e}"));
+            .unwrap_or_else(|e| self.lost(&format!("uploading {n} floats"), e));
         CudaBuf::F32(s, n)
     }
 
@@ -522,7 +563,7 @@ impl Backend for CudaBackend {
                 let mut v = self
                     .stream
                     .clone_dtoh(s)
-                    .unwrap_or_else(|e| panic!("CUDA: download failed: {e}"));
+                    .unwrap_or_else(|e| self.lost("reading back a result", e));
                 v.truncate(*n);
                 v
             }
@@ -530,7 +571,7 @@ impl Backend for CudaBackend {
                 let v = self
                     .stream
                     .clone_dtoh(s)
-                    .unwrap_or_else(|e| panic!("CUDA: download failed: {e}"));
+                    .unwrap_or_else(|e| self.lost("reading back a result", e));
                 v[..*n]
                     .iter()
                     .map(|b| half::bf16::from_bits(*b).to_f32())
@@ -546,7 +587,7 @@ impl Backend for CudaBackend {
         } else {
             self.stream
                 .clone_htod(ids)
-                .unwrap_or_else(|e| panic!("CUDA: upload of {len} ids failed: {e}"))
+                .unwrap_or_else(|e| self.lost(&format!("uploading {len} token ids"), e))
         };
         CudaIds { data, len }
     }
@@ -807,7 +848,7 @@ impl Backend for CudaBackend {
         let host = self
             .stream
             .clone_dtoh(&partial)
-            .unwrap_or_else(|e| panic!("CUDA: sum_sq read-back failed: {e}"));
+            .unwrap_or_else(|e| self.lost("reading back a gradient norm", e));
         host[..blocks].iter().sum()
     }
 

@@ -17,6 +17,7 @@ use std::collections::HashMap;
 use std::num::NonZeroU64;
 use std::sync::{Arc, Mutex};
 
+use crate::backend::fault::{device_fault, max_device_memory, mib, oom_message};
 use crate::error::{Error, Result};
 
 /// A WGSL source file, prepended with `shaders/common.wgsl` when compiled.
@@ -92,15 +93,31 @@ pub struct Binding<'a> {
     pub bytes: u64,
 }
 
-/// Free buffers by capacity in bytes (powers of two, see [`Gpu::alloc`]).
+/// Free buffers by capacity in bytes (powers of two, see [`Gpu::alloc`]),
+/// and the bytes of every storage buffer alive (in use or pooled).
 #[derive(Default)]
 pub struct Pool {
     free: HashMap<u64, Vec<wgpu::Buffer>>,
+    live: u64,
 }
 
 impl Pool {
     pub fn give_back(&mut self, buf: wgpu::Buffer) {
         self.free.entry(buf.size()).or_default().push(buf);
+    }
+
+    /// A buffer made by [`Gpu::create`] is destroyed.
+    pub fn forget(&mut self, buf: wgpu::Buffer) {
+        self.live = self.live.saturating_sub(buf.size());
+        drop(buf);
+    }
+
+    /// Destroy every pooled buffer; returns the bytes freed.
+    fn trim(&mut self) -> u64 {
+        let freed: u64 = self.free.values().flatten().map(|b| b.size()).sum();
+        self.free.clear();
+        self.live = self.live.saturating_sub(freed);
+        freed
     }
 }
 
@@ -126,11 +143,26 @@ pub struct Gpu {
     /// weights are split by rows.
     pub split_bytes: u64,
     pub pool: Arc<Mutex<Pool>>,
+    /// `BEFT_MAX_DEVICE_MEMORY`: a cap on the bytes of live storage buffers.
+    cap: Option<u64>,
+    /// Why the device was lost, once it is.
+    lost: Arc<Mutex<Option<String>>>,
+    /// The device as seen by the uncaptured-error handler (emptied on drop).
+    handler_device: Arc<Mutex<Option<wgpu::Device>>>,
     arena: wgpu::Buffer,
     slot_bytes: u64,
     modules: Mutex<HashMap<Shader, Arc<wgpu::ShaderModule>>>,
     pipelines: Mutex<HashMap<(Shader, &'static str), Arc<Pipeline>>>,
     stream: Mutex<Stream>,
+}
+
+impl Drop for Gpu {
+    fn drop(&mut self) {
+        self.handler_device
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+    }
 }
 
 /// Every adapter wgpu can see (Vulkan, Metal, DX12), in enumeration order:
@@ -221,6 +253,38 @@ impl Gpu {
                 info.name
             ))
         })?;
+        let cap = max_device_memory()?;
+        // Device loss is recorded (and reported by the next read-back);
+        // any other uncaptured error (validation, internal, out of memory
+        // outside `create`) ends the op as a device fault, not an abort.
+        let lost = Arc::new(Mutex::new(None));
+        let lost2 = lost.clone();
+        device.set_device_lost_callback(move |reason, msg| {
+            *lost2.lock().unwrap_or_else(|e| e.into_inner()) = Some(format!("{reason:?}: {msg}"));
+        });
+        let dev_name = info.name.clone();
+        let lost3 = lost.clone();
+        // The handler lives inside the device: it holds the device through a
+        // slot that `Gpu`'s Drop empties, so there is no reference cycle.
+        let slot = Arc::new(Mutex::new(Some(device.clone())));
+        let dev = slot.clone();
+        device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+            // A lost device reports it through its callback on the next
+            // poll; errors about invalid objects are usually that.
+            if lost3.lock().unwrap_or_else(|e| e.into_inner()).is_none() {
+                let d = dev.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                if let Some(d) = d {
+                    let _ = d.poll(wgpu::PollType::Poll);
+                }
+            }
+            let lost = lost3.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            match lost {
+                Some(why) => device_fault(format!(
+                    "wgpu ({dev_name}): device lost: {why}; the run cannot go on on this device (a driver reset or a removed GPU)"
+                )),
+                None => device_fault(format!("wgpu ({dev_name}): {e}")),
+            }
+        }));
         let max_bind = limits
             .max_storage_buffer_binding_size
             .min(limits.max_buffer_size);
@@ -239,6 +303,9 @@ impl Gpu {
             limits,
             split_bytes: split.max(4),
             pool: Arc::new(Mutex::new(Pool::default())),
+            cap,
+            lost,
+            handler_device: slot,
             arena,
             slot_bytes,
             modules: Mutex::new(HashMap::new()),
@@ -274,15 +341,74 @@ impl Gpu {
     }
 
     /// A new (unpooled) storage buffer of exactly `bytes` (rounded to 4).
+    /// Out of device memory (or over the `BEFT_MAX_DEVICE_MEMORY` cap, after
+    /// the pool's free buffers are released) is a [`device_fault`].
     pub fn create(&self, bytes: u64) -> wgpu::Buffer {
-        self.device.create_buffer(&wgpu::BufferDescriptor {
+        let size = bytes.max(4).div_ceil(4) * 4;
+        let name = format!("wgpu ({})", self.info.name);
+        if size > self.limits.max_buffer_size {
+            device_fault(format!(
+                "{name}: a buffer of {} is larger than the adapter allows ({}); try a smaller --batch or --eval-batch, or a shorter --max-len",
+                mib(size),
+                mib(self.limits.max_buffer_size)
+            ));
+        }
+        if let Some(cap) = self.cap {
+            let mut pool = self.pool.lock().unwrap();
+            if pool.live + size > cap {
+                pool.trim();
+            }
+            if pool.live + size > cap {
+                let free = cap.saturating_sub(pool.live);
+                drop(pool);
+                device_fault(oom_message(&name, size, free, cap, true));
+            }
+        }
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let buf = self.device.create_buffer(&wgpu::BufferDescriptor {
             label: None,
-            size: bytes.max(4).div_ceil(4) * 4,
+            size,
             usage: wgpu::BufferUsages::STORAGE
                 | wgpu::BufferUsages::COPY_SRC
                 | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
-        })
+        });
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            let live = self.pool.lock().unwrap().live;
+            device_fault(format!(
+                "{name}: out of device memory: asked for {} with {} already allocated by beft ({e}); try a smaller --batch or --eval-batch, a shorter --max-len, or --device cpu",
+                mib(size),
+                mib(live)
+            ));
+        }
+        self.pool.lock().unwrap().live += size;
+        buf
+    }
+
+    /// Bytes of live storage buffers (in use or pooled).
+    pub fn live_bytes(&self) -> u64 {
+        self.pool.lock().unwrap().live
+    }
+
+    /// Lose the device on purpose (`wgpu::Device::destroy`), as a driver
+    /// reset would: for the device-lost tests.
+    #[doc(hidden)]
+    pub fn destroy_device(&self) {
+        self.device.destroy();
+    }
+
+    /// A device-lost fault, with the reason the driver gave.
+    fn lost_fault(&self, during: &str) -> ! {
+        let why = self
+            .lost
+            .lock()
+            .unwrap()
+            .clone()
+            .unwrap_or_else(|| "no reason given".into());
+        device_fault(format!(
+            "wgpu ({}): device lost ({during}): {why}; the run cannot go on on this device (a driver reset or a removed GPU)",
+            self.info.name
+        ))
     }
 
     fn module(&self, shader: Shader) -> Arc<wgpu::ShaderModule> {
@@ -523,16 +649,22 @@ impl Gpu {
         staging.map_async(wgpu::MapMode::Read, .., move |r| {
             let _ = tx.send(r);
         });
-        self.device
+        if self
+            .device
             .poll(wgpu::PollType::wait_indefinitely())
-            .expect("wgpu: device lost while waiting for a read-back");
-        rx.recv()
-            .expect("wgpu: read-back callback dropped")
-            .expect("wgpu: buffer map failed");
-        let mut out = staging
-            .get_mapped_range(..)
-            .expect("wgpu: mapped range")
-            .to_vec();
+            .is_err()
+        {
+            self.lost_fault("while waiting for a read-back");
+        }
+        match rx.recv() {
+            Ok(Ok(())) => {}
+            _ => self.lost_fault("while reading back a result"),
+        }
+        let Ok(range) = staging.get_mapped_range(..) else {
+            self.lost_fault("while reading back a result")
+        };
+        let mut out = range.to_vec();
+        drop(range);
         staging.unmap();
         out.truncate(bytes as usize);
         out

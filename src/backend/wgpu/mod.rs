@@ -50,16 +50,21 @@ struct Piece {
 pub struct WgpuBuf {
     pieces: Vec<Piece>,
     len: usize,
-    /// Where the buffer goes back when dropped (None: freed).
-    pool: Option<Arc<Mutex<Pool>>>,
+    /// The pool whose accounting the buffer belongs to, and whether it goes
+    /// back to the pool when dropped (else it is freed). None: not counted.
+    pool: Option<(Arc<Mutex<Pool>>, bool)>,
 }
 
 impl Drop for WgpuBuf {
     fn drop(&mut self) {
-        if let Some(pool) = &self.pool {
-            let mut p = pool.lock().unwrap();
+        if let Some((pool, pooled)) = &self.pool {
+            let mut p = pool.lock().unwrap_or_else(|e| e.into_inner());
             for piece in self.pieces.drain(..) {
-                p.give_back(piece.buf);
+                if *pooled {
+                    p.give_back(piece.buf);
+                } else {
+                    p.forget(piece.buf);
+                }
             }
         }
     }
@@ -169,6 +174,17 @@ impl WgpuBackend {
         Self::with_split(index, None)
     }
 
+    /// Bytes of device buffers beft holds (in use or pooled).
+    pub fn live_bytes(&self) -> u64 {
+        self.gpu.live_bytes()
+    }
+
+    /// Lose the device on purpose, as a driver reset would (device-lost tests).
+    #[doc(hidden)]
+    pub fn destroy_device(&self) {
+        self.gpu.destroy_device()
+    }
+
     /// As [`WgpuBackend::new`], splitting every weight larger than
     /// `split_bytes` (tests use a small value to exercise the split path).
     pub fn with_split(index: Option<usize>, split_bytes: Option<u64>) -> Result<Self> {
@@ -192,7 +208,7 @@ impl WgpuBackend {
                 len: n,
             }],
             len: n,
-            pool: Some(self.gpu.pool.clone()),
+            pool: Some((self.gpu.pool.clone(), true)),
         }
     }
 
@@ -225,7 +241,7 @@ impl WgpuBackend {
         WgpuBuf {
             pieces,
             len: n,
-            pool: None,
+            pool: Some((self.gpu.pool.clone(), false)),
         }
     }
 
