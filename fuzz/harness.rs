@@ -626,19 +626,6 @@ pub fn problem(dir: &Path, outcome: &Outcome) -> Option<String> {
     }
 }
 
-/// Every target by name (the names of the cargo-fuzz targets).
-pub const TARGETS: &[(&str, fn() -> Target)] = &[
-    ("safetensors", safetensors_target),
-    ("sharded", sharded_target),
-    ("config", config_target),
-    ("gguf", gguf_target),
-    ("tsv", tsv_target),
-    ("jsonl", jsonl_target),
-    ("bigbench", bigbench_target),
-    ("templates", templates_target),
-    ("tokenizer", tokenizer_target),
-];
-
 /// A target whose seed directories are written once, for byte-at-a-time
 /// fuzzers (libFuzzer): the first input byte picks the seed (its file name,
 /// the files beside it and its tag), the rest is the file's content.
@@ -669,9 +656,7 @@ impl Prepared {
     /// Run one corpus entry; `Some(problem)` for an error that does not name
     /// the file (panics propagate to the caller).
     pub fn run(&self, data: &[u8]) -> Option<String> {
-        let Some((&first, bytes)) = data.split_first() else {
-            return None;
-        };
+        let (&first, bytes) = data.split_first()?;
         let i = first as usize % self.target.seeds.len();
         let s = &self.target.seeds[i];
         let dir = self.work.join(format!("seed{i}"));

@@ -77,13 +77,21 @@ pub fn line_chart(
         .y_label_area_size(64)
         .build_cartesian_2d(x0..x1, (y0 - pad)..(y1 + pad))
         .map_err(|e| perr(path, e))?;
-    chart
-        .configure_mesh()
-        .x_desc(x_label)
+    // Whole-number x (epochs): one tick per value, no fractions.
+    let whole = series
+        .iter()
+        .flat_map(|(_, v)| v.iter())
+        .all(|(x, _)| !x.is_finite() || x.fract() == 0.0)
+        && x1 - x0 <= 20.0;
+    let mut mesh = chart.configure_mesh();
+    mesh.x_desc(x_label)
         .y_desc(y_label)
-        .label_style(("sans-serif", 14))
-        .draw()
-        .map_err(|e| perr(path, e))?;
+        .label_style(("sans-serif", 14));
+    if whole {
+        mesh.x_labels((x1 - x0) as usize + 1)
+            .x_label_formatter(&|x: &f64| format!("{:.0}", x));
+    }
+    mesh.draw().map_err(|e| perr(path, e))?;
     for (i, (name, v)) in series.iter().enumerate() {
         let c = COLORS[i % COLORS.len()];
         chart

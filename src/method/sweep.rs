@@ -179,7 +179,14 @@ fn write_results(args: &SweepArgs, cells: &[Cell]) -> Result<()> {
         b.epochs,
         b.batch,
         b.max_len,
-        b.pooling.clone().unwrap_or_else(|| "model default".into()),
+        b.pooling.clone().unwrap_or_else(|| {
+            // The pooling the runs resolved (the model's own).
+            cells
+                .first()
+                .and_then(|c| c.summary["pooling"].as_str())
+                .map(|p| format!("{p} (the model's own)"))
+                .unwrap_or_else(|| "model default".into())
+        }),
         b.schedule,
         b.clip,
         b.weight_decay,
@@ -206,6 +213,12 @@ fn write_results(args: &SweepArgs, cells: &[Cell]) -> Result<()> {
             let (tm, _) = col("train_tokens_per_s");
             let _ = writeln!(md, "| {term} | {lr:e} | {fm:.4} ± {fs_:.4} | {bm:.4} ± {bs:.4} | {im:.4} | {} | {tm:.0} |", g[0].summary["trainable_params"]);
         }
+    }
+    if args.terms.iter().any(|t| t == "k") {
+        let _ = writeln!(
+            md,
+            "\nb_k receives an exactly-zero gradient in softmax attention (adding a constant to every key of a query shifts all its scores alike), so the k row trains only the task head (and pooler bias): it is the head-only baseline."
+        );
     }
     let _ = writeln!(
         md,
