@@ -21,11 +21,8 @@ use std::path::Path;
 
 use serde_json::{json, Value};
 
-use super::run::{
-    median, peak_rss_bytes, run_loop, write_json, EvalArgs, EvalResult, Summary, TrainArgs,
-    Trained, Trainee,
-};
-use super::{checkpoint, slab_tensors, Slab};
+use super::run::{run_loop, write_json, EvalArgs, EvalResult, Summary, TrainArgs, Trainee};
+use super::{slab_tensors, Slab};
 use crate::backend::Backend;
 use crate::data::generation::{self, GenExample};
 use crate::data::prompts::{self, McExample, Templates};
@@ -535,69 +532,42 @@ pub(super) fn train_on<B: Backend>(be: &B, args: &TrainArgs) -> Result<Summary> 
         eval_batch: args.eval_batch,
         max_new,
     };
-    let Trained {
-        slab,
-        st,
-        mut staging,
-    } = run_loop(be, args, &trainee, &dec.init, &header, "zero-shot")?;
-    let n_train = train.len();
-    let checkpoint::LoopState {
-        step,
-        train_tokens,
-        train_time,
-        mut step_secs,
-        best,
-        last,
-        initial,
-        epochs_run,
-        ..
-    } = st;
-    let (best, last) = (best.unwrap_or((f64::NAN, 0)), last.unwrap_or(f64::NAN));
-    let zero_shot = initial;
+    let mut trained = run_loop(be, args, &trainee, &dec.init, &header, "zero-shot")?;
 
-    let values = slab.params_f64(be);
+    let values = trained.slab.params_f64(be);
     // The weights are memory-mapped: refuse a result computed from files
     // that changed during the run.
     md.weights.check_files_unchanged()?;
-    let bias_path = staging.dir.join("biases.safetensors");
+    let bias_path = trained.staging.dir.join("biases.safetensors");
     write_safetensors(
         &bias_path,
         &slab_tensors(&dec.layout, &values),
         &bias_metadata(&md, &dec, &args.task),
     )?;
-    let biases_file_bytes = fs::metadata(&bias_path).map(|m| m.len()).unwrap_or(0);
     let metric_name = if is_generation(&args.task) {
         "f1"
     } else {
         "accuracy"
     };
-    let summary = Summary {
-        task: args.task.clone(),
-        model: md.name.clone(),
-        bias: BiasTerm::format_set(&terms),
-        pooling: "none".into(),
-        trainable_params: dec.trainable_params(),
-        trainable_bias_params: dec.layout.bias_params(),
-        initial_dev_metric: zero_shot,
-        final_dev_metric: last,
-        best_dev_metric: best.0,
-        best_epoch: best.1,
-        metric_name: metric_name.into(),
-        train_examples: n_train,
-        dev_examples: dev.len(),
-        epochs: epochs_run,
-        steps: step,
-        train_tokens,
-        train_tokens_per_s: train_tokens as f64 / train_time.max(1e-9),
-        step_seconds_median: median(&mut step_secs),
-        train_seconds: train_time,
-        peak_rss_bytes: peak_rss_bytes(),
-        biases_file_bytes,
-        device: be.name(),
-        seed: args.seed,
-        lr: args.lr,
-        batch: args.batch,
-    };
+    let summary = trained.summary(
+        be,
+        args,
+        Summary {
+            task: args.task.clone(),
+            model: md.name.clone(),
+            bias: BiasTerm::format_set(&terms),
+            pooling: "none".into(),
+            trainable_params: dec.trainable_params(),
+            trainable_bias_params: dec.layout.bias_params(),
+            metric_name: metric_name.into(),
+            train_examples: train.len(),
+            dev_examples: dev.len(),
+            biases_file_bytes: fs::metadata(&bias_path).map(|m| m.len()).unwrap_or(0),
+            ..Default::default()
+        },
+    );
+    let zero_shot = summary.initial_dev_metric;
+    let staging = &mut trained.staging;
     let mut sv = serde_json::to_value(&summary).map_err(|e| Error::msg(e.to_string()))?;
     if let Value::Object(m) = &mut sv {
         m.insert("zero_shot_dev_metric".into(), json!(zero_shot));

@@ -130,7 +130,7 @@ pub fn resume(out: &Path) -> Result<Summary> {
 }
 
 /// What a finished run reports (also written as `summary.json`).
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct Summary {
     pub task: String,
     pub model: String,
@@ -395,6 +395,34 @@ pub(super) struct Trained<B: Backend> {
     pub(super) slab: Slab<B>,
     pub(super) st: checkpoint::LoopState,
     pub(super) staging: Staging,
+}
+
+impl<B: Backend> Trained<B> {
+    /// The run's summary: `what` (the model-specific fields: task, model,
+    /// terms, sizes, metric name, biases file) completed from the loop's
+    /// counters and the run's settings.
+    pub(super) fn summary(&self, be: &B, args: &TrainArgs, what: Summary) -> Summary {
+        let st = &self.st;
+        let best = st.best.unwrap_or((f64::NAN, 0));
+        Summary {
+            initial_dev_metric: st.initial,
+            final_dev_metric: st.last.unwrap_or(f64::NAN),
+            best_dev_metric: best.0,
+            best_epoch: best.1,
+            epochs: st.epochs_run,
+            steps: st.step,
+            train_tokens: st.train_tokens,
+            train_tokens_per_s: st.train_tokens as f64 / st.train_time.max(1e-9),
+            step_seconds_median: median(&mut st.step_secs.clone()),
+            train_seconds: st.train_time,
+            peak_rss_bytes: peak_rss_bytes(),
+            device: be.name(),
+            seed: args.seed,
+            lr: args.lr,
+            batch: args.batch,
+            ..what
+        }
+    }
 }
 
 /// The resumable training loop every model kind shares: creates (or, with
@@ -842,60 +870,31 @@ pub fn train_on<B: Backend>(be: &B, args: &TrainArgs) -> Result<Summary> {
         p: &p,
         args,
     };
-    let Trained {
-        slab,
-        st,
-        mut staging,
-    } = run_loop(be, args, &trainee, &enc.init, &header, "before training")?;
-    let n_train = p.train.len();
-    let checkpoint::LoopState {
-        step,
-        train_tokens,
-        train_time,
-        mut step_secs,
-        best,
-        last,
-        initial,
-        epochs_run,
-        ..
-    } = st;
-    let best = best.unwrap_or((f64::NAN, 0));
-    let last = last.unwrap_or(f64::NAN);
+    let mut trained = run_loop(be, args, &trainee, &enc.init, &header, "before training")?;
 
     // The trained biases (and head), with what they belong to.
-    let values = slab.params_f64(be);
-    let bias_path = staging.dir.join("biases.safetensors");
+    let values = trained.slab.params_f64(be);
+    let bias_path = trained.staging.dir.join("biases.safetensors");
     let meta = bias_metadata(&p.md, &enc, &terms, &p.task, p.pooling);
     write_safetensors(&bias_path, &slab_tensors(&enc.layout, &values), &meta)?;
-    let biases_file_bytes = fs::metadata(&bias_path).map(|m| m.len()).unwrap_or(0);
-
-    let summary = Summary {
-        task: p.task.name.clone(),
-        model: p.md.name.clone(),
-        bias: BiasTerm::format_set(&terms),
-        pooling: pooling_name(p.pooling).into(),
-        trainable_params: enc.trainable_params(),
-        trainable_bias_params: enc.layout.bias_params(),
-        initial_dev_metric: initial,
-        final_dev_metric: last,
-        best_dev_metric: best.0,
-        best_epoch: best.1,
-        metric_name: p.task.metric_name.clone(),
-        train_examples: n_train,
-        dev_examples: p.dev.len(),
-        epochs: epochs_run,
-        steps: step,
-        train_tokens,
-        train_tokens_per_s: train_tokens as f64 / train_time.max(1e-9),
-        step_seconds_median: median(&mut step_secs),
-        train_seconds: train_time,
-        peak_rss_bytes: peak_rss_bytes(),
-        biases_file_bytes,
-        device: be.name(),
-        seed: args.seed,
-        lr: args.lr,
-        batch: args.batch,
-    };
+    let summary = trained.summary(
+        be,
+        args,
+        Summary {
+            task: p.task.name.clone(),
+            model: p.md.name.clone(),
+            bias: BiasTerm::format_set(&terms),
+            pooling: pooling_name(p.pooling).into(),
+            trainable_params: enc.trainable_params(),
+            trainable_bias_params: enc.layout.bias_params(),
+            metric_name: p.task.metric_name.clone(),
+            train_examples: p.train.len(),
+            dev_examples: p.dev.len(),
+            biases_file_bytes: fs::metadata(&bias_path).map(|m| m.len()).unwrap_or(0),
+            ..Default::default()
+        },
+    );
+    let staging = &mut trained.staging;
     let sv = serde_json::to_value(&summary).map_err(|e| Error::msg(e.to_string()))?;
     write_json(&staging.dir.join("summary.json"), &sv)?;
     write_json(
