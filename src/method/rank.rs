@@ -17,7 +17,6 @@ use std::path::{Path, PathBuf};
 
 use serde_json::json;
 
-use crate::backend::cpu::CpuBackend;
 use crate::backend::Backend;
 use crate::data::{self, Encoding, Split};
 use crate::error::{Error, Result};
@@ -86,8 +85,14 @@ fn mean(v: &[f64]) -> f64 {
 }
 
 /// `beft rank`. `train` configures the all-bias fine-tune (its `bias` and
-/// `out` are overridden: the run goes to `out/bitfit`).
+/// `out` are overridden: the run goes to `out/bitfit`); its `device` runs
+/// both the Fisher pass and the fine-tune.
 pub fn rank(train: &TrainArgs, out: &Path) -> Result<Ranking> {
+    crate::train::run::with_backend!(&train.device, |be| rank_on(&be, train, out))
+}
+
+/// [`rank`] on a given backend.
+pub fn rank_on<B: Backend>(be: &B, train: &TrainArgs, out: &Path) -> Result<Ranking> {
     if out.join("ranking.json").exists() {
         return Err(Error::file(
             out,
@@ -95,7 +100,6 @@ pub fn rank(train: &TrainArgs, out: &Path) -> Result<Ranking> {
         ));
     }
     fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
-    let be = CpuBackend::<f32>::new();
     let md = ModelDir::open(&train.model)?;
     let task = data::task(&train.task)?;
     let all = data::load_split(&task, &train.data, Split::Train)?;
@@ -114,7 +118,7 @@ pub fn rank(train: &TrainArgs, out: &Path) -> Result<Ranking> {
     };
     let terms: Vec<BiasTerm> = BiasTerm::ALL.to_vec();
     let enc = Encoder::load(
-        &be,
+        be,
         &md,
         EncoderOptions {
             pooling,
@@ -130,16 +134,16 @@ pub fn rank(train: &TrainArgs, out: &Path) -> Result<Ranking> {
         "rank: empirical Fisher over {} examples (batch 8)",
         examples.len()
     );
-    let mut slab = Slab::new(&be, &enc.init);
+    let mut slab = Slab::new(be, &enc.init);
     let mut fisher = vec![0f64; enc.layout.len];
     let mut batches = 0usize;
     for idx in data::eval_batches(encs.len(), 8) {
         let refs: Vec<&Encoding> = idx.iter().map(|&i| &encs[i]).collect();
         let labels: Vec<f32> = idx.iter().map(|&i| examples[i].label).collect();
-        let db = enc.upload_batch(&be, &data::make_batch(&refs, &labels, pad_id))?;
+        let db = enc.upload_batch(be, &data::make_batch(&refs, &labels, pad_id))?;
         be.fill(&mut slab.grads, 0.0);
-        enc.loss_and_grad(&be, &slab.params, &mut slab.grads, &db, None);
-        slab.clip(&be, 1.0);
+        enc.loss_and_grad(be, &slab.params, &mut slab.grads, &db, None);
+        slab.clip(be, 1.0);
         for (f, g) in fisher.iter_mut().zip(be.download(&slab.grads)) {
             *f += g.to_f64() * g.to_f64();
         }
@@ -156,7 +160,7 @@ pub fn rank(train: &TrainArgs, out: &Path) -> Result<Ranking> {
     args.out = run_dir.clone();
     args.overwrite = true;
     eprintln!("rank: all-bias fine-tune into {}", run_dir.display());
-    train_on(&be, &args)?;
+    train_on(be, &args)?;
     let trained = WeightStore::open_file(&run_dir.join("biases.safetensors"))?;
 
     // 3. Scores per term and layer.

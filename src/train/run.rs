@@ -14,7 +14,6 @@ use serde_json::json;
 use super::{
     checkpoint, evaluate, lr_at, parse_pooling, pooling_name, slab_tensors, Schedule, Slab,
 };
-use crate::backend::cpu::CpuBackend;
 use crate::backend::fault::catch_device_fault;
 use crate::backend::{sub_seed, AdamW, Backend, Device, PoolKind};
 use crate::data::{self, Encoding, Example, Split, TaskSpec, TextTokenizer};
@@ -160,7 +159,7 @@ pub struct Summary {
 }
 
 /// The error for a device this build was compiled without.
-fn device_unavailable(dev: Device) -> Error {
+pub(crate) fn device_unavailable(dev: Device) -> Error {
     let (feature, what) = match dev {
         Device::Cuda(_) => ("cuda", "CUDA"),
         _ => ("wgpu", "wgpu"),
@@ -173,31 +172,36 @@ fn device_unavailable(dev: Device) -> Error {
 /// Run `f` with the backend that `--device` names.
 macro_rules! with_backend {
     ($spec:expr, |$be:ident| $body:expr) => {{
-        match Device::parse($spec)? {
-            Device::Cpu => {
-                let $be = crate::backend::fast::FastCpu::new();
+        match $crate::backend::Device::parse($spec)? {
+            $crate::backend::Device::Cpu => {
+                let $be = $crate::backend::fast::FastCpu::new();
                 $body
             }
-            Device::CpuRef => {
-                let $be = CpuBackend::<f32>::new();
+            $crate::backend::Device::CpuRef => {
+                let $be = $crate::backend::cpu::CpuBackend::<f32>::new();
                 $body
             }
             #[cfg(feature = "cuda")]
-            Device::Cuda(ordinal) => {
-                let $be = crate::backend::cuda::CudaBackend::new(ordinal)
-                    .map_err(|e| e.context(format!("--device {}", Device::Cuda(ordinal))))?;
+            $crate::backend::Device::Cuda(ordinal) => {
+                let $be = $crate::backend::cuda::CudaBackend::new(ordinal).map_err(|e| {
+                    e.context(format!(
+                        "--device {}",
+                        $crate::backend::Device::Cuda(ordinal)
+                    ))
+                })?;
                 $body
             }
             #[cfg(feature = "wgpu")]
-            Device::Wgpu(index) => {
-                let $be = crate::backend::wgpu::WgpuBackend::new(index)?;
+            $crate::backend::Device::Wgpu(index) => {
+                let $be = $crate::backend::wgpu::WgpuBackend::new(index)?;
                 $body
             }
             #[allow(unreachable_patterns)]
-            other => Err(device_unavailable(other)),
+            other => Err($crate::train::run::device_unavailable(other)),
         }
     }};
 }
+pub(crate) use with_backend;
 
 /// Peak resident set size of this process (Linux), in bytes.
 pub fn peak_rss_bytes() -> u64 {
