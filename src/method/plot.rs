@@ -180,25 +180,33 @@ pub fn heatmap(path: &Path, title: &str, rows: &[String], values: &[Vec<f64>]) -
         .margin(16)
         .x_label_area_size(36)
         .y_label_area_size(80)
-        .build_cartesian_2d(0f64..cols as f64, 0f64..nrows as f64)
+        // Cells centred on whole numbers, so that the ticks (whole
+        // numbers) name them.
+        .build_cartesian_2d(-0.5f64..cols as f64 - 0.5, -0.5f64..nrows as f64 - 0.5)
         .map_err(|e| perr(path, e))?;
+    let whole = |v: f64| (v - v.round()).abs() < 1e-6 && v >= -1e-6;
     chart
         .configure_mesh()
         .disable_mesh()
         .x_desc("layer")
         .x_labels(cols)
-        .x_label_formatter(&|x: &f64| format!("{}", x.floor() as usize))
-        .y_labels(nrows)
-        .y_label_formatter(&move |y: &f64| {
-            let i = y.floor() as usize;
-            if (y - i as f64 - 0.5).abs() < 0.26 {
-                rows_owned
-                    .get(nrows.saturating_sub(i + 1))
-                    .cloned()
-                    .unwrap_or_default()
+        .x_label_formatter(&move |x: &f64| {
+            if whole(*x) {
+                format!("{}", x.round() as usize)
             } else {
                 String::new()
             }
+        })
+        .y_labels(nrows)
+        .y_label_formatter(&move |y: &f64| {
+            if !whole(*y) {
+                return String::new();
+            }
+            let i = y.round() as usize;
+            rows_owned
+                .get(nrows.saturating_sub(i + 1))
+                .cloned()
+                .unwrap_or_default()
         })
         .label_style(("sans-serif", 14))
         .draw()
@@ -213,8 +221,8 @@ pub fn heatmap(path: &Path, title: &str, rows: &[String], values: &[Vec<f64>]) -
                     (255.0 * (1.0 - 0.7 * t)) as u8,
                     (255.0 * (1.0 - 0.3 * t)) as u8,
                 );
-                let y = (nrows - 1 - r) as f64;
-                Rectangle::new([(c as f64, y), (c as f64 + 1.0, y + 1.0)], col.filled())
+                let (x, y) = (c as f64, (nrows - 1 - r) as f64);
+                Rectangle::new([(x - 0.5, y - 0.5), (x + 0.5, y + 0.5)], col.filled())
             })
         }))
         .map_err(|e| perr(path, e))?;
@@ -255,8 +263,16 @@ pub fn ranking_plots(r: &Ranking, out: &Path) -> Result<Vec<PathBuf>> {
 }
 
 /// `beft plot RUN_DIR`: loss per step and the dev metric per epoch, as
-/// `loss.png` and `dev_metric.png` in the run directory.
+/// `loss.png` and `dev_metric.png` in the run directory; for a `beft rank`
+/// directory (with `ranking.json`), its heat-maps and bar charts again.
 pub fn plot_run(run: &Path) -> Result<Vec<PathBuf>> {
+    let ranking = run.join("ranking.json");
+    if ranking.is_file() {
+        let s = std::fs::read_to_string(&ranking).map_err(|e| Error::io(&ranking, e))?;
+        let r: crate::method::rank::Ranking =
+            serde_json::from_str(&s).map_err(|e| Error::file(&ranking, e))?;
+        return ranking_plots(&r, run);
+    }
     let steps_path = run.join("steps.jsonl");
     let steps = read_jsonl(&steps_path)?;
     let loss: Vec<(f64, f64)> = steps

@@ -40,7 +40,7 @@ pub const RANKED: [BiasTerm; 8] = [
 ];
 
 /// Scores of one term: per layer and their mean.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct TermScores {
     pub beft_score: Vec<f64>,
     pub magnitude: Vec<f64>,
@@ -51,7 +51,7 @@ pub struct TermScores {
 }
 
 /// The result of `beft rank`.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Ranking {
     pub model: String,
     pub task: String,
