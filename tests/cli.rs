@@ -406,6 +406,27 @@ fn unknown_model_type() {
 }
 
 #[test]
+fn tokenizer_larger_than_the_model_vocabulary() {
+    let s = setup();
+    // A tokenizer from another model: more tokens than the embedding has rows.
+    let p = s.model.join("tokenizer.json");
+    let mut tok: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(&p).unwrap()).unwrap();
+    let vocab = tok["model"]["vocab"].as_object_mut().unwrap();
+    let n = vocab.len();
+    for i in 0..5 {
+        vocab.insert(format!("extra{i}"), serde_json::json!(n + i));
+    }
+    fs::write(&p, tok.to_string()).unwrap();
+    assert_clean_failure(
+        &s,
+        &run(&train_args(&s, "out", &[])),
+        "tokenizer.json",
+        "tokenizer and model do not match",
+    );
+}
+
+#[test]
 fn pickle_only_model_directory() {
     let s = setup();
     fs::remove_file(s.model.join("model.safetensors")).unwrap();
