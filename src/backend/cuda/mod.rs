@@ -385,6 +385,40 @@ impl CudaBackend {
         self.alloc_zeroed::<f32>(n)
     }
 
+    /// Launch a matmul kernel on c'[m' x n'] (+)= a'·b' with 64 x 64 output
+    /// tiles: `dims` = (m', n', k), `strides` = (a' row, a' col, b' row,
+    /// b' col, c' row, c' col).
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_launch<TA, TB>(
+        &self,
+        kernel: &str,
+        threads: u32,
+        c: &mut CudaSlice<f32>,
+        (a, b): (&CudaSlice<TA>, &CudaSlice<TB>),
+        dims: [i32; 3],
+        strides: [i32; 6],
+        acc: i32,
+    ) {
+        let (rows, cols) = (dims[0] as usize, dims[1] as usize);
+        let gy = rows.div_ceil(64);
+        assert!(gy <= 65_535, "CUDA matmul: {rows} rows exceed the grid");
+        let cfg = LaunchConfig {
+            grid_dim: (cols.div_ceil(64) as u32, gy as u32, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        self.launch(kernel, cfg, |l| {
+            l.arg(c).arg(a).arg(b);
+            for d in &dims {
+                l.arg(d);
+            }
+            for st in &strides {
+                l.arg(st);
+            }
+            l.arg(&acc);
+        });
+    }
+
     /// `n` zeroed elements. Out of device memory (or over the
     /// `BEFT_MAX_DEVICE_MEMORY` cap) is a [`device_fault`] that says how much
     /// was asked and what was free.
@@ -688,86 +722,48 @@ impl Backend for CudaBackend {
         let (sbk, sbn) = if tb { (1, ki) } else { (ni, 1) };
         let (scm, scn) = (ni, 1);
         let acc = accumulate as i32;
-        // (kernel, m, n, a, b, strides of a', b', c') — the (bf16, f32) case
-        // computes cᵀ = op(b)ᵀ·op(a)ᵀ so that the bf16 operand is the
-        // kernel's b.
+        // The (bf16, f32) case computes cᵀ = op(b)ᵀ·op(a)ᵀ so that the bf16
+        // operand is the kernel's b.
         let c = c.f32_mut();
-        let grid = |rows: usize, cols: usize, tile: usize| {
-            let gy = rows.div_ceil(tile);
-            assert!(gy <= 65_535, "CUDA matmul: {rows} rows exceed the grid");
-            (cols.div_ceil(tile) as u32, gy as u32, 1u32)
-        };
         match (a, b) {
-            (CudaBuf::F32(a, _), CudaBuf::F32(b, _)) => {
-                let cfg = LaunchConfig {
-                    grid_dim: grid(m, n, 64),
-                    block_dim: (256, 1, 1),
-                    shared_mem_bytes: 0,
-                };
-                self.launch("matmul_f32", cfg, |l| {
-                    l.arg(c).arg(a).arg(b).arg(&mi).arg(&ni).arg(&ki);
-                    l.arg(&sam)
-                        .arg(&sak)
-                        .arg(&sbk)
-                        .arg(&sbn)
-                        .arg(&scm)
-                        .arg(&scn)
-                        .arg(&acc);
-                });
-            }
-            (CudaBuf::F32(a, _), CudaBuf::Bf16(b, _)) => {
-                let cfg = LaunchConfig {
-                    grid_dim: grid(m, n, 64),
-                    block_dim: (128, 1, 1),
-                    shared_mem_bytes: 0,
-                };
-                self.launch("matmul_f32_bf16", cfg, |l| {
-                    l.arg(c).arg(a).arg(b).arg(&mi).arg(&ni).arg(&ki);
-                    l.arg(&sam)
-                        .arg(&sak)
-                        .arg(&sbk)
-                        .arg(&sbn)
-                        .arg(&scm)
-                        .arg(&scn)
-                        .arg(&acc);
-                });
-            }
-            (CudaBuf::Bf16(a, _), CudaBuf::Bf16(b, _)) => {
-                let cfg = LaunchConfig {
-                    grid_dim: grid(m, n, 64),
-                    block_dim: (128, 1, 1),
-                    shared_mem_bytes: 0,
-                };
-                self.launch("matmul_bf16_bf16", cfg, |l| {
-                    l.arg(c).arg(a).arg(b).arg(&mi).arg(&ni).arg(&ki);
-                    l.arg(&sam)
-                        .arg(&sak)
-                        .arg(&sbk)
-                        .arg(&sbn)
-                        .arg(&scm)
-                        .arg(&scn)
-                        .arg(&acc);
-                });
-            }
-            (CudaBuf::Bf16(a, _), CudaBuf::F32(b, _)) => {
-                // cᵀ (n x m) = op(b)ᵀ (n x k) · op(a)ᵀ (k x m), stored into c.
-                let cfg = LaunchConfig {
-                    grid_dim: grid(n, m, 64),
-                    block_dim: (128, 1, 1),
-                    shared_mem_bytes: 0,
-                };
-                self.launch("matmul_f32_bf16", cfg, |l| {
-                    l.arg(c).arg(b).arg(a).arg(&ni).arg(&mi).arg(&ki);
-                    // a'(i, p) = op(b)(p, i); b'(p, j) = op(a)(j, p); c'(i, j) = c(j, i)
-                    l.arg(&sbn)
-                        .arg(&sbk)
-                        .arg(&sak)
-                        .arg(&sam)
-                        .arg(&scn)
-                        .arg(&scm)
-                        .arg(&acc);
-                });
-            }
+            (CudaBuf::F32(a, _), CudaBuf::F32(b, _)) => self.matmul_launch(
+                "matmul_f32",
+                256,
+                c,
+                (a, b),
+                [mi, ni, ki],
+                [sam, sak, sbk, sbn, scm, scn],
+                acc,
+            ),
+            (CudaBuf::F32(a, _), CudaBuf::Bf16(b, _)) => self.matmul_launch(
+                "matmul_f32_bf16",
+                128,
+                c,
+                (a, b),
+                [mi, ni, ki],
+                [sam, sak, sbk, sbn, scm, scn],
+                acc,
+            ),
+            (CudaBuf::Bf16(a, _), CudaBuf::Bf16(b, _)) => self.matmul_launch(
+                "matmul_bf16_bf16",
+                128,
+                c,
+                (a, b),
+                [mi, ni, ki],
+                [sam, sak, sbk, sbn, scm, scn],
+                acc,
+            ),
+            // cᵀ (n x m) = op(b)ᵀ (n x k) · op(a)ᵀ (k x m), stored into c:
+            // a'(i, p) = op(b)(p, i); b'(p, j) = op(a)(j, p); c'(i, j) = c(j, i).
+            (CudaBuf::Bf16(a, _), CudaBuf::F32(b, _)) => self.matmul_launch(
+                "matmul_f32_bf16",
+                128,
+                c,
+                (b, a),
+                [ni, mi, ki],
+                [sbn, sbk, sak, sam, scn, scm],
+                acc,
+            ),
         }
     }
 
