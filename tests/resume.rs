@@ -126,39 +126,18 @@ fn sigkill_then_resume(tmp: &tempfile::TempDir, args: &dyn Fn(&str) -> Vec<Strin
             "resume failed:\n{}",
             String::from_utf8_lossy(&o.stderr)
         );
+        let (full_biases, full_metrics, full_steps) = run_results(&full);
+        let (biases, metrics, steps) = run_results(&out);
         assert_eq!(
-            fs::read(full.join("biases.safetensors")).unwrap(),
-            fs::read(out.join("biases.safetensors")).unwrap(),
+            full_biases, biases,
             "resumed biases differ from the uninterrupted run's"
         );
-        let metrics = |p: &Path| -> Vec<(i64, f64)> {
-            fs::read_to_string(p.join("metrics.jsonl"))
-                .unwrap()
-                .lines()
-                .map(|l| {
-                    let v: serde_json::Value = serde_json::from_str(l).unwrap();
-                    (v["epoch"].as_i64().unwrap(), v["metric"].as_f64().unwrap())
-                })
-                .collect()
-        };
         assert_eq!(
-            metrics(&full),
-            metrics(&out),
+            full_metrics, metrics,
             "one evaluation line per epoch, same values"
         );
-        let losses = |p: &Path| -> Vec<String> {
-            fs::read_to_string(p.join("steps.jsonl"))
-                .unwrap()
-                .lines()
-                .map(|l| {
-                    let v: serde_json::Value = serde_json::from_str(l).unwrap();
-                    format!("{}:{}", v["step"], v["loss"])
-                })
-                .collect()
-        };
         assert_eq!(
-            losses(&full),
-            losses(&out),
+            full_steps, steps,
             "the step log is continuous and identical"
         );
         assert!(
