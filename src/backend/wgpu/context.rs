@@ -345,10 +345,11 @@ impl Gpu {
     /// the pool's free buffers are released) is a [`device_fault`].
     pub fn create(&self, bytes: u64) -> wgpu::Buffer {
         let size = bytes.max(4).div_ceil(4) * 4;
-        let name = format!("wgpu ({})", self.info.name);
+        let name = || format!("wgpu ({})", self.info.name);
         if size > self.limits.max_buffer_size {
             device_fault(format!(
-                "{name}: a buffer of {} is larger than the adapter allows ({}); try a smaller --batch or --eval-batch, or a shorter --max-len",
+                "{}: a buffer of {} is larger than the adapter allows ({}); try a smaller --batch or --eval-batch, or a shorter --max-len",
+                name(),
                 mib(size),
                 mib(self.limits.max_buffer_size)
             ));
@@ -361,7 +362,7 @@ impl Gpu {
             if pool.live + size > cap {
                 let free = cap.saturating_sub(pool.live);
                 drop(pool);
-                device_fault(oom_message(&name, size, free, cap, true));
+                device_fault(oom_message(&name(), size, free, cap, true));
             }
         }
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
@@ -376,7 +377,8 @@ impl Gpu {
         if let Some(e) = pollster::block_on(scope.pop()) {
             let live = self.pool.lock().unwrap().live;
             device_fault(format!(
-                "{name}: out of device memory: asked for {} with {} already allocated by beft ({e}); try a smaller --batch or --eval-batch, a shorter --max-len, or --device cpu",
+                "{}: out of device memory: asked for {} with {} already allocated by beft ({e}); try a smaller --batch or --eval-batch, a shorter --max-len, or --device cpu",
+                name(),
                 mib(size),
                 mib(live)
             ));
