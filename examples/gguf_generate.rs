@@ -50,7 +50,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     let tok = TextTokenizer::from_file(&model, 4096)?;
     let be = CpuBackend::<f32>::new();
-    let dec = Decoder::load(&be, &md, DecoderOptions { terms: vec![] })?;
+    let dec = Decoder::load(&be, &md, DecoderOptions::default())?;
     let slab = Slab::new(&be, &dec.init);
     let ids = tok.encode(&prompt, None)?.ids;
     let t1 = Instant::now();

@@ -22,6 +22,7 @@ fn load(arch: Tiny, terms: &str) -> (TempDir, Decoder<CpuBackend<f64>>, CpuBacke
         &md,
         DecoderOptions {
             terms: BiasTerm::parse_set(terms).unwrap(),
+            ..Default::default()
         },
     )
     .unwrap();
@@ -219,6 +220,7 @@ fn rmsnorm_bias_is_a_clear_error() {
         &md,
         DecoderOptions {
             terms: vec![BiasTerm::Ln1],
+            ..Default::default()
         },
     ));
     assert!(e.contains("llama") && e.contains("RMSNorm"), "{e}");

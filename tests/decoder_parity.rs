@@ -23,6 +23,7 @@ fn check_case(case: &str) {
         &md,
         DecoderOptions {
             terms: BiasTerm::parse_set("all").unwrap(),
+            ..Default::default()
         },
     )
     .expect("decoder loads");

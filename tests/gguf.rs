@@ -1299,6 +1299,7 @@ fn check_decoder(file: &str, refname: &str, starts: &str) {
         &md,
         DecoderOptions {
             terms: BiasTerm::parse_set("v").unwrap(),
+            ..Default::default()
         },
     )
     .unwrap();

@@ -1152,6 +1152,7 @@ fn decoder_step<B: Backend>(be: &B, case: &str) -> (f64, Vec<f32>, Vec<f32>) {
         &md,
         DecoderOptions {
             terms: BiasTerm::parse_set("all").unwrap(),
+            ..Default::default()
         },
     )
     .unwrap();

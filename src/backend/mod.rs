@@ -202,6 +202,20 @@ pub trait Backend {
     /// Human-readable device name, e.g. `"cpu (f32, 8 threads)"`.
     fn name(&self) -> String;
 
+    /// Wait until every op queued so far has finished (for timing). A
+    /// synchronous backend (the CPU) has nothing to wait for.
+    fn sync(&self) {}
+
+    /// Device memory held by this backend's buffers, if it keeps count
+    /// (GPU backends and the simulated device do; the CPU backend does not).
+    fn memory(&self) -> Option<MemoryStats> {
+        None
+    }
+
+    /// Start a new peak-memory measurement ([`MemoryStats::peak`] becomes
+    /// the bytes live now).
+    fn reset_peak(&self) {}
+
     // ---- memory -----------------------------------------------------------
     /// A new buffer of `n` zeros.
     fn zeros(&self, n: usize) -> Self::Buf;
@@ -490,6 +504,16 @@ pub trait Backend {
         n: usize,
         h: AdamW,
     );
+}
+
+/// Bytes of device memory held by a backend's buffers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MemoryStats {
+    /// Bytes held now.
+    pub live: u64,
+    /// Most bytes held at once since the backend was made (or since
+    /// [`Backend::reset_peak`]).
+    pub peak: u64,
 }
 
 /// The counter-based dropout draw shared by every backend: element `idx` of

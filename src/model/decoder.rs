@@ -35,11 +35,29 @@ use crate::model::bias::{BiasTerm, SlabLayout, SlotKind};
 use crate::model::config::{Arch, ModelConfig, ModelDir};
 use crate::weights::{TensorView, WeightStore};
 
+/// Where the frozen layer weights live during a step (`--offload`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Offload {
+    /// Every layer's weights are uploaded to the device once, at load.
+    #[default]
+    Resident,
+    /// Layer weights stay in the memory-mapped file and are uploaded layer
+    /// by layer when a pass reaches them (the next layer's upload is issued
+    /// before the current layer computes: two layers on the device at most).
+    Stream,
+}
+
 /// How to build a decoder.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct DecoderOptions {
     /// The trainable bias terms (`--bias`).
     pub terms: Vec<BiasTerm>,
+    /// Resident or streamed layer weights (`--offload`).
+    pub offload: Offload,
+    /// Keep only each trainable layer's input in the forward pass and
+    /// recompute the layer in the backward pass (`--recompute`), instead of
+    /// keeping every activation the backward pass reads.
+    pub recompute: bool,
 }
 
 /// A bias read by the forward pass.

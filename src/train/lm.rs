@@ -501,6 +501,7 @@ pub(super) fn train_on<B: Backend>(be: &B, args: &TrainArgs) -> Result<Summary> 
         &md,
         DecoderOptions {
             terms: terms.clone(),
+            ..Default::default()
         },
     )?;
     if terms == [BiasTerm::K] && !md.config.arch.is_llama_like() {
@@ -619,7 +620,7 @@ pub fn eval_on<B: Backend>(be: &B, args: &EvalArgs) -> Result<EvalResult> {
         Some(t) => BiasTerm::parse_set(&t)?,
         None => vec![BiasTerm::V],
     };
-    let dec = Decoder::load(be, &md, DecoderOptions { terms })?;
+    let dec = Decoder::load(be, &md, DecoderOptions { terms, ..Default::default() })?;
     let mut init = dec.init.clone();
     if let Some((path, store)) = &biases {
         dec.layout.read_values(store, path, &mut init)?;

@@ -157,6 +157,8 @@ pub struct CudaBackend {
     /// backend was created (what the cap is measured from).
     cap: Option<u64>,
     free_at_start: u64,
+    /// Most device bytes in use at once, sampled after each allocation.
+    peak: std::sync::atomic::AtomicU64,
 }
 
 /// Every kernel the backend launches, by file.
@@ -360,6 +362,7 @@ impl CudaBackend {
             smem_optin,
             cap,
             free_at_start,
+            peak: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -419,6 +422,13 @@ impl CudaBackend {
         });
     }
 
+    /// Device bytes in use since the backend was made (free memory at
+    /// creation minus free memory now: other processes' use shows too).
+    fn used_bytes(&self) -> u64 {
+        let (free, _) = self.ctx.mem_get_info().unwrap_or((0, 0));
+        self.free_at_start.saturating_sub(free as u64)
+    }
+
     /// `n` zeroed elements. Out of device memory (or over the
     /// `BEFT_MAX_DEVICE_MEMORY` cap) is a [`device_fault`] that says how much
     /// was asked and what was free.
@@ -441,7 +451,7 @@ impl CudaBackend {
                 ));
             }
         }
-        self.stream.alloc_zeros::<T>(n).unwrap_or_else(|e| {
+        let buf = self.stream.alloc_zeros::<T>(n).unwrap_or_else(|e| {
             let (free, total) = self.ctx.mem_get_info().unwrap_or((0, 0));
             if free as u64 >= bytes {
                 self.lost(&format!("allocating {}", mib(bytes)), e)
@@ -450,7 +460,14 @@ impl CudaBackend {
                 "{} ({e})",
                 oom_message(&self.name, bytes, free as u64, total as u64, false)
             ))
-        })
+        });
+        self.note_peak();
+        buf
+    }
+
+    fn note_peak(&self) {
+        self.peak
+            .fetch_max(self.used_bytes(), std::sync::atomic::Ordering::Relaxed);
     }
 
     /// A CUDA error outside an allocation: the context is unusable (an
@@ -507,6 +524,7 @@ impl CudaBackend {
                 .clone_htod(bits)
                 .unwrap_or_else(|e| self.lost(&format!("uploading {n} bf16 values"), e))
         };
+        self.note_peak();
         CudaBuf::Bf16(s, n)
     }
 
@@ -575,6 +593,26 @@ impl Backend for CudaBackend {
         self.name.clone()
     }
 
+    fn sync(&self) {
+        if let Err(e) = self.stream.synchronize() {
+            self.lost("while waiting for the stream", e)
+        }
+    }
+
+    fn memory(&self) -> Option<super::MemoryStats> {
+        let live = self.used_bytes();
+        let peak = self
+            .peak
+            .fetch_max(live, std::sync::atomic::Ordering::Relaxed)
+            .max(live);
+        Some(super::MemoryStats { live, peak })
+    }
+
+    fn reset_peak(&self) {
+        self.peak
+            .store(self.used_bytes(), std::sync::atomic::Ordering::Relaxed);
+    }
+
     fn zeros(&self, n: usize) -> CudaBuf {
         CudaBuf::F32(self.alloc_f32(n), n)
     }
@@ -588,6 +626,7 @@ impl Backend for CudaBackend {
             .stream
             .clone_htod(data)
             .unwrap_or_else(|e| self.lost(&format!("uploading {n} floats"), e));
+        self.note_peak();
         CudaBuf::F32(s, n)
     }
 

@@ -99,6 +99,8 @@ pub struct Binding<'a> {
 pub struct Pool {
     free: HashMap<u64, Vec<wgpu::Buffer>>,
     live: u64,
+    /// Most bytes live at once (since creation or the last reset).
+    peak: u64,
 }
 
 impl Pool {
@@ -383,13 +385,39 @@ impl Gpu {
                 mib(live)
             ));
         }
-        self.pool.lock().unwrap().live += size;
+        let mut pool = self.pool.lock().unwrap();
+        pool.live += size;
+        pool.peak = pool.peak.max(pool.live);
         buf
     }
 
     /// Bytes of live storage buffers (in use or pooled).
     pub fn live_bytes(&self) -> u64 {
         self.pool.lock().unwrap().live
+    }
+
+    /// Bytes live now and the most live at once.
+    pub fn memory(&self) -> (u64, u64) {
+        let p = self.pool.lock().unwrap();
+        (p.live, p.peak)
+    }
+
+    /// Start a new peak measurement from the bytes live now.
+    pub fn reset_peak(&self) {
+        let mut p = self.pool.lock().unwrap();
+        p.peak = p.live;
+    }
+
+    /// Submit everything recorded and wait for the device to finish it.
+    pub fn wait_idle(&self) {
+        self.flush();
+        if self
+            .device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .is_err()
+        {
+            self.lost_fault("while waiting for the queue");
+        }
     }
 
     /// Lose the device on purpose (`wgpu::Device::destroy`), as a driver

@@ -310,6 +310,19 @@ impl Backend for WgpuBackend {
         format!("wgpu ({}, {:?}, f32)", i.name, i.backend)
     }
 
+    fn sync(&self) {
+        self.gpu.wait_idle();
+    }
+
+    fn memory(&self) -> Option<super::MemoryStats> {
+        let (live, peak) = self.gpu.memory();
+        Some(super::MemoryStats { live, peak })
+    }
+
+    fn reset_peak(&self) {
+        self.gpu.reset_peak();
+    }
+
     fn zeros(&self, n: usize) -> WgpuBuf {
         let b = self.new_buf(n);
         self.gpu.clear(&b.pieces[0].buf, n as u64 * 4);
