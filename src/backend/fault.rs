@@ -104,11 +104,11 @@ pub fn mib(bytes: u64) -> String {
 /// The message of an out-of-memory fault.
 pub fn oom_message(device: &str, asked: u64, free: u64, total: u64, capped: bool) -> String {
     format!(
-        "{device}: out of device memory: asked for {} with {} free of {}{}; try a smaller --batch or --eval-batch, a shorter --max-len, or --device cpu",
+        "{device}: out of device memory: asked for {} with {} free of {}{}; try a smaller --batch or --eval-batch, a shorter --max-len, --recompute, --offload stream (decoders), or --device cpu",
         mib(asked),
         mib(free),
         mib(total),
-        if capped { " (the BEFT_MAX_DEVICE_MEMORY cap)" } else { "" }
+        if capped { " (the --max-gpu-memory / BEFT_MAX_DEVICE_MEMORY cap)" } else { "" }
     )
 }
 

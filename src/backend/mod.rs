@@ -18,6 +18,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod fast;
 pub mod fault;
+pub mod sim;
 #[cfg(feature = "wgpu")]
 pub mod wgpu;
 

@@ -28,6 +28,7 @@
 //! `….attn.c_attn.bias[q]`, `[k]` and `[v]` (slices `0..d`, `d..2d`,
 //! `2d..3d` of `c_attn.bias`).
 
+use crate::backend::fault::device_fault;
 use crate::backend::{AttnDims, Backend, CandidateIndex};
 use crate::error::{Error, Result};
 use crate::float::Float;
@@ -60,53 +61,175 @@ pub struct DecoderOptions {
     pub recompute: bool,
 }
 
-/// A bias read by the forward pass.
-enum BiasSrc<B: Backend> {
+/// A bias read by the forward pass; `W` is a frozen tensor's handle (a
+/// device buffer, or a [`Src`] before upload).
+enum BiasSrc<W> {
     /// The projection has no bias (and it does not train).
     None,
-    Frozen(B::Buf),
+    Frozen(W),
     Slab(usize),
 }
 
-impl<B: Backend> BiasSrc<B> {
+impl<W> BiasSrc<W> {
     fn slab(&self) -> Option<usize> {
         match self {
             BiasSrc::Slab(o) => Some(*o),
             _ => None,
         }
     }
+
+    fn try_map<V>(&self, f: &mut impl FnMut(&W) -> Result<V>) -> Result<BiasSrc<V>> {
+        Ok(match self {
+            BiasSrc::None => BiasSrc::None,
+            BiasSrc::Frozen(w) => BiasSrc::Frozen(f(w)?),
+            BiasSrc::Slab(o) => BiasSrc::Slab(*o),
+        })
+    }
 }
 
 /// A frozen linear map with an optional bias.
-struct Lin<B: Backend> {
-    w: B::Buf,
+struct Lin<W> {
+    w: W,
     n_in: usize,
     n_out: usize,
     /// Stored `[in, out]` (GPT-2's Conv1D) instead of `[out, in]`.
     in_out: bool,
-    b: BiasSrc<B>,
+    b: BiasSrc<W>,
 }
 
-struct Norm<B: Backend> {
-    g: B::Buf,
+impl<W> Lin<W> {
+    fn try_map<V>(&self, f: &mut impl FnMut(&W) -> Result<V>) -> Result<Lin<V>> {
+        Ok(Lin {
+            w: f(&self.w)?,
+            n_in: self.n_in,
+            n_out: self.n_out,
+            in_out: self.in_out,
+            b: self.b.try_map(f)?,
+        })
+    }
+}
+
+struct Norm<W> {
+    g: W,
     /// LayerNorm's beta; `None` for RMSNorm.
-    b: BiasSrc<B>,
+    b: BiasSrc<W>,
     rms: bool,
 }
 
-struct Layer<B: Backend> {
-    q: Lin<B>,
-    k: Lin<B>,
-    v: Lin<B>,
-    o: Lin<B>,
+impl<W> Norm<W> {
+    fn try_map<V>(&self, f: &mut impl FnMut(&W) -> Result<V>) -> Result<Norm<V>> {
+        Ok(Norm {
+            g: f(&self.g)?,
+            b: self.b.try_map(f)?,
+            rms: self.rms,
+        })
+    }
+}
+
+struct Layer<W> {
+    q: Lin<W>,
+    k: Lin<W>,
+    v: Lin<W>,
+    o: Lin<W>,
     /// c_fc / fc1 / up_proj.
-    up: Lin<B>,
+    up: Lin<W>,
     /// gate_proj (LLaMA family).
-    gate: Option<Lin<B>>,
+    gate: Option<Lin<W>>,
     /// c_proj / fc2 / down_proj.
-    down: Lin<B>,
-    n1: Norm<B>,
-    n2: Norm<B>,
+    down: Lin<W>,
+    n1: Norm<W>,
+    n2: Norm<W>,
+}
+
+impl<W> Layer<W> {
+    fn try_map<V>(&self, f: &mut impl FnMut(&W) -> Result<V>) -> Result<Layer<V>> {
+        Ok(Layer {
+            q: self.q.try_map(f)?,
+            k: self.k.try_map(f)?,
+            v: self.v.try_map(f)?,
+            o: self.o.try_map(f)?,
+            up: self.up.try_map(f)?,
+            gate: match &self.gate {
+                Some(g) => Some(g.try_map(f)?),
+                None => None,
+            },
+            down: self.down.try_map(f)?,
+            n1: self.n1.try_map(f)?,
+            n2: self.n2.try_map(f)?,
+        })
+    }
+
+    /// Every frozen tensor of the layer.
+    fn tensors(&self) -> Vec<&W> {
+        let mut out = Vec::new();
+        for l in [&self.q, &self.k, &self.v, &self.o, &self.up, &self.down]
+            .into_iter()
+            .chain(self.gate.as_ref())
+        {
+            out.push(&l.w);
+            if let BiasSrc::Frozen(b) = &l.b {
+                out.push(b);
+            }
+        }
+        for n in [&self.n1, &self.n2] {
+            out.push(&n.g);
+            if let BiasSrc::Frozen(b) = &n.b {
+                out.push(b);
+            }
+        }
+        out
+    }
+}
+
+/// A frozen tensor before it is on the device: a checkpoint tensor (read in
+/// place from the memory map) or values made on the host at load (GPT-2's
+/// split `c_attn`).
+enum Src {
+    View(TensorView),
+    Host(Vec<f32>),
+}
+
+impl Src {
+    /// Bytes of the tensor as stored (what an upload reads).
+    fn bytes(&self) -> u64 {
+        match self {
+            Src::View(t) => (t.numel() * t.dtype.size()) as u64,
+            Src::Host(v) => (v.len() * 4) as u64,
+        }
+    }
+
+    fn upload<B: Backend>(&self, be: &B) -> Result<B::Buf> {
+        match self {
+            Src::View(t) => be.weight(t),
+            Src::Host(v) => {
+                let vals: Vec<B::T> = v.iter().map(|x| B::T::from_f32(*x)).collect();
+                Ok(be.upload(&vals))
+            }
+        }
+    }
+}
+
+/// The decoder's layers: on the device for the whole run, or streamed.
+enum Layers<B: Backend> {
+    Resident(Vec<Layer<B::Buf>>),
+    /// Host descriptions, uploaded layer by layer when a pass needs them.
+    Stream(Vec<Layer<Src>>),
+}
+
+/// A layer's device weights: borrowed (resident) or uploaded for one use.
+enum LayerRef<'a, B: Backend> {
+    Resident(&'a Layer<B::Buf>),
+    Uploaded(Box<Layer<B::Buf>>),
+}
+
+impl<B: Backend> std::ops::Deref for LayerRef<'_, B> {
+    type Target = Layer<B::Buf>;
+    fn deref(&self) -> &Layer<B::Buf> {
+        match self {
+            LayerRef::Resident(l) => l,
+            LayerRef::Uploaded(l) => l,
+        }
+    }
 }
 
 /// A batch of token sequences on the device.
@@ -167,6 +290,15 @@ struct Saved<B: Backend> {
     up: Option<B::Buf>,
 }
 
+/// What a trainable layer keeps from the forward pass for the backward.
+enum Kept<B: Backend> {
+    /// Every activation its backward pass reads.
+    All(Saved<B>),
+    /// Only its input; the layer's forward pass is run again in the
+    /// backward pass (`--recompute`).
+    Input(B::Buf),
+}
+
 struct TopSaved<B: Backend> {
     xhat: Option<B::Buf>,
     rstd: Option<B::Buf>,
@@ -192,14 +324,16 @@ pub struct Decoder<B: Backend> {
     pub added: Vec<String>,
     embed: B::Buf,
     pos: Option<B::Buf>,
-    project_in: Option<Lin<B>>,
-    project_out: Option<Lin<B>>,
-    layers: Vec<Layer<B>>,
-    final_norm: Option<Norm<B>>,
+    project_in: Option<Lin<B::Buf>>,
+    project_out: Option<Lin<B::Buf>>,
+    layers: Layers<B>,
+    final_norm: Option<Norm<B::Buf>>,
     /// Untied LM head `[vocab, hidden]`; `None` = tied to `embed`.
     lm_head: Option<B::Buf>,
     /// Layers below this index neither save activations nor get gradients.
     lowest: usize,
+    /// Keep only trainable layers' inputs; recompute in the backward pass.
+    recompute: bool,
 }
 
 /// Hugging Face names of one layer's modules.
@@ -276,9 +410,9 @@ impl<B: Backend> Loader<'_, B> {
         self.be.weight(self.w.get_shaped(name, shape)?)
     }
 
-    fn host(&self, vals: &[f64]) -> B::Buf {
-        let v: Vec<B::T> = vals.iter().map(|x| B::T::from_f64(*x)).collect();
-        self.be.upload(&v)
+    /// A layer tensor, left in the checkpoint until it is uploaded.
+    fn src(&self, name: &str, shape: &[usize]) -> Result<Src> {
+        Ok(Src::View(self.w.get_shaped(name, shape)?.clone()))
     }
 
     /// A bias: from the checkpoint (`present`), trainable or frozen; or,
@@ -291,7 +425,7 @@ impl<B: Backend> Loader<'_, B> {
         term: BiasTerm,
         layer: Option<usize>,
         n: usize,
-    ) -> Result<BiasSrc<B>> {
+    ) -> Result<BiasSrc<Src>> {
         if present {
             let t = self.w.get_shaped(&name, &[n])?;
             if trains {
@@ -299,7 +433,7 @@ impl<B: Backend> Loader<'_, B> {
                 self.init.extend(t.to_f64_vec());
                 Ok(BiasSrc::Slab(off))
             } else {
-                Ok(BiasSrc::Frozen(self.be.weight(t)?))
+                Ok(BiasSrc::Frozen(Src::View(t.clone())))
             }
         } else if trains {
             self.added.push(name.clone());
@@ -321,7 +455,7 @@ impl<B: Backend> Loader<'_, B> {
         trains: bool,
         term: BiasTerm,
         layer: usize,
-    ) -> BiasSrc<B> {
+    ) -> BiasSrc<Src> {
         let vals = t.to_f64_vec()[from..from + n].to_vec();
         if trains {
             let off = self
@@ -330,8 +464,13 @@ impl<B: Backend> Loader<'_, B> {
             self.init.extend(vals);
             BiasSrc::Slab(off)
         } else {
-            BiasSrc::Frozen(self.host(&vals))
+            BiasSrc::Frozen(Src::Host(vals.iter().map(|v| *v as f32).collect()))
         }
+    }
+
+    /// A bias on the device (outside the streamed layers).
+    fn dev_bias(&self, b: BiasSrc<Src>) -> Result<BiasSrc<B::Buf>> {
+        b.try_map(&mut |s: &Src| s.upload(self.be))
     }
 }
 
@@ -445,11 +584,11 @@ impl<B: Backend> Decoder<B> {
             });
         }
 
-        let mut layers = Vec::with_capacity(cfg.num_layers);
+        let (mut resident, mut streamed) = (Vec::new(), Vec::new());
         for l in 0..cfg.num_layers {
             let n = layer_names(arch, &p, l);
-            let norm = |ld: &mut Loader<'_, B>, name: &str, term: BiasTerm| -> Result<Norm<B>> {
-                let g = ld.weight(&format!("{name}.weight"), &[d])?;
+            let norm = |ld: &mut Loader<'_, B>, name: &str, term: BiasTerm| -> Result<Norm<Src>> {
+                let g = ld.src(&format!("{name}.weight"), &[d])?;
                 if arch.is_llama_like() {
                     Ok(Norm {
                         g,
@@ -469,8 +608,8 @@ impl<B: Backend> Decoder<B> {
                        term: BiasTerm,
                        n_in: usize,
                        n_out: usize|
-             -> Result<Lin<B>> {
-                let w = ld.weight(&format!("{name}.weight"), &[n_out, n_in])?;
+             -> Result<Lin<Src>> {
+                let w = ld.src(&format!("{name}.weight"), &[n_out, n_in])?;
                 let b = ld.bias(
                     format!("{name}.bias"),
                     cfg.has_bias(term),
@@ -494,8 +633,8 @@ impl<B: Backend> Decoder<B> {
                             term: BiasTerm,
                             n_in: usize,
                             n_out: usize|
-                 -> Result<Lin<B>> {
-                    let w = ld.weight(&format!("{name}.weight"), &[n_in, n_out])?;
+                 -> Result<Lin<Src>> {
+                    let w = ld.src(&format!("{name}.weight"), &[n_in, n_out])?;
                     let b = ld.bias(
                         format!("{name}.bias"),
                         true,
@@ -535,7 +674,7 @@ impl<B: Backend> Decoder<B> {
                         l,
                     );
                     split.push(Lin {
-                        w: ld.host(&part),
+                        w: Src::Host(part.iter().map(|v| *v as f32).collect()),
                         n_in: d,
                         n_out: d,
                         in_out: true,
@@ -579,8 +718,15 @@ impl<B: Backend> Decoder<B> {
                     n2,
                 }
             };
-            layers.push(layer);
+            match opts.offload {
+                Offload::Resident => resident.push(layer.try_map(&mut |s: &Src| s.upload(be))?),
+                Offload::Stream => streamed.push(layer),
+            }
         }
+        let layers = match opts.offload {
+            Offload::Resident => Layers::Resident(resident),
+            Offload::Stream => Layers::Stream(streamed),
+        };
 
         // Final norm: GPT-2 ln_f, OPT final_layer_norm (pre-LN only), LLaMA norm.
         let final_norm = match arch {
@@ -594,6 +740,7 @@ impl<B: Backend> Decoder<B> {
                     None,
                     d,
                 )?;
+                let b = ld.dev_bias(b)?;
                 Some(Norm { g, b, rms: false })
             }
             Arch::Opt => {
@@ -608,6 +755,7 @@ impl<B: Backend> Decoder<B> {
                         None,
                         d,
                     )?;
+                    let b = ld.dev_bias(b)?;
                     Some(Norm { g, b, rms: false })
                 } else {
                     if trains(BiasTerm::EmbLn) && !all {
@@ -665,6 +813,7 @@ impl<B: Backend> Decoder<B> {
             final_norm,
             lm_head,
             lowest,
+            recompute: opts.recompute,
         })
     }
 
@@ -815,7 +964,10 @@ impl<B: Backend> Decoder<B> {
         })
     }
 
-    fn bref<'a>(&'a self, b: &'a BiasSrc<B>, params: &'a B::Buf) -> Option<(&'a B::Buf, usize)> {
+    fn bref<'a>(
+        &'a self,
+        b: &'a BiasSrc<B::Buf>,
+        params: &'a B::Buf) -> Option<(&'a B::Buf, usize)> {
         match b {
             BiasSrc::None => None,
             BiasSrc::Frozen(buf) => Some((buf, 0)),
@@ -823,7 +975,7 @@ impl<B: Backend> Decoder<B> {
         }
     }
 
-    fn lin_fwd(&self, be: &B, lin: &Lin<B>, x: &B::Buf, rows: usize, params: &B::Buf) -> B::Buf {
+    fn lin_fwd(&self, be: &B, lin: &Lin<B::Buf>, x: &B::Buf, rows: usize, params: &B::Buf) -> B::Buf {
         let mut y = be.zeros(rows * lin.n_out);
         be.matmul(
             &mut y,
@@ -843,7 +995,7 @@ impl<B: Backend> Decoder<B> {
     }
 
     /// `dx (+)= dy·W` (the input gradient of a linear map).
-    fn lin_bwd(&self, be: &B, lin: &Lin<B>, dx: &mut B::Buf, dy: &B::Buf, rows: usize, acc: bool) {
+    fn lin_bwd(&self, be: &B, lin: &Lin<B::Buf>, dx: &mut B::Buf, dy: &B::Buf, rows: usize, acc: bool) {
         be.matmul(
             dx, dy, &lin.w, rows, lin.n_in, lin.n_out, false, lin.in_out, acc,
         );
@@ -852,7 +1004,7 @@ impl<B: Backend> Decoder<B> {
     fn norm_fwd(
         &self,
         be: &B,
-        nm: &Norm<B>,
+        nm: &Norm<B::Buf>,
         x: &B::Buf,
         rows: usize,
         params: &B::Buf,
@@ -892,7 +1044,7 @@ impl<B: Backend> Decoder<B> {
     fn norm_bwd(
         &self,
         be: &B,
-        nm: &Norm<B>,
+        nm: &Norm<B::Buf>,
         grads: &mut B::Buf,
         dy: &B::Buf,
         xh: &B::Buf,
@@ -927,7 +1079,7 @@ impl<B: Backend> Decoder<B> {
     fn attn_fwd(
         &self,
         be: &B,
-        layer: &Layer<B>,
+        layer: &Layer<B::Buf>,
         l: usize,
         n1: &B::Buf,
         x: &DecBatch<B>,
@@ -970,8 +1122,183 @@ impl<B: Backend> Decoder<B> {
         (q, k, v, ctx, lse)
     }
 
-    /// The layers. Returns each layer's saved activations (when `save`, for
-    /// layers at or above the lowest trainable one) and the last hidden state.
+    /// Number of transformer layers.
+    pub fn num_layers(&self) -> usize {
+        match &self.layers {
+            Layers::Resident(v) => v.len(),
+            Layers::Stream(v) => v.len(),
+        }
+    }
+
+    /// Whether layer weights are streamed from the memory map.
+    pub fn offload(&self) -> Offload {
+        match &self.layers {
+            Layers::Resident(_) => Offload::Resident,
+            Layers::Stream(_) => Offload::Stream,
+        }
+    }
+
+    /// Layer `l`'s weights on the device: borrowed when resident, uploaded
+    /// now when streamed (a failed upload is a device fault, like any other
+    /// allocation inside a pass).
+    fn layer(&self, be: &B, l: usize) -> LayerRef<'_, B> {
+        match &self.layers {
+            Layers::Resident(v) => LayerRef::Resident(&v[l]),
+            Layers::Stream(v) => {
+                let up = v[l].try_map(&mut |s: &Src| s.upload(be));
+                LayerRef::Uploaded(Box::new(up.unwrap_or_else(|e| {
+                    device_fault(format!(
+                        "{}: streaming layer {l}'s weights: {e}",
+                        be.name()
+                    ))
+                })))
+            }
+        }
+    }
+
+    /// Streamed layers: start reading layer `l`'s tensors from the memory
+    /// map in the background, so that its upload (issued after the current
+    /// layer's compute) finds them in the page cache.
+    fn prefetch(&self, l: usize) {
+        if let Layers::Stream(v) = &self.layers {
+            if let Some(layer) = v.get(l) {
+                let views = layer
+                    .tensors()
+                    .into_iter()
+                    .filter_map(|s| match s {
+                        Src::View(t) => Some(t.clone()),
+                        Src::Host(_) => None,
+                    })
+                    .collect();
+                crate::weights::prefetch(views);
+            }
+        }
+    }
+
+    /// Bytes of frozen weights: `(outside the layers, the largest layer,
+    /// all layers)`, as stored in the checkpoint.
+    pub fn weight_bytes(&self, be: &B) -> (u64, u64, u64) {
+        let layer_bytes: Vec<u64> = match &self.layers {
+            Layers::Stream(v) => v
+                .iter()
+                .map(|l| l.tensors().iter().map(|s| s.bytes()).sum())
+                .collect(),
+            Layers::Resident(v) => v
+                .iter()
+                .map(|l| {
+                    l.tensors()
+                        .iter()
+                        .map(|b| (be.len(b) * std::mem::size_of::<B::T>()) as u64)
+                        .sum()
+                })
+                .collect(),
+        };
+        let bytes = |b: &B::Buf| (be.len(b) * std::mem::size_of::<B::T>()) as u64;
+        let mut other = bytes(&self.embed);
+        for b in self.pos.iter().chain(self.lm_head.iter()) {
+            other += bytes(b);
+        }
+        for l in self.project_in.iter().chain(self.project_out.iter()) {
+            other += bytes(&l.w);
+        }
+        if let Some(n) = &self.final_norm {
+            other += bytes(&n.g);
+        }
+        (
+            other,
+            layer_bytes.iter().copied().max().unwrap_or(0),
+            layer_bytes.iter().sum(),
+        )
+    }
+
+    /// One layer's forward pass from its input `h`: the activations its
+    /// backward pass reads, and its output.
+    #[allow(clippy::too_many_arguments)]
+    fn layer_fwd(
+        &self,
+        be: &B,
+        layer: &Layer<B::Buf>,
+        l: usize,
+        h: &B::Buf,
+        x: &DecBatch<B>,
+        params: &B::Buf,
+        cache: Option<(&mut KvCache<B>, usize)>,
+    ) -> (Saved<B>, B::Buf) {
+        let c = &self.cfg;
+        let (d, ff) = (c.hidden_size, c.intermediate_size);
+        let n = x.batch * x.seq;
+        let mlp = |inp: &B::Buf| -> (B::Buf, B::Buf, Option<B::Buf>) {
+            match &layer.gate {
+                Some(g) => {
+                    let gt = self.lin_fwd(be, g, inp, n, params);
+                    let up = self.lin_fwd(be, &layer.up, inp, n, params);
+                    let mut hm = be.zeros(n * ff);
+                    be.swiglu_fwd(&mut hm, &gt, &up, n * ff);
+                    let m = self.lin_fwd(be, &layer.down, &hm, n, params);
+                    (m, gt, Some(up))
+                }
+                None => {
+                    let f = self.lin_fwd(be, &layer.up, inp, n, params);
+                    let mut g = be.zeros(n * ff);
+                    be.act_fwd(c.hidden_act, &mut g, &f, n * ff);
+                    let m = self.lin_fwd(be, &layer.down, &g, n, params);
+                    (m, f, None)
+                }
+            }
+        };
+        if c.norm_before {
+            let (n1, xhat1, rstd1) = self.norm_fwd(be, &layer.n1, h, n, params);
+            let (q, k, v, ctx, lse) = self.attn_fwd(be, layer, l, &n1, x, params, cache);
+            let mut x1 = self.lin_fwd(be, &layer.o, &ctx, n, params);
+            be.add(&mut x1, h, n * d);
+            let (n2, xhat2, rstd2) = self.norm_fwd(be, &layer.n2, &x1, n, params);
+            let (mut m, f, up) = mlp(&n2);
+            be.add(&mut m, &x1, n * d);
+            let s = Saved {
+                xhat1,
+                rstd1,
+                q,
+                k,
+                v,
+                ctx,
+                lse,
+                xhat2,
+                rstd2,
+                f,
+                up,
+            };
+            (s, m)
+        } else {
+            let (q, k, v, ctx, lse) = self.attn_fwd(be, layer, l, h, x, params, cache);
+            let mut a = self.lin_fwd(be, &layer.o, &ctx, n, params);
+            be.add(&mut a, h, n * d);
+            let (x1, xhat1, rstd1) = self.norm_fwd(be, &layer.n1, &a, n, params);
+            let (mut m, f, up) = mlp(&x1);
+            be.add(&mut m, &x1, n * d);
+            let (out, xhat2, rstd2) = self.norm_fwd(be, &layer.n2, &m, n, params);
+            let s = Saved {
+                xhat1,
+                rstd1,
+                q,
+                k,
+                v,
+                ctx,
+                lse,
+                xhat2,
+                rstd2,
+                f,
+                up,
+            };
+            (s, out)
+        }
+    }
+
+    /// The layers. Returns what each layer keeps for the backward pass (when
+    /// `save`, for layers at or above the lowest trainable one: all its
+    /// activations, or with `recompute` only its input) and the last hidden
+    /// state. Streamed layers are uploaded one ahead: layer `l+1`'s upload
+    /// is issued once layer `l`'s compute is queued, so at most two layers'
+    /// weights are on the device.
     fn forward(
         &self,
         be: &B,
@@ -979,9 +1306,9 @@ impl<B: Backend> Decoder<B> {
         x: &DecBatch<B>,
         save: bool,
         mut cache: Option<(&mut KvCache<B>, usize)>,
-    ) -> (Vec<Option<Saved<B>>>, B::Buf) {
+    ) -> (Vec<Option<Kept<B>>>, B::Buf) {
         let c = &self.cfg;
-        let (d, ff) = (c.hidden_size, c.intermediate_size);
+        let d = c.hidden_size;
         let n = x.batch * x.seq;
         let dp = c.word_embed_proj_dim;
         let mut e = be.zeros(n * dp);
@@ -993,76 +1320,30 @@ impl<B: Backend> Decoder<B> {
         if let Some(pt) = &self.pos {
             be.embedding_fwd(&mut h, pt, &x.pos_table, n, d, true);
         }
-        let mut saved = Vec::with_capacity(self.layers.len());
-        for (l, layer) in self.layers.iter().enumerate() {
-            let keep = save && l >= self.lowest;
+        let nl = self.num_layers();
+        let mut kept = Vec::with_capacity(nl);
+        self.prefetch(0);
+        let mut next = (nl > 0).then(|| self.layer(be, 0));
+        for l in 0..nl {
+            let layer = next.take().expect("layer uploaded one ahead");
+            self.prefetch(l + 1);
             let cache_l = cache.as_mut().map(|(kv, s)| (&mut **kv, *s));
-            let mlp = |inp: &B::Buf| -> (B::Buf, B::Buf, Option<B::Buf>) {
-                match &layer.gate {
-                    Some(g) => {
-                        let gt = self.lin_fwd(be, g, inp, n, params);
-                        let up = self.lin_fwd(be, &layer.up, inp, n, params);
-                        let mut hm = be.zeros(n * ff);
-                        be.swiglu_fwd(&mut hm, &gt, &up, n * ff);
-                        let m = self.lin_fwd(be, &layer.down, &hm, n, params);
-                        (m, gt, Some(up))
-                    }
-                    None => {
-                        let f = self.lin_fwd(be, &layer.up, inp, n, params);
-                        let mut g = be.zeros(n * ff);
-                        be.act_fwd(c.hidden_act, &mut g, &f, n * ff);
-                        let m = self.lin_fwd(be, &layer.down, &g, n, params);
-                        (m, f, None)
-                    }
-                }
-            };
-            if c.norm_before {
-                let (n1, xhat1, rstd1) = self.norm_fwd(be, &layer.n1, &h, n, params);
-                let (q, k, v, ctx, lse) = self.attn_fwd(be, layer, l, &n1, x, params, cache_l);
-                let mut x1 = self.lin_fwd(be, &layer.o, &ctx, n, params);
-                be.add(&mut x1, &h, n * d);
-                let (n2, xhat2, rstd2) = self.norm_fwd(be, &layer.n2, &x1, n, params);
-                let (mut m, f, up) = mlp(&n2);
-                be.add(&mut m, &x1, n * d);
-                saved.push(keep.then_some(Saved {
-                    xhat1,
-                    rstd1,
-                    q,
-                    k,
-                    v,
-                    ctx,
-                    lse,
-                    xhat2,
-                    rstd2,
-                    f,
-                    up,
-                }));
-                h = m;
-            } else {
-                let (q, k, v, ctx, lse) = self.attn_fwd(be, layer, l, &h, x, params, cache_l);
-                let mut a = self.lin_fwd(be, &layer.o, &ctx, n, params);
-                be.add(&mut a, &h, n * d);
-                let (x1, xhat1, rstd1) = self.norm_fwd(be, &layer.n1, &a, n, params);
-                let (mut m, f, up) = mlp(&x1);
-                be.add(&mut m, &x1, n * d);
-                let (out, xhat2, rstd2) = self.norm_fwd(be, &layer.n2, &m, n, params);
-                saved.push(keep.then_some(Saved {
-                    xhat1,
-                    rstd1,
-                    q,
-                    k,
-                    v,
-                    ctx,
-                    lse,
-                    xhat2,
-                    rstd2,
-                    f,
-                    up,
-                }));
-                h = out;
+            let (s, out) = self.layer_fwd(be, &layer, l, &h, x, params, cache_l);
+            if l + 1 < nl {
+                next = Some(self.layer(be, l + 1));
             }
+            drop(layer);
+            if !(save && l >= self.lowest) {
+                kept.push(None);
+            } else if self.recompute {
+                drop(s);
+                kept.push(Some(Kept::Input(h)));
+            } else {
+                kept.push(Some(Kept::All(s)));
+            }
+            h = out;
         }
-        (saved, h)
+        (kept, h)
     }
 
     /// The head at `r` gathered rows: final norm, project_out, logits.
@@ -1095,13 +1376,17 @@ impl<B: Backend> Decoder<B> {
         TopSaved { xhat, rstd, logits }
     }
 
-    /// The backward pass from `dlogits` (`[r, vocab]`), accumulating into `grads`.
+    /// The backward pass from `dlogits` (`[r, vocab]`), accumulating into
+    /// `grads`. Layers run in reverse; a layer that kept only its input is
+    /// run forward again first; streamed layers are uploaded one ahead (in
+    /// reverse order), as in the forward pass.
     fn backward(
         &self,
         be: &B,
+        params: &B::Buf,
         grads: &mut B::Buf,
         x: &DecBatch<B>,
-        saved: &[Option<Saved<B>>],
+        saved: &[Option<Kept<B>>],
         top: &TopSaved<B>,
         rows: &B::Ids,
         r: usize,
@@ -1116,7 +1401,7 @@ impl<B: Backend> Decoder<B> {
         );
         let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim());
         let n = x.batch * x.seq;
-        let nl = self.layers.len();
+        let nl = self.num_layers();
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         let mut dhs = be.zeros(r * dp);
         be.matmul(&mut dhs, dlogits, head, r, dp, vs, false, false, false);
@@ -1143,11 +1428,25 @@ impl<B: Backend> Decoder<B> {
         be.scatter_add_rows(&mut dh, &dhs, rows, r, d);
         let dims = self.dims(x.batch, x.seq);
         let (qd, kvd) = (nh * hd, nkv * hd);
+        self.prefetch(nl - 1);
+        let mut next = Some(self.layer(be, nl - 1));
         for l in (self.lowest..nl).rev() {
-            let layer = &self.layers[l];
-            let s = saved[l]
+            let layer_ref = next.take().expect("layer uploaded one ahead");
+            let layer: &Layer<B::Buf> = &layer_ref;
+            if l > self.lowest {
+                self.prefetch(l - 1);
+            }
+            let recomputed;
+            let s = match saved[l]
                 .as_ref()
-                .expect("saved activations of a trainable layer");
+                .expect("saved activations of a trainable layer")
+            {
+                Kept::All(s) => s,
+                Kept::Input(h) => {
+                    recomputed = self.layer_fwd(be, layer, l, h, x, params, None).0;
+                    &recomputed
+                }
+            };
             let need_dx = l > self.lowest;
             // Gradient at the MLP's output (dm) and the MLP backward, to the
             // gradient at the MLP's input.
@@ -1265,6 +1564,7 @@ impl<B: Backend> Decoder<B> {
             if !need_dx {
                 break;
             }
+            next = Some(self.layer(be, l - 1));
         }
     }
 
@@ -1307,7 +1607,7 @@ impl<B: Backend> Decoder<B> {
             1.0 / rt.n as f64,
         );
         let loss = sum(be, &losses) / rt.n as f64;
-        self.backward(be, grads, x, &saved, &top, &rt.rows, rt.n, &dl);
+        self.backward(be, params, grads, x, &saved, &top, &rt.rows, rt.n, &dl);
         loss
     }
 
@@ -1324,7 +1624,7 @@ impl<B: Backend> Decoder<B> {
         let (saved, h) = self.forward(be, params, &cb.x, true, None);
         let top = self.top_forward(be, params, &h, &cb.rt.rows, cb.rt.n);
         let (loss, scores, dl) = self.cand_loss(be, &top.logits, cb);
-        self.backward(be, grads, &cb.x, &saved, &top, &cb.rt.rows, cb.rt.n, &dl);
+        self.backward(be, params, grads, &cb.x, &saved, &top, &cb.rt.rows, cb.rt.n, &dl);
         (loss, scores)
     }
 
@@ -1405,10 +1705,10 @@ impl<B: Backend> Decoder<B> {
         let kvd = c.num_kv_heads * c.head_dim();
         let cm: Vec<B::T> = cmask.iter().map(|x| B::T::from_f32(*x)).collect();
         let mut kv = KvCache {
-            k: (0..self.layers.len())
+            k: (0..self.num_layers())
                 .map(|_| be.zeros(nb * cap * kvd))
                 .collect(),
-            v: (0..self.layers.len())
+            v: (0..self.num_layers())
                 .map(|_| be.zeros(nb * cap * kvd))
                 .collect(),
             cap,

@@ -26,7 +26,27 @@ pub enum Tiny {
     Qwen2,
 }
 
+/// Sizes of a test decoder (the tiny default: 2 layers, hidden 8).
+#[derive(Clone, Copy, Debug)]
+pub struct Size {
+    pub layers: usize,
+    pub hidden: usize,
+    pub ff: usize,
+}
+
+pub const TINY: Size = Size {
+    layers: 2,
+    hidden: HIDDEN,
+    ff: FF,
+};
+
 pub fn write_tiny_decoder(dir: &Path, arch: Tiny, seed: u64) {
+    write_decoder(dir, arch, seed, TINY)
+}
+
+/// A random decoder of `size` (vocabulary [`VOCAB`], [`POS`] positions).
+pub fn write_decoder(dir: &Path, arch: Tiny, seed: u64, size: Size) {
+    let nl = size.layers;
     let mut rng = Rng::new(seed);
     let mut t: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
     let mut w = |name: String, shape: Vec<usize>, kind: u8, rng: &mut Rng| {
@@ -43,12 +63,12 @@ pub fn write_tiny_decoder(dir: &Path, arch: Tiny, seed: u64) {
             .collect();
         t.push((name, shape, v));
     };
-    let (d, ff, v) = (HIDDEN, FF, VOCAB);
+    let (d, ff, v) = (size.hidden, size.ff, VOCAB);
     let config = match arch {
         Tiny::Gpt2 => {
             w("transformer.wte.weight".into(), vec![v, d], 0, &mut rng);
             w("transformer.wpe.weight".into(), vec![POS, d], 0, &mut rng);
-            for l in 0..2 {
+            for l in 0..nl {
                 let p = format!("transformer.h.{l}.");
                 for ln in ["ln_1", "ln_2"] {
                     w(format!("{p}{ln}.weight"), vec![d], 2, &mut rng);
@@ -66,7 +86,7 @@ pub fn write_tiny_decoder(dir: &Path, arch: Tiny, seed: u64) {
             }
             w("transformer.ln_f.weight".into(), vec![d], 2, &mut rng);
             w("transformer.ln_f.bias".into(), vec![d], 1, &mut rng);
-            json!({"model_type": "gpt2", "vocab_size": v, "n_embd": d, "n_layer": 2, "n_head": 2,
+            json!({"model_type": "gpt2", "vocab_size": v, "n_embd": d, "n_layer": nl, "n_head": 2,
                    "n_inner": ff, "n_positions": POS, "activation_function": "gelu_new"})
         }
         Tiny::Opt | Tiny::OptPost => {
@@ -84,7 +104,7 @@ pub fn write_tiny_decoder(dir: &Path, arch: Tiny, seed: u64) {
                 w(format!("{p}project_in.weight"), vec![d, dp], 0, &mut rng);
                 w(format!("{p}project_out.weight"), vec![dp, d], 0, &mut rng);
             }
-            for l in 0..2 {
+            for l in 0..nl {
                 let q = format!("{p}layers.{l}.");
                 for ln in ["self_attn_layer_norm", "final_layer_norm"] {
                     w(format!("{q}{ln}.weight"), vec![d], 2, &mut rng);
@@ -106,7 +126,7 @@ pub fn write_tiny_decoder(dir: &Path, arch: Tiny, seed: u64) {
                 w(format!("{p}final_layer_norm.weight"), vec![d], 2, &mut rng);
                 w(format!("{p}final_layer_norm.bias"), vec![d], 1, &mut rng);
             }
-            json!({"model_type": "opt", "vocab_size": v, "hidden_size": d, "num_hidden_layers": 2,
+            json!({"model_type": "opt", "vocab_size": v, "hidden_size": d, "num_hidden_layers": nl,
                    "num_attention_heads": 2, "ffn_dim": ff, "max_position_embeddings": POS,
                    "do_layer_norm_before": !post, "word_embed_proj_dim": dp, "pad_token_id": 1})
         }
@@ -115,7 +135,7 @@ pub fn write_tiny_decoder(dir: &Path, arch: Tiny, seed: u64) {
             let (nh, nkv) = if qwen { (2, 1) } else { (4, 2) };
             let hd = d / nh;
             w("model.embed_tokens.weight".into(), vec![v, d], 0, &mut rng);
-            for l in 0..2 {
+            for l in 0..nl {
                 let q = format!("model.layers.{l}.");
                 w(format!("{q}input_layernorm.weight"), vec![d], 2, &mut rng);
                 w(
@@ -144,7 +164,7 @@ pub fn write_tiny_decoder(dir: &Path, arch: Tiny, seed: u64) {
                 w("lm_head.weight".into(), vec![v, d], 0, &mut rng);
             }
             json!({"model_type": if qwen {"qwen2"} else {"llama"}, "vocab_size": v, "hidden_size": d,
-                   "num_hidden_layers": 2, "num_attention_heads": nh, "num_key_value_heads": nkv,
+                   "num_hidden_layers": nl, "num_attention_heads": nh, "num_key_value_heads": nkv,
                    "intermediate_size": ff, "max_position_embeddings": POS, "rms_norm_eps": 1e-6,
                    "rope_theta": 100.0, "tie_word_embeddings": qwen, "hidden_act": "silu",
                    "bos_token_id": 1, "eos_token_id": 2})
