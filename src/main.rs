@@ -150,6 +150,20 @@ struct TrainOpts {
     /// Decoder generation tasks: most tokens generated per answer.
     #[arg(long, default_value_t = 32)]
     max_new_tokens: usize,
+    /// Decoder layer weights: resident (uploaded once), stream (uploaded
+    /// layer by layer from the memory-mapped file, two layers on the device
+    /// at a time), or auto (stream only if the --max-gpu-memory budget is
+    /// too small for resident).
+    #[arg(long, default_value = "auto")]
+    offload: String,
+    /// Decoders: keep only each layer's input and recompute the layer in the
+    /// backward pass (less activation memory, one more forward per step).
+    #[arg(long)]
+    recompute: bool,
+    /// Device memory budget, e.g. 4GiB: a cap on what beft allocates on
+    /// the GPU, and what --offload auto plans against.
+    #[arg(long, value_name = "SIZE")]
+    max_gpu_memory: Option<String>,
 }
 
 impl TrainOpts {
@@ -195,6 +209,9 @@ impl TrainOpts {
             checkpoint_every: self.checkpoint_every,
             templates: self.templates.clone(),
             max_new_tokens: self.max_new_tokens,
+            offload: self.offload.clone(),
+            recompute: self.recompute,
+            max_gpu_memory: self.max_gpu_memory.clone(),
         })
     }
 }
@@ -290,6 +307,12 @@ struct EvalCli {
     /// Decoder generation tasks: most tokens generated per answer.
     #[arg(long, default_value_t = 32)]
     max_new_tokens: usize,
+    /// Decoder layer weights: resident, stream or auto (as for train).
+    #[arg(long, default_value = "auto")]
+    offload: String,
+    /// Device memory budget, e.g. 4GiB (as for train).
+    #[arg(long, value_name = "SIZE")]
+    max_gpu_memory: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -384,6 +407,13 @@ fn run_train(t: TrainCli) -> beft::Result<()> {
         s.step_seconds_median,
         s.peak_rss_bytes as f64 / (1024.0 * 1024.0)
     );
+    if let Some(b) = s.peak_device_bytes {
+        println!(
+            "peak device memory {:.0} MiB | layer weights {}",
+            b as f64 / (1024.0 * 1024.0),
+            s.offload
+        );
+    }
     println!("run written to {}", out.display());
     Ok(())
 }
@@ -403,6 +433,8 @@ fn run_eval(e: EvalCli) -> beft::Result<()> {
         dump_logits: e.dump_logits,
         templates: e.templates,
         max_new_tokens: e.max_new_tokens,
+        offload: e.offload,
+        max_gpu_memory: e.max_gpu_memory,
     };
     let r = run::eval(&args)?;
     if e.json {

@@ -23,9 +23,7 @@ use beft::backend::Backend;
 use beft::model::config::ModelDir;
 use beft::model::{BiasTerm, Decoder, DecoderOptions, Offload};
 use beft::train::Slab;
-use decoder_common::{
-    next_token_rows, tiny_batch, write_decoder, write_tiny_decoder, Size, Tiny,
-};
+use decoder_common::{next_token_rows, tiny_batch, write_decoder, write_tiny_decoder, Size, Tiny};
 
 const ARCHS: [Tiny; 5] = [
     Tiny::Gpt2,
@@ -87,7 +85,12 @@ fn streamed_and_recomputed_steps_match_resident_bit_for_bit() {
         write_tiny_decoder(tmp.path(), arch, 7);
         let md = ModelDir::open(tmp.path()).unwrap();
         for terms in ["all", "v", "mlp-out"] {
-            let reference = step(&be, &load(&be, &md, terms, Offload::Resident, false), &[9, 5, 7], 3);
+            let reference = step(
+                &be,
+                &load(&be, &md, terms, Offload::Resident, false),
+                &[9, 5, 7],
+                3,
+            );
             assert!(reference.0.is_finite() && reference.1.iter().any(|g| *g != 0.0));
             for (offload, recompute) in &MODES[1..] {
                 let dec = load(&be, &md, terms, *offload, *recompute);
@@ -175,18 +178,25 @@ fn streaming_holds_two_layers_and_recompute_keeps_only_layer_inputs() {
     let tmp = tempfile::tempdir().unwrap();
     write_decoder(tmp.path(), Tiny::Opt, 3, MID);
     let md = ModelDir::open(tmp.path()).unwrap();
-    let probe = FastCpu::new();
+    let probe = SimDevice::new(FastCpu::new(), None);
     let dec = load(&probe, &md, "v", Offload::Stream, false);
-    let (other, layer, all_layers) = dec.weight_bytes(&probe);
+    let plan = dec.memory_plan(&probe, 4, 30);
+    let (other, layer, all_layers) = (plan.other_weights, plan.largest_layer, plan.all_layers);
     let nl = dec.num_layers() as u64;
     assert_eq!(nl, 6);
-    assert!(layer > 0 && all_layers >= nl * layer - nl, "{layer} {all_layers}");
+    assert_eq!(all_layers, nl * layer, "equal layers");
+    let plan_rc = load(&probe, &md, "v", Offload::Stream, true).memory_plan(&probe, 4, 30);
 
     let res = measure(&md, Offload::Resident, false, None);
     let st = measure(&md, Offload::Stream, false, None);
     let res_rc = measure(&md, Offload::Resident, true, None);
     let st_rc = measure(&md, Offload::Stream, true, None);
-    for (name, p) in [("res", &res), ("stream", &st), ("res+rc", &res_rc), ("stream+rc", &st_rc)] {
+    for (name, p) in [
+        ("res", &res),
+        ("stream", &st),
+        ("res+rc", &res_rc),
+        ("stream+rc", &st_rc),
+    ] {
         println!(
             "{name:>10}: load {:>8} B, inference peak {:>8} B, training peak {:>8} B (x{:.2} of inference)",
             p.load,
@@ -196,9 +206,38 @@ fn streaming_holds_two_layers_and_recompute_keeps_only_layer_inputs() {
         );
         assert_eq!(p.grads, res.grads, "{name}: gradients differ from resident");
     }
+    // The plan is an upper estimate of every measured peak, and not a loose one.
+    for (p, est, what) in [
+        (&res, plan.resident(), "resident"),
+        (&st, plan.streamed(), "streamed"),
+        (&res_rc, plan_rc.resident(), "resident+recompute"),
+        (&st_rc, plan_rc.streamed(), "streamed+recompute"),
+    ] {
+        let peak = p.train.max(p.infer).max(p.load);
+        println!("{what:>19}: planned {est:>8} B, measured {peak:>8} B");
+        assert!(
+            peak <= est,
+            "{what}: measured peak {peak} above the plan {est}"
+        );
+        assert!(
+            est <= 3 * peak,
+            "{what}: plan {est} is more than 3x the peak {peak}"
+        );
+    }
+    assert_eq!(plan.choose(plan.resident()), Offload::Resident);
+    assert_eq!(plan.choose(plan.resident() - 1), Offload::Stream);
     // Resident: every layer is on the device from load on; streamed: none.
-    assert!(res.load >= other + all_layers, "{} < {}", res.load, other + all_layers);
-    assert!(st.load < other + layer, "streamed load holds layer weights: {}", st.load);
+    assert!(
+        res.load >= other + all_layers,
+        "{} < {}",
+        res.load,
+        other + all_layers
+    );
+    assert!(
+        st.load < other + layer,
+        "streamed load holds layer weights: {}",
+        st.load
+    );
     // A streamed pass holds at most two layers at once, so it saves at
     // least all but two layers' bytes against the resident pass.
     let saving = all_layers - 2 * layer;
@@ -214,12 +253,20 @@ fn streaming_holds_two_layers_and_recompute_keeps_only_layer_inputs() {
     }
     // Recomputation keeps one [rows, hidden] input per layer instead of all
     // of a layer's activations.
-    assert!(res_rc.train < res.train, "{} vs {}", res_rc.train, res.train);
+    assert!(
+        res_rc.train < res.train,
+        "{} vs {}",
+        res_rc.train,
+        res.train
+    );
     assert!(st_rc.train < st.train, "{} vs {}", st_rc.train, st.train);
     // Bias-only training with recomputation stays near inference (no weight
     // gradients, no weight optimizer state); the target on a GPU is 1.1x.
     let ratio = res_rc.train as f64 / res_rc.infer as f64;
-    assert!(ratio < 1.5, "resident+recompute training/inference peak {ratio:.2}");
+    assert!(
+        ratio < 1.5,
+        "resident+recompute training/inference peak {ratio:.2}"
+    );
 }
 
 #[test]
@@ -230,7 +277,11 @@ fn a_budget_the_resident_model_exceeds_is_an_oom_error_and_streaming_fits() {
     let st = measure(&md, Offload::Stream, true, None);
     let res = measure(&md, Offload::Resident, true, None);
     let budget = st.train.max(st.infer).max(st.load) + 1024;
-    assert!(budget < res.load, "the test model must not fit resident: {budget} vs {}", res.load);
+    assert!(
+        budget < res.load,
+        "the test model must not fit resident: {budget} vs {}",
+        res.load
+    );
     let err = catch_device_fault(|| measure(&md, Offload::Resident, true, Some(budget)))
         .err()
         .expect("the resident model does not fit the budget");
@@ -241,4 +292,177 @@ fn a_budget_the_resident_model_exceeds_is_an_oom_error_and_streaming_fits() {
         .expect("the streamed model fits the budget");
     assert_eq!(fitted.grads, res.grads);
     assert!(fitted.train <= budget);
+}
+
+// ---- the command line ------------------------------------------------------
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn beft(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_beft"))
+        .args(["--threads", "1"])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// A 6-layer OPT model directory with a (13-token) tokenizer, and SST-2-style data.
+fn cli_setup(tmp: &Path) -> (String, String) {
+    let model = tmp.join("opt");
+    write_decoder(&model, Tiny::Opt, 3, MID);
+    std::fs::write(
+        model.join("tokenizer.json"),
+        common::tiny_tokenizer_json(false),
+    )
+    .unwrap();
+    let data = tmp.join("data");
+    common::write_tiny_sst2(&data, 24, 8);
+    (
+        model.to_str().unwrap().to_string(),
+        data.to_str().unwrap().to_string(),
+    )
+}
+
+fn train(model: &str, data: &str, out: &Path, extra: &[&str]) -> Output {
+    let mut a = vec![
+        "train",
+        "--model",
+        model,
+        "--task",
+        "sst2",
+        "--data",
+        data,
+        "--out",
+        out.to_str().unwrap(),
+        "--epochs",
+        "2",
+        "--batch",
+        "4",
+        "--lr",
+        "1e-2",
+        "--bias",
+        "v",
+        "--quiet",
+    ];
+    a.extend_from_slice(extra);
+    beft(&a)
+}
+
+fn summary(out: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap()
+}
+
+fn ok(o: &Output) -> String {
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(o.status.success(), "beft failed: {err}");
+    err
+}
+
+#[test]
+fn cli_streamed_recomputed_training_matches_resident() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (m, d) = cli_setup(tmp.path());
+    let (a, b) = (tmp.path().join("res"), tmp.path().join("stream"));
+    ok(&train(&m, &d, &a, &["--offload", "resident"]));
+    ok(&train(&m, &d, &b, &["--offload", "stream", "--recompute"]));
+    assert_eq!(summary(&a)["offload"], "resident");
+    assert_eq!(summary(&b)["offload"], "stream");
+    assert_eq!(
+        std::fs::read(a.join("biases.safetensors")).unwrap(),
+        std::fs::read(b.join("biases.safetensors")).unwrap(),
+        "streamed + recomputed training must give the same biases"
+    );
+
+    let o = train(&m, &d, &tmp.path().join("bad"), &["--offload", "sideways"]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("--offload: unknown mode 'sideways'"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    let o = train(
+        &m,
+        &d,
+        &tmp.path().join("bad2"),
+        &["--max-gpu-memory", "lots"],
+    );
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("--max-gpu-memory: cannot read 'lots'"),
+        "{err}"
+    );
+
+    // Encoders refuse the decoder-only options instead of ignoring them.
+    let enc = tmp.path().join("bert");
+    common::write_tiny_model(&enc, common::TinyArch::Bert, 1, None);
+    let o = beft(&[
+        "train",
+        "--model",
+        enc.to_str().unwrap(),
+        "--task",
+        "sst2",
+        "--data",
+        &d,
+        "--out",
+        tmp.path().join("enc").to_str().unwrap(),
+        "--offload",
+        "stream",
+        "--quiet",
+    ]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("implemented for decoders"), "{err}");
+}
+
+/// On a real wgpu device (lavapipe in CI): under a budget below the
+/// planned resident peak, `--offload auto` streams, stays within the budget
+/// (the budget is also the allocation cap) and trains the same biases as
+/// the resident run.
+#[cfg(feature = "wgpu")]
+#[test]
+fn cli_auto_offload_streams_under_a_small_wgpu_budget() {
+    if beft::backend::wgpu::adapters().is_empty() {
+        assert!(
+            std::env::var_os("BEFT_REQUIRE_WGPU").is_none(),
+            "BEFT_REQUIRE_WGPU is set but no wgpu adapter was found"
+        );
+        println!("skipped: no wgpu adapter (install mesa-vulkan-drivers for lavapipe)");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (m, d) = cli_setup(tmp.path());
+    let (a, b) = (tmp.path().join("res"), tmp.path().join("auto"));
+    let e = ok(&train(
+        &m,
+        &d,
+        &a,
+        &["--device", "wgpu", "--max-gpu-memory", "4GiB"],
+    ));
+    assert!(e.contains("-> resident"), "{e}");
+    let s = summary(&a);
+    assert_eq!(s["offload"], "resident");
+    let peak = s["peak_device_bytes"]
+        .as_u64()
+        .expect("wgpu counts device memory");
+    // The plan is an upper estimate, so a budget just under the measured
+    // resident peak is under the planned resident peak too.
+    let budget = (peak - 1).to_string();
+    let e = ok(&train(
+        &m,
+        &d,
+        &b,
+        &["--device", "wgpu", "--max-gpu-memory", &budget],
+    ));
+    assert!(e.contains("-> stream"), "{e}");
+    let s = summary(&b);
+    assert_eq!(s["offload"], "stream");
+    let streamed = s["peak_device_bytes"].as_u64().unwrap();
+    println!("wgpu peak: resident {peak} B, streamed {streamed} B (budget {budget})");
+    assert!(streamed < peak, "{streamed} vs {peak}");
+    assert_eq!(
+        std::fs::read(a.join("biases.safetensors")).unwrap(),
+        std::fs::read(b.join("biases.safetensors")).unwrap(),
+    );
 }

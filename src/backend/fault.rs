@@ -56,11 +56,33 @@ fn quiet_hook() {
     });
 }
 
+/// A device budget set by the command line (`--max-gpu-memory`), which
+/// takes precedence over `BEFT_MAX_DEVICE_MEMORY`.
+static BUDGET: std::sync::Mutex<Option<u64>> = std::sync::Mutex::new(None);
+
+/// Set (or with `None`, clear) the device budget of backends made from now
+/// on (`--max-gpu-memory SIZE`, parsed by [`parse_bytes`]).
+pub fn set_device_budget(spec: Option<&str>) -> Result<()> {
+    let cap = match spec {
+        Some(s) => Some(parse_bytes(s).ok_or_else(|| {
+            Error::msg(format!(
+                "--max-gpu-memory: cannot read '{s}' as a size (e.g. 4GiB, 512MiB, 8G)"
+            ))
+        })?),
+        None => None,
+    };
+    *BUDGET.lock().unwrap_or_else(|e| e.into_inner()) = cap;
+    Ok(())
+}
+
 /// The cap on device memory a GPU backend may allocate, in bytes, from
 /// `BEFT_MAX_DEVICE_MEMORY` (a number of bytes with an optional `K`, `M`,
 /// `G` (×1000^n) or `KiB`, `MiB`, `GiB` (×1024^n) suffix). `None`: no cap
 /// (the device's own memory is the limit). A malformed value is an error.
 pub fn max_device_memory() -> Result<Option<u64>> {
+    if let Some(cap) = *BUDGET.lock().unwrap_or_else(|e| e.into_inner()) {
+        return Ok(Some(cap));
+    }
     static CAP: OnceLock<std::result::Result<Option<u64>, String>> = OnceLock::new();
     CAP.get_or_init(|| match std::env::var("BEFT_MAX_DEVICE_MEMORY") {
         Ok(s) if !s.trim().is_empty() => parse_bytes(&s).map(Some).ok_or_else(|| {

@@ -230,6 +230,10 @@ pub trait Backend {
     /// decides how it is held (the CPU backend reads f32 tensors in place and
     /// converts f16/bf16 on use).
     fn weight(&self, t: &TensorView) -> Result<Self::Buf>;
+    /// Bytes of device memory that [`Backend::weight`] takes for `t`.
+    fn weight_bytes(&self, t: &TensorView) -> u64 {
+        (t.numel() * std::mem::size_of::<Self::T>()) as u64
+    }
     /// Length of a buffer in elements.
     fn len(&self, buf: &Self::Buf) -> usize;
     /// `dst[dst_off..dst_off+n] = src[src_off..src_off+n]`.

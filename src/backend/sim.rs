@@ -140,9 +140,13 @@ impl<B: Backend> Backend for SimDevice<B> {
     }
 
     fn weight(&self, t: &TensorView) -> Result<Self::Buf> {
-        let bytes = (t.numel() * t.dtype.size()) as u64;
+        let bytes = self.weight_bytes(t);
         self.admit(bytes);
         Ok(self.wrap(self.inner.weight(t)?, bytes))
+    }
+
+    fn weight_bytes(&self, t: &TensorView) -> u64 {
+        (t.numel() * t.dtype.size()) as u64
     }
 
     fn len(&self, buf: &Self::Buf) -> usize {
@@ -170,16 +174,27 @@ impl<B: Backend> Backend for SimDevice<B> {
         tb: bool,
         accumulate: bool,
     ) {
-        self.inner
-            .matmul(&mut c.inner, &a.inner, &b.inner, m, n, k, ta, tb, accumulate)
+        self.inner.matmul(
+            &mut c.inner,
+            &a.inner,
+            &b.inner,
+            m,
+            n,
+            k,
+            ta,
+            tb,
+            accumulate,
+        )
     }
 
     fn bias_add(&self, y: &mut Self::Buf, bias: &Self::Buf, off: usize, rows: usize, cols: usize) {
-        self.inner.bias_add(&mut y.inner, &bias.inner, off, rows, cols)
+        self.inner
+            .bias_add(&mut y.inner, &bias.inner, off, rows, cols)
     }
 
     fn bias_grad(&self, db: &mut Self::Buf, off: usize, dy: &Self::Buf, rows: usize, cols: usize) {
-        self.inner.bias_grad(&mut db.inner, off, &dy.inner, rows, cols)
+        self.inner
+            .bias_grad(&mut db.inner, off, &dy.inner, rows, cols)
     }
 
     fn add(&self, y: &mut Self::Buf, x: &Self::Buf, n: usize) {
@@ -537,7 +552,13 @@ impl<B: Backend> Backend for SimDevice<B> {
         n: usize,
         h: AdamW,
     ) {
-        self.inner
-            .adamw(&mut params.inner, &grads.inner, &mut m.inner, &mut v.inner, n, h)
+        self.inner.adamw(
+            &mut params.inner,
+            &grads.inner,
+            &mut m.inner,
+            &mut v.inner,
+            n,
+            h,
+        )
     }
 }

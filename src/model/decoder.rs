@@ -48,6 +48,63 @@ pub enum Offload {
     Stream,
 }
 
+impl Offload {
+    /// `resident`, `stream`, or `auto` (`None`: decide from the device
+    /// budget, see [`MemoryPlan::choose`]).
+    pub fn parse(s: &str) -> Result<Option<Offload>> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "resident" => Ok(Some(Offload::Resident)),
+            "stream" => Ok(Some(Offload::Stream)),
+            "auto" => Ok(None),
+            _ => Err(Error::msg(format!(
+                "--offload: unknown mode '{s}' (resident, stream, auto)"
+            ))),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Offload::Resident => "resident",
+            Offload::Stream => "stream",
+        }
+    }
+}
+
+/// Estimated device memory of a training step (see
+/// [`Decoder::memory_plan`]), in bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct MemoryPlan {
+    /// Embeddings, final norm, LM head (always resident).
+    pub other_weights: u64,
+    /// The largest layer's frozen weights.
+    pub largest_layer: u64,
+    /// All layers' frozen weights.
+    pub all_layers: u64,
+    /// Activations, gradients and the LM head's logits (upper estimate).
+    pub activations: u64,
+}
+
+impl MemoryPlan {
+    /// Peak with every layer resident.
+    pub fn resident(&self) -> u64 {
+        self.other_weights + self.all_layers + self.activations
+    }
+
+    /// Peak with layers streamed (two on the device at once).
+    pub fn streamed(&self) -> u64 {
+        self.other_weights + 2 * self.largest_layer + self.activations
+    }
+
+    /// The mode for a device `budget`: resident when it fits, else streamed.
+    pub fn choose(&self, budget: u64) -> Offload {
+        if self.resident() <= budget {
+            Offload::Resident
+        } else {
+            Offload::Stream
+        }
+    }
+}
+
 /// How to build a decoder.
 #[derive(Clone, Debug, Default)]
 pub struct DecoderOptions {
@@ -190,14 +247,6 @@ enum Src {
 }
 
 impl Src {
-    /// Bytes of the tensor as stored (what an upload reads).
-    fn bytes(&self) -> u64 {
-        match self {
-            Src::View(t) => (t.numel() * t.dtype.size()) as u64,
-            Src::Host(v) => (v.len() * 4) as u64,
-        }
-    }
-
     fn upload<B: Backend>(&self, be: &B) -> Result<B::Buf> {
         match self {
             Src::View(t) => be.weight(t),
@@ -967,7 +1016,8 @@ impl<B: Backend> Decoder<B> {
     fn bref<'a>(
         &'a self,
         b: &'a BiasSrc<B::Buf>,
-        params: &'a B::Buf) -> Option<(&'a B::Buf, usize)> {
+        params: &'a B::Buf,
+    ) -> Option<(&'a B::Buf, usize)> {
         match b {
             BiasSrc::None => None,
             BiasSrc::Frozen(buf) => Some((buf, 0)),
@@ -975,7 +1025,14 @@ impl<B: Backend> Decoder<B> {
         }
     }
 
-    fn lin_fwd(&self, be: &B, lin: &Lin<B::Buf>, x: &B::Buf, rows: usize, params: &B::Buf) -> B::Buf {
+    fn lin_fwd(
+        &self,
+        be: &B,
+        lin: &Lin<B::Buf>,
+        x: &B::Buf,
+        rows: usize,
+        params: &B::Buf,
+    ) -> B::Buf {
         let mut y = be.zeros(rows * lin.n_out);
         be.matmul(
             &mut y,
@@ -995,7 +1052,15 @@ impl<B: Backend> Decoder<B> {
     }
 
     /// `dx (+)= dy·W` (the input gradient of a linear map).
-    fn lin_bwd(&self, be: &B, lin: &Lin<B::Buf>, dx: &mut B::Buf, dy: &B::Buf, rows: usize, acc: bool) {
+    fn lin_bwd(
+        &self,
+        be: &B,
+        lin: &Lin<B::Buf>,
+        dx: &mut B::Buf,
+        dy: &B::Buf,
+        rows: usize,
+        acc: bool,
+    ) {
         be.matmul(
             dx, dy, &lin.w, rows, lin.n_in, lin.n_out, false, lin.in_out, acc,
         );
@@ -1147,10 +1212,7 @@ impl<B: Backend> Decoder<B> {
             Layers::Stream(v) => {
                 let up = v[l].try_map(&mut |s: &Src| s.upload(be));
                 LayerRef::Uploaded(Box::new(up.unwrap_or_else(|e| {
-                    device_fault(format!(
-                        "{}: streaming layer {l}'s weights: {e}",
-                        be.name()
-                    ))
+                    device_fault(format!("{}: streaming layer {l}'s weights: {e}", be.name()))
                 })))
             }
         }
@@ -1175,40 +1237,78 @@ impl<B: Backend> Decoder<B> {
         }
     }
 
-    /// Bytes of frozen weights: `(outside the layers, the largest layer,
-    /// all layers)`, as stored in the checkpoint.
-    pub fn weight_bytes(&self, be: &B) -> (u64, u64, u64) {
+    /// Device memory a training step needs (an upper estimate), for
+    /// choosing between resident and streamed layers. Weights count as the
+    /// backend holds them ([`Backend::weight_bytes`]); activations at the
+    /// backend's element size for `batch × seq` tokens with the LM head at
+    /// up to `batch × seq` rows.
+    pub fn memory_plan(&self, be: &B, batch: usize, seq: usize) -> MemoryPlan {
+        let wb = |b: &B::Buf| (be.len(b) * std::mem::size_of::<B::T>()) as u64;
+        let sb = |s: &Src| match s {
+            Src::View(t) => be.weight_bytes(t),
+            Src::Host(v) => (v.len() * std::mem::size_of::<B::T>()) as u64,
+        };
         let layer_bytes: Vec<u64> = match &self.layers {
             Layers::Stream(v) => v
                 .iter()
-                .map(|l| l.tensors().iter().map(|s| s.bytes()).sum())
+                .map(|l| l.tensors().into_iter().map(sb).sum())
                 .collect(),
             Layers::Resident(v) => v
                 .iter()
-                .map(|l| {
-                    l.tensors()
-                        .iter()
-                        .map(|b| (be.len(b) * std::mem::size_of::<B::T>()) as u64)
-                        .sum()
-                })
+                .map(|l| l.tensors().into_iter().map(wb).sum())
                 .collect(),
         };
-        let bytes = |b: &B::Buf| (be.len(b) * std::mem::size_of::<B::T>()) as u64;
-        let mut other = bytes(&self.embed);
+        let mut other = wb(&self.embed);
         for b in self.pos.iter().chain(self.lm_head.iter()) {
-            other += bytes(b);
+            other += wb(b);
         }
         for l in self.project_in.iter().chain(self.project_out.iter()) {
-            other += bytes(&l.w);
+            other += wb(&l.w);
         }
         if let Some(n) = &self.final_norm {
-            other += bytes(&n.g);
+            other += wb(&n.g);
         }
-        (
-            other,
-            layer_bytes.iter().copied().max().unwrap_or(0),
-            layer_bytes.iter().sum(),
-        )
+        let c = &self.cfg;
+        let n = (batch * seq) as u64;
+        let (d, ff, v, dp) = (
+            c.hidden_size as u64,
+            c.intermediate_size as u64,
+            c.vocab_size as u64,
+            c.word_embed_proj_dim as u64,
+        );
+        let (qd, kvd) = (
+            (c.num_heads * c.head_dim()) as u64,
+            (c.num_kv_heads * c.head_dim()) as u64,
+        );
+        let gated = u64::from(c.arch.is_llama_like());
+        // What one layer keeps (Saved) and a layer pass's transients.
+        let saved = n * (2 * d + 2 + 2 * qd + 2 * kvd + ff * (1 + gated))
+            + (batch * c.num_heads * seq) as u64;
+        let transient = 2 * saved + n * (3 * ff + 2 * qd + 2 * kvd + 6 * d);
+        let trainable = (self.num_layers() - self.lowest.min(self.num_layers())) as u64;
+        let kept = trainable * if self.recompute { n * d } else { saved };
+        let head = 2 * n * v + 4 * n * d + n * dp;
+        let el = std::mem::size_of::<B::T>() as u64;
+        MemoryPlan {
+            other_weights: other,
+            largest_layer: layer_bytes.iter().copied().max().unwrap_or(0),
+            all_layers: layer_bytes.iter().sum(),
+            activations: (kept + transient + head + 2 * n * d) * el,
+        }
+    }
+
+    /// Upload every streamed layer now: from here on the decoder runs with
+    /// resident layers (what `--offload auto` does once it has seen that
+    /// the model fits).
+    pub fn make_resident(&mut self, be: &B) -> Result<()> {
+        if let Layers::Stream(v) = &self.layers {
+            let mut res = Vec::with_capacity(v.len());
+            for layer in v {
+                res.push(layer.try_map(&mut |s: &Src| s.upload(be))?);
+            }
+            self.layers = Layers::Resident(res);
+        }
+        Ok(())
     }
 
     /// One layer's forward pass from its input `h`: the activations its
@@ -1624,7 +1724,17 @@ impl<B: Backend> Decoder<B> {
         let (saved, h) = self.forward(be, params, &cb.x, true, None);
         let top = self.top_forward(be, params, &h, &cb.rt.rows, cb.rt.n);
         let (loss, scores, dl) = self.cand_loss(be, &top.logits, cb);
-        self.backward(be, params, grads, &cb.x, &saved, &top, &cb.rt.rows, cb.rt.n, &dl);
+        self.backward(
+            be,
+            params,
+            grads,
+            &cb.x,
+            &saved,
+            &top,
+            &cb.rt.rows,
+            cb.rt.n,
+            &dl,
+        );
         (loss, scores)
     }
 

@@ -23,13 +23,14 @@ use serde_json::{json, Value};
 
 use super::run::{run_loop, write_json, EvalArgs, EvalResult, Summary, TrainArgs, Trainee};
 use super::{slab_tensors, Slab};
+use crate::backend::fault::{max_device_memory, mib};
 use crate::backend::Backend;
 use crate::data::generation::{self, GenExample};
 use crate::data::prompts::{self, McExample, Templates};
 use crate::data::{self, Split, TextTokenizer};
 use crate::error::{Error, Result};
 use crate::model::config::{Arch, ModelDir};
-use crate::model::{BiasTerm, Decoder, DecoderOptions};
+use crate::model::{BiasTerm, Decoder, DecoderOptions, Offload};
 use crate::rng::Rng;
 use crate::weights::{write_safetensors, WeightStore};
 
@@ -496,13 +497,14 @@ pub(super) fn train_on<B: Backend>(be: &B, args: &TrainArgs) -> Result<Summary> 
     if train.len() == 0 || dev.len() == 0 {
         return Err(Error::file(&args.data, "empty dataset"));
     }
-    let dec = Decoder::load(
+    let dec = load_decoder(
         be,
         &md,
-        DecoderOptions {
-            terms: terms.clone(),
-            ..Default::default()
-        },
+        terms.clone(),
+        &args.offload,
+        args.recompute,
+        args.batch,
+        args.max_len,
     )?;
     if terms == [BiasTerm::K] && !md.config.arch.is_llama_like() {
         eprintln!("note: b_k receives an exactly-zero gradient in softmax attention without rotary embeddings; nothing will learn");
@@ -560,6 +562,7 @@ pub(super) fn train_on<B: Backend>(be: &B, args: &TrainArgs) -> Result<Summary> 
             pooling: "none".into(),
             trainable_params: dec.trainable_params(),
             trainable_bias_params: dec.layout.bias_params(),
+            offload: dec.offload().name().into(),
             metric_name: metric_name.into(),
             train_examples: train.len(),
             dev_examples: dev.len(),
@@ -588,6 +591,68 @@ pub(super) fn train_on<B: Backend>(be: &B, args: &TrainArgs) -> Result<Summary> 
     )?;
     staging.finish(&args.out, args.overwrite)?;
     Ok(summary)
+}
+
+/// Load the decoder with resident or streamed layers (`--offload`). `auto`
+/// streams only when a device budget (`--max-gpu-memory` or
+/// `BEFT_MAX_DEVICE_MEMORY`) is set and the planned resident peak for
+/// `batch × seq` tokens does not fit it; the plan is printed when a budget
+/// is set.
+fn load_decoder<B: Backend>(
+    be: &B,
+    md: &ModelDir,
+    terms: Vec<BiasTerm>,
+    offload: &str,
+    recompute: bool,
+    batch: usize,
+    seq: usize,
+) -> Result<Decoder<B>> {
+    let asked = Offload::parse(offload)?;
+    let budget = max_device_memory()?;
+    let opts = |offload| DecoderOptions {
+        terms: terms.clone(),
+        offload,
+        recompute,
+    };
+    // The CPU backend has no device memory: weights are read in place.
+    let Some(budget) = budget.filter(|_| be.memory().is_some()) else {
+        return Decoder::load(be, md, opts(asked.unwrap_or_default()));
+    };
+    // Plan from the streamed form (only the embeddings and head are on the
+    // device), then upload the layers if resident was chosen.
+    let mut dec = Decoder::load(be, md, opts(Offload::Stream))?;
+    let plan = dec.memory_plan(be, batch, seq);
+    let mode = asked.unwrap_or_else(|| plan.choose(budget));
+    let need = match mode {
+        Offload::Resident => plan.resident(),
+        Offload::Stream => plan.streamed(),
+    };
+    eprintln!(
+        "memory: device budget {}; planned peak {} resident, {} streamed ({} layer weights, {} activations at {batch}x{seq}{}) -> {}",
+        mib(budget),
+        mib(plan.resident()),
+        mib(plan.streamed()),
+        mib(plan.all_layers),
+        mib(plan.activations),
+        if recompute { ", recompute" } else { "" },
+        mode.name()
+    );
+    if need > budget {
+        eprintln!(
+            "warning: the planned peak ({}) is over the budget ({}); the run may stop with out of device memory: lower --batch or --max-len{}",
+            mib(need),
+            mib(budget),
+            match (mode, recompute) {
+                (Offload::Resident, _) => ", or use --offload stream",
+                (Offload::Stream, false) => ", or add --recompute",
+                (Offload::Stream, true) => "",
+            }
+        );
+    }
+    if mode == Offload::Resident {
+        dec.make_resident(be)?;
+    }
+    Ok(dec)
 }
 
 /// `beft eval` for a decoder: zero-shot, or with trained biases.
@@ -620,7 +685,15 @@ pub fn eval_on<B: Backend>(be: &B, args: &EvalArgs) -> Result<EvalResult> {
         Some(t) => BiasTerm::parse_set(&t)?,
         None => vec![BiasTerm::V],
     };
-    let dec = Decoder::load(be, &md, DecoderOptions { terms, ..Default::default() })?;
+    let dec = load_decoder(
+        be,
+        &md,
+        terms,
+        &args.offload,
+        false,
+        args.batch,
+        args.max_len,
+    )?;
     let mut init = dec.init.clone();
     if let Some((path, store)) = &biases {
         dec.layout.read_values(store, path, &mut init)?;

@@ -14,13 +14,13 @@ use serde_json::json;
 use super::{
     checkpoint, evaluate, lr_at, parse_pooling, pooling_name, slab_tensors, Schedule, Slab,
 };
-use crate::backend::fault::catch_device_fault;
+use crate::backend::fault::{catch_device_fault, set_device_budget};
 use crate::backend::{sub_seed, AdamW, Backend, Device, PoolKind};
 use crate::data::{self, Encoding, Example, Split, TaskSpec, TextTokenizer};
 use crate::error::{Error, Result};
 use crate::float::Float;
 use crate::model::config::ModelDir;
-use crate::model::{BiasTerm, Encoder, EncoderOptions};
+use crate::model::{BiasTerm, Encoder, EncoderOptions, Offload};
 use crate::weights::{write_safetensors, WeightStore};
 
 /// Options of `beft train` (the CLI maps its flags onto this). Saved as
@@ -62,6 +62,16 @@ pub struct TrainArgs {
     pub templates: Option<PathBuf>,
     /// Decoder generation tasks: most tokens generated per answer.
     pub max_new_tokens: usize,
+    /// Decoder layer weights: `resident`, `stream` (uploaded layer by layer
+    /// from the memory map) or `auto` (stream only when the device budget
+    /// is too small for resident).
+    pub offload: String,
+    /// Decoders: keep only each layer's input and recompute the layer in
+    /// the backward pass.
+    pub recompute: bool,
+    /// Device budget (`4GiB`, …): the cap on device memory, and what
+    /// `--offload auto` plans against. Default: `BEFT_MAX_DEVICE_MEMORY`.
+    pub max_gpu_memory: Option<String>,
 }
 
 /// The training settings of an unfinished run, in its staging directory.
@@ -98,6 +108,9 @@ impl Default for TrainArgs {
             checkpoint_every: 50,
             templates: None,
             max_new_tokens: 32,
+            offload: "auto".into(),
+            recompute: false,
+            max_gpu_memory: None,
         }
     }
 }
@@ -156,6 +169,10 @@ pub struct Summary {
     pub seed: u64,
     pub lr: f64,
     pub batch: usize,
+    /// `resident` or `stream` (decoder layer weights).
+    pub offload: String,
+    /// Peak device memory of the run, where the backend counts it.
+    pub peak_device_bytes: Option<u64>,
 }
 
 /// The error for a device this build was compiled without.
@@ -420,6 +437,7 @@ impl<B: Backend> Trained<B> {
             step_seconds_median: median(&mut st.step_secs.clone()),
             train_seconds: st.train_time,
             peak_rss_bytes: peak_rss_bytes(),
+            peak_device_bytes: be.memory().map(|m| m.peak),
             device: be.name(),
             seed: args.seed,
             lr: args.lr,
@@ -797,6 +815,7 @@ impl<B: Backend> Trainee<B> for EncoderTrainee<'_, B> {
 
 /// `beft train`.
 pub fn train(args: &TrainArgs) -> Result<Summary> {
+    set_device_budget(args.max_gpu_memory.as_deref())?;
     with_backend!(&args.device, |be| train_on(&be, args))
 }
 
@@ -822,6 +841,7 @@ pub fn train_on<B: Backend>(be: &B, args: &TrainArgs) -> Result<Summary> {
     if super::lm::is_decoder_model(&args.model) {
         return super::lm::train_on(be, args);
     }
+    encoder_offload(&args.offload, args.recompute)?;
     let p = prepare(
         &args.model,
         &args.task,
@@ -891,6 +911,7 @@ pub fn train_on<B: Backend>(be: &B, args: &TrainArgs) -> Result<Summary> {
             pooling: pooling_name(p.pooling).into(),
             trainable_params: enc.trainable_params(),
             trainable_bias_params: enc.layout.bias_params(),
+            offload: "resident".into(),
             metric_name: p.task.metric_name.clone(),
             train_examples: p.train.len(),
             dev_examples: p.dev.len(),
@@ -968,6 +989,19 @@ fn dump_first_batch<B: Backend>(
     write_json(path, &v)
 }
 
+/// Encoders keep every layer resident and every activation: refuse the
+/// decoder-only memory options instead of ignoring them.
+fn encoder_offload(offload: &str, recompute: bool) -> Result<()> {
+    Offload::parse(offload)?;
+    if offload == "stream" || recompute {
+        return Err(Error::msg(format!(
+            "--{}: implemented for decoders (the large models); encoders keep their layers and activations on the device",
+            if recompute { "recompute" } else { "offload stream" }
+        )));
+    }
+    Ok(())
+}
+
 /// Options of `beft eval`.
 #[derive(Clone, Debug)]
 pub struct EvalArgs {
@@ -987,6 +1021,10 @@ pub struct EvalArgs {
     pub templates: Option<PathBuf>,
     /// Decoder generation tasks: most tokens generated per answer.
     pub max_new_tokens: usize,
+    /// As [`TrainArgs::offload`].
+    pub offload: String,
+    /// As [`TrainArgs::max_gpu_memory`].
+    pub max_gpu_memory: Option<String>,
 }
 
 /// Result of `beft eval`.
@@ -1003,6 +1041,7 @@ pub struct EvalResult {
 
 /// `beft eval`: the base model plus (optionally) trained biases, on the dev split.
 pub fn eval(args: &EvalArgs) -> Result<EvalResult> {
+    set_device_budget(args.max_gpu_memory.as_deref())?;
     with_backend!(&args.device, |be| eval_on(&be, args))
 }
 
@@ -1011,6 +1050,7 @@ pub fn eval_on<B: Backend>(be: &B, args: &EvalArgs) -> Result<EvalResult> {
     if super::lm::is_decoder_model(&args.model) {
         return super::lm::eval_on(be, args);
     }
+    encoder_offload(&args.offload, false)?;
     let biases = match &args.biases {
         Some(p) => Some((p.clone(), WeightStore::open_file(p)?)),
         None => None,

@@ -665,6 +665,15 @@ impl Backend for CudaBackend {
         CudaIds { data, len }
     }
 
+    fn weight_bytes(&self, t: &TensorView) -> u64 {
+        let per = if self.weights == WeightDtype::Bf16 && t.shape.len() >= 2 {
+            2
+        } else {
+            4
+        };
+        (t.numel() * per) as u64
+    }
+
     fn weight(&self, t: &TensorView) -> Result<CudaBuf> {
         let n = t.numel();
         let matrix = t.shape.len() >= 2;
