@@ -59,7 +59,9 @@ fn main() -> beft::Result<()> {
         let plan = dec.memory_plan(&be, batch, seq);
         let mut rng = Rng::new(1);
         let vocab = md.config.vocab_size.min(50_000);
-        let ids: Vec<u32> = (0..batch * seq).map(|_| 3 + rng.below(vocab - 3) as u32).collect();
+        let ids: Vec<u32> = (0..batch * seq)
+            .map(|_| 3 + rng.below(vocab - 3) as u32)
+            .collect();
         let mask = vec![1f32; batch * seq];
         let rows: Vec<u32> = (0..batch)
             .flat_map(|b| (0..seq - 1).map(move |t| (b * seq + t) as u32))

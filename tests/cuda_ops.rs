@@ -1280,6 +1280,69 @@ fn training_step_on_tiny_models_matches_cpu() {
     }
 }
 
+/// Decoder training steps (GPT-2, OPT pre-/post-LN, LLaMA with GQA and
+/// RoPE, Qwen2; every bias trainable, zero biases added where the model has
+/// none) against the CPU, with f32 weights and with bf16 weights (against
+/// the CPU on bf16-rounded weights); then the same step with streamed
+/// layers (copied on the side stream) and recomputed activations against
+/// the resident GPU step.
+#[test]
+fn training_step_on_tiny_decoders_matches_cpu_resident_and_streamed() {
+    use beft::model::Offload;
+    use common::fixtures::{decoder_fixture_step, fixture, DECODER_CASES};
+    let Some(g32) = gpu(WeightDtype::F32) else {
+        return;
+    };
+    let Some(g16) = gpu(WeightDtype::Bf16) else {
+        return;
+    };
+    let cpu = Cpu::new();
+    let tmp = TempDir::new().unwrap();
+    for case in DECODER_CASES {
+        let rounded = tmp.path().join(case);
+        bf16_rounded_copy(&fixture(case).join("model"), &rounded);
+        for (g, model, tol, dt) in [
+            (&g32, None, 1e-4, "f32"),
+            (&g16, Some(rounded.as_path()), 1e-3, "bf16"),
+        ] {
+            let (cl, clog, cgr) = decoder_fixture_step(&cpu, case, model, Offload::Resident, false);
+            let scale = cgr.iter().fold(0f32, |a, b| a.max(b.abs()));
+            let (gl, glog, ggr) = decoder_fixture_step(g, case, None, Offload::Resident, false);
+            let what = format!("decoder step {case} ({dt} weights)");
+            assert!(
+                (gl - cl).abs() <= tol * cl.abs().max(1e-3),
+                "{what}: loss {gl} on the GPU vs {cl} on the CPU"
+            );
+            eprintln!("{what}: loss |err| {:.3e}", (gl - cl).abs());
+            // As for the encoders: every error within tol × the tensor's
+            // largest magnitude.
+            let lscale = clog.iter().fold(0f32, |a, b| a.max(b.abs()));
+            close(
+                &format!("{what} logits"),
+                &glog,
+                &clog,
+                tol as f32 * lscale,
+                0.0,
+            );
+            close(
+                &format!("{what} grads"),
+                &ggr,
+                &cgr,
+                tol as f32 * scale,
+                0.0,
+            );
+            let (sl, slog, sgr) = decoder_fixture_step(g, case, None, Offload::Stream, true);
+            let what = format!("{what}, streamed + recompute vs resident");
+            assert!(
+                (sl - gl).abs() <= 1e-6 * gl.abs().max(1.0),
+                "{what}: loss {sl} vs {gl}"
+            );
+            close(&format!("{what} logits"), &slog, &glog, 1e-6, 1e-5);
+            close(&format!("{what} grads"), &sgr, &ggr, 1e-6 * scale, 1e-5);
+        }
+    }
+}
+
 fn minilm_dir() -> Option<PathBuf> {
     let base = match std::env::var_os("BEFT_CACHE") {
         Some(p) => PathBuf::from(p),

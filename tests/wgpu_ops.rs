@@ -1118,56 +1118,8 @@ fn training_step_tiny_roberta_matches_cpu() {
 
 // ---- decoders (GPT-2, OPT pre-/post-LN, LLaMA with GQA, Qwen2) ------------
 
-/// One next-token training step of a decoder fixture (tiny random models of
-/// tests/fixtures/*_lm, see tests/decoder_parity.rs): loss, logits at the
-/// loss rows and every bias gradient.
 fn decoder_step<B: Backend>(be: &B, case: &str) -> (f64, Vec<f32>, Vec<f32>) {
-    use beft::model::{Decoder, DecoderOptions};
-    use safetensors::SafeTensors;
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(case);
-    let bytes = std::fs::read(dir.join("expected.safetensors")).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let ints = |name: &str| -> (Vec<usize>, Vec<i32>) {
-        let t = st.tensor(name).unwrap();
-        let v = t
-            .data()
-            .chunks_exact(4)
-            .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
-        (t.shape().to_vec(), v)
-    };
-    let floats = |name: &str| -> Vec<f32> {
-        st.tensor(name)
-            .unwrap()
-            .data()
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect()
-    };
-    let md = ModelDir::open(&dir.join("model")).unwrap();
-    let dec = Decoder::load(
-        be,
-        &md,
-        DecoderOptions {
-            terms: BiasTerm::parse_set("all").unwrap(),
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    let (shape, ids) = ints("input_ids");
-    let ids: Vec<u32> = ids.into_iter().map(|x| x as u32).collect();
-    let mask = floats("attention_mask");
-    let rows: Vec<u32> = ints("rows").1.into_iter().map(|x| x as u32).collect();
-    let targets: Vec<u32> = ints("targets").1.into_iter().map(|x| x as u32).collect();
-    let x = dec.upload(be, shape[0], shape[1], &ids, &mask).unwrap();
-    let rt = dec.row_targets(be, &x, &rows, &targets).unwrap();
-    let mut slab = beft::train::Slab::new(be, &dec.init);
-    let loss = dec.lm_loss_and_grad(be, &slab.params, &mut slab.grads, &x, &rt);
-    let logits = dec.logits_at(be, &slab.params, &x, &rt);
-    let f = |v: Vec<B::T>| -> Vec<f32> { v.into_iter().map(beft::float::Float::to_f32).collect() };
-    (loss, f(logits), f(be.download(&slab.grads)))
+    common::fixtures::decoder_fixture_step(be, case, None, Default::default(), false)
 }
 
 #[test]
@@ -1175,7 +1127,7 @@ fn training_step_tiny_decoders_match_cpu() {
     let (Some(g), Some(gs)) = (gpu(), gpu_split()) else {
         return;
     };
-    for case in ["gpt2_lm", "opt_lm", "opt_postln_lm", "llama_lm", "qwen2_lm"] {
+    for case in common::fixtures::DECODER_CASES {
         let (cl, clog, cgr) = decoder_step(&Cpu::new(), case);
         let scale = cgr.iter().fold(0f32, |a, b| a.max(b.abs()));
         for (which, be) in [("", g), (" split weights", gs)] {

@@ -230,6 +230,12 @@ pub trait Backend {
     /// decides how it is held (the CPU backend reads f32 tensors in place and
     /// converts f16/bf16 on use).
     fn weight(&self, t: &TensorView) -> Result<Self::Buf>;
+    /// A frozen weight uploaded for one use by a streamed layer
+    /// (`--offload stream`). A backend may copy it on a side stream so that
+    /// the upload overlaps the compute queued before it.
+    fn weight_streamed(&self, t: &TensorView) -> Result<Self::Buf> {
+        self.weight(t)
+    }
     /// Bytes of device memory that [`Backend::weight`] takes for `t`.
     fn weight_bytes(&self, t: &TensorView) -> u64 {
         (t.numel() * std::mem::size_of::<Self::T>()) as u64

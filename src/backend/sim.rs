@@ -145,6 +145,12 @@ impl<B: Backend> Backend for SimDevice<B> {
         Ok(self.wrap(self.inner.weight(t)?, bytes))
     }
 
+    fn weight_streamed(&self, t: &TensorView) -> Result<Self::Buf> {
+        let bytes = self.weight_bytes(t);
+        self.admit(bytes);
+        Ok(self.wrap(self.inner.weight_streamed(t)?, bytes))
+    }
+
     fn weight_bytes(&self, t: &TensorView) -> u64 {
         (t.numel() * t.dtype.size()) as u64
     }

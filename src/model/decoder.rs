@@ -247,8 +247,10 @@ enum Src {
 }
 
 impl Src {
-    fn upload<B: Backend>(&self, be: &B) -> Result<B::Buf> {
+    /// On the device: resident, or for one use by a streamed layer.
+    fn upload<B: Backend>(&self, be: &B, streamed: bool) -> Result<B::Buf> {
         match self {
+            Src::View(t) if streamed => be.weight_streamed(t),
             Src::View(t) => be.weight(t),
             Src::Host(v) => {
                 let vals: Vec<B::T> = v.iter().map(|x| B::T::from_f32(*x)).collect();
@@ -519,7 +521,7 @@ impl<B: Backend> Loader<'_, B> {
 
     /// A bias on the device (outside the streamed layers).
     fn dev_bias(&self, b: BiasSrc<Src>) -> Result<BiasSrc<B::Buf>> {
-        b.try_map(&mut |s: &Src| s.upload(self.be))
+        b.try_map(&mut |s: &Src| s.upload(self.be, false))
     }
 }
 
@@ -768,7 +770,9 @@ impl<B: Backend> Decoder<B> {
                 }
             };
             match opts.offload {
-                Offload::Resident => resident.push(layer.try_map(&mut |s: &Src| s.upload(be))?),
+                Offload::Resident => {
+                    resident.push(layer.try_map(&mut |s: &Src| s.upload(be, false))?)
+                }
                 Offload::Stream => streamed.push(layer),
             }
         }
@@ -1210,7 +1214,7 @@ impl<B: Backend> Decoder<B> {
         match &self.layers {
             Layers::Resident(v) => LayerRef::Resident(&v[l]),
             Layers::Stream(v) => {
-                let up = v[l].try_map(&mut |s: &Src| s.upload(be));
+                let up = v[l].try_map(&mut |s: &Src| s.upload(be, true));
                 LayerRef::Uploaded(Box::new(up.unwrap_or_else(|e| {
                     device_fault(format!("{}: streaming layer {l}'s weights: {e}", be.name()))
                 })))
@@ -1304,7 +1308,7 @@ impl<B: Backend> Decoder<B> {
         if let Layers::Stream(v) = &self.layers {
             let mut res = Vec::with_capacity(v.len());
             for layer in v {
-                res.push(layer.try_map(&mut |s: &Src| s.upload(be))?);
+                res.push(layer.try_map(&mut |s: &Src| s.upload(be, false))?);
             }
             self.layers = Layers::Resident(res);
         }

@@ -66,3 +66,50 @@ pub fn rel_err(got: &[f64], want: &[f64], scale: f64) -> f64 {
         .fold(0.0, f64::max)
         / scale.max(1e-30)
 }
+
+/// One next-token training step of a decoder parity fixture (tiny random
+/// models of `tests/fixtures/*_lm`) on `be`, with `--bias all`: the loss,
+/// the logits at the loss rows and every bias gradient. `model` replaces
+/// the fixture's model directory (e.g. a copy with bf16-rounded weights).
+pub fn decoder_fixture_step<B: beft::backend::Backend>(
+    be: &B,
+    case: &str,
+    model: Option<&Path>,
+    offload: beft::model::Offload,
+    recompute: bool,
+) -> (f64, Vec<f32>, Vec<f32>) {
+    use beft::float::Float;
+    use beft::model::{BiasTerm, Decoder, DecoderOptions};
+    let exp = read_expected(case).tensors;
+    let dir = model
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| fixture(case).join("model"));
+    let md = beft::model::config::ModelDir::open(&dir).unwrap();
+    let dec = Decoder::load(
+        be,
+        &md,
+        DecoderOptions {
+            terms: BiasTerm::parse_set("all").unwrap(),
+            offload,
+            recompute,
+        },
+    )
+    .unwrap();
+    let u32s = |name: &str| -> Vec<u32> { exp[name].1.iter().map(|x| *x as u32).collect() };
+    let shape = &exp["input_ids"].0;
+    let mask: Vec<f32> = exp["attention_mask"].1.iter().map(|x| *x as f32).collect();
+    let x = dec
+        .upload(be, shape[0], shape[1], &u32s("input_ids"), &mask)
+        .unwrap();
+    let rt = dec
+        .row_targets(be, &x, &u32s("rows"), &u32s("targets"))
+        .unwrap();
+    let mut slab = beft::train::Slab::new(be, &dec.init);
+    let loss = dec.lm_loss_and_grad(be, &slab.params, &mut slab.grads, &x, &rt);
+    let logits = dec.logits_at(be, &slab.params, &x, &rt);
+    let f = |v: Vec<B::T>| -> Vec<f32> { v.into_iter().map(|x| x.to_f32()).collect() };
+    (loss, f(logits), f(be.download(&slab.grads)))
+}
+
+/// The decoder parity fixtures.
+pub const DECODER_CASES: [&str; 5] = ["gpt2_lm", "opt_lm", "opt_postln_lm", "llama_lm", "qwen2_lm"];

@@ -159,6 +159,14 @@ pub struct CudaBackend {
     free_at_start: u64,
     /// Most device bytes in use at once, sampled after each allocation.
     peak: std::sync::atomic::AtomicU64,
+    /// Side stream for streamed layer uploads (see `copy_stream`).
+    copy: std::sync::OnceLock<Arc<CudaStream>>,
+}
+
+/// A frozen weight converted for the device, still on the host.
+enum HostWeight {
+    Bf16(Vec<u16>),
+    F32(Vec<f32>),
 }
 
 /// Every kernel the backend launches, by file.
@@ -363,6 +371,7 @@ impl CudaBackend {
             cap,
             free_at_start,
             peak: std::sync::atomic::AtomicU64::new(0),
+            copy: std::sync::OnceLock::new(),
         })
     }
 
@@ -427,6 +436,53 @@ impl CudaBackend {
     fn used_bytes(&self) -> u64 {
         let (free, _) = self.ctx.mem_get_info().unwrap_or((0, 0));
         self.free_at_start.saturating_sub(free as u64)
+    }
+
+    /// A frozen weight as the device holds it, on the host: bf16 bits for
+    /// matrices (when weights are bf16), else f32.
+    fn host_weight(&self, t: &TensorView) -> HostWeight {
+        let n = t.numel();
+        let matrix = t.shape.len() >= 2;
+        if self.weights == WeightDtype::Bf16 && matrix {
+            let bits: Vec<u16> = if t.dtype == DType::BF16 {
+                t.bytes()
+                    .chunks_exact(2)
+                    .map(|c| u16::from_le_bytes([c[0], c[1]]))
+                    .collect()
+            } else {
+                // Convert in chunks: no f32 copy of the whole tensor.
+                let mut bits = Vec::with_capacity(n);
+                let mut tmp = vec![0f32; n.min(1 << 20)];
+                let mut i = 0;
+                while i < n {
+                    let len = (n - i).min(tmp.len());
+                    t.read_f32_into(i, &mut tmp[..len]);
+                    bits.extend(
+                        tmp[..len]
+                            .iter()
+                            .map(|x| half::bf16::from_f32(*x).to_bits()),
+                    );
+                    i += len;
+                }
+                bits
+            };
+            HostWeight::Bf16(bits)
+        } else {
+            HostWeight::F32(t.to_f32_vec())
+        }
+    }
+
+    /// The side stream that streamed layer weights are copied on, so that
+    /// the copy of layer l+1 overlaps layer l's kernels on the compute
+    /// stream. Made on first use: with a second stream, cudarc orders every
+    /// buffer's uses across streams with events (a kernel waits for the copy
+    /// that wrote its input; a buffer is freed only after its last use).
+    fn copy_stream(&self) -> &Arc<CudaStream> {
+        self.copy.get_or_init(|| {
+            self.stream
+                .fork()
+                .unwrap_or_else(|e| self.lost("creating the copy stream", e))
+        })
     }
 
     /// `n` zeroed elements. Out of device memory (or over the
@@ -675,37 +731,31 @@ impl Backend for CudaBackend {
     }
 
     fn weight(&self, t: &TensorView) -> Result<CudaBuf> {
-        let n = t.numel();
-        let matrix = t.shape.len() >= 2;
-        if self.weights == WeightDtype::Bf16 && matrix {
-            let bits: Vec<u16> = if t.dtype == DType::BF16 {
-                t.bytes()
-                    .chunks_exact(2)
-                    .map(|c| u16::from_le_bytes([c[0], c[1]]))
-                    .collect()
-            } else {
-                // Convert in chunks: no f32 copy of the whole tensor.
-                let mut bits = Vec::with_capacity(n);
-                let mut tmp = vec![0f32; n.min(1 << 20)];
-                let mut i = 0;
-                while i < n {
-                    let len = (n - i).min(tmp.len());
-                    t.read_f32_into(i, &mut tmp[..len]);
-                    bits.extend(
-                        tmp[..len]
-                            .iter()
-                            .map(|x| half::bf16::from_f32(*x).to_bits()),
-                    );
-                    i += len;
-                }
-                bits
-            };
-            Ok(self.upload_bf16(&bits))
-        } else {
-            Ok(self.upload(&t.to_f32_vec()))
-        }
+        Ok(match self.host_weight(t) {
+            HostWeight::Bf16(bits) => self.upload_bf16(&bits),
+            HostWeight::F32(v) => self.upload(&v),
+        })
     }
 
+    fn weight_streamed(&self, t: &TensorView) -> Result<CudaBuf> {
+        let copy = self.copy_stream();
+        let (buf, what) = match self.host_weight(t) {
+            HostWeight::Bf16(bits) if !bits.is_empty() => {
+                let n = bits.len();
+                (copy.clone_htod(&bits).map(|s| CudaBuf::Bf16(s, n)), "bf16")
+            }
+            HostWeight::F32(v) if !v.is_empty() => {
+                let n = v.len();
+                (copy.clone_htod(&v).map(|s| CudaBuf::F32(s, n)), "f32")
+            }
+            _ => return self.weight(t),
+        };
+        let buf = buf.unwrap_or_else(|e| {
+            self.lost(&format!("streaming {} ({what}) to the device", t.name), e)
+        });
+        self.note_peak();
+        Ok(buf)
+    }
     fn len(&self, buf: &CudaBuf) -> usize {
         buf.len()
     }
