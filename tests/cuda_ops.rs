@@ -45,6 +45,11 @@ fn gpu(dt: WeightDtype) -> Option<CudaBackend> {
     }
 }
 
+/// The GPU backend twice: f32 weights and bf16 weights.
+fn gpus() -> Option<(CudaBackend, CudaBackend)> {
+    Some((gpu(WeightDtype::F32)?, gpu(WeightDtype::Bf16)?))
+}
+
 fn rand_vec(rng: &mut Rng, n: usize, scale: f64) -> Vec<f32> {
     (0..n).map(|_| (rng.normal() * scale) as f32).collect()
 }
@@ -155,10 +160,7 @@ type MatmulCase<'a> = (
 
 #[test]
 fn matmul_every_dtype_and_transpose() {
-    let Some(g32) = gpu(WeightDtype::F32) else {
-        return;
-    };
-    let Some(g16) = gpu(WeightDtype::Bf16) else {
+    let Some((g32, g16)) = gpus() else {
         return;
     };
     let mut rng = Rng::new(1);
@@ -1223,10 +1225,7 @@ fn bf16_rounded_copy(src: &std::path::Path, dst: &std::path::Path) {
 
 #[test]
 fn training_step_on_tiny_models_matches_cpu() {
-    let Some(g32) = gpu(WeightDtype::F32) else {
-        return;
-    };
-    let Some(g16) = gpu(WeightDtype::Bf16) else {
+    let Some((g32, g16)) = gpus() else {
         return;
     };
     let cpu = Cpu::new();
@@ -1290,10 +1289,7 @@ fn training_step_on_tiny_models_matches_cpu() {
 fn training_step_on_tiny_decoders_matches_cpu_resident_and_streamed() {
     use beft::model::Offload;
     use common::fixtures::{decoder_fixture_step, fixture, DECODER_CASES};
-    let Some(g32) = gpu(WeightDtype::F32) else {
-        return;
-    };
-    let Some(g16) = gpu(WeightDtype::Bf16) else {
+    let Some((g32, g16)) = gpus() else {
         return;
     };
     let cpu = Cpu::new();

@@ -1350,51 +1350,48 @@ impl<B: Backend> Decoder<B> {
                 }
             }
         };
+        // Pre-LN: x1 = h + attn(N1(h)), out = x1 + mlp(N2(x1)).
+        // Post-LN: x1 = N1(h + attn(h)), out = N2(x1 + mlp(x1)).
+        let ((n1, xhat1, rstd1), (q, k, v, ctx, lse), x1);
         if c.norm_before {
-            let (n1, xhat1, rstd1) = self.norm_fwd(be, &layer.n1, h, n, params);
-            let (q, k, v, ctx, lse) = self.attn_fwd(be, layer, l, &n1, x, params, cache);
-            let mut x1 = self.lin_fwd(be, &layer.o, &ctx, n, params);
-            be.add(&mut x1, h, n * d);
-            let (n2, xhat2, rstd2) = self.norm_fwd(be, &layer.n2, &x1, n, params);
-            let (mut m, f, up) = mlp(&n2);
-            be.add(&mut m, &x1, n * d);
-            let s = Saved {
-                xhat1,
-                rstd1,
-                q,
-                k,
-                v,
-                ctx,
-                lse,
-                xhat2,
-                rstd2,
-                f,
-                up,
-            };
-            (s, m)
-        } else {
-            let (q, k, v, ctx, lse) = self.attn_fwd(be, layer, l, h, x, params, cache);
+            (n1, xhat1, rstd1) = self.norm_fwd(be, &layer.n1, h, n, params);
+            (q, k, v, ctx, lse) = self.attn_fwd(be, layer, l, &n1, x, params, cache);
             let mut a = self.lin_fwd(be, &layer.o, &ctx, n, params);
             be.add(&mut a, h, n * d);
-            let (x1, xhat1, rstd1) = self.norm_fwd(be, &layer.n1, &a, n, params);
-            let (mut m, f, up) = mlp(&x1);
-            be.add(&mut m, &x1, n * d);
-            let (out, xhat2, rstd2) = self.norm_fwd(be, &layer.n2, &m, n, params);
-            let s = Saved {
-                xhat1,
-                rstd1,
-                q,
-                k,
-                v,
-                ctx,
-                lse,
-                xhat2,
-                rstd2,
-                f,
-                up,
-            };
-            (s, out)
+            x1 = a;
+        } else {
+            (q, k, v, ctx, lse) = self.attn_fwd(be, layer, l, h, x, params, cache);
+            let mut a = self.lin_fwd(be, &layer.o, &ctx, n, params);
+            be.add(&mut a, h, n * d);
+            (x1, xhat1, rstd1) = self.norm_fwd(be, &layer.n1, &a, n, params);
         }
+        let (out, f, up, xhat2, rstd2);
+        if c.norm_before {
+            let n2;
+            (n2, xhat2, rstd2) = self.norm_fwd(be, &layer.n2, &x1, n, params);
+            let (mut m, ff_in, u) = mlp(&n2);
+            be.add(&mut m, &x1, n * d);
+            (out, f, up) = (m, ff_in, u);
+        } else {
+            let (mut m, ff_in, u) = mlp(&x1);
+            be.add(&mut m, &x1, n * d);
+            (out, xhat2, rstd2) = self.norm_fwd(be, &layer.n2, &m, n, params);
+            (f, up) = (ff_in, u);
+        }
+        let s = Saved {
+            xhat1,
+            rstd1,
+            q,
+            k,
+            v,
+            ctx,
+            lse,
+            xhat2,
+            rstd2,
+            f,
+            up,
+        };
+        (s, out)
     }
 
     /// The layers. Returns what each layer keeps for the backward pass (when
