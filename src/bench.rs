@@ -14,9 +14,9 @@
 //!   ([`Backend::sync`](crate::backend::Backend::sync)) before the clock is
 //!   read, rotating among several input sets so that caches do not flatter
 //!   memory-bound ops.
-//! - **Ceilings**: copy bandwidth (a large device-to-device `copy`: bytes read
-//!   + written per second) and a GEMM rate (cuBLAS bf16 and f32 on CUDA, the
-//!   measured FMA peak on the CPU; none on wgpu).
+//! - **Ceilings**: copy bandwidth (a large device-to-device `copy`: bytes
+//!   read and written per second) and a GEMM rate (cuBLAS bf16 and f32 on
+//!   CUDA, the measured FMA peak on the CPU; none on wgpu).
 //! - **Steps** ([`step`]): whole bias-only training steps (forward, backward,
 //!   clipping, AdamW) of a decoder or encoder, with tokens/s, model FLOP
 //!   utilisation and peak device memory.

@@ -278,7 +278,7 @@ pub fn write_random_opt(
     use std::io::Write;
 
     let s = shape;
-    if s.hidden % s.heads != 0 {
+    if !s.hidden.is_multiple_of(s.heads) {
         return Err(Error::msg(format!(
             "random OPT: hidden size {} is not divisible by {} heads",
             s.hidden, s.heads
