@@ -76,13 +76,29 @@ fn time(
 
 /// Square bf16 and f32 GEMMs of side `size` on `ctx`'s default stream
 /// (random inputs, so that the tensor cores see real data). Fails with a
-/// message when cuBLAS cannot be loaded or a call fails.
+/// message when cuBLAS cannot be loaded or a call fails (cudarc panics on a
+/// missing symbol; that panic is caught and becomes the message).
 pub fn gemm_ceilings(ctx: &Arc<CudaContext>, size: usize, reps: usize) -> Result<Vec<BlasCeiling>> {
     if !cublas_present() {
         return Err(Error::msg(
-            "cuBLAS (libcublas.so) not found: no GEMM ceiling (install the CUDA toolkit's cuBLAS, e.g. pip install nvidia-cublas-cu12, and put it on LD_LIBRARY_PATH)",
+            "cuBLAS not found (cudarc looks for libcublas.so, libcublas.so.12, ...): no GEMM ceiling; put the directory of libcublas.so on LD_LIBRARY_PATH (a pip wheel's libcublas.so.13 needs a libcublas.so symlink)",
         ));
     }
+    let prev = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| measure(ctx, size, reps)));
+    std::panic::set_hook(prev);
+    r.unwrap_or_else(|p| {
+        let what = p
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "unknown panic".into());
+        Err(Error::msg(format!("cuBLAS failed: {what}")))
+    })
+}
+
+fn measure(ctx: &Arc<CudaContext>, size: usize, reps: usize) -> Result<Vec<BlasCeiling>> {
     let stream = ctx.default_stream();
     let blas = CudaBlas::new(stream.clone())
         .map_err(|e| Error::msg(format!("cuBLAS: cannot create a handle: {e}")))?;
