@@ -395,3 +395,54 @@ fn pytorch_reference_script_runs_on_cpu() {
         assert!(num(row, "last_loss").is_finite());
     }
 }
+
+#[test]
+fn wgpu_bench_counts_device_memory() {
+    #[cfg(feature = "wgpu")]
+    {
+        if beft::backend::wgpu::adapters().is_empty() {
+            if std::env::var("BEFT_REQUIRE_WGPU").as_deref() == Ok("1") {
+                panic!("BEFT_REQUIRE_WGPU=1 but no wgpu adapter was found");
+            }
+            eprintln!("skipped: no wgpu adapter (install mesa-vulkan-drivers for lavapipe)");
+            return;
+        }
+        let tmp = TempDir::new().unwrap();
+        let json = tmp.path().join("wgpu.json");
+        // --step with an explicit --shapes runs the op table too.
+        let o = Command::new(env!("CARGO_BIN_EXE_beft"))
+            .args([
+                "bench", "--device", "wgpu", "--quick", "--quiet", "--step", "--shape", "opt-tiny",
+                "--shapes", "opt-tiny", "--batch", "2", "--seq", "16", "--json",
+            ])
+            .arg(&json)
+            .env("TMPDIR", tmp.path())
+            .output()
+            .expect("run beft");
+        assert!(o.status.success(), "{}", stderr(&o));
+        let r = read_json(&json);
+        assert!(r["device"].as_str().unwrap().starts_with("wgpu"));
+        assert!(r["ceilings"]["gemm"].is_null());
+        assert!(r["ceilings"]["gemm_note"]
+            .as_str()
+            .unwrap()
+            .contains("unavailable"));
+        assert!(num(&r["ceilings"], "copy_gbs") > 0.0);
+        let ops = r["ops"].as_array().unwrap();
+        assert_eq!(ops.len(), 24);
+        for o in ops {
+            assert!(num(o, "median_s") > 0.0, "{o}");
+        }
+        let s = &r["steps"][0];
+        let (loaded, peak) = (num(s, "loaded_device_bytes"), num(s, "peak_device_bytes"));
+        // The weights alone are resident after loading; the step's activations add to it.
+        assert!(
+            loaded > 0.0 && peak > loaded,
+            "loaded {loaded}, peak {peak}"
+        );
+        assert!(s["mfu"].is_null());
+        assert!(num(s, "last_loss").is_finite());
+    }
+    #[cfg(not(feature = "wgpu"))]
+    eprintln!("skipped: built without the wgpu feature");
+}

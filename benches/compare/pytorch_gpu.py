@@ -240,7 +240,8 @@ def main():
     if args.device.startswith("cuda"):
         if not torch.cuda.is_available():
             sys.exit("--device cuda: torch sees no CUDA device")
-        torch.cuda.set_device(torch.device(args.device))
+        if ":" in args.device:
+            torch.cuda.set_device(torch.device(args.device))
         device_name = torch.cuda.get_device_name()
         torch.backends.cuda.matmul.allow_tf32 = True
     else:
