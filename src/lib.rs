@@ -18,6 +18,7 @@
     clippy::type_complexity)]
 
 pub mod backend;
+pub mod bench;
 pub mod data;
 pub mod error;
 pub mod float;

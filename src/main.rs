@@ -41,6 +41,69 @@ enum Cmd {
     Sweep(SweepCli),
     /// Draw a run's loss and dev-metric curves (loss.png, dev_metric.png).
     Plot(PlotCli),
+    /// Time the hot-path ops against measured ceilings, or whole training steps
+    /// (--step); write random models of real shapes (--write-model).
+    Bench(BenchCli),
+}
+
+#[derive(Args)]
+struct BenchCli {
+    /// cpu, cpu-ref, cuda[:N] or wgpu[:N].
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Rows (tokens) per op (default: 512 on the CPU, 4096 on a GPU; 2048-8192 suit a GPU).
+    #[arg(long)]
+    tokens: Option<usize>,
+    /// Model shapes of the op table, a comma list of bert-base, opt-125m, opt-1.3b,
+    /// opt-6.7b, bert-tiny, opt-tiny [default: bert-base,opt-1.3b,opt-6.7b; with --quick:
+    /// opt-tiny; with --step the op table runs only when --shapes is given].
+    #[arg(long)]
+    shapes: Option<String>,
+    /// Timed repetitions per op (and timed steps with --step) [default: 10; --quick: 3].
+    #[arg(long)]
+    reps: Option<usize>,
+    /// Untimed launches (steps) before timing [default: 3; --quick: 1].
+    #[arg(long)]
+    warmup: Option<usize>,
+    /// Write every result (device, date, ceilings, per-op rows, steps) to this JSON file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Tiny sizes everywhere (seconds; for tests).
+    #[arg(long)]
+    quick: bool,
+    /// Time whole bias-only training steps of --model (or a random model of --shape).
+    #[arg(long)]
+    step: bool,
+    /// Skip the op table.
+    #[arg(long)]
+    no_ops: bool,
+    /// The model shape of --step or --write-model (see --shapes).
+    #[arg(long)]
+    shape: Option<String>,
+    /// --step: a model directory (its config decides the shape).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// --step: sequences per step.
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    /// --step: tokens per sequence.
+    #[arg(long, default_value_t = 512)]
+    seq: usize,
+    /// --step: trainable biases (as in `beft train`).
+    #[arg(long, default_value = "v")]
+    bias: String,
+    /// Write a random model of --shape to DIR (config.json + model.safetensors) and exit.
+    #[arg(long, value_name = "DIR")]
+    write_model: Option<PathBuf>,
+    /// dtype of a written OPT model: bf16, f16 or f32 (BERT shapes: f32).
+    #[arg(long, default_value = "bf16")]
+    dtype: String,
+    /// Seed of a written model.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
 }
 
 #[derive(Args)]
@@ -350,6 +413,7 @@ fn main() -> ExitCode {
                 println!("wrote {}", f.display());
             }
         }),
+        Cmd::Bench(b) => run_bench(b),
         Cmd::ImportPeft(x) => beft::method::adapter::import_peft(&x.adapter, &x.model, &x.out)
             .map(|p| println!("wrote {}", p.display())),
     })
@@ -447,6 +511,69 @@ fn run_eval(e: EvalCli) -> beft::Result<()> {
             "{} on {} dev ({} examples): {} = {:.4}",
             r.model, r.task, r.examples, r.metric_name, r.metric
         );
+    }
+    Ok(())
+}
+
+fn run_bench(b: BenchCli) -> beft::Result<()> {
+    use beft::bench::{self, Shape};
+    let shape = b
+        .shape
+        .as_deref()
+        .map(Shape::parse)
+        .transpose()
+        .map_err(|e| e.context("--shape"))?;
+    let dtype = bench::parse_dtype(&b.dtype)?;
+    if let Some(dir) = &b.write_model {
+        let shape = shape.ok_or_else(|| {
+            beft::Error::msg("--write-model needs --shape (e.g. --shape opt-6.7b)")
+        })?;
+        let bytes = bench::write_model(dir, shape, dtype, b.seed, !b.quiet)?;
+        println!(
+            "wrote {} ({}, model.safetensors {:.2} GB)",
+            dir.display(),
+            shape.name(),
+            bytes as f64 / 1e9
+        );
+        return Ok(());
+    }
+    let shapes = match &b.shapes {
+        Some(s) => Shape::parse_list(s)?,
+        None if b.quick => vec![Shape::parse("opt-tiny")?],
+        None => Shape::parse_list("bert-base,opt-1.3b,opt-6.7b")?,
+    };
+    let reps = b.reps.unwrap_or(if b.quick { 3 } else { 10 });
+    let warmup = b.warmup.unwrap_or(if b.quick { 1 } else { 3 });
+    let step = if b.step {
+        Some(bench::step::StepSpec {
+            model: b.model.clone(),
+            shape,
+            dtype,
+            batch: b.batch,
+            seq: b.seq,
+            bias: b.bias.clone(),
+            steps: reps,
+            warmup,
+        })
+    } else {
+        None
+    };
+    let args = bench::BenchArgs {
+        device: b.device.clone(),
+        tokens: b.tokens,
+        shapes,
+        ops: !b.no_ops && (!b.step || b.shapes.is_some()),
+        reps,
+        warmup,
+        quick: b.quick,
+        progress: !b.quiet,
+        step,
+    };
+    let report = bench::run(&args)?;
+    print!("{}", bench::render(&report));
+    if let Some(p) = &b.json {
+        bench::write_json(&report, p)?;
+        println!("wrote {}", p.display());
     }
     Ok(())
 }

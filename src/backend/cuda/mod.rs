@@ -21,6 +21,7 @@
 //!   failures inside an op panic with the kernel's name (the `Backend`
 //!   methods return no `Result`, as on the CPU, where a bad shape asserts).
 
+pub mod blas;
 pub mod ptx;
 
 use std::collections::HashMap;

@@ -1,0 +1,111 @@
+//! The CPU's f32 FMA peak, measured: a loop of independent fused
+//! multiply-adds on the widest vectors the CPU offers (AVX-512, else
+//! AVX2+FMA), with enough accumulators to hide the FMA latency, run on
+//! every thread of the pool at once. This is the CPU's GEMM ceiling in
+//! `beft bench` (and `examples/fma_peak.rs`).
+
+use std::time::Instant;
+
+/// A measured FMA peak.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct FmaPeak {
+    /// `avx512` or `avx2+fma`.
+    pub isa: String,
+    /// Best single-thread rate, GFLOP/s (2 FLOPs per FMA lane).
+    pub gflops_per_core: f64,
+    /// All `threads` threads at once, GFLOP/s.
+    pub gflops_all: f64,
+    pub threads: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn fma_avx512(iters: u64) -> f32 {
+    use std::arch::x86_64::*;
+    let a = _mm512_set1_ps(0.999_999);
+    let b = _mm512_set1_ps(1e-7);
+    let mut acc = [_mm512_set1_ps(1.0); 12];
+    for _ in 0..iters {
+        for r in acc.iter_mut() {
+            *r = _mm512_fmadd_ps(*r, a, b);
+        }
+    }
+    let mut out = [0f32; 16];
+    let mut s = 0.0;
+    for r in acc {
+        _mm512_storeu_ps(out.as_mut_ptr(), r);
+        s += out.iter().sum::<f32>();
+    }
+    s
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn fma_avx2(iters: u64) -> f32 {
+    use std::arch::x86_64::*;
+    let a = _mm256_set1_ps(0.999_999);
+    let b = _mm256_set1_ps(1e-7);
+    let mut acc = [_mm256_set1_ps(1.0); 12];
+    for _ in 0..iters {
+        for r in acc.iter_mut() {
+            *r = _mm256_fmadd_ps(*r, a, b);
+        }
+    }
+    let mut out = [0f32; 8];
+    let mut s = 0.0;
+    for r in acc {
+        _mm256_storeu_ps(out.as_mut_ptr(), r);
+        s += out.iter().sum::<f32>();
+    }
+    s
+}
+
+/// Measure the FMA peak with `iters` iterations of 12 vector FMAs per
+/// measurement (best of `tries`), on one thread and on every thread of the
+/// rayon pool at once. `None` when the CPU has neither AVX-512 nor
+/// AVX2+FMA (or is not x86-64).
+pub fn measure(iters: u64, tries: usize) -> Option<FmaPeak> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let (isa, lanes, run): (&str, u64, unsafe fn(u64) -> f32) =
+            if is_x86_feature_detected!("avx512f") {
+                ("avx512", 16, fma_avx512)
+            } else if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                ("avx2+fma", 8, fma_avx2)
+            } else {
+                return None;
+            };
+        // SAFETY: the instruction set was detected above.
+        let call = |n: u64| unsafe { run(n) };
+        let flops = (iters * 12 * lanes * 2) as f64;
+        let mut sink = call(iters / 10 + 1);
+        let mut one = 0f64;
+        for _ in 0..tries.max(1) {
+            let t = Instant::now();
+            sink += call(iters);
+            one = one.max(flops / t.elapsed().as_secs_f64() / 1e9);
+        }
+        let threads = rayon::current_num_threads().max(1);
+        let mut all = 0f64;
+        for _ in 0..tries.max(1) {
+            let t = Instant::now();
+            let sinks = rayon::broadcast(|_| call(iters));
+            let s = t.elapsed().as_secs_f64();
+            sink += sinks.iter().sum::<f32>();
+            all = all.max(flops * threads as f64 / s / 1e9);
+        }
+        // Keep the result alive so that the loops are not optimised away.
+        std::hint::black_box(sink);
+        Some(FmaPeak {
+            isa: isa.into(),
+            gflops_per_core: one,
+            gflops_all: all,
+            threads,
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (iters, tries);
+        None
+    }
+}
