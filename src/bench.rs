@@ -450,7 +450,21 @@ pub fn render(r: &Report) -> String {
                 .map(|m| format!(" = {:.1} % of the GEMM ceiling", m * 100.0))
                 .unwrap_or_default(),
             match st.peak_device_bytes {
-                Some(p) => format!("peak device memory {:.0} MiB", p as f64 / (1u64 << 20) as f64),
+                Some(p) => {
+                    let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+                    let mut m = format!("peak device memory {:.0} MiB", mib(p));
+                    if let (Some(t), Some(i)) = (st.train_peak_device_bytes, st.infer_peak_device_bytes) {
+                        m += &format!(
+                            " (layers {}{}: training {:.0} MiB, forward only {:.0} MiB, ratio {:.2})",
+                            st.offload,
+                            if st.recompute { ", recompute" } else { "" },
+                            mib(t),
+                            mib(i),
+                            t as f64 / i.max(1) as f64
+                        );
+                    }
+                    m
+                }
                 None => format!(
                     "peak RSS {:.0} MiB (no device memory count on this backend)",
                     st.peak_rss_bytes as f64 / (1u64 << 20) as f64

@@ -92,6 +92,13 @@ struct BenchCli {
     /// --step: trainable biases (as in `beft train`).
     #[arg(long, default_value = "v")]
     bias: String,
+    /// --step, decoders: resident or stream layer weights (as in `beft train`;
+    /// auto means resident here).
+    #[arg(long, default_value = "resident")]
+    offload: String,
+    /// --step, decoders: recompute layer activations in the backward pass.
+    #[arg(long)]
+    recompute: bool,
     /// Write a random model of --shape to DIR (config.json + model.safetensors) and exit.
     #[arg(long, value_name = "DIR")]
     write_model: Option<PathBuf>,
@@ -554,6 +561,8 @@ fn run_bench(b: BenchCli) -> beft::Result<()> {
             bias: b.bias.clone(),
             steps: reps,
             warmup,
+            offload: beft::model::Offload::parse(&b.offload)?.unwrap_or_default(),
+            recompute: b.recompute,
         })
     } else {
         None

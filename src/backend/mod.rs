@@ -213,6 +213,10 @@ pub trait Backend {
         None
     }
 
+    /// Give cached free buffers back to the device (a pooling backend keeps
+    /// them, and counts them as held), e.g. before a memory measurement.
+    fn release_cached(&self) {}
+
     /// Start a new peak-memory measurement ([`MemoryStats::peak`] becomes
     /// the bytes live now).
     fn reset_peak(&self) {}

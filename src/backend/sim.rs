@@ -112,6 +112,10 @@ impl<B: Backend> Backend for SimDevice<B> {
         })
     }
 
+    fn release_cached(&self) {
+        self.inner.release_cached()
+    }
+
     fn reset_peak(&self) {
         let live = self.meter.live.load(Ordering::Relaxed);
         self.meter.peak.store(live, Ordering::Relaxed);

@@ -165,7 +165,9 @@ impl<'a, B: Backend> Env<'a, B> {
         let n = if self.quick {
             1 << 18
         } else if self.gpu {
-            1 << 27
+            // 128 MiB a buffer: over any L2, and within wgpu's default
+            // 128 MiB storage-binding limit.
+            1 << 25
         } else {
             1 << 24
         };

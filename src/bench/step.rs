@@ -14,7 +14,7 @@ use crate::backend::{AdamW, Backend, PoolKind};
 use crate::data::Batch;
 use crate::error::{Error, Result};
 use crate::model::config::{Arch, ModelConfig, ModelDir};
-use crate::model::{BiasTerm, Decoder, DecoderOptions, Encoder, EncoderOptions};
+use crate::model::{BiasTerm, Decoder, DecoderOptions, Encoder, EncoderOptions, Offload};
 use crate::rng::Rng;
 use crate::train::Slab;
 use crate::weights::DType;
@@ -38,6 +38,10 @@ pub struct StepSpec {
     /// Timed steps (the median is reported).
     pub steps: usize,
     pub warmup: usize,
+    /// Decoders: resident or streamed layer weights (`--offload`).
+    pub offload: Offload,
+    /// Decoders: recompute layer activations in the backward (`--recompute`).
+    pub recompute: bool,
 }
 
 /// One timed training-step configuration.
@@ -71,6 +75,15 @@ pub struct StepRow {
     pub loaded_device_bytes: Option<u64>,
     /// Most device bytes held at once while loading and stepping.
     pub peak_device_bytes: Option<u64>,
+    /// Decoders: most device bytes held during the training steps, and
+    /// during a forward-only pass (logits at the same rows) of the same
+    /// batch — the training/inference memory ratio.
+    pub train_peak_device_bytes: Option<u64>,
+    pub infer_peak_device_bytes: Option<u64>,
+    /// Decoders: `resident` or `stream`, and whether activations were
+    /// recomputed.
+    pub offload: String,
+    pub recompute: bool,
     pub peak_rss_bytes: u64,
     pub flops_formula: String,
 }
@@ -152,13 +165,19 @@ pub fn run_step<B: Backend>(
     let mut losses = Vec::new();
     let mut times = Vec::new();
     let total = spec.warmup + spec.steps;
+    // Memory counts start here: buffers cached by earlier measurements (the
+    // copy ceiling's) are given back first.
+    be.release_cached();
+    be.reset_peak();
+    let (mut train_peak, mut infer_peak) = (None, None);
     let (kind, trainable, loaded) = if cfg.arch.is_decoder() {
         let dec = Decoder::load(
             be,
             &md,
             DecoderOptions {
                 terms,
-                ..Default::default()
+                offload: spec.offload,
+                recompute: spec.recompute,
             },
         )?;
         let mask = vec![1f32; b * t];
@@ -176,6 +195,7 @@ pub fn run_step<B: Backend>(
         let mut slab = Slab::new(be, &dec.init);
         be.sync();
         let loaded = be.memory().map(|m| m.live);
+        be.reset_peak();
         for step in 1..=total as u64 {
             let t0 = Instant::now();
             be.fill(&mut slab.grads, 0.0);
@@ -188,6 +208,13 @@ pub fn run_step<B: Backend>(
             }
             losses.push(loss);
         }
+        be.sync();
+        train_peak = be.memory().map(|m| m.peak);
+        be.release_cached();
+        be.reset_peak();
+        let _ = dec.logits_at(be, &slab.params, &x, &rt);
+        be.sync();
+        infer_peak = be.memory().map(|m| m.peak);
         ("decoder", dec.trainable_params(), loaded)
     } else if matches!(cfg.arch, Arch::Bert | Arch::Roberta) {
         let enc = Encoder::load(
@@ -264,7 +291,11 @@ pub fn run_step<B: Backend>(
         mfu: gemm.map(|g| tflops / g.tflops),
         gemm_ceiling_source: gemm.map(|g| g.source.clone()),
         loaded_device_bytes: loaded,
-        peak_device_bytes: be.memory().map(|m| m.peak),
+        peak_device_bytes: be.memory().map(|m| m.peak).max(train_peak),
+        train_peak_device_bytes: train_peak,
+        infer_peak_device_bytes: infer_peak,
+        offload: spec.offload.name().into(),
+        recompute: spec.recompute,
         peak_rss_bytes: crate::train::run::peak_rss_bytes(),
         flops_formula: FLOPS_FORMULA.into(),
     })

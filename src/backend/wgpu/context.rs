@@ -402,6 +402,12 @@ impl Gpu {
         (p.live, p.peak)
     }
 
+    /// Destroy the pooled free buffers.
+    pub fn release_cached(&self) {
+        self.flush();
+        self.pool.lock().unwrap().trim();
+    }
+
     /// Start a new peak measurement from the bytes live now.
     pub fn reset_peak(&self) {
         let mut p = self.pool.lock().unwrap();

@@ -323,6 +323,10 @@ impl Backend for WgpuBackend {
         self.gpu.reset_peak();
     }
 
+    fn release_cached(&self) {
+        self.gpu.release_cached();
+    }
+
     fn zeros(&self, n: usize) -> WgpuBuf {
         let b = self.new_buf(n);
         self.gpu.clear(&b.pieces[0].buf, n as u64 * 4);
