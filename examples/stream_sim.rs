@@ -56,7 +56,7 @@ fn main() -> beft::Result<()> {
             },
         )?;
         let load = be.memory().unwrap().peak;
-        let plan = dec.memory_plan(&be, batch, seq);
+        let plan = dec.memory_plan(batch, seq);
         let mut rng = Rng::new(1);
         let vocab = md.config.vocab_size.min(50_000);
         let ids: Vec<u32> = (0..batch * seq)

@@ -180,12 +180,12 @@ fn streaming_holds_two_layers_and_recompute_keeps_only_layer_inputs() {
     let md = ModelDir::open(tmp.path()).unwrap();
     let probe = SimDevice::new(FastCpu::new(), None);
     let dec = load(&probe, &md, "v", Offload::Stream, false);
-    let plan = dec.memory_plan(&probe, 4, 30);
+    let plan = dec.memory_plan(4, 30);
     let (other, layer, all_layers) = (plan.other_weights, plan.largest_layer, plan.all_layers);
     let nl = dec.num_layers() as u64;
     assert_eq!(nl, 6);
     assert_eq!(all_layers, nl * layer, "equal layers");
-    let plan_rc = load(&probe, &md, "v", Offload::Stream, true).memory_plan(&probe, 4, 30);
+    let plan_rc = load(&probe, &md, "v", Offload::Stream, true).memory_plan(4, 30);
 
     let res = measure(&md, Offload::Resident, false, None);
     let st = measure(&md, Offload::Stream, false, None);

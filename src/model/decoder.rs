@@ -247,6 +247,14 @@ enum Src {
 }
 
 impl Src {
+    /// Device bytes once uploaded.
+    fn device_bytes<B: Backend>(&self, be: &B) -> u64 {
+        match self {
+            Src::View(t) => be.weight_bytes(t),
+            Src::Host(v) => (v.len() * std::mem::size_of::<B::T>()) as u64,
+        }
+    }
+
     /// On the device: resident, or for one use by a streamed layer.
     fn upload<B: Backend>(&self, be: &B, streamed: bool) -> Result<B::Buf> {
         match self {
@@ -385,6 +393,10 @@ pub struct Decoder<B: Backend> {
     lowest: usize,
     /// Keep only trainable layers' inputs; recompute in the backward pass.
     recompute: bool,
+    /// Device bytes of the weights outside the layers, and of each layer's
+    /// weights ([`Backend::weight_bytes`]), for [`Decoder::memory_plan`].
+    other_bytes: u64,
+    layer_bytes: Vec<u64>,
 }
 
 /// Hugging Face names of one layer's modules.
@@ -454,11 +466,15 @@ struct Loader<'a, B: Backend> {
     layout: SlabLayout,
     init: Vec<f64>,
     added: Vec<String>,
+    /// Device bytes of the always-resident weights loaded so far.
+    resident_bytes: u64,
 }
 
 impl<B: Backend> Loader<'_, B> {
-    fn weight(&self, name: &str, shape: &[usize]) -> Result<B::Buf> {
-        self.be.weight(self.w.get_shaped(name, shape)?)
+    fn weight(&mut self, name: &str, shape: &[usize]) -> Result<B::Buf> {
+        let t = self.w.get_shaped(name, shape)?;
+        self.resident_bytes += self.be.weight_bytes(t);
+        self.be.weight(t)
     }
 
     /// A layer tensor, left in the checkpoint until it is uploaded.
@@ -597,6 +613,7 @@ impl<B: Backend> Decoder<B> {
             layout: SlabLayout::default(),
             init: Vec::new(),
             added: Vec::new(),
+            resident_bytes: 0,
         };
 
         let dp = cfg.word_embed_proj_dim;
@@ -636,6 +653,7 @@ impl<B: Backend> Decoder<B> {
         }
 
         let (mut resident, mut streamed) = (Vec::new(), Vec::new());
+        let mut layer_bytes = Vec::with_capacity(cfg.num_layers);
         for l in 0..cfg.num_layers {
             let n = layer_names(arch, &p, l);
             let norm = |ld: &mut Loader<'_, B>, name: &str, term: BiasTerm| -> Result<Norm<Src>> {
@@ -769,6 +787,13 @@ impl<B: Backend> Decoder<B> {
                     n2,
                 }
             };
+            layer_bytes.push(
+                layer
+                    .tensors()
+                    .into_iter()
+                    .map(|s| s.device_bytes(be))
+                    .sum(),
+            );
             match opts.offload {
                 Offload::Resident => {
                     resident.push(layer.try_map(&mut |s: &Src| s.upload(be, false))?)
@@ -867,6 +892,8 @@ impl<B: Backend> Decoder<B> {
             lm_head,
             lowest,
             recompute: opts.recompute,
+            other_bytes: ld.resident_bytes,
+            layer_bytes,
         })
     }
 
@@ -1246,32 +1273,9 @@ impl<B: Backend> Decoder<B> {
     /// backend holds them ([`Backend::weight_bytes`]); activations at the
     /// backend's element size for `batch × seq` tokens with the LM head at
     /// up to `batch × seq` rows.
-    pub fn memory_plan(&self, be: &B, batch: usize, seq: usize) -> MemoryPlan {
-        let wb = |b: &B::Buf| (be.len(b) * std::mem::size_of::<B::T>()) as u64;
-        let sb = |s: &Src| match s {
-            Src::View(t) => be.weight_bytes(t),
-            Src::Host(v) => (v.len() * std::mem::size_of::<B::T>()) as u64,
-        };
-        let layer_bytes: Vec<u64> = match &self.layers {
-            Layers::Stream(v) => v
-                .iter()
-                .map(|l| l.tensors().into_iter().map(sb).sum())
-                .collect(),
-            Layers::Resident(v) => v
-                .iter()
-                .map(|l| l.tensors().into_iter().map(wb).sum())
-                .collect(),
-        };
-        let mut other = wb(&self.embed);
-        for b in self.pos.iter().chain(self.lm_head.iter()) {
-            other += wb(b);
-        }
-        for l in self.project_in.iter().chain(self.project_out.iter()) {
-            other += wb(&l.w);
-        }
-        if let Some(n) = &self.final_norm {
-            other += wb(&n.g);
-        }
+    pub fn memory_plan(&self, batch: usize, seq: usize) -> MemoryPlan {
+        let other = self.other_bytes;
+        let layer_bytes = &self.layer_bytes;
         let c = &self.cfg;
         let n = (batch * seq) as u64;
         let (d, ff, v, dp) = (

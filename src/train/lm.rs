@@ -621,7 +621,7 @@ fn load_decoder<B: Backend>(
     // Plan from the streamed form (only the embeddings and head are on the
     // device), then upload the layers if resident was chosen.
     let mut dec = Decoder::load(be, md, opts(Offload::Stream))?;
-    let plan = dec.memory_plan(be, batch, seq);
+    let plan = dec.memory_plan(batch, seq);
     let mode = asked.unwrap_or_else(|| plan.choose(budget));
     let need = match mode {
         Offload::Resident => plan.resident(),
