@@ -475,6 +475,46 @@ pub fn render(r: &Report) -> String {
     s
 }
 
+/// `--plot`: achieved share of the ceiling per op, as a PNG (ops without a
+/// measured ceiling are left out).
+pub fn plot(r: &Report, path: &std::path::Path) -> Result<usize> {
+    let rows: Vec<&OpRow> = r
+        .ops
+        .iter()
+        .filter(|o| o.pct_of_ceiling.is_some())
+        .collect();
+    if rows.is_empty() {
+        return Err(crate::Error::file(
+            path,
+            "no op has a measured ceiling to plot (run the op table; on wgpu only memory-bound ops have one)",
+        ));
+    }
+    let labels: Vec<String> = rows
+        .iter()
+        .map(|o| format!("{} {} {}", o.model_shape, o.op, o.shape))
+        .collect();
+    let values: Vec<f64> = rows
+        .iter()
+        .map(|o| o.pct_of_ceiling.unwrap_or(0.0))
+        .collect();
+    let group: Vec<usize> = rows
+        .iter()
+        .map(|o| usize::from(o.ceiling != "gemm"))
+        .collect();
+    crate::method::plot::percent_bars(
+        path,
+        &format!("beft bench on {} ({})", r.device, r.date_utc),
+        &labels,
+        &values,
+        &group,
+        &[
+            "compute-bound: % of GEMM ceiling",
+            "memory-bound: % of copy bandwidth",
+        ],
+    )?;
+    Ok(rows.len())
+}
+
 /// Seconds in a readable unit.
 pub fn fmt_secs(s: f64) -> String {
     if s >= 1.0 {

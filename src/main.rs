@@ -68,6 +68,9 @@ struct BenchCli {
     /// Write every result (device, date, ceilings, per-op rows, steps) to this JSON file.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Also draw achieved vs ceiling per op as a PNG.
+    #[arg(long, value_name = "PNG")]
+    plot: Option<PathBuf>,
     /// Tiny sizes everywhere (seconds; for tests).
     #[arg(long)]
     quick: bool,
@@ -583,6 +586,10 @@ fn run_bench(b: BenchCli) -> beft::Result<()> {
     if let Some(p) = &b.json {
         bench::write_json(&report, p)?;
         println!("wrote {}", p.display());
+    }
+    if let Some(p) = &b.plot {
+        let n = bench::plot(&report, p)?;
+        println!("wrote {} ({n} ops against their ceilings)", p.display());
     }
     Ok(())
 }

@@ -44,6 +44,7 @@ fn num(v: &Value, key: &str) -> f64 {
 fn quick_op_table_on_cpu_writes_positive_times_and_rates() {
     let tmp = TempDir::new().unwrap();
     let json = tmp.path().join("sub/bench.json");
+    let png = tmp.path().join("ops.png");
     let o = beft(&[
         "bench",
         "--device",
@@ -51,8 +52,16 @@ fn quick_op_table_on_cpu_writes_positive_times_and_rates() {
         "--quick",
         "--json",
         json.to_str().unwrap(),
+        "--plot",
+        png.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "beft bench failed: {}", stderr(&o));
+    let bytes = std::fs::read(&png).expect("--plot writes the PNG");
+    assert!(
+        bytes.starts_with(b"\x89PNG") && bytes.len() > 10_000,
+        "not a chart: {} bytes",
+        bytes.len()
+    );
     let table = String::from_utf8_lossy(&o.stdout);
     assert!(
         table.contains("matmul_fwd") && table.contains("copy"),

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Once;
 
 use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 use plotters::style::FontStyle;
 
 use crate::error::{Error, Result};
@@ -156,6 +157,80 @@ pub fn bar_chart(path: &Path, title: &str, labels: &[String], values: &[f64]) ->
             )
         }))
         .map_err(|e| perr(path, e))?;
+    root.present().map_err(|e| perr(path, e))
+}
+
+/// A horizontal bar chart of percentages (one bar per label, coloured by
+/// `group[i]`, with a reference line at 100 %): `beft bench`'s achieved
+/// share of each op's ceiling.
+pub fn percent_bars(
+    path: &Path,
+    title: &str,
+    labels: &[String],
+    values: &[f64],
+    group: &[usize],
+    legend: &[&str],
+) -> Result<()> {
+    init_font();
+    let n = labels.len().max(1);
+    let xmax = values.iter().cloned().fold(100.0f64, f64::max) * 1.08;
+    let height = (60 + 20 * n + 60) as u32;
+    let root = BitMapBackend::new(path, (1100, height)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| perr(path, e))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(430)
+        .build_cartesian_2d(0f64..xmax, 0f64..n as f64)
+        .map_err(|e| perr(path, e))?;
+    chart
+        .configure_mesh()
+        .disable_y_mesh()
+        .y_labels(0)
+        .x_desc("% of the measured ceiling")
+        .label_style(("sans-serif", 12))
+        .draw()
+        .map_err(|e| perr(path, e))?;
+    for (gi, name) in legend.iter().enumerate() {
+        let color = COLORS[gi % COLORS.len()];
+        chart
+            .draw_series(
+                values
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| group[*i] == gi)
+                    .map(|(i, v)| {
+                        let y = (n - 1 - i) as f64;
+                        Rectangle::new([(0.0, y + 0.15), (*v, y + 0.85)], color.filled())
+                    }),
+            )
+            .map_err(|e| perr(path, e))?
+            .label(*name)
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled()));
+    }
+    chart
+        .draw_series(std::iter::once(PathElement::new(
+            vec![(100.0, 0.0), (100.0, n as f64)],
+            BLACK.stroke_width(1),
+        )))
+        .map_err(|e| perr(path, e))?;
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 13))
+        .draw()
+        .map_err(|e| perr(path, e))?;
+    // Row labels, right-aligned against the axis (row i from the top).
+    let style =
+        TextStyle::from(("sans-serif", 12).into_font()).pos(Pos::new(HPos::Right, VPos::Center));
+    for (i, label) in labels.iter().enumerate() {
+        let (x, y) = chart.backend_coord(&(0.0, (n - 1 - i) as f64 + 0.5));
+        root.draw(&Text::new(label.clone(), (x - 6, y), style.clone()))
+            .map_err(|e| perr(path, e))?;
+    }
     root.present().map_err(|e| perr(path, e))
 }
 
