@@ -102,71 +102,66 @@ fn measure(ctx: &Arc<CudaContext>, size: usize, reps: usize) -> Result<Vec<BlasC
     let stream = ctx.default_stream();
     let blas = CudaBlas::new(stream.clone())
         .map_err(|e| Error::msg(format!("cuBLAS: cannot create a handle: {e}")))?;
-    let s = size;
-    let n = s * s;
-    let flops = 2.0 * (s as f64).powi(3);
-    let side = i32::try_from(s).map_err(|_| Error::msg("cuBLAS ceiling: size too large"))?;
-    let mut out = Vec::new();
+    let side = i32::try_from(size).map_err(|_| Error::msg("cuBLAS ceiling: size too large"))?;
+    Ok(vec![
+        square_gemm(
+            &blas,
+            &stream,
+            "cublas_bf16",
+            side,
+            3,
+            reps,
+            (1, 2),
+            half::bf16::from_f32,
+        )?,
+        square_gemm(&blas, &stream, "cublas_f32", side, 2, reps, (3, 4), |x| x)?,
+    ])
+}
 
-    let call_err =
-        |e: cudarc::cublas::result::CublasError| Error::msg(format!("cuBLAS GEMM failed: {e}"));
-    {
-        let a = upload(&stream, &host_values(n, 1, half::bf16::from_f32))?;
-        let b = upload(&stream, &host_values(n, 2, half::bf16::from_f32))?;
-        let mut c = upload(&stream, &vec![half::bf16::ZERO; n])?;
-        let cfg = GemmConfig {
-            transa: cublasOperation_t::CUBLAS_OP_N,
-            transb: cublasOperation_t::CUBLAS_OP_N,
-            m: side,
-            n: side,
-            k: side,
-            alpha: half::bf16::ONE,
-            lda: side,
-            ldb: side,
-            beta: half::bf16::ZERO,
-            ldc: side,
-        };
-        // SAFETY: every operand holds size² elements with leading dimension size.
-        let secs = time(&stream, 3, reps, || unsafe {
-            blas.gemm(cfg, &a, &b, &mut c).map_err(call_err)
-        })?;
-        out.push(BlasCeiling {
-            name: "cublas_bf16".into(),
-            m: s,
-            n: s,
-            k: s,
-            seconds: secs,
-            tflops: flops / secs / 1e12,
-        });
-    }
-    {
-        let a = upload(&stream, &host_values(n, 3, |x| x))?;
-        let b = upload(&stream, &host_values(n, 4, |x| x))?;
-        let mut c = upload(&stream, &vec![0f32; n])?;
-        let cfg = GemmConfig {
-            transa: cublasOperation_t::CUBLAS_OP_N,
-            transb: cublasOperation_t::CUBLAS_OP_N,
-            m: side,
-            n: side,
-            k: side,
-            alpha: 1f32,
-            lda: side,
-            ldb: side,
-            beta: 0f32,
-            ldc: side,
-        };
-        // SAFETY: as above.
-        let secs = time(&stream, 2, reps, || unsafe {
-            blas.gemm(cfg, &a, &b, &mut c).map_err(call_err)
-        })?;
-        out.push(BlasCeiling {
-            name: "cublas_f32".into(),
-            m: s,
-            n: s,
-            k: s,
-            seconds: secs,
-            tflops: flops / secs / 1e12,
-        });
-    }
-    Ok(out)
+/// The median rate of a `side³` GEMM (`C = A·B`, random inputs made by
+/// `conv` from the two seeds) after `warmup` launches.
+fn square_gemm<T>(
+    blas: &CudaBlas,
+    stream: &Arc<CudaStream>,
+    name: &str,
+    side: i32,
+    warmup: usize,
+    reps: usize,
+    seeds: (u64, u64),
+    conv: impl Fn(f32) -> T + Copy,
+) -> Result<BlasCeiling>
+where
+    T: DeviceRepr + Copy,
+    CudaBlas: Gemm<T>,
+{
+    let s = side as usize;
+    let n = s * s;
+    let a = upload(stream, &host_values(n, seeds.0, conv))?;
+    let b = upload(stream, &host_values(n, seeds.1, conv))?;
+    let mut c = upload(stream, &vec![conv(0.0); n])?;
+    let cfg = GemmConfig {
+        transa: cublasOperation_t::CUBLAS_OP_N,
+        transb: cublasOperation_t::CUBLAS_OP_N,
+        m: side,
+        n: side,
+        k: side,
+        alpha: conv(1.0),
+        lda: side,
+        ldb: side,
+        beta: conv(0.0),
+        ldc: side,
+    };
+    // SAFETY: every operand holds side² elements with leading dimension side.
+    let secs = time(stream, warmup, reps, || unsafe {
+        blas.gemm(cfg, &a, &b, &mut c)
+            .map_err(|e| Error::msg(format!("cuBLAS GEMM ({name}) failed: {e}")))
+    })?;
+    Ok(BlasCeiling {
+        name: name.into(),
+        m: s,
+        n: s,
+        k: s,
+        seconds: secs,
+        tflops: 2.0 * (s as f64).powi(3) / secs / 1e12,
+    })
 }
