@@ -42,6 +42,16 @@ fn lim(dims: &AttnDims, i: usize) -> usize {
     }
 }
 
+/// Keys a block of queries ending (exclusive) at query `end` can see: all
+/// `n`, or under a causal mask only those up to the last query's position.
+fn keys_seen(dims: &AttnDims, end: usize, n: usize) -> usize {
+    if dims.causal {
+        n.min(dims.q_start + end)
+    } else {
+        n
+    }
+}
+
 /// Forward: `out` `[b, seq, heads, dh]`, `lse` `[b, heads, seq]`.
 #[allow(clippy::too_many_arguments)]
 pub fn forward(
@@ -87,21 +97,23 @@ pub fn forward(
         let i0 = blk * QB;
         let mq = QB.min(t - i0);
         let mrow = &mask[b * tk..(b + 1) * tk];
+        // Keys this block can see: causal queries stop at their own position.
+        let te = keys_seen(&dims, i0 + mq, tk);
         SCRATCH.with(|sc| {
             let mut sc = sc.borrow_mut();
             let s = &mut sc.0;
             s.clear();
-            s.resize(mq * tk, 0.0);
+            s.resize(mq * te, 0.0);
             // SAFETY: all pointers are in bounds (asserted above); this task
             // writes only rows i0..i0+mq, columns h·dh..(h+1)·dh of out and
             // its own lse entries.
             unsafe {
                 sgemm(
                     mq,
-                    tk,
+                    te,
                     dh,
                     s.as_mut_ptr(),
-                    tk as isize,
+                    te as isize,
                     false,
                     qp.0.add((b * t + i0) * qs + h * dh),
                     qs as isize,
@@ -114,7 +126,7 @@ pub fn forward(
             }
             for r in 0..mq {
                 let i = i0 + r;
-                let row = &mut s[r * tk..(r + 1) * tk];
+                let row = &mut s[r * te..(r + 1) * te];
                 let l = kernels::softmax_row(row, mrow, lim(&dims, i));
                 if let Some(dr) = dropout {
                     if l != f32::NEG_INFINITY {
@@ -128,12 +140,12 @@ pub fn forward(
                 sgemm(
                     mq,
                     dh,
-                    tk,
+                    te,
                     op.0.add((b * t + i0) * qs + h * dh),
                     qs as isize,
                     false,
                     s.as_ptr(),
-                    tk as isize,
+                    te as isize,
                     1,
                     vp.0.add(b * tk * ks + kh * dh),
                     ks as isize,
@@ -219,19 +231,20 @@ pub fn backward(
             for h in kh * group..(kh + 1) * group {
                 for i0 in (0..t).step_by(QB) {
                     let mq = QB.min(t - i0);
+                    let te = keys_seen(&dims, i0 + mq, t);
                     s.clear();
-                    s.resize(mq * t, 0.0);
+                    s.resize(mq * te, 0.0);
                     dp.clear();
-                    dp.resize(mq * t, 0.0);
+                    dp.resize(mq * te, 0.0);
                     let qrow = (b * t + i0) * qs + h * dh;
                     unsafe {
                         // S = scale · Q_blk·Kᵀ
                         sgemm(
                             mq,
-                            t,
+                            te,
                             dh,
                             s.as_mut_ptr(),
-                            t as isize,
+                            te as isize,
                             false,
                             qp.0.add(qrow),
                             qs as isize,
@@ -244,10 +257,10 @@ pub fn backward(
                         // dP = dO_blk·Vᵀ
                         sgemm(
                             mq,
-                            t,
+                            te,
                             dh,
                             dp.as_mut_ptr(),
-                            t as isize,
+                            te as isize,
                             false,
                             dop.0.add(qrow),
                             qs as isize,
@@ -261,8 +274,8 @@ pub fn backward(
                     for r in 0..mq {
                         let i = i0 + r;
                         let l = lse[(b * nh + h) * t + i];
-                        let srow = &mut s[r * t..(r + 1) * t];
-                        let dprow = &mut dp[r * t..(r + 1) * t];
+                        let srow = &mut s[r * te..(r + 1) * te];
+                        let dprow = &mut dp[r * te..(r + 1) * te];
                         if l == f32::NEG_INFINITY {
                             srow.fill(0.0);
                             dprow.fill(0.0);
@@ -277,7 +290,7 @@ pub fn backward(
                     unsafe {
                         // dV += P̃ᵀ·dO_blk
                         sgemm(
-                            t,
+                            te,
                             dh,
                             mq,
                             dvp.0.add(kbase),
@@ -285,7 +298,7 @@ pub fn backward(
                             true,
                             s.as_ptr(),
                             1,
-                            t as isize,
+                            te as isize,
                             dop.0.add(qrow),
                             qs as isize,
                             1,
@@ -295,12 +308,12 @@ pub fn backward(
                         sgemm(
                             mq,
                             dh,
-                            t,
+                            te,
                             dqp.0.add(qrow),
                             qs as isize,
                             false,
                             dp.as_ptr(),
-                            t as isize,
+                            te as isize,
                             1,
                             kp.0.add(kbase),
                             ks as isize,
@@ -309,7 +322,7 @@ pub fn backward(
                         );
                         // dK += dSᵀ·Q_blk
                         sgemm(
-                            t,
+                            te,
                             dh,
                             mq,
                             dkp.0.add(kbase),
@@ -317,7 +330,7 @@ pub fn backward(
                             true,
                             dp.as_ptr(),
                             1,
-                            t as isize,
+                            te as isize,
                             qp.0.add(qrow),
                             qs as isize,
                             1,

@@ -627,6 +627,50 @@ multiversion! {
 }
 
 multiversion! {
+    /// Softmax cross-entropy of one row of logits `x` against class `y`:
+    /// writes `d = (softmax(x) - onehot(y)) · scale` and returns the loss
+    /// `logsumexp(x) - x[y]` (one exponential per element).
+    pub fn xent_row(x: &[f32], d: &mut [f32], y: usize, scale: f32) -> f32 {
+        let n = x.len();
+        let d = &mut d[..n];
+        let mut mx = [f32::NEG_INFINITY; LANES];
+        let mut it = x.chunks_exact(LANES);
+        for c in &mut it {
+            for l in 0..LANES {
+                mx[l] = mx[l].max(c[l]);
+            }
+        }
+        let m = it
+            .remainder()
+            .iter()
+            .fold(mx.iter().fold(f32::NEG_INFINITY, |a, b| a.max(*b)), |a, b| a.max(*b));
+        let mut acc = [0f32; LANES];
+        let mut tail = 0f32;
+        let mut dc = d.chunks_exact_mut(LANES);
+        let mut xc = x.chunks_exact(LANES);
+        for (o, i) in (&mut dc).zip(&mut xc) {
+            for l in 0..LANES {
+                let e = exp_f32(i[l] - m);
+                o[l] = e;
+                acc[l] += e;
+            }
+        }
+        for (o, i) in dc.into_remainder().iter_mut().zip(xc.remainder()) {
+            let e = exp_f32(*i - m);
+            *o = e;
+            tail += e;
+        }
+        let sum = acc.iter().sum::<f32>() + tail;
+        let k = scale / sum;
+        for v in d.iter_mut() {
+            *v *= k;
+        }
+        d[y] -= scale;
+        m + sum.ln() - x[y]
+    }
+}
+
+multiversion! {
     /// Multiply probabilities by the attention-dropout weights in place.
     pub fn attn_drop_row(p: &mut [f32], seed: u64, first: u32, pd: f32) {
         let inv = (1.0 / (1.0 - pd as f64)) as f32;
