@@ -1087,21 +1087,32 @@ fn compare_step(arch: TinyArch, pooling: PoolKind, num_labels: usize, dropout: O
     let scale = cgr.iter().fold(0f32, |a, b| a.max(b.abs()));
     assert!(scale > 1e-6, "gradients are not all zero");
     for (which, be) in [("", g), (" split weights", gs)] {
-        let (gl, glog, ggr) = step(be, dir.path(), pooling, num_labels, dropout);
         let what =
             format!("step {arch:?}/{pooling:?}/{num_labels} labels/dropout {dropout:?}{which}");
-        assert!(
-            (gl - cl).abs() <= 1e-5 + 1e-4 * cl.abs(),
-            "{what}: loss wgpu {gl}, cpu {cl}"
-        );
-        eprintln!(
-            "max-err {:<44} {:.2e}",
-            format!("{what} loss"),
-            (gl - cl).abs()
-        );
-        check(&format!("{what} logits"), &glog, &clog, 1e-5, 1e-4);
-        check(&format!("{what} grads"), &ggr, &cgr, 1e-4 * scale, 1e-3);
+        let got = step(be, dir.path(), pooling, num_labels, dropout);
+        compare_with_cpu(&what, got, (cl, &clog, &cgr), scale);
     }
+}
+
+/// A training step on wgpu against the CPU's: the loss, the logits and the
+/// bias gradients (`scale`: the largest CPU gradient).
+fn compare_with_cpu(
+    what: &str,
+    (gl, glog, ggr): (f64, Vec<f32>, Vec<f32>),
+    (cl, clog, cgr): (f64, &[f32], &[f32]),
+    scale: f32,
+) {
+    assert!(
+        (gl - cl).abs() <= 1e-5 + 1e-4 * cl.abs(),
+        "{what}: loss wgpu {gl}, cpu {cl}"
+    );
+    eprintln!(
+        "max-err {:<44} {:.2e}",
+        format!("{what} loss"),
+        (gl - cl).abs()
+    );
+    check(&format!("{what} logits"), &glog, clog, 1e-5, 1e-4);
+    check(&format!("{what} grads"), &ggr, cgr, 1e-4 * scale, 1e-3);
 }
 
 #[test]
@@ -1131,19 +1142,8 @@ fn training_step_tiny_decoders_match_cpu() {
         let (cl, clog, cgr) = decoder_step(&Cpu::new(), case);
         let scale = cgr.iter().fold(0f32, |a, b| a.max(b.abs()));
         for (which, be) in [("", g), (" split weights", gs)] {
-            let (gl, glog, ggr) = decoder_step(be, case);
             let what = format!("decoder step {case}{which}");
-            assert!(
-                (gl - cl).abs() <= 1e-5 + 1e-4 * cl.abs(),
-                "{what}: loss wgpu {gl}, cpu {cl}"
-            );
-            eprintln!(
-                "max-err {:<44} {:.2e}",
-                format!("{what} loss"),
-                (gl - cl).abs()
-            );
-            check(&format!("{what} logits"), &glog, &clog, 1e-5, 1e-4);
-            check(&format!("{what} grads"), &ggr, &cgr, 1e-4 * scale, 1e-3);
+            compare_with_cpu(&what, decoder_step(be, case), (cl, &clog, &cgr), scale);
         }
     }
 }
