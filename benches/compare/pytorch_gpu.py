@@ -28,6 +28,7 @@ model creation and the steps (peak RSS on the CPU).
 """
 
 import argparse
+import contextlib
 import json
 import math
 import statistics
@@ -164,7 +165,9 @@ def run_mode(args, name, mode, device):
 
     def step():
         opt.zero_grad(set_to_none=True)
-        with torch.autocast(device_type=dev_type, dtype=torch.bfloat16):
+        amp = (torch.autocast(device_type=dev_type, dtype=torch.bfloat16)
+               if args.autocast == "bfloat16" else contextlib.nullcontext())
+        with amp:
             if kind == "decoder":
                 out = fwd(input_ids=ids, attention_mask=mask, labels=ids)
             else:
@@ -217,6 +220,8 @@ def main():
     ap.add_argument("--modes", default="eager,compile")
     ap.add_argument("--bias", default="v")
     ap.add_argument("--param-dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--autocast", default="bfloat16", choices=["bfloat16", "none"],
+                    help="none: plain f32 (with --param-dtype float32), e.g. against beft's f32 CPU backend")
     ap.add_argument("--tiny", action="store_true",
                     help="opt-tiny and bert-tiny, batch 2 x 16 tokens, 3 steps, eager only (smoke test)")
     ap.add_argument("--json", default="", help="write the rows to this file")
@@ -264,7 +269,7 @@ def main():
     out = {
         "engine": "pytorch", "torch": torch.__version__, "transformers": transformers.__version__,
         "device": device_name, "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "attn_implementation": "sdpa", "autocast": "bfloat16", "rows": rows,
+        "attn_implementation": "sdpa", "autocast": args.autocast, "rows": rows,
     }
     text = json.dumps(out, indent=2)
     if args.json:
