@@ -88,6 +88,7 @@ fn mean(v: &[f64]) -> f64 {
 /// `out` are overridden: the run goes to `out/bitfit`); its `device` runs
 /// both the Fisher pass and the fine-tune.
 pub fn rank(train: &TrainArgs, out: &Path) -> Result<Ranking> {
+    crate::backend::fault::set_device_budget(train.max_gpu_memory.as_deref())?;
     crate::train::run::with_backend!(&train.device, |be| rank_on(&be, train, out))
 }
 
