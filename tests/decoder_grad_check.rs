@@ -56,8 +56,12 @@ fn fd_check(what: &str, dec: &Decoder<CpuBackend<f64>>, got: &[f64], loss: &dyn 
 }
 
 fn check_lm(arch: Tiny, terms: &str, left: bool) {
+    check_lm_lens(arch, terms, left, &[6, 4, 2]);
+}
+
+fn check_lm_lens(arch: Tiny, terms: &str, left: bool, lens: &[usize]) {
     let (_dir, dec, be) = load(arch, terms);
-    let (b, t, ids, mask) = tiny_batch(&[6, 4, 2], left, 3);
+    let (b, t, ids, mask) = tiny_batch(lens, left, 3);
     let x = dec.upload(&be, b, t, &ids, &mask).unwrap();
     let (rows, targets) = next_token_rows(b, t, &ids, &mask);
     let rt = dec.row_targets(&be, &x, &rows, &targets).unwrap();
@@ -117,6 +121,17 @@ fn check_candidates(arch: Tiny, terms: &str, left: bool) {
         dec.candidate_loss_and_grad(&be, &be.upload(p), &mut g, &cb)
             .0
     });
+}
+
+/// More loss rows than the LM head evaluates at once (`HEAD_CHUNK`): the
+/// chunked loss and head gradient still match finite differences.
+#[test]
+fn lm_loss_over_more_rows_than_one_head_chunk() {
+    let lens = [30, 29, 30, 28, 30, 30, 27, 30, 30, 30];
+    let rows: usize = lens.iter().map(|l| l - 1).sum();
+    assert!(rows > beft::model::HEAD_CHUNK, "{rows} rows");
+    check_lm_lens(Tiny::Opt, "v,mlp-out", false, &lens);
+    check_lm_lens(Tiny::Llama, "v", true, &lens);
 }
 
 #[test]

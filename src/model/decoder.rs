@@ -318,6 +318,8 @@ pub struct RowTargets<B: Backend> {
     rows: B::Ids,
     targets: B::Ids,
     n: usize,
+    /// Host copy of the targets (uploaded chunk by chunk by the loss).
+    host_targets: Vec<u32>,
 }
 
 /// A candidate-scoring batch: the rows (and next tokens) of every answer
@@ -361,8 +363,13 @@ enum Kept<B: Backend> {
 struct TopSaved<B: Backend> {
     xhat: Option<B::Buf>,
     rstd: Option<B::Buf>,
-    logits: B::Buf,
+    /// The head's input at the loss rows (`[rows, word_embed_proj_dim]`).
+    hs: B::Buf,
 }
+
+/// Rows of the LM head evaluated at once by the token-level loss: the
+/// logits and their gradient exist for this many rows at a time only.
+pub const HEAD_CHUNK: usize = 256;
 
 /// A KV cache for greedy decoding: per layer `[batch, cap, kv_heads, head_dim]`.
 struct KvCache<B: Backend> {
@@ -1004,6 +1011,7 @@ impl<B: Backend> Decoder<B> {
             rows: be.upload_ids(rows),
             targets: be.upload_ids(targets),
             n: rows.len(),
+            host_targets: targets.to_vec(),
         })
     }
 
@@ -1461,7 +1469,7 @@ impl<B: Backend> Decoder<B> {
         r: usize,
     ) -> TopSaved<B> {
         let c = &self.cfg;
-        let (d, dp, vs) = (c.hidden_size, c.word_embed_proj_dim, c.vocab_size);
+        let d = c.hidden_size;
         let mut hs = be.zeros(r * d);
         be.embedding_fwd(&mut hs, h, rows, r, d, false);
         let (hs, xhat, rstd) = match &self.final_norm {
@@ -1475,10 +1483,75 @@ impl<B: Backend> Decoder<B> {
             Some(po) => self.lin_fwd(be, po, &hs, r, params),
             None => hs,
         };
+        TopSaved { xhat, rstd, hs }
+    }
+
+    /// The LM head: logits `[r, vocab]` from its input `hs` `[r, dp]`.
+    fn head_fwd(&self, be: &B, hs: &B::Buf, r: usize) -> B::Buf {
+        let c = &self.cfg;
+        let (dp, vs) = (c.word_embed_proj_dim, c.vocab_size);
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         let mut logits = be.zeros(r * vs);
-        be.matmul(&mut logits, &hs, head, r, vs, dp, false, true, false);
-        TopSaved { xhat, rstd, logits }
+        be.matmul(&mut logits, hs, head, r, vs, dp, false, true, false);
+        logits
+    }
+
+    /// The head's input gradient `[r, dp]` from `dlogits` `[r, vocab]`.
+    fn head_bwd(&self, be: &B, dlogits: &B::Buf, r: usize) -> B::Buf {
+        let c = &self.cfg;
+        let (dp, vs) = (c.word_embed_proj_dim, c.vocab_size);
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        let mut dhs = be.zeros(r * dp);
+        be.matmul(&mut dhs, dlogits, head, r, dp, vs, false, false, false);
+        dhs
+    }
+
+    /// Mean next-token cross-entropy at the loss rows and the head's input
+    /// gradient, [`HEAD_CHUNK`] rows at a time: the `[rows, vocab]` logits
+    /// and their gradient never exist whole.
+    fn head_loss(&self, be: &B, top: &TopSaved<B>, rt: &RowTargets<B>) -> (f64, B::Buf) {
+        let dp = self.cfg.word_embed_proj_dim;
+        let vs = self.cfg.vocab_size;
+        let r = rt.n;
+        if r <= HEAD_CHUNK {
+            let logits = self.head_fwd(be, &top.hs, r);
+            let (mut losses, mut dl) = (be.zeros(r), be.zeros(r * vs));
+            be.cross_entropy(
+                &mut losses,
+                &mut dl,
+                &logits,
+                &rt.targets,
+                r,
+                vs,
+                1.0 / r as f64,
+            );
+            drop(logits);
+            return (sum(be, &losses) / r as f64, self.head_bwd(be, &dl, r));
+        }
+        let mut dhs = be.zeros(r * dp);
+        let mut total = 0.0;
+        for r0 in (0..r).step_by(HEAD_CHUNK) {
+            let n = HEAD_CHUNK.min(r - r0);
+            let mut hc = be.zeros(n * dp);
+            be.copy(&mut hc, 0, &top.hs, r0 * dp, n * dp);
+            let logits = self.head_fwd(be, &hc, n);
+            let targets = be.upload_ids(&rt.host_targets[r0..r0 + n]);
+            let (mut losses, mut dl) = (be.zeros(n), be.zeros(n * vs));
+            be.cross_entropy(
+                &mut losses,
+                &mut dl,
+                &logits,
+                &targets,
+                n,
+                vs,
+                1.0 / r as f64,
+            );
+            drop(logits);
+            total += sum(be, &losses);
+            let dc = self.head_bwd(be, &dl, n);
+            be.copy(&mut dhs, r0 * dp, &dc, 0, n * dp);
+        }
+        (total / r as f64, dhs)
     }
 
     /// The backward pass from `dlogits` (`[r, vocab]`), accumulating into
@@ -1495,21 +1568,13 @@ impl<B: Backend> Decoder<B> {
         top: &TopSaved<B>,
         rows: &B::Ids,
         r: usize,
-        dlogits: &B::Buf,
+        mut dhs: B::Buf,
     ) {
         let c = &self.cfg;
-        let (d, ff, dp, vs) = (
-            c.hidden_size,
-            c.intermediate_size,
-            c.word_embed_proj_dim,
-            c.vocab_size,
-        );
+        let (d, ff) = (c.hidden_size, c.intermediate_size);
         let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim());
         let n = x.batch * x.seq;
         let nl = self.num_layers();
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        let mut dhs = be.zeros(r * dp);
-        be.matmul(&mut dhs, dlogits, head, r, dp, vs, false, false, false);
         if let Some(po) = &self.project_out {
             let mut t = be.zeros(r * d);
             self.lin_bwd(be, po, &mut t, &dhs, r, false);
@@ -1683,7 +1748,7 @@ impl<B: Backend> Decoder<B> {
     ) -> Vec<B::T> {
         let (_, h) = self.forward(be, params, x, false, None);
         let top = self.top_forward(be, params, &h, &rt.rows, rt.n);
-        be.download(&top.logits)
+        be.download(&self.head_fwd(be, &top.hs, rt.n))
     }
 
     /// Token-level LM loss (mean cross-entropy of the target tokens at the
@@ -1699,20 +1764,8 @@ impl<B: Backend> Decoder<B> {
     ) -> f64 {
         let (saved, h) = self.forward(be, params, x, true, None);
         let top = self.top_forward(be, params, &h, &rt.rows, rt.n);
-        let vs = self.cfg.vocab_size;
-        let mut losses = be.zeros(rt.n);
-        let mut dl = be.zeros(rt.n * vs);
-        be.cross_entropy(
-            &mut losses,
-            &mut dl,
-            &top.logits,
-            &rt.targets,
-            rt.n,
-            vs,
-            1.0 / rt.n as f64,
-        );
-        let loss = sum(be, &losses) / rt.n as f64;
-        self.backward(be, params, grads, x, &saved, &top, &rt.rows, rt.n, &dl);
+        let (loss, dhs) = self.head_loss(be, &top, rt);
+        self.backward(be, params, grads, x, &saved, &top, &rt.rows, rt.n, dhs);
         loss
     }
 
@@ -1728,7 +1781,11 @@ impl<B: Backend> Decoder<B> {
     ) -> (f64, Vec<f64>) {
         let (saved, h) = self.forward(be, params, &cb.x, true, None);
         let top = self.top_forward(be, params, &h, &cb.rt.rows, cb.rt.n);
-        let (loss, scores, dl) = self.cand_loss(be, &top.logits, cb);
+        let logits = self.head_fwd(be, &top.hs, cb.rt.n);
+        let (loss, scores, dl) = self.cand_loss(be, &logits, cb);
+        drop(logits);
+        let dhs = self.head_bwd(be, &dl, cb.rt.n);
+        drop(dl);
         self.backward(
             be,
             params,
@@ -1738,7 +1795,7 @@ impl<B: Backend> Decoder<B> {
             &top,
             &cb.rt.rows,
             cb.rt.n,
-            &dl,
+            dhs,
         );
         (loss, scores)
     }
@@ -1748,7 +1805,8 @@ impl<B: Backend> Decoder<B> {
     pub fn candidate_scores(&self, be: &B, params: &B::Buf, cb: &CandBatch<B>) -> (f64, Vec<f64>) {
         let (_, h) = self.forward(be, params, &cb.x, false, None);
         let top = self.top_forward(be, params, &h, &cb.rt.rows, cb.rt.n);
-        let (loss, scores, _) = self.cand_loss(be, &top.logits, cb);
+        let logits = self.head_fwd(be, &top.hs, cb.rt.n);
+        let (loss, scores, _) = self.cand_loss(be, &logits, cb);
         (loss, scores)
     }
 
@@ -1861,7 +1919,7 @@ impl<B: Backend> Decoder<B> {
         let vs = self.cfg.vocab_size;
         let ids = be.upload_ids(rows);
         let top = self.top_forward(be, params, h, &ids, rows.len());
-        let lg = be.download(&top.logits);
+        let lg = be.download(&self.head_fwd(be, &top.hs, rows.len()));
         (0..rows.len())
             .map(|r| {
                 let row = &lg[r * vs..(r + 1) * vs];

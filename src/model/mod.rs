@@ -8,5 +8,7 @@ pub mod encoder;
 pub mod random;
 
 pub use bias::{BiasTerm, SlabLayout, Slot, SlotKind};
-pub use decoder::{CandBatch, DecBatch, Decoder, DecoderOptions, MemoryPlan, Offload, RowTargets};
+pub use decoder::{
+    CandBatch, DecBatch, Decoder, DecoderOptions, MemoryPlan, Offload, RowTargets, HEAD_CHUNK,
+};
 pub use encoder::{DeviceBatch, Encoder, EncoderOptions};
