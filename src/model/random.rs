@@ -11,7 +11,7 @@ use serde_json::json;
 
 use crate::error::{Error, Result};
 use crate::rng::Rng;
-use crate::weights::{write_safetensors, DType};
+use crate::weights::{write_safetensors, write_safetensors_with, DType};
 
 /// The shape of a BERT-style encoder.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -262,10 +262,11 @@ fn encode(vals: &[f32], dtype: DType, out: &mut Vec<u8>) {
 /// Write `config.json` and `model.safetensors` for a random OPT of `shape`
 /// in `dtype` (BF16 as the released checkpoints, or F32/F16). Weight
 /// matrices and embeddings are ~N(0, 0.02²), biases ~N(0, 0.01²), LayerNorm
-/// gains 1. The file is streamed: the header first, then each tensor chunk
-/// by chunk (chunks generated in parallel), so memory stays at a few chunks
-/// however large the model (OPT-6.7B in bf16 is 13.3 GB). The file is
-/// written under a temporary name and renamed when complete.
+/// gains 1. The file is streamed ([`write_safetensors_with`]): the header
+/// first, then each tensor chunk by chunk (chunks generated in parallel), so
+/// memory stays at a few chunks however large the model (OPT-6.7B in bf16
+/// is 13.3 GB). The file is written under a temporary name and renamed when
+/// complete.
 /// `progress(done, total)` is called with bytes of tensor data written.
 /// Returns the size of `model.safetensors` in bytes.
 pub fn write_random_opt(
@@ -275,8 +276,6 @@ pub fn write_random_opt(
     seed: u64,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<u64> {
-    use std::io::Write;
-
     let s = shape;
     if !s.hidden.is_multiple_of(s.heads) {
         return Err(Error::msg(format!(
@@ -303,79 +302,55 @@ pub fn write_random_opt(
     fs::write(&cfg_path, cfg.to_string()).map_err(|e| Error::io(&cfg_path, e))?;
 
     let tensors = s.tensors();
-    let esize = dtype.size() as u64;
-    let mut header = serde_json::Map::new();
-    header.insert("__metadata__".into(), json!({ "format": "pt" }));
-    let mut offset = 0u64;
-    for (name, shape, _) in &tensors {
-        let n = shape.iter().product::<usize>() as u64;
-        let end = offset + n * esize;
-        header.insert(
-            name.clone(),
-            json!({ "dtype": dtype.to_string(), "shape": shape, "data_offsets": [offset, end] }),
-        );
-        offset = end;
-    }
-    let total = offset;
-    let mut hbytes = serde_json::to_vec(&serde_json::Value::Object(header))
-        .map_err(|e| Error::msg(format!("random OPT header: {e}")))?;
-    while hbytes.len() % 8 != 0 {
-        hbytes.push(b' ');
-    }
-
-    let path = dir.join("model.safetensors");
-    let tmp = dir.join(format!(".model.safetensors.tmp.{}", std::process::id()));
+    let entries: Vec<(String, DType, Vec<usize>)> = tensors
+        .iter()
+        .map(|(name, shape, _)| (name.clone(), dtype, shape.clone()))
+        .collect();
+    let total: u64 = entries
+        .iter()
+        .map(|(_, _, shape)| (shape.iter().product::<usize>() * dtype.size()) as u64)
+        .sum();
+    let metadata = BTreeMap::from([("format".to_string(), "pt".to_string())]);
     let threads = rayon::current_num_threads().max(1);
-    let mut write = || -> std::io::Result<()> {
-        let f = fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)?;
-        let mut w = std::io::BufWriter::with_capacity(1 << 22, f);
-        w.write_all(&(hbytes.len() as u64).to_le_bytes())?;
-        w.write_all(&hbytes)?;
-        let mut done = 0u64;
-        progress(0, total);
-        for (ti, (_, shape, init)) in tensors.iter().enumerate() {
-            let n: usize = shape.iter().product();
-            let chunks = n.div_ceil(CHUNK);
-            // A group of chunks is generated in parallel, then written in order.
-            for group in (0..chunks).collect::<Vec<_>>().chunks(2 * threads) {
-                use rayon::prelude::*;
-                let bytes: Vec<Vec<u8>> = group
-                    .par_iter()
-                    .map(|&c| {
-                        let len = CHUNK.min(n - c * CHUNK);
-                        let mut vals = vec![0f32; len];
-                        match init {
-                            Init::One => vals.fill(1.0),
-                            Init::Normal(std) => fill_normalish(
-                                &mut vals,
-                                *std,
-                                crate::backend::sub_seed(seed, ((ti as u64) << 32) | c as u64),
-                            ),
-                        }
-                        let mut out = Vec::with_capacity(len * dtype.size());
-                        encode(&vals, dtype, &mut out);
-                        out
-                    })
-                    .collect();
-                for b in bytes {
-                    w.write_all(&b)?;
-                    done += b.len() as u64;
+    let mut done = 0u64;
+    progress(0, total);
+    write_safetensors_with(
+        &dir.join("model.safetensors"),
+        &entries,
+        &metadata,
+        &mut |w| {
+            for (ti, (_, shape, init)) in tensors.iter().enumerate() {
+                let n: usize = shape.iter().product();
+                let chunks = n.div_ceil(CHUNK);
+                // A group of chunks is generated in parallel, then written in order.
+                for group in (0..chunks).collect::<Vec<_>>().chunks(2 * threads) {
+                    use rayon::prelude::*;
+                    let bytes: Vec<Vec<u8>> = group
+                        .par_iter()
+                        .map(|&c| {
+                            let len = CHUNK.min(n - c * CHUNK);
+                            let mut vals = vec![0f32; len];
+                            match init {
+                                Init::One => vals.fill(1.0),
+                                Init::Normal(std) => fill_normalish(
+                                    &mut vals,
+                                    *std,
+                                    crate::backend::sub_seed(seed, ((ti as u64) << 32) | c as u64),
+                                ),
+                            }
+                            let mut out = Vec::with_capacity(len * dtype.size());
+                            encode(&vals, dtype, &mut out);
+                            out
+                        })
+                        .collect();
+                    for b in bytes {
+                        w.write_all(&b)?;
+                        done += b.len() as u64;
+                    }
+                    progress(done, total);
                 }
-                progress(done, total);
             }
-        }
-        let f = w.into_inner().map_err(|e| e.into_error())?;
-        f.sync_all()?;
-        drop(f);
-        fs::rename(&tmp, &path)
-    };
-    if let Err(e) = write() {
-        let _ = fs::remove_file(&tmp);
-        return Err(Error::io(&path, e));
-    }
-    Ok(8 + hbytes.len() as u64 + total)
+            Ok(())
+        },
+    )
 }

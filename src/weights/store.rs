@@ -757,31 +757,15 @@ fn parse_file(path: &Arc<PathBuf>) -> Result<Parsed> {
 }
 
 /// Atomically write a safetensors file of F32 tensors `(name, shape,
-/// values)` and string `metadata`: the bytes go to a temporary file in the
-/// same directory, which is fsynced and then renamed over `path`. A failure
-/// never leaves a partial file at `path`.
+/// values)` and string `metadata` (see [`write_safetensors_with`]). A
+/// failure never leaves a partial file at `path`.
 pub fn write_safetensors(
     path: &Path,
     tensors: &[(String, Vec<usize>, Vec<f32>)],
     metadata: &BTreeMap<String, String>,
 ) -> Result<()> {
-    let mut header = serde_json::Map::new();
-    if !metadata.is_empty() {
-        let m: serde_json::Map<String, Value> = metadata
-            .iter()
-            .map(|(k, v)| (k.clone(), Value::String(v.clone())))
-            .collect();
-        header.insert("__metadata__".to_string(), Value::Object(m));
-    }
-    let mut seen = HashSet::new();
-    let mut offset = 0usize;
+    let mut entries = Vec::with_capacity(tensors.len());
     for (name, shape, values) in tensors {
-        if name == "__metadata__" || !seen.insert(name.as_str()) {
-            return Err(Error::file(
-                path,
-                format!("cannot write tensor '{name}': duplicate or reserved name"),
-            ));
-        }
         let numel = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
         if numel != Some(values.len()) {
             return Err(Error::file(
@@ -792,10 +776,52 @@ pub fn write_safetensors(
                 ),
             ));
         }
-        let end = offset + values.len() * 4;
+        entries.push((name.clone(), DType::F32, shape.clone()));
+    }
+    write_safetensors_with(path, &entries, metadata, &mut |w| {
+        for (_, _, values) in tensors {
+            for v in values {
+                w.write_all(&v.to_le_bytes())?;
+            }
+        }
+        Ok(())
+    })?;
+    Ok(())
+}
+
+/// Atomically write a safetensors file whose tensors `(name, dtype, shape)`
+/// have their data written, in the same order, by `data` (so that a large
+/// file can be streamed): the header (8-byte aligned, `metadata` as
+/// `__metadata__`) and data go to a temporary file in the same directory,
+/// which is fsynced and then renamed over `path`. A failure never leaves a
+/// partial file at `path`. Returns the file's size.
+pub fn write_safetensors_with(
+    path: &Path,
+    entries: &[(String, DType, Vec<usize>)],
+    metadata: &BTreeMap<String, String>,
+    data: &mut dyn FnMut(&mut dyn Write) -> std::io::Result<()>,
+) -> Result<u64> {
+    let mut header = serde_json::Map::new();
+    if !metadata.is_empty() {
+        let m: serde_json::Map<String, Value> = metadata
+            .iter()
+            .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+            .collect();
+        header.insert("__metadata__".to_string(), Value::Object(m));
+    }
+    let mut seen = HashSet::new();
+    let mut offset = 0usize;
+    for (name, dtype, shape) in entries {
+        if name == "__metadata__" || !seen.insert(name.as_str()) {
+            return Err(Error::file(
+                path,
+                format!("cannot write tensor '{name}': duplicate or reserved name"),
+            ));
+        }
+        let end = offset + shape.iter().product::<usize>() * dtype.size();
         header.insert(
             name.clone(),
-            serde_json::json!({ "dtype": "F32", "shape": shape, "data_offsets": [offset, end] }),
+            serde_json::json!({ "dtype": dtype.to_string(), "shape": shape, "data_offsets": [offset, end] }),
         );
         offset = end;
     }
@@ -822,19 +848,15 @@ pub fn write_safetensors(
         COUNTER.fetch_add(1, Ordering::Relaxed)
     ));
 
-    let write = || -> std::io::Result<()> {
+    let mut write = || -> std::io::Result<()> {
         let f = fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .open(&tmp)?;
-        let mut w = std::io::BufWriter::new(f);
+        let mut w = std::io::BufWriter::with_capacity(1 << 22, f);
         w.write_all(&(hbytes.len() as u64).to_le_bytes())?;
         w.write_all(&hbytes)?;
-        for (_, _, values) in tensors {
-            for v in values {
-                w.write_all(&v.to_le_bytes())?;
-            }
-        }
+        data(&mut w)?;
         let f = w.into_inner().map_err(|e| e.into_error())?;
         f.sync_all()?;
         drop(f);
@@ -850,5 +872,5 @@ pub fn write_safetensors(
     if let Ok(d) = fs::File::open(&dir) {
         let _ = d.sync_all();
     }
-    Ok(())
+    Ok(8 + hbytes.len() as u64 + offset as u64)
 }
