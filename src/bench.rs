@@ -232,11 +232,11 @@ pub fn run(args: &BenchArgs) -> Result<Report> {
     match dev {
         Device::Cpu => {
             let be = crate::backend::fast::FastCpu::new();
-            run_on(&be, dev, args, 4, cpu_gemm(args.quick))
+            run_on(&be, dev, args, cpu_gemm(args.quick))
         }
         Device::CpuRef => {
             let be = crate::backend::cpu::CpuBackend::<f32>::new();
-            run_on(&be, dev, args, 4, cpu_gemm(args.quick))
+            run_on(&be, dev, args, cpu_gemm(args.quick))
         }
         #[cfg(feature = "cuda")]
         Device::Cuda(ordinal) => {
@@ -269,9 +269,7 @@ pub fn run(args: &BenchArgs) -> Result<Report> {
                 }
                 Err(e) => (None, Vec::new(), format!("unavailable: {e}")),
             };
-            // The ceiling's buffers are gone; measure peaks from here.
-            be.reset_peak();
-            run_on(&be, dev, args, 2, gemm)
+            run_on(&be, dev, args, gemm)
         }
         #[cfg(feature = "wgpu")]
         Device::Wgpu(index) => {
@@ -281,7 +279,7 @@ pub fn run(args: &BenchArgs) -> Result<Report> {
                 Vec::new(),
                 "unavailable: no vendor GEMM is reachable through wgpu".to_string(),
             );
-            run_on(&be, dev, args, 4, gemm)
+            run_on(&be, dev, args, gemm)
         }
         #[allow(unreachable_patterns)]
         other => Err(crate::train::run::device_unavailable(other)),
@@ -319,7 +317,6 @@ fn run_on<B: Backend>(
     be: &B,
     dev: Device,
     args: &BenchArgs,
-    weight_bytes: usize,
     gemm: (Option<GemmCeiling>, Vec<GemmCeiling>, String),
 ) -> Result<Report> {
     let gpu = matches!(dev, Device::Cuda(_) | Device::Wgpu(_));
@@ -330,7 +327,7 @@ fn run_on<B: Backend>(
     } else {
         512
     });
-    let env = ops::Env::new(be, args, gpu, weight_bytes);
+    let env = ops::Env::new(be, args, gpu);
     let copy = env.copy_ceiling()?;
     let (gemm, gemm_all, gemm_note) = gemm;
     let ceilings = Ceilings {
@@ -346,7 +343,6 @@ fn run_on<B: Backend>(
     }
     let mut steps = Vec::new();
     if let Some(spec) = &args.step {
-        be.reset_peak();
         steps.push(step::run_step(
             be,
             spec,

@@ -9,6 +9,7 @@ use crate::backend::{Act, AdamW, AttnDims, Backend};
 use crate::error::Result;
 use crate::float::Float;
 use crate::rng::Rng;
+use crate::train::run::median;
 use crate::weights::TensorView;
 
 /// Host values recycled into every random buffer (4 Mi values).
@@ -45,7 +46,11 @@ pub(super) struct Env<'a, B: Backend> {
 }
 
 impl<'a, B: Backend> Env<'a, B> {
-    pub(super) fn new(be: &'a B, args: &BenchArgs, gpu: bool, weight_bytes: usize) -> Self {
+    pub(super) fn new(be: &'a B, args: &BenchArgs, gpu: bool) -> Self {
+        // The width the backend stores a frozen weight matrix at (bf16 on
+        // CUDA), as it reports it.
+        let probe = TensorView::from_f32("bench.probe", vec![2, 2], &[0.0; 4]);
+        let weight_bytes = be.weight_bytes(&probe) as usize / 4;
         let mut rng = Rng::new(0xbe9c);
         let pool = (0..POOL)
             .map(|_| ((rng.next_u64() >> 40) as f32 / (1u64 << 23) as f32) - 1.0)
@@ -145,15 +150,8 @@ impl<'a, B: Backend> Env<'a, B> {
             be.sync();
             ts.push(t0.elapsed().as_secs_f64() / inner as f64);
         }
-        ts.sort_by(|a, b| a.total_cmp(b));
-        let n = ts.len();
-        let median = if n % 2 == 1 {
-            ts[n / 2]
-        } else {
-            0.5 * (ts[n / 2 - 1] + ts[n / 2])
-        };
         Timing {
-            median,
+            median: median(&mut ts),
             inner,
             sets,
         }

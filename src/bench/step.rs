@@ -154,17 +154,7 @@ pub fn run_step<B: Backend>(
     let ids: Vec<u32> = (0..b * t)
         .map(|_| (lo + rng.below(cfg.vocab_size - lo)) as u32)
         .collect();
-    let hyper = |step: u64| AdamW {
-        lr: 1e-4,
-        beta1: 0.9,
-        beta2: 0.999,
-        eps: 1e-8,
-        weight_decay: 0.0,
-        step,
-    };
-    let mut losses = Vec::new();
-    let mut times = Vec::new();
-    let total = spec.warmup + spec.steps;
+    let (times, losses): (Vec<f64>, Vec<f64>);
     // Memory counts start here: buffers cached by earlier measurements (the
     // copy ceiling's) are given back first.
     be.release_cached();
@@ -175,7 +165,7 @@ pub fn run_step<B: Backend>(
             be,
             &md,
             DecoderOptions {
-                terms,
+                terms: terms.clone(),
                 offload: spec.offload,
                 recompute: spec.recompute,
             },
@@ -196,18 +186,9 @@ pub fn run_step<B: Backend>(
         be.sync();
         let loaded = be.memory().map(|m| m.live);
         be.reset_peak();
-        for step in 1..=total as u64 {
-            let t0 = Instant::now();
-            be.fill(&mut slab.grads, 0.0);
-            let loss = dec.lm_loss_and_grad(be, &slab.params, &mut slab.grads, &x, &rt);
-            slab.clip(be, 1.0);
-            slab.step(be, hyper(step));
-            be.sync();
-            if step as usize > spec.warmup {
-                times.push(t0.elapsed().as_secs_f64());
-            }
-            losses.push(loss);
-        }
+        (times, losses) = timed_steps(be, &mut slab, spec, &mut |p, g, _| {
+            dec.lm_loss_and_grad(be, p, g, &x, &rt)
+        });
         be.sync();
         train_peak = be.memory().map(|m| m.peak);
         be.release_cached();
@@ -223,7 +204,7 @@ pub fn run_step<B: Backend>(
             EncoderOptions {
                 pooling: PoolKind::Cls,
                 num_labels: 2,
-                terms,
+                terms: terms.clone(),
                 seed: 0,
             },
         )?;
@@ -240,18 +221,9 @@ pub fn run_step<B: Backend>(
         let mut slab = Slab::new(be, &enc.init);
         be.sync();
         let loaded = be.memory().map(|m| m.live);
-        for step in 1..=total as u64 {
-            let t0 = Instant::now();
-            be.fill(&mut slab.grads, 0.0);
-            let (loss, _) = enc.loss_and_grad(be, &slab.params, &mut slab.grads, &db, Some(step));
-            slab.clip(be, 1.0);
-            slab.step(be, hyper(step));
-            be.sync();
-            if step as usize > spec.warmup {
-                times.push(t0.elapsed().as_secs_f64());
-            }
-            losses.push(loss);
-        }
+        (times, losses) = timed_steps(be, &mut slab, spec, &mut |p, g, step| {
+            enc.loss_and_grad(be, p, g, &db, Some(step)).0
+        });
         ("encoder", enc.trainable_params(), loaded)
     } else {
         return Err(Error::file(
@@ -259,14 +231,7 @@ pub fn run_step<B: Backend>(
             format!("model_type '{}' cannot be benchmarked", cfg.model_type),
         ));
     };
-    let mut sorted = times.clone();
-    sorted.sort_by(|a, b| a.total_cmp(b));
-    let n = sorted.len();
-    let median = if n % 2 == 1 {
-        sorted[n / 2]
-    } else {
-        0.5 * (sorted[n / 2 - 1] + sorted[n / 2])
-    };
+    let median = crate::train::run::median(&mut times.clone());
     let flops = model_flops(&cfg, b, t);
     let tflops = flops / median / 1e12;
     Ok(StepRow {
@@ -278,7 +243,7 @@ pub fn run_step<B: Backend>(
         batch: b,
         seq: t,
         tokens_per_step: b * t,
-        bias: BiasTerm::format_set(&BiasTerm::parse_set(&spec.bias)?),
+        bias: BiasTerm::format_set(&terms),
         trainable_params: trainable,
         warmup: spec.warmup,
         step_s: times,
@@ -299,6 +264,41 @@ pub fn run_step<B: Backend>(
         peak_rss_bytes: crate::train::run::peak_rss_bytes(),
         flops_formula: FLOPS_FORMULA.into(),
     })
+}
+
+/// `spec.warmup + spec.steps` training steps (zeroed gradients, `loss`
+/// accumulating the bias gradient, clipping at 1.0, AdamW), each waited
+/// for: the seconds of those after the warm-up, and every step's loss.
+/// `loss(params, grads, step)`.
+fn timed_steps<B: Backend>(
+    be: &B,
+    slab: &mut Slab<B>,
+    spec: &StepSpec,
+    loss: &mut dyn FnMut(&B::Buf, &mut B::Buf, u64) -> f64,
+) -> (Vec<f64>, Vec<f64>) {
+    let (mut times, mut losses) = (Vec::new(), Vec::new());
+    for step in 1..=(spec.warmup + spec.steps) as u64 {
+        let t0 = Instant::now();
+        be.fill(&mut slab.grads, 0.0);
+        losses.push(loss(&slab.params, &mut slab.grads, step));
+        slab.clip(be, 1.0);
+        slab.step(
+            be,
+            AdamW {
+                lr: 1e-4,
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                weight_decay: 0.0,
+                step,
+            },
+        );
+        be.sync();
+        if step as usize > spec.warmup {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    (times, losses)
 }
 
 /// BERT shapes are written in f32 whatever `--dtype` says.

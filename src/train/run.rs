@@ -233,7 +233,7 @@ pub fn peak_rss_bytes() -> u64 {
         .unwrap_or(0)
 }
 
-pub(super) fn median(v: &mut [f64]) -> f64 {
+pub(crate) fn median(v: &mut [f64]) -> f64 {
     if v.is_empty() {
         return 0.0;
     }

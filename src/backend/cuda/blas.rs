@@ -70,8 +70,7 @@ fn time(
         sync()?;
         t.push(t0.elapsed().as_secs_f64());
     }
-    t.sort_by(|a, b| a.total_cmp(b));
-    Ok(t[t.len() / 2])
+    Ok(crate::train::run::median(&mut t))
 }
 
 /// Square bf16 and f32 GEMMs of side `size` on `ctx`'s default stream
