@@ -63,10 +63,7 @@ fn main() -> beft::Result<()> {
             .map(|_| 3 + rng.below(vocab - 3) as u32)
             .collect();
         let mask = vec![1f32; batch * seq];
-        let rows: Vec<u32> = (0..batch)
-            .flat_map(|b| (0..seq - 1).map(move |t| (b * seq + t) as u32))
-            .collect();
-        let targets: Vec<u32> = rows.iter().map(|r| ids[*r as usize + 1]).collect();
+        let (rows, targets) = beft::bench::step::next_token_rows(batch, seq, &ids);
         let x = dec.upload(&be, batch, seq, &ids, &mask)?;
         let rt = dec.row_targets(&be, &x, &rows, &targets)?;
         let mut slab = Slab::new(&be, &dec.init);

@@ -172,15 +172,7 @@ pub fn run_step<B: Backend>(
         )?;
         let mask = vec![1f32; b * t];
         let x = dec.upload(be, b, t, &ids, &mask)?;
-        // Teacher forcing on every next token, as a causal-LM loss.
-        let mut rows = Vec::with_capacity(b * (t - 1));
-        let mut targets = Vec::with_capacity(b * (t - 1));
-        for bi in 0..b {
-            for ti in 0..t - 1 {
-                rows.push((bi * t + ti) as u32);
-                targets.push(ids[bi * t + ti + 1]);
-            }
-        }
+        let (rows, targets) = next_token_rows(b, t, &ids);
         let rt = dec.row_targets(be, &x, &rows, &targets)?;
         let mut slab = Slab::new(be, &dec.init);
         be.sync();
@@ -264,6 +256,16 @@ pub fn run_step<B: Backend>(
         peak_rss_bytes: crate::train::run::peak_rss_bytes(),
         flops_formula: FLOPS_FORMULA.into(),
     })
+}
+
+/// Teacher forcing on every next token of `b` unpadded rows of `t` tokens
+/// (a causal-LM loss): the loss rows and their targets.
+pub fn next_token_rows(b: usize, t: usize, ids: &[u32]) -> (Vec<u32>, Vec<u32>) {
+    let rows: Vec<u32> = (0..b)
+        .flat_map(|bi| (0..t - 1).map(move |ti| (bi * t + ti) as u32))
+        .collect();
+    let targets = rows.iter().map(|&r| ids[r as usize + 1]).collect();
+    (rows, targets)
 }
 
 /// `spec.warmup + spec.steps` training steps (zeroed gradients, `loss`

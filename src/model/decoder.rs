@@ -1435,7 +1435,6 @@ impl<B: Backend> Decoder<B> {
         }
         let nl = self.num_layers();
         let mut kept = Vec::with_capacity(nl);
-        self.prefetch(0);
         let mut next = (nl > 0).then(|| self.layer(be, 0));
         for l in 0..nl {
             let layer = next.take().expect("layer uploaded one ahead");
@@ -1511,22 +1510,11 @@ impl<B: Backend> Decoder<B> {
     /// and their gradient never exist whole.
     fn head_loss(&self, be: &B, top: &TopSaved<B>, rt: &RowTargets<B>) -> (f64, B::Buf) {
         let dp = self.cfg.word_embed_proj_dim;
-        let vs = self.cfg.vocab_size;
         let r = rt.n;
+        let scale = 1.0 / r as f64;
         if r <= HEAD_CHUNK {
-            let logits = self.head_fwd(be, &top.hs, r);
-            let (mut losses, mut dl) = (be.zeros(r), be.zeros(r * vs));
-            be.cross_entropy(
-                &mut losses,
-                &mut dl,
-                &logits,
-                &rt.targets,
-                r,
-                vs,
-                1.0 / r as f64,
-            );
-            drop(logits);
-            return (sum(be, &losses) / r as f64, self.head_bwd(be, &dl, r));
+            let (total, dhs) = self.head_chunk(be, &top.hs, &rt.targets, r, scale);
+            return (total / r as f64, dhs);
         }
         let mut dhs = be.zeros(r * dp);
         let mut total = 0.0;
@@ -1534,24 +1522,30 @@ impl<B: Backend> Decoder<B> {
             let n = HEAD_CHUNK.min(r - r0);
             let mut hc = be.zeros(n * dp);
             be.copy(&mut hc, 0, &top.hs, r0 * dp, n * dp);
-            let logits = self.head_fwd(be, &hc, n);
             let targets = be.upload_ids(&rt.host_targets[r0..r0 + n]);
-            let (mut losses, mut dl) = (be.zeros(n), be.zeros(n * vs));
-            be.cross_entropy(
-                &mut losses,
-                &mut dl,
-                &logits,
-                &targets,
-                n,
-                vs,
-                1.0 / r as f64,
-            );
-            drop(logits);
-            total += sum(be, &losses);
-            let dc = self.head_bwd(be, &dl, n);
+            let (sum_c, dc) = self.head_chunk(be, &hc, &targets, n, scale);
+            total += sum_c;
             be.copy(&mut dhs, r0 * dp, &dc, 0, n * dp);
         }
         (total / r as f64, dhs)
+    }
+
+    /// Cross-entropy of `n` head inputs `hs` against `targets`: the sum of
+    /// their losses and the head-input gradient of `scale ×` that sum.
+    fn head_chunk(
+        &self,
+        be: &B,
+        hs: &B::Buf,
+        targets: &B::Ids,
+        n: usize,
+        scale: f64,
+    ) -> (f64, B::Buf) {
+        let vs = self.cfg.vocab_size;
+        let logits = self.head_fwd(be, hs, n);
+        let (mut losses, mut dl) = (be.zeros(n), be.zeros(n * vs));
+        be.cross_entropy(&mut losses, &mut dl, &logits, targets, n, vs, scale);
+        drop(logits);
+        (sum(be, &losses), self.head_bwd(be, &dl, n))
     }
 
     /// The backward pass from `dlogits` (`[r, vocab]`), accumulating into
@@ -1598,7 +1592,6 @@ impl<B: Backend> Decoder<B> {
         be.scatter_add_rows(&mut dh, &dhs, rows, r, d);
         let dims = self.dims(x.batch, x.seq);
         let (qd, kvd) = (nh * hd, nkv * hd);
-        self.prefetch(nl - 1);
         let mut next = Some(self.layer(be, nl - 1));
         for l in (self.lowest..nl).rev() {
             let layer_ref = next.take().expect("layer uploaded one ahead");
