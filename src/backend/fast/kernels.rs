@@ -547,38 +547,11 @@ multiversion! {
             let vis = (mask[j] > 0.0) & (j <= lim);
             s[j] = if vis { s[j] } else { f32::NEG_INFINITY };
         }
-        let mut mx = [f32::NEG_INFINITY; LANES];
-        let mut it = s.chunks_exact(LANES);
-        for c in &mut it {
-            for l in 0..LANES {
-                mx[l] = mx[l].max(c[l]);
-            }
-        }
-        let mut m = f32::NEG_INFINITY;
-        for v in it.remainder() {
-            m = m.max(*v);
-        }
-        let m = mx.iter().fold(m, |a, b| a.max(*b));
+        let (m, sum) = exp_shifted(s);
         if m == f32::NEG_INFINITY {
             s.fill(0.0);
             return f32::NEG_INFINITY;
         }
-        let mut acc = [0f32; LANES];
-        let mut it = s.chunks_exact_mut(LANES);
-        for c in &mut it {
-            for l in 0..LANES {
-                let e = exp_f32(c[l] - m);
-                c[l] = e;
-                acc[l] += e;
-            }
-        }
-        let mut tail = 0f32;
-        for v in it.into_remainder() {
-            let e = exp_f32(*v - m);
-            *v = e;
-            tail += e;
-        }
-        let sum = acc.iter().sum::<f32>() + tail;
         let inv = 1.0 / sum;
         for v in s.iter_mut() {
             *v *= inv;
@@ -626,41 +599,52 @@ multiversion! {
     }
 }
 
+/// `s[j] = e^(s[j] - max)` in place; returns `(max, Σ s[j])` (the max is
+/// `-inf`, and `s` untouched, when every entry is `-inf`). Inlined into the
+/// multiversioned kernels that call it.
+#[inline(always)]
+fn exp_shifted(s: &mut [f32]) -> (f32, f32) {
+    let mut mx = [f32::NEG_INFINITY; LANES];
+    let mut it = s.chunks_exact(LANES);
+    for c in &mut it {
+        for l in 0..LANES {
+            mx[l] = mx[l].max(c[l]);
+        }
+    }
+    let mut m = f32::NEG_INFINITY;
+    for v in it.remainder() {
+        m = m.max(*v);
+    }
+    let m = mx.iter().fold(m, |a, b| a.max(*b));
+    if m == f32::NEG_INFINITY {
+        return (m, 0.0);
+    }
+    let mut acc = [0f32; LANES];
+    let mut it = s.chunks_exact_mut(LANES);
+    for c in &mut it {
+        for l in 0..LANES {
+            let e = exp_f32(c[l] - m);
+            c[l] = e;
+            acc[l] += e;
+        }
+    }
+    let mut tail = 0f32;
+    for v in it.into_remainder() {
+        let e = exp_f32(*v - m);
+        *v = e;
+        tail += e;
+    }
+    (m, acc.iter().sum::<f32>() + tail)
+}
+
 multiversion! {
     /// Softmax cross-entropy of one row of logits `x` against class `y`:
     /// writes `d = (softmax(x) - onehot(y)) · scale` and returns the loss
     /// `logsumexp(x) - x[y]` (one exponential per element).
     pub fn xent_row(x: &[f32], d: &mut [f32], y: usize, scale: f32) -> f32 {
-        let n = x.len();
-        let d = &mut d[..n];
-        let mut mx = [f32::NEG_INFINITY; LANES];
-        let mut it = x.chunks_exact(LANES);
-        for c in &mut it {
-            for l in 0..LANES {
-                mx[l] = mx[l].max(c[l]);
-            }
-        }
-        let m = it
-            .remainder()
-            .iter()
-            .fold(mx.iter().fold(f32::NEG_INFINITY, |a, b| a.max(*b)), |a, b| a.max(*b));
-        let mut acc = [0f32; LANES];
-        let mut tail = 0f32;
-        let mut dc = d.chunks_exact_mut(LANES);
-        let mut xc = x.chunks_exact(LANES);
-        for (o, i) in (&mut dc).zip(&mut xc) {
-            for l in 0..LANES {
-                let e = exp_f32(i[l] - m);
-                o[l] = e;
-                acc[l] += e;
-            }
-        }
-        for (o, i) in dc.into_remainder().iter_mut().zip(xc.remainder()) {
-            let e = exp_f32(*i - m);
-            *o = e;
-            tail += e;
-        }
-        let sum = acc.iter().sum::<f32>() + tail;
+        let d = &mut d[..x.len()];
+        d.copy_from_slice(x);
+        let (m, sum) = exp_shifted(d);
         let k = scale / sum;
         for v in d.iter_mut() {
             *v *= k;
