@@ -17,12 +17,15 @@
 //!   a panic. Kernels are compiled by NVRTC for the device's architecture and
 //!   cached on disk ([`ptx`]).
 //! - Everything runs on the context's default stream, in order; a host read
-//!   (`download`, `sum_sq`) waits for the work before it. Launch and driver
+//!   (`download`, `sum_sq`) waits for the work before it. The one exception,
+//!   streamed layer weights, is copied on a side stream with explicit events
+//!   ([`stream`]). Launch and driver
 //!   failures inside an op panic with the kernel's name (the `Backend`
 //!   methods return no `Result`, as on the CPU, where a bad shape asserts).
 
 pub mod blas;
 pub mod ptx;
+mod stream;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -36,7 +39,7 @@ use cudarc::driver::{
 use super::fault::{device_fault, max_device_memory, mib, oom_message};
 use super::{Act, AdamW, AttnDims, Backend, CandidateIndex, Dropout, PoolKind};
 use crate::error::{Error, Result};
-use crate::weights::{DType, TensorView};
+use crate::weights::TensorView;
 
 /// The message of a machine without the CUDA driver (`libcuda.so`).
 pub const NO_DRIVER: &str = "no CUDA driver found: use --device cpu or --device wgpu";
@@ -160,8 +163,9 @@ pub struct CudaBackend {
     free_at_start: u64,
     /// Most device bytes in use at once, sampled after each allocation.
     peak: std::sync::atomic::AtomicU64,
-    /// Side stream for streamed layer uploads (see `copy_stream`).
-    copy: std::sync::OnceLock<Arc<CudaStream>>,
+    /// Side stream and pinned staging for streamed layer uploads
+    /// ([`stream`]), made on first use.
+    streamer: std::sync::OnceLock<stream::Streamer>,
 }
 
 /// A frozen weight converted for the device, still on the host.
@@ -372,7 +376,7 @@ impl CudaBackend {
             cap,
             free_at_start,
             peak: std::sync::atomic::AtomicU64::new(0),
-            copy: std::sync::OnceLock::new(),
+            streamer: std::sync::OnceLock::new(),
         })
     }
 
@@ -445,45 +449,43 @@ impl CudaBackend {
         let n = t.numel();
         let matrix = t.shape.len() >= 2;
         if self.weights == WeightDtype::Bf16 && matrix {
-            let bits: Vec<u16> = if t.dtype == DType::BF16 {
-                t.bytes()
-                    .chunks_exact(2)
-                    .map(|c| u16::from_le_bytes([c[0], c[1]]))
-                    .collect()
-            } else {
-                // Convert in chunks: no f32 copy of the whole tensor.
-                let mut bits = Vec::with_capacity(n);
-                let mut tmp = vec![0f32; n.min(1 << 20)];
-                let mut i = 0;
-                while i < n {
-                    let len = (n - i).min(tmp.len());
-                    t.read_f32_into(i, &mut tmp[..len]);
-                    bits.extend(
-                        tmp[..len]
-                            .iter()
-                            .map(|x| half::bf16::from_f32(*x).to_bits()),
-                    );
-                    i += len;
-                }
-                bits
-            };
+            let mut bits = vec![0u16; n];
+            stream::par_fill(t, &mut bits, stream::fill_bf16);
             HostWeight::Bf16(bits)
         } else {
             HostWeight::F32(t.to_f32_vec())
         }
     }
 
-    /// The side stream that streamed layer weights are copied on, so that
-    /// the copy of layer l+1 overlaps layer l's kernels on the compute
-    /// stream. Made on first use: with a second stream, cudarc orders every
-    /// buffer's uses across streams with events (a kernel waits for the copy
-    /// that wrote its input; a buffer is freed only after its last use).
-    fn copy_stream(&self) -> &Arc<CudaStream> {
-        self.copy.get_or_init(|| {
-            self.stream
-                .fork()
+    /// The copy stream and staging of streamed layer weights (see [`stream`]).
+    fn streamer(&self) -> &stream::Streamer {
+        self.streamer.get_or_init(|| {
+            stream::Streamer::new(&self.stream)
                 .unwrap_or_else(|e| self.lost("creating the copy stream", e))
         })
+    }
+
+    /// Whether streamed layer weights go through pinned staging buffers
+    /// (`None` before the first streamed upload).
+    pub fn pinned_staging(&self) -> Option<bool> {
+        self.streamer.get().and_then(|s| s.pinned())
+    }
+
+    /// An out-of-memory [`device_fault`] when `bytes` more would exceed the
+    /// `BEFT_MAX_DEVICE_MEMORY` cap.
+    fn check_cap(&self, bytes: u64) {
+        if let Some(cap) = self.cap {
+            let used = self.used_bytes();
+            if used + bytes > cap {
+                device_fault(oom_message(
+                    &self.name,
+                    bytes,
+                    cap.saturating_sub(used),
+                    cap,
+                    true,
+                ));
+            }
+        }
     }
 
     /// `n` zeroed elements. Out of device memory (or over the
@@ -495,19 +497,7 @@ impl CudaBackend {
     ) -> CudaSlice<T> {
         let n = n.max(1);
         let bytes = (n * std::mem::size_of::<T>()) as u64;
-        if let Some(cap) = self.cap {
-            let (free, _) = self.ctx.mem_get_info().unwrap_or((0, 0));
-            let used = self.free_at_start.saturating_sub(free as u64);
-            if used + bytes > cap {
-                device_fault(oom_message(
-                    &self.name,
-                    bytes,
-                    cap.saturating_sub(used),
-                    cap,
-                    true,
-                ));
-            }
-        }
+        self.check_cap(bytes);
         let buf = self.stream.alloc_zeros::<T>(n).unwrap_or_else(|e| {
             let (free, total) = self.ctx.mem_get_info().unwrap_or((0, 0));
             if free as u64 >= bytes {
@@ -739,24 +729,35 @@ impl Backend for CudaBackend {
     }
 
     fn weight_streamed(&self, t: &TensorView) -> Result<CudaBuf> {
-        let copy = self.copy_stream();
-        let (buf, what) = match self.host_weight(t) {
-            HostWeight::Bf16(bits) if !bits.is_empty() => {
-                let n = bits.len();
-                (copy.clone_htod(&bits).map(|s| CudaBuf::Bf16(s, n)), "bf16")
-            }
-            HostWeight::F32(v) if !v.is_empty() => {
-                let n = v.len();
-                (copy.clone_htod(&v).map(|s| CudaBuf::F32(s, n)), "f32")
-            }
-            _ => return self.weight(t),
+        let n = t.numel();
+        if n == 0 {
+            return self.weight(t);
+        }
+        let bf16 = self.weights == WeightDtype::Bf16 && t.shape.len() >= 2;
+        self.check_cap(self.weight_bytes(t));
+        let (s, compute) = (self.streamer(), &self.stream);
+        let buf = if bf16 {
+            s.upload(&self.ctx, compute, t, n, stream::fill_bf16)
+                .map(|b| CudaBuf::Bf16(b, n))
+        } else {
+            s.upload(&self.ctx, compute, t, n, stream::fill_f32)
+                .map(|b| CudaBuf::F32(b, n))
         };
         let buf = buf.unwrap_or_else(|e| {
-            self.lost(&format!("streaming {} ({what}) to the device", t.name), e)
+            let (free, total) = self.ctx.mem_get_info().unwrap_or((0, 0));
+            let bytes = self.weight_bytes(t);
+            if (free as u64) < bytes {
+                device_fault(format!(
+                    "{} ({e})",
+                    oom_message(&self.name, bytes, free as u64, total as u64, false)
+                ))
+            }
+            self.lost(&format!("streaming {} to the device", t.name), e)
         });
         self.note_peak();
         Ok(buf)
     }
+
     fn len(&self, buf: &CudaBuf) -> usize {
         buf.len()
     }
