@@ -467,6 +467,22 @@ pub fn render(r: &Report) -> String {
                 ),
             }
         );
+        if let (Some(b), Some(r), Some(bound), Some(f)) = (
+            st.streamed_bytes_per_step,
+            st.upload_bytes_per_s,
+            st.upload_bound_s,
+            st.upload_bound_fraction,
+        ) {
+            let _ = writeln!(
+                s,
+                "  streamed {:.1} MiB of layer weights per step; the upload path moves {:.1} GB/s, \
+                 so uploads alone take {}: {:.0} % of the step (100 % = the step runs at the upload bound)",
+                b as f64 / (1u64 << 20) as f64,
+                r / 1e9,
+                fmt_secs(bound),
+                f * 100.0
+            );
+        }
     }
     s
 }

@@ -451,6 +451,48 @@ fn wgpu_bench_counts_device_memory() {
         );
         assert!(s["mfu"].is_null());
         assert!(num(s, "last_loss").is_finite());
+        // Resident layers stream nothing, so no upload bound is reported.
+        assert!(s["streamed_bytes_per_step"].is_null());
+        assert!(s["upload_bound_fraction"].is_null());
+
+        // Streamed layers: the bytes streamed per step, the upload path's rate
+        // and the step time it bounds.
+        let o = Command::new(env!("CARGO_BIN_EXE_beft"))
+            .args([
+                "bench",
+                "--device",
+                "wgpu",
+                "--quick",
+                "--quiet",
+                "--step",
+                "--shape",
+                "opt-tiny",
+                "--batch",
+                "2",
+                "--seq",
+                "16",
+                "--offload",
+                "stream",
+                "--json",
+            ])
+            .arg(&json)
+            .env("TMPDIR", tmp.path())
+            .output()
+            .expect("run beft");
+        assert!(o.status.success(), "{}", stderr(&o));
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(out.contains("of layer weights per step"), "{out}");
+        let s = &read_json(&json)["steps"][0];
+        assert_eq!(s["offload"], "stream");
+        let (bytes, rate, bound) = (
+            num(s, "streamed_bytes_per_step"),
+            num(s, "upload_bytes_per_s"),
+            num(s, "upload_bound_s"),
+        );
+        assert!(bytes > 0.0 && rate > 0.0, "{s}");
+        assert!((bound - bytes / rate).abs() <= 1e-9 * bound.max(1.0), "{s}");
+        let frac = num(s, "upload_bound_fraction");
+        assert!((frac - bound / num(s, "step_s_median")).abs() < 1e-9, "{s}");
     }
     #[cfg(not(feature = "wgpu"))]
     eprintln!("skipped: built without the wgpu feature");

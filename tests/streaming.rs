@@ -294,6 +294,38 @@ fn a_budget_the_resident_model_exceeds_is_an_oom_error_and_streaming_fits() {
     assert!(fitted.train <= budget);
 }
 
+/// Streamed passes upload every layer once forward and once backward (the
+/// recomputed forward reuses the backward's upload), and the decoder's count
+/// of streamed bytes (what `beft bench --step` divides by the upload rate)
+/// says so; resident layers stream nothing.
+#[test]
+fn streamed_bytes_count_each_layer_once_per_pass() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_decoder(tmp.path(), Tiny::Opt, 3, MID);
+    let md = ModelDir::open(tmp.path()).unwrap();
+    for (offload, recompute) in MODES {
+        let be = SimDevice::new(FastCpu::new(), None);
+        let dec = load(&be, &md, "v", offload, recompute);
+        let all_layers = dec.memory_plan(4, 30).all_layers;
+        let (b, t, ids, mask) = tiny_batch(&[30, 30, 30, 30], false, 5);
+        let (rows, targets) = next_token_rows(b, t, &ids, &mask);
+        let x = dec.upload(&be, b, t, &ids, &mask).unwrap();
+        let rt = dec.row_targets(&be, &x, &rows, &targets).unwrap();
+        let mut slab = Slab::new(&be, &dec.init);
+        let _ = dec.logits_at(&be, &slab.params, &x, &rt);
+        let forward = dec.streamed_bytes();
+        dec.lm_loss_and_grad(&be, &slab.params, &mut slab.grads, &x, &rt);
+        let step = dec.streamed_bytes() - forward;
+        let what = format!("{offload:?}, recompute {recompute}");
+        if offload == Offload::Stream {
+            assert_eq!(forward, all_layers, "{what}: forward-only pass");
+            assert_eq!(step, 2 * all_layers, "{what}: training step");
+        } else {
+            assert_eq!((forward, step), (0, 0), "{what}");
+        }
+    }
+}
+
 // ---- the command line ------------------------------------------------------
 
 mod common;

@@ -17,7 +17,7 @@ use crate::model::config::{Arch, ModelConfig, ModelDir};
 use crate::model::{BiasTerm, Decoder, DecoderOptions, Encoder, EncoderOptions, Offload};
 use crate::rng::Rng;
 use crate::train::Slab;
-use crate::weights::DType;
+use crate::weights::{DType, TensorView};
 
 /// How the model FLOPs of a step are counted.
 pub const FLOPS_FORMULA: &str = "step model FLOPs (useful work of bias-only training) = 2*P*tokens (forward) + 2*P*tokens (input-gradient backward; no weight gradients) + attention 4*B*T^2*d*L forward + 8*B*T^2*d*L backward (both halved when causal), where P = the matmul parameters a token passes through (L*(4*d^2 + 2*d*ffn), plus the tied LM head vocab*d for decoders, the pooler d^2 for encoders) and tokens = B*T; model_tflops = model FLOPs / median step time; mfu = model_tflops / the GEMM ceiling";
@@ -84,6 +84,14 @@ pub struct StepRow {
     /// recomputed.
     pub offload: String,
     pub recompute: bool,
+    /// Streamed decoders: layer-weight bytes uploaded per step, the rate of
+    /// the backend's streamed-upload path (host tensor to device buffer,
+    /// [`upload_rate`]), the step time that rate bounds (bytes / rate), and
+    /// that bound as a fraction of the measured median step.
+    pub streamed_bytes_per_step: Option<u64>,
+    pub upload_bytes_per_s: Option<f64>,
+    pub upload_bound_s: Option<f64>,
+    pub upload_bound_fraction: Option<f64>,
     pub peak_rss_bytes: u64,
     pub flops_formula: String,
 }
@@ -159,7 +167,7 @@ pub fn run_step<B: Backend>(
     // copy ceiling's) are given back first.
     be.release_cached();
     be.reset_peak();
-    let (mut train_peak, mut infer_peak) = (None, None);
+    let (mut train_peak, mut infer_peak, mut streamed) = (None, None, None);
     let (kind, trainable, loaded) = if cfg.arch.is_decoder() {
         let dec = Decoder::load(
             be,
@@ -178,11 +186,14 @@ pub fn run_step<B: Backend>(
         be.sync();
         let loaded = be.memory().map(|m| m.live);
         be.reset_peak();
+        let before = dec.streamed_bytes();
         (times, losses) = timed_steps(be, &mut slab, spec, &mut |p, g, _| {
             dec.lm_loss_and_grad(be, p, g, &x, &rt)
         });
         be.sync();
         train_peak = be.memory().map(|m| m.peak);
+        let per_step = (dec.streamed_bytes() - before) / (spec.warmup + spec.steps).max(1) as u64;
+        streamed = (per_step > 0).then_some(per_step);
         be.release_cached();
         be.reset_peak();
         let _ = dec.logits_at(be, &slab.params, &x, &rt);
@@ -224,6 +235,14 @@ pub fn run_step<B: Backend>(
         ));
     };
     let median = crate::train::run::median(&mut times.clone());
+    // Only where uploads go to device memory (the CPU backends read weights
+    // in place).
+    let peak = be.memory().map(|m| m.peak).max(train_peak);
+    let rate = match streamed {
+        Some(_) if be.memory().is_some() => Some(upload_rate(be)?),
+        _ => None,
+    };
+    let bound = streamed.zip(rate).map(|(s, r)| s as f64 / r);
     let flops = model_flops(&cfg, b, t);
     let tflops = flops / median / 1e12;
     Ok(StepRow {
@@ -248,11 +267,15 @@ pub fn run_step<B: Backend>(
         mfu: gemm.map(|g| tflops / g.tflops),
         gemm_ceiling_source: gemm.map(|g| g.source.clone()),
         loaded_device_bytes: loaded,
-        peak_device_bytes: be.memory().map(|m| m.peak).max(train_peak),
+        peak_device_bytes: peak,
         train_peak_device_bytes: train_peak,
         infer_peak_device_bytes: infer_peak,
         offload: spec.offload.name().into(),
         recompute: spec.recompute,
+        streamed_bytes_per_step: streamed,
+        upload_bytes_per_s: rate,
+        upload_bound_s: bound,
+        upload_bound_fraction: bound.map(|b| b / median),
         peak_rss_bytes: crate::train::run::peak_rss_bytes(),
         flops_formula: FLOPS_FORMULA.into(),
     })
@@ -272,6 +295,41 @@ pub fn next_token_rows(b: usize, t: usize, ids: &[u32]) -> (Vec<u32>, Vec<u32>) 
 /// accumulating the bias gradient, clipping at 1.0, AdamW), each waited
 /// for: the seconds of those after the warm-up, and every step's loss.
 /// `loss(params, grads, step)`.
+/// Bytes per second of the backend's streamed-upload path
+/// ([`Backend::weight_streamed`]: host tensor to a device buffer, waited for),
+/// on a 128 MiB bf16 matrix held in memory (a streamed layer's tensors come
+/// from the page cache, which the prefetch thread fills ahead): the median
+/// of 5 uploads after one untimed.
+pub fn upload_rate<B: Backend>(be: &B) -> Result<f64> {
+    const ROWS: usize = 8192;
+    const COLS: usize = 8192;
+    let bits: Vec<u8> = (0..ROWS * COLS)
+        .flat_map(|i| half::bf16::from_f32(((i % 1021) as f32 - 510.0) / 512.0).to_le_bytes())
+        .collect();
+    let n = bits.len();
+    let t = TensorView::new(
+        "upload-rate".into(),
+        std::sync::Arc::new(PathBuf::from("<memory>")),
+        DType::BF16,
+        vec![ROWS, COLS],
+        std::sync::Arc::new(bits),
+        0,
+        n,
+    );
+    let bytes = be.weight_bytes(&t) as f64;
+    let mut times = Vec::new();
+    for rep in 0..6 {
+        let t0 = Instant::now();
+        let buf = be.weight_streamed(&t)?;
+        be.sync();
+        if rep > 0 {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+        drop(buf);
+    }
+    Ok(bytes / crate::train::run::median(&mut times))
+}
+
 fn timed_steps<B: Backend>(
     be: &B,
     slab: &mut Slab<B>,

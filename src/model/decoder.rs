@@ -404,6 +404,8 @@ pub struct Decoder<B: Backend> {
     /// weights ([`Backend::weight_bytes`]), for [`Decoder::memory_plan`].
     other_bytes: u64,
     layer_bytes: Vec<u64>,
+    /// Device bytes of layer weights streamed so far (`--offload stream`).
+    streamed: std::sync::atomic::AtomicU64,
 }
 
 /// Hugging Face names of one layer's modules.
@@ -901,6 +903,7 @@ impl<B: Backend> Decoder<B> {
             recompute: opts.recompute,
             other_bytes: ld.resident_bytes,
             layer_bytes,
+            streamed: Default::default(),
         })
     }
 
@@ -1234,6 +1237,12 @@ impl<B: Backend> Decoder<B> {
         }
     }
 
+    /// Device bytes of layer weights uploaded by streamed passes so far
+    /// (0 when the layers are resident).
+    pub fn streamed_bytes(&self) -> u64 {
+        self.streamed.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Whether layer weights are streamed from the memory map.
     pub fn offload(&self) -> Offload {
         match &self.layers {
@@ -1249,6 +1258,8 @@ impl<B: Backend> Decoder<B> {
         match &self.layers {
             Layers::Resident(v) => LayerRef::Resident(&v[l]),
             Layers::Stream(v) => {
+                self.streamed
+                    .fetch_add(self.layer_bytes[l], std::sync::atomic::Ordering::Relaxed);
                 let up = v[l].try_map(&mut |s: &Src| s.upload(be, true));
                 LayerRef::Uploaded(Box::new(up.unwrap_or_else(|e| {
                     device_fault(format!("{}: streaming layer {l}'s weights: {e}", be.name()))
