@@ -59,17 +59,7 @@ fn bench_backend<B: Backend>(c: &mut Criterion, md: &ModelDir, be: &B, group: &s
             be.fill(&mut slab.grads, 0.0);
             let (loss, _) = enc.loss_and_grad(be, &slab.params, &mut slab.grads, &db, Some(step));
             slab.clip(be, 1.0);
-            slab.step(
-                be,
-                beft::backend::AdamW {
-                    lr: 1e-4,
-                    beta1: 0.9,
-                    beta2: 0.999,
-                    eps: 1e-8,
-                    weight_decay: 0.0,
-                    step,
-                },
-            );
+            slab.step(be, beft::backend::AdamW::with_defaults(1e-4, step));
             loss
         })
     });

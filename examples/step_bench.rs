@@ -124,17 +124,7 @@ fn run<B: Backend>(be: &B, a: &Args, md: &ModelDir) -> (Vec<f64>, Vec<f64>) {
             be.fill(&mut slab.grads, 0.0);
             let _ = enc.loss_and_grad(be, &slab.params, &mut slab.grads, &db, Some(step + 1));
             slab.clip(be, 1.0);
-            slab.step(
-                be,
-                AdamW {
-                    lr: 1e-4,
-                    beta1: 0.9,
-                    beta2: 0.999,
-                    eps: 1e-8,
-                    weight_decay: 0.0,
-                    step: step + 1,
-                },
-            );
+            slab.step(be, AdamW::with_defaults(1e-4, step + 1));
         } else {
             let _ = enc.logits(be, &slab.params, &db);
         }

@@ -187,6 +187,21 @@ pub struct AdamW {
     pub step: u64,
 }
 
+impl AdamW {
+    /// Step `step` (from 1) at learning rate `lr` with PyTorch's `AdamW`
+    /// defaults otherwise (β = 0.9, 0.999; ε = 1e-8), without weight decay.
+    pub fn with_defaults(lr: f64, step: u64) -> Self {
+        AdamW {
+            lr,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            step,
+        }
+    }
+}
+
 /// One compute device with its buffers and the op vocabulary.
 ///
 /// Buffer lengths are in elements. Shapes are passed explicitly; a backend

@@ -615,14 +615,7 @@ impl<'a, B: Backend> Env<'a, B> {
             let mut s: Vec<_> = (0..k)
                 .map(|_| (self.rand(m), self.rand(m), be.zeros(m), be.zeros(m)))
                 .collect();
-            let h = AdamW {
-                lr: 1e-4,
-                beta1: 0.9,
-                beta2: 0.999,
-                eps: 1e-8,
-                weight_decay: 0.0,
-                step: 1,
-            };
+            let h = AdamW::with_defaults(1e-4, 1);
             let t = self.time(k, &mut |i| {
                 let (p, g, mm, v) = &mut s[i % k];
                 be.adamw(p, g, mm, v, m, h)

@@ -342,17 +342,7 @@ fn timed_steps<B: Backend>(
         be.fill(&mut slab.grads, 0.0);
         losses.push(loss(&slab.params, &mut slab.grads, step));
         slab.clip(be, 1.0);
-        slab.step(
-            be,
-            AdamW {
-                lr: 1e-4,
-                beta1: 0.9,
-                beta2: 0.999,
-                eps: 1e-8,
-                weight_decay: 0.0,
-                step,
-            },
-        );
+        slab.step(be, AdamW::with_defaults(1e-4, step));
         be.sync();
         if step as usize > spec.warmup {
             times.push(t0.elapsed().as_secs_f64());

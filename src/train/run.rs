@@ -683,12 +683,8 @@ pub(super) fn run_loop<B: Backend>(
                     slab.step(
                         be,
                         AdamW {
-                            lr,
-                            beta1: 0.9,
-                            beta2: 0.999,
-                            eps: 1e-8,
                             weight_decay: args.weight_decay,
-                            step,
+                            ..AdamW::with_defaults(lr, step)
                         },
                     )
                 })
