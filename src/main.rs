@@ -223,16 +223,23 @@ struct TrainOpts {
     /// Decoder generation tasks: most tokens generated per answer.
     #[arg(long, default_value_t = 32)]
     max_new_tokens: usize,
+    #[command(flatten)]
+    memory: MemoryOpts,
+    /// Decoders: keep only each layer's input and recompute the layer in the
+    /// backward pass (less activation memory, one more forward per step).
+    #[arg(long)]
+    recompute: bool,
+}
+
+/// Device memory options of `train` and `eval`.
+#[derive(Args, Clone)]
+struct MemoryOpts {
     /// Decoder layer weights: resident (uploaded once), stream (uploaded
     /// layer by layer from the memory-mapped file, two layers on the device
     /// at a time), or auto (stream only if the --max-gpu-memory budget is
     /// too small for resident).
     #[arg(long, default_value = "auto")]
     offload: String,
-    /// Decoders: keep only each layer's input and recompute the layer in the
-    /// backward pass (less activation memory, one more forward per step).
-    #[arg(long)]
-    recompute: bool,
     /// Device memory budget, e.g. 4GiB: a cap on what beft allocates on
     /// the GPU, and what --offload auto plans against.
     #[arg(long, value_name = "SIZE")]
@@ -282,9 +289,9 @@ impl TrainOpts {
             checkpoint_every: self.checkpoint_every,
             templates: self.templates.clone(),
             max_new_tokens: self.max_new_tokens,
-            offload: self.offload.clone(),
+            offload: self.memory.offload.clone(),
             recompute: self.recompute,
-            max_gpu_memory: self.max_gpu_memory.clone(),
+            max_gpu_memory: self.memory.max_gpu_memory.clone(),
         })
     }
 }
@@ -380,12 +387,8 @@ struct EvalCli {
     /// Decoder generation tasks: most tokens generated per answer.
     #[arg(long, default_value_t = 32)]
     max_new_tokens: usize,
-    /// Decoder layer weights: resident, stream or auto (as for train).
-    #[arg(long, default_value = "auto")]
-    offload: String,
-    /// Device memory budget, e.g. 4GiB (as for train).
-    #[arg(long, value_name = "SIZE")]
-    max_gpu_memory: Option<String>,
+    #[command(flatten)]
+    memory: MemoryOpts,
 }
 
 fn main() -> ExitCode {
@@ -507,8 +510,8 @@ fn run_eval(e: EvalCli) -> beft::Result<()> {
         dump_logits: e.dump_logits,
         templates: e.templates,
         max_new_tokens: e.max_new_tokens,
-        offload: e.offload,
-        max_gpu_memory: e.max_gpu_memory,
+        offload: e.memory.offload,
+        max_gpu_memory: e.memory.max_gpu_memory,
     };
     let r = run::eval(&args)?;
     if e.json {
