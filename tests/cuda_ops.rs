@@ -20,6 +20,7 @@ use std::path::PathBuf;
 
 use beft::backend::cpu::{attn_dropout_index, CpuBackend, CpuBuf};
 use beft::backend::cuda::{driver_present, CudaBackend, CudaBuf, WeightDtype, NO_DRIVER};
+use beft::backend::fault::{catch_device_fault, DeviceFault};
 use beft::backend::{
     dropout_keep, Act, AdamW, AttnDims, Backend, CandidateIndex, Dropout, PoolKind,
 };
@@ -33,12 +34,36 @@ use tempfile::TempDir;
 
 type Cpu = CpuBackend<f32>;
 
+/// Print device faults. A CUDA error inside an op (a failed launch, an
+/// illegal address) is raised as a `DeviceFault` panic, whose payload the
+/// library's panic hook keeps silent (the CLI reports it as an error); in a
+/// test nothing would say which kernel failed or why.
+fn loud_device_faults() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // Let the library install its quiet hook first, then print ahead of it.
+        let _ = catch_device_fault(|| ());
+        let prev = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if let Some(f) = info.payload().downcast_ref::<DeviceFault>() {
+                let at = info
+                    .location()
+                    .map(|l| format!(" at {}:{}", l.file(), l.line()))
+                    .unwrap_or_default();
+                eprintln!("device fault{at}: {}", f.0);
+            }
+            prev(info)
+        }));
+    });
+}
+
 /// The GPU backend (weights as `dt`), or `None` after printing why.
 fn gpu(dt: WeightDtype) -> Option<CudaBackend> {
     if !driver_present() {
         eprintln!("skipped: no CUDA driver");
         return None;
     }
+    loud_device_faults();
     match CudaBackend::with_weight_dtype(0, dt) {
         Ok(b) => Some(b),
         Err(e) => panic!("a CUDA driver is present but the backend failed to start: {e}"),

@@ -599,6 +599,13 @@ impl CudaBackend {
             dims.heads,
             dims.kv_heads
         );
+        // Heads and batch are the grids' y and z dimensions (at most 65535).
+        assert!(
+            dims.heads <= 65_535 && dims.batch <= 65_535,
+            "CUDA attention: {} heads x batch {} exceed the grid",
+            dims.heads,
+            dims.batch
+        );
         let (p, seed) = match dropout {
             Some(d) if d.p > 0.0 => (d.p, d.seed),
             _ => (0.0, 0),

@@ -9,7 +9,7 @@
 use std::fs;
 use std::path::PathBuf;
 
-use cudarc::nvrtc::{self, CompileOptions, Ptx};
+use cudarc::nvrtc::Ptx;
 
 use crate::error::{Error, Result};
 
@@ -79,77 +79,287 @@ fn cache_dir() -> Option<PathBuf> {
     Some(base.join("ptx"))
 }
 
-/// Make NVRTC findable by cudarc: its loader tries library names only
-/// (`libnvrtc.so`, `libnvrtc.so.12`, …) through the dynamic linker's path.
-/// A CUDA toolkit outside that path is found here and loaded first, after
-/// which the loader's look-up by name returns the same library.
-fn preload_nvrtc() {
-    // SAFETY: probing for a shared library by name.
-    if unsafe { nvrtc::sys::is_culib_present() } {
-        return;
+/// NVRTC, loaded here rather than through cudarc's loader: cudarc (built
+/// for the CUDA 12 API) looks for `libnvrtc.so` and `libnvrtc.so.12` by
+/// name only, so a CUDA 13 toolkit (`libnvrtc.so.13`), or one outside the
+/// dynamic linker's path, would not be found, and a library loaded here by
+/// its full path does not answer cudarc's later look-up by name. The few
+/// entry points the compiler needs are resolved from our own handle.
+mod nvrtc_lib {
+    use std::ffi::{c_char, c_int, c_void, CStr, CString};
+    use std::os::unix::ffi::OsStrExt;
+    use std::path::{Path, PathBuf};
+    use std::sync::OnceLock;
+
+    type Prog = *mut c_void;
+
+    extern "C" {
+        fn dlopen(filename: *const c_char, flag: c_int) -> *mut c_void;
+        fn dlsym(handle: *mut c_void, symbol: *const c_char) -> *mut c_void;
+        fn dladdr(addr: *const c_void, info: *mut DlInfo) -> c_int;
     }
-    let mut dirs: Vec<PathBuf> = Vec::new();
-    if let Some(p) = std::env::var_os("BEFT_NVRTC") {
-        // An explicit library path.
-        try_dlopen(&PathBuf::from(p));
-        return;
+
+    #[repr(C)]
+    struct DlInfo {
+        dli_fname: *const c_char,
+        dli_fbase: *mut c_void,
+        dli_sname: *const c_char,
+        dli_saddr: *mut c_void,
     }
-    for var in ["CUDA_HOME", "CUDA_PATH"] {
-        if let Some(p) = std::env::var_os(var) {
-            dirs.push(PathBuf::from(p).join("lib64"));
+
+    const RTLD_NOW: c_int = 2;
+    const RTLD_GLOBAL: c_int = 0x100;
+
+    // The NVRTC entry points used here, by their C signatures.
+    type VersionFn = unsafe extern "C" fn(*mut c_int, *mut c_int) -> c_int;
+    type ErrorStringFn = unsafe extern "C" fn(c_int) -> *const c_char;
+    type CreateFn = unsafe extern "C" fn(
+        *mut Prog,
+        *const c_char,
+        *const c_char,
+        c_int,
+        *const *const c_char,
+        *const *const c_char,
+    ) -> c_int;
+    type CompileFn = unsafe extern "C" fn(Prog, c_int, *const *const c_char) -> c_int;
+    type SizeFn = unsafe extern "C" fn(Prog, *mut usize) -> c_int;
+    type ReadFn = unsafe extern "C" fn(Prog, *mut c_char) -> c_int;
+    type DestroyFn = unsafe extern "C" fn(*mut Prog) -> c_int;
+
+    pub struct Nvrtc {
+        version: VersionFn,
+        error_string: ErrorStringFn,
+        create: CreateFn,
+        compile: CompileFn,
+        log_size: SizeFn,
+        log: ReadFn,
+        ptx_size: SizeFn,
+        ptx: ReadFn,
+        destroy: DestroyFn,
+    }
+
+    fn open(name: &[u8]) -> *mut c_void {
+        let Ok(c) = CString::new(name) else {
+            return std::ptr::null_mut();
+        };
+        // SAFETY: dlopen by name or path; the handle is kept for the life of
+        // the process (never closed).
+        unsafe { dlopen(c.as_ptr(), RTLD_NOW | RTLD_GLOBAL) }
+    }
+
+    fn open_path(p: &Path) -> *mut c_void {
+        if !p.exists() {
+            return std::ptr::null_mut();
         }
+        open(p.as_os_str().as_bytes())
     }
-    dirs.push(PathBuf::from("/usr/local/cuda/lib64"));
-    for d in dirs {
-        for name in ["libnvrtc.so", "libnvrtc.so.13", "libnvrtc.so.12"] {
-            if try_dlopen(&d.join(name)) {
-                return;
+
+    /// The first library that loads: `$BEFT_NVRTC` alone when set; else by
+    /// name through the dynamic linker's path, then in the toolkit folders.
+    fn find() -> *mut c_void {
+        const NAMES: [&str; 3] = ["libnvrtc.so", "libnvrtc.so.13", "libnvrtc.so.12"];
+        if let Some(p) = std::env::var_os("BEFT_NVRTC") {
+            return open_path(Path::new(&p));
+        }
+        for n in NAMES {
+            let h = open(n.as_bytes());
+            if !h.is_null() {
+                return h;
+            }
+        }
+        let mut dirs: Vec<PathBuf> = Vec::new();
+        for var in ["CUDA_HOME", "CUDA_PATH"] {
+            if let Some(p) = std::env::var_os(var) {
+                dirs.push(PathBuf::from(p).join("lib64"));
+            }
+        }
+        dirs.push(PathBuf::from("/usr/local/cuda/lib64"));
+        for d in dirs {
+            for n in NAMES {
+                let h = open_path(&d.join(n));
+                if !h.is_null() {
+                    return h;
+                }
+            }
+        }
+        std::ptr::null_mut()
+    }
+
+    /// NVRTC opens `libnvrtc-builtins.so.X.Y` by name when it compiles; a
+    /// library found outside the linker's path (a toolkit folder, a pip
+    /// wheel without an `$ORIGIN` run path) would not find it. Loading the
+    /// builtins beside the library first makes that look-up succeed (it
+    /// matches the loaded library's soname).
+    fn preload_builtins(sym: *const c_void) {
+        let mut info = DlInfo {
+            dli_fname: std::ptr::null(),
+            dli_fbase: std::ptr::null_mut(),
+            dli_sname: std::ptr::null(),
+            dli_saddr: std::ptr::null_mut(),
+        };
+        // SAFETY: dladdr fills `info` for an address inside a loaded library.
+        if unsafe { dladdr(sym, &mut info) } == 0 || info.dli_fname.is_null() {
+            return;
+        }
+        // SAFETY: a NUL-terminated path owned by the dynamic linker.
+        let file = unsafe { CStr::from_ptr(info.dli_fname) };
+        let Some(dir) = Path::new(std::ffi::OsStr::from_bytes(file.to_bytes())).parent() else {
+            return;
+        };
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let n = name.to_string_lossy();
+            if n.starts_with("libnvrtc-builtins.so.") {
+                open_path(&e.path());
             }
         }
     }
-}
 
-fn try_dlopen(path: &std::path::Path) -> bool {
-    use std::os::unix::ffi::OsStrExt;
-    extern "C" {
-        fn dlopen(
-            filename: *const std::ffi::c_char,
-            flag: std::ffi::c_int,
-        ) -> *mut std::ffi::c_void;
+    fn load() -> Option<Nvrtc> {
+        let h = find();
+        if h.is_null() {
+            return None;
+        }
+        macro_rules! sym {
+            ($name:literal, $ty:ty) => {{
+                // SAFETY: a NUL-terminated symbol name looked up in `h`.
+                let p = unsafe { dlsym(h, concat!($name, "\0").as_ptr() as *const c_char) };
+                if p.is_null() {
+                    return None;
+                }
+                // SAFETY: the symbol is the NVRTC function of that name, whose
+                // C signature `$ty` spells.
+                unsafe { std::mem::transmute::<*mut c_void, $ty>(p) }
+            }};
+        }
+        let lib = Nvrtc {
+            version: sym!("nvrtcVersion", VersionFn),
+            error_string: sym!("nvrtcGetErrorString", ErrorStringFn),
+            create: sym!("nvrtcCreateProgram", CreateFn),
+            compile: sym!("nvrtcCompileProgram", CompileFn),
+            log_size: sym!("nvrtcGetProgramLogSize", SizeFn),
+            log: sym!("nvrtcGetProgramLog", ReadFn),
+            ptx_size: sym!("nvrtcGetPTXSize", SizeFn),
+            ptx: sym!("nvrtcGetPTX", ReadFn),
+            destroy: sym!("nvrtcDestroyProgram", DestroyFn),
+        };
+        preload_builtins(lib.version as *const c_void);
+        Some(lib)
     }
-    const RTLD_NOW: std::ffi::c_int = 2;
-    const RTLD_GLOBAL: std::ffi::c_int = 0x100;
-    if !path.exists() {
-        return false;
-    }
-    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
-        return false;
-    };
-    // SAFETY: dlopen of an existing file; the handle is kept for the life
-    // of the process (never closed).
-    !unsafe { dlopen(c.as_ptr(), RTLD_NOW | RTLD_GLOBAL) }.is_null()
-}
 
-fn nvrtc_version() -> Result<(i32, i32)> {
-    let (mut major, mut minor) = (0, 0);
-    // SAFETY: plain out-parameters.
-    let r = unsafe { nvrtc::sys::nvrtcVersion(&mut major, &mut minor) };
-    if r != nvrtc::sys::nvrtcResult::NVRTC_SUCCESS {
-        return Err(Error::msg(format!("NVRTC: nvrtcVersion failed ({r:?})")));
+    /// NVRTC, loaded on first use (`None` when no library can be found).
+    pub fn get() -> Option<&'static Nvrtc> {
+        static LIB: OnceLock<Option<Nvrtc>> = OnceLock::new();
+        LIB.get_or_init(load).as_ref()
     }
-    Ok((major, minor))
+
+    impl Nvrtc {
+        fn err(&self, what: &str, r: c_int) -> String {
+            // SAFETY: nvrtcGetErrorString returns a static string.
+            let s = unsafe { (self.error_string)(r) };
+            let msg = if s.is_null() {
+                format!("error {r}")
+            } else {
+                // SAFETY: NUL-terminated, static.
+                unsafe { CStr::from_ptr(s) }.to_string_lossy().into_owned()
+            };
+            format!("{what}: {msg}")
+        }
+
+        /// (major, minor).
+        pub fn version(&self) -> Result<(i32, i32), String> {
+            let (mut major, mut minor) = (0, 0);
+            // SAFETY: plain out-parameters.
+            let r = unsafe { (self.version)(&mut major, &mut minor) };
+            if r != 0 {
+                return Err(self.err("nvrtcVersion", r));
+            }
+            Ok((major, minor))
+        }
+
+        /// The PTX of `src` (named `name` in messages) compiled with `opts`;
+        /// on failure, NVRTC's message and log.
+        pub fn compile_ptx(
+            &self,
+            src: &str,
+            name: &str,
+            opts: &[String],
+        ) -> Result<String, String> {
+            let src = CString::new(src).map_err(|_| "source holds a NUL byte".to_string())?;
+            let cname = CString::new(name).map_err(|_| "name holds a NUL byte".to_string())?;
+            let copts: Vec<CString> = opts
+                .iter()
+                .map(|o| {
+                    CString::new(o.as_str()).map_err(|_| format!("option {o:?} holds a NUL byte"))
+                })
+                .collect::<Result<_, _>>()?;
+            let ptrs: Vec<*const c_char> = copts.iter().map(|c| c.as_ptr()).collect();
+            let mut prog: Prog = std::ptr::null_mut();
+            // SAFETY: valid NUL-terminated strings that outlive the program;
+            // no headers.
+            let r = unsafe {
+                (self.create)(
+                    &mut prog,
+                    src.as_ptr(),
+                    cname.as_ptr(),
+                    0,
+                    std::ptr::null(),
+                    std::ptr::null(),
+                )
+            };
+            if r != 0 {
+                return Err(self.err("nvrtcCreateProgram", r));
+            }
+            // SAFETY: `prog` was created above and is destroyed below, once;
+            // every buffer is sized by the matching *Size call.
+            let out = unsafe {
+                let r = (self.compile)(prog, ptrs.len() as c_int, ptrs.as_ptr());
+                if r != 0 {
+                    let mut n = 0usize;
+                    let mut log = String::new();
+                    if (self.log_size)(prog, &mut n) == 0 && n > 1 {
+                        let mut buf = vec![0u8; n];
+                        if (self.log)(prog, buf.as_mut_ptr() as *mut c_char) == 0 {
+                            buf.truncate(n - 1);
+                            log = String::from_utf8_lossy(&buf).into_owned();
+                        }
+                    }
+                    Err(format!("{}\n{log}", self.err("nvrtcCompileProgram", r)))
+                } else {
+                    let mut n = 0usize;
+                    let r = (self.ptx_size)(prog, &mut n);
+                    if r != 0 {
+                        Err(self.err("nvrtcGetPTXSize", r))
+                    } else {
+                        let mut buf = vec![0u8; n.max(1)];
+                        let r = (self.ptx)(prog, buf.as_mut_ptr() as *mut c_char);
+                        if r != 0 {
+                            Err(self.err("nvrtcGetPTX", r))
+                        } else {
+                            let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+                            buf.truncate(end);
+                            String::from_utf8(buf).map_err(|_| "PTX is not UTF-8".to_string())
+                        }
+                    }
+                }
+            };
+            // SAFETY: destroys the program created above.
+            unsafe { (self.destroy)(&mut prog) };
+            out
+        }
+    }
 }
 
 /// The PTX of every kernel file for compute capability `cc` (e.g. (9, 0)),
 /// from the cache or compiled now. Returns `(file, ptx)` pairs.
 pub fn load_all(cc: (i32, i32)) -> Result<Vec<(&'static str, Ptx)>> {
-    preload_nvrtc();
-    // SAFETY: probing for a shared library by name.
-    let have_nvrtc = unsafe { nvrtc::sys::is_culib_present() };
-    let version = if have_nvrtc {
-        Some(nvrtc_version()?)
-    } else {
-        None
+    let nvrtc = nvrtc_lib::get();
+    let version = match nvrtc {
+        Some(l) => Some(l.version().map_err(|e| Error::msg(format!("NVRTC: {e}")))?),
+        None => None,
     };
     let arch = format!("compute_{}{}", cc.0, cc.1);
     let dir = cache_dir();
@@ -170,33 +380,30 @@ pub fn load_all(cc: (i32, i32)) -> Result<Vec<(&'static str, Ptx)>> {
                 continue;
             }
         }
-        if !have_nvrtc {
+        let Some(nvrtc) = nvrtc else {
             return Err(Error::msg(
-                "NVRTC (libnvrtc.so) not found: the CUDA backend compiles its kernels at run time; \
-                 install the CUDA toolkit, or `pip install nvidia-cuda-nvrtc-cu12` and set \
-                 BEFT_NVRTC to the path of its libnvrtc.so.12",
+                "NVRTC (libnvrtc.so, .so.13 or .so.12) not found: the CUDA backend compiles its \
+                 kernels at run time; install the CUDA toolkit (its lib64 on LD_LIBRARY_PATH, or \
+                 in /usr/local/cuda), or `pip install nvidia-cuda-nvrtc-cu12` and set BEFT_NVRTC \
+                 to the path of its libnvrtc.so.12",
             ));
-        }
-        let ptx = nvrtc::compile_ptx_with_opts(
-            &unit,
-            CompileOptions {
-                options: opts,
-                name: Some(file.to_string()),
-                ..Default::default()
-            },
-        )
-        .map_err(|e| Error::msg(format!("kernels/{file}: NVRTC failed for {arch}: {e}")))?;
-        let text = ptx.to_src();
+        };
+        let text = nvrtc
+            .compile_ptx(&unit, file, &opts)
+            .map_err(|e| Error::msg(format!("kernels/{file}: NVRTC failed for {arch}: {e}")))?;
         if let Some(p) = &path {
             // Best effort: a read-only cache only costs a recompile. Write to
-            // a temporary name and rename, so that concurrent processes never
-            // read a half-written file.
+            // a temporary name unique to this process and call (threads of
+            // one process may compile the same file at once) and rename, so
+            // that no reader ever sees a half-written file.
+            static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
             if let Some(d) = p.parent() {
                 let _ = fs::create_dir_all(d);
             }
-            let tmp = p.with_extension(format!("tmp{}", std::process::id()));
-            if fs::write(&tmp, &text).is_ok() {
-                let _ = fs::rename(&tmp, p);
+            let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let tmp = p.with_extension(format!("tmp{}-{seq}", std::process::id()));
+            if fs::write(&tmp, &text).is_ok() && fs::rename(&tmp, p).is_err() {
+                let _ = fs::remove_file(&tmp);
             }
         }
         out.push((*file, Ptx::from_src(text)));
