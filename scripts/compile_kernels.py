@@ -33,7 +33,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KERNELS = os.path.join(ROOT, "kernels")
 ARCHS = ["sm_80", "sm_90"]
 # Kernels whose names start with these must not spill to local memory.
-HOT = ("matmul_", "attention_", "layernorm_", "rmsnorm_", "cross_entropy_")
+HOT = ("matmul_", "gemm_", "attention_", "layernorm_", "rmsnorm_", "cross_entropy_")
 # Options shared with the run-time compiler (src/backend/cuda/ptx.rs).
 NVRTC_OPTS = ["--std=c++17", "-default-device"]
 

@@ -19,7 +19,7 @@ mod common;
 use std::path::PathBuf;
 
 use beft::backend::cpu::{attn_dropout_index, CpuBackend, CpuBuf};
-use beft::backend::cuda::{driver_present, CudaBackend, CudaBuf, WeightDtype, NO_DRIVER};
+use beft::backend::cuda::{driver_present, CudaBackend, CudaBuf, Gemm, WeightDtype, NO_DRIVER};
 use beft::backend::fault::{catch_device_fault, DeviceFault};
 use beft::backend::{
     dropout_keep, Act, AdamW, AttnDims, Backend, CandidateIndex, Dropout, PoolKind,
@@ -171,6 +171,62 @@ const MATMUL_SHAPES: &[(usize, usize, usize)] = &[
     (128, 384, 384),
     (200, 64, 1536),
 ];
+
+/// The tiled GEMM (kernels/gemm.cu) against the f64 product, on the shapes
+/// it takes (activations k-contiguous, k and n multiples of 8; ragged m, n
+/// and k against its 128×128×32 tiles; more than 8 block rows), for both
+/// weight layouts, with and without accumulation; the simple kernel on the
+/// same inputs beside it.
+#[test]
+fn tiled_gemm_matches_cpu_and_the_simple_kernel() {
+    let Some(mut g) = gpu(WeightDtype::Bf16) else {
+        return;
+    };
+    let mut rng = Rng::new(11);
+    for &(m, n, k) in &[
+        (77, 136, 200),
+        (300, 264, 512),
+        (129, 8, 8),
+        (5, 392, 40),
+        (1100, 64, 96),
+        (256, 768, 768),
+    ] {
+        for tb in [true, false] {
+            let a = rand_vec(&mut rng, m * k, 1.0);
+            let b = rand_vec(&mut rng, k * n, 1.0);
+            let c0 = rand_vec(&mut rng, m * n, 1.0);
+            let (a16, b16) = (bf16_round(&a), bf16_round(&b));
+            let shape = if tb { vec![n, k] } else { vec![k, n] };
+            let bw = TensorView::from_f32("w", shape, &b);
+            for acc in [false, true] {
+                for (mode, ra, rel) in [
+                    (Gemm::Simple, &a, 2e-5),
+                    (Gemm::Tiled, &a, 2e-5),
+                    // Activations rounded to bf16: the reference rounds them too.
+                    (Gemm::Bf16, &a16, 2e-5),
+                ] {
+                    g.set_gemm(mode);
+                    if g.gemm() != mode {
+                        eprintln!("skipped {mode:?}: too little shared memory for the tiled GEMM");
+                        continue;
+                    }
+                    let (ga, gb) = (g.upload(&a), g.weight(&bw).unwrap());
+                    let mut c = if acc { g.upload(&c0) } else { nan(&g, m * n) };
+                    g.matmul(&mut c, &ga, &gb, m, n, k, false, tb, acc);
+                    let (mut want, bound) = naive_matmul(ra, &b16, m, n, k, false, tb);
+                    if acc {
+                        for (w, c) in want.iter_mut().zip(&c0) {
+                            *w += *c as f64;
+                        }
+                    }
+                    let tag = format!("gemm {mode:?} {m}x{n}x{k} tb={tb} acc={acc}");
+                    check_product(&tag, &g.download(&c), &want, &bound, rel);
+                }
+            }
+        }
+    }
+    g.set_gemm(Gemm::Tiled);
+}
 
 /// (kind, backend, a, b, a as the GPU sees it, b likewise, relative bound)
 type MatmulCase<'a> = (

@@ -144,6 +144,42 @@ struct AttnArgs {
 // SAFETY: plain old data with the C layout of the kernels' struct.
 unsafe impl DeviceRepr for AttnArgs {}
 
+/// The kernel for products of f32 activations and bf16 weights
+/// (`BEFT_CUDA_GEMM`). `Tiled` and `Bf16` run `kernels/gemm.cu` (128×128
+/// tiles, a three-stage `cp.async` pipeline, `ldmatrix`) on the shapes it
+/// takes — activations k-contiguous, k and n multiples of 8: the forward
+/// `x·Wᵀ` and input-gradient `dy·W` products of every supported model — and
+/// `kernels/matmul.cu` on the rest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Gemm {
+    /// `matmul_f32_bf16` everywhere (64×64 tiles, no pipeline).
+    Simple,
+    /// The tiled kernel with each activation split into two bf16 halves
+    /// (only the weight's rounding remains, as in `matmul_f32_bf16`). Default.
+    Tiled,
+    /// The tiled kernel with activations rounded to bf16 once (as PyTorch's
+    /// bf16 autocast does): half the tensor-core work, about 3 significant
+    /// digits per product.
+    Bf16,
+}
+
+impl Gemm {
+    /// From `BEFT_CUDA_GEMM` (`tiled`, `bf16` or `simple`; default `tiled`).
+    pub fn from_env() -> Result<Self> {
+        match std::env::var("BEFT_CUDA_GEMM").as_deref() {
+            Err(_) | Ok("") | Ok("tiled") => Ok(Gemm::Tiled),
+            Ok("bf16") => Ok(Gemm::Bf16),
+            Ok("simple") => Ok(Gemm::Simple),
+            Ok(v) => Err(Error::msg(format!(
+                "BEFT_CUDA_GEMM={v}: expected tiled, bf16 or simple"
+            ))),
+        }
+    }
+}
+
+/// Dynamic shared memory of the tiled GEMM: 3 stages × (128×32 f32 + 128×32 bf16).
+const GEMM_SMEM: usize = 3 * (128 * 32 * 4 + 128 * 32 * 2);
+
 /// Largest head dimension the attention kernels take (8 registers per lane).
 pub const MAX_HEAD_DIM: usize = 256;
 const ATTN_QPB: usize = 16; // queries per block (forward, dq)
@@ -163,6 +199,8 @@ pub struct CudaBackend {
     free_at_start: u64,
     /// Most device bytes in use at once, sampled after each allocation.
     peak: std::sync::atomic::AtomicU64,
+    /// Which kernel multiplies f32 activations by bf16 weights (`BEFT_CUDA_GEMM`).
+    gemm: Gemm,
     /// Side stream and pinned staging for streamed layer uploads
     /// ([`stream`]), made on first use.
     streamer: std::sync::OnceLock<stream::Streamer>,
@@ -215,6 +253,15 @@ pub const KERNELS: &[(&str, &[&str])] = &[
             "embedding_fwd_f32",
             "embedding_fwd_bf16",
             "scatter_add_rows_f32",
+        ],
+    ),
+    (
+        "gemm.cu",
+        &[
+            "gemm_nt_f32_bf16_split",
+            "gemm_nn_f32_bf16_split",
+            "gemm_nt_f32_bf16",
+            "gemm_nn_f32_bf16",
         ],
     ),
     (
@@ -354,14 +401,39 @@ impl CudaBackend {
                 )
                 .map_err(dev_err)?;
         }
+        // The tiled GEMM's three-stage pipeline takes 72 KiB of shared memory.
+        let mut gemm = Gemm::from_env()?;
+        if smem_optin < GEMM_SMEM {
+            gemm = Gemm::Simple;
+        } else {
+            for name in KERNELS
+                .iter()
+                .find(|(f, _)| *f == "gemm.cu")
+                .map(|(_, n)| *n)
+                .unwrap_or(&[])
+            {
+                funcs[name]
+                    .set_attribute(
+                        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        GEMM_SMEM as i32,
+                    )
+                    .map_err(dev_err)?;
+            }
+        }
         let dev_name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
         let name = format!(
-            "cuda:{ordinal} ({dev_name}, sm_{}{}, f32 activations, {} weights)",
+            "cuda:{ordinal} ({dev_name}, sm_{}{}, f32 activations, {} weights{})",
             cc.0,
             cc.1,
             match weights {
                 WeightDtype::Bf16 => "bf16",
                 WeightDtype::F32 => "f32",
+            },
+            match (weights, gemm) {
+                (WeightDtype::F32, _) => "",
+                (_, Gemm::Tiled) => ", tiled GEMM",
+                (_, Gemm::Bf16) => ", tiled GEMM on bf16-rounded activations",
+                (_, Gemm::Simple) => ", simple GEMM",
             }
         );
         let cap = max_device_memory()?;
@@ -376,8 +448,23 @@ impl CudaBackend {
             cap,
             free_at_start,
             peak: std::sync::atomic::AtomicU64::new(0),
+            gemm,
             streamer: std::sync::OnceLock::new(),
         })
+    }
+
+    /// The kernel for f32 × bf16 products (tests compare them).
+    pub fn set_gemm(&mut self, gemm: Gemm) {
+        self.gemm = if self.smem_optin < GEMM_SMEM {
+            Gemm::Simple
+        } else {
+            gemm
+        };
+    }
+
+    /// The kernel in use for f32 × bf16 products.
+    pub fn gemm(&self) -> Gemm {
+        self.gemm
     }
 
     /// The CUDA context (for tests and tools).
@@ -842,6 +929,39 @@ impl Backend for CudaBackend {
                 [sam, sak, sbk, sbn, scm, scn],
                 acc,
             ),
+            (CudaBuf::F32(a, _), CudaBuf::Bf16(b, _))
+                if self.gemm != Gemm::Simple
+                    && !ta
+                    && k.is_multiple_of(8)
+                    && n.is_multiple_of(8)
+                    && m.div_ceil(128) <= 65_535 =>
+            {
+                // lda = k, ldb = k (NT: b is [n][k]) or n (NN: b is [k][n]), ldc = n.
+                let kernel = match (tb, self.gemm) {
+                    (true, Gemm::Tiled) => "gemm_nt_f32_bf16_split",
+                    (false, Gemm::Tiled) => "gemm_nn_f32_bf16_split",
+                    (true, _) => "gemm_nt_f32_bf16",
+                    (false, _) => "gemm_nn_f32_bf16",
+                };
+                let ldb = if tb { ki } else { ni };
+                let cfg = LaunchConfig {
+                    grid_dim: (n.div_ceil(128) as u32, m.div_ceil(128) as u32, 1),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: GEMM_SMEM as u32,
+                };
+                self.launch(kernel, cfg, |l| {
+                    l.arg(c)
+                        .arg(a)
+                        .arg(b)
+                        .arg(&mi)
+                        .arg(&ni)
+                        .arg(&ki)
+                        .arg(&ki)
+                        .arg(&ldb)
+                        .arg(&ni)
+                        .arg(&acc);
+                });
+            }
             (CudaBuf::F32(a, _), CudaBuf::Bf16(b, _)) => self.matmul_launch(
                 "matmul_f32_bf16",
                 128,

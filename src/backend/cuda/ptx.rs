@@ -37,6 +37,7 @@ pub const SOURCES: &[(&str, &str)] = &[
         "embedding.cu",
         include_str!("../../../kernels/embedding.cu"),
     ),
+    ("gemm.cu", include_str!("../../../kernels/gemm.cu")),
     ("loss.cu", include_str!("../../../kernels/loss.cu")),
     ("matmul.cu", include_str!("../../../kernels/matmul.cu")),
     ("norm.cu", include_str!("../../../kernels/norm.cu")),
