@@ -225,6 +225,16 @@ if has perf; then
         env BEFT="$BIN/beft" PYTHON="$PY" benches/compare/compare_gpu.sh --models "$M" \
         --configs "$cfgs" --modes "$modes" --device "$DEV" --out "$P/compare"
     [ -f "$P/compare/results.md" ] && cat "$P/compare/results.md" >> "$SUMMARY"
+    # The same step with the GEMM variants (BEFT_CUDA_GEMM): bf16-rounded activations
+    # (as autocast) and the simple kernel, against the default above.
+    last=${cfgs##* }
+    IFS=: read -r s b t <<< "$last"
+    for g in bf16 simple; do
+        step "$s $b x $t step, BEFT_CUDA_GEMM=$g" 60 "$OUT/perf.log" \
+            env BEFT_CUDA_GEMM=$g "$BIN/beft" bench --step --device "$DEV" --model "$M/$s" \
+            --batch "$b" --seq "$t" --reps 5 --warmup 2 --quiet --json "$P/gemm-$g.json"
+    done
+    grep -E '^step:' "$OUT/perf.log" | tail -2 | while read -r l; do log "    $l"; done
 fi
 
 if has big; then
