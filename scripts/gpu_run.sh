@@ -78,21 +78,12 @@ echo "# scripts/gpu_run.sh $PHASES, $(date -u +%FT%TZ)" > "$SUMMARY"
 
 # --- the packed executables and data --------------------------------------------------
 if [ "$PHASE" = local ]; then
-    # Here: the binaries of this checkout (cargo test --release --features cuda,wgpu --no-run).
+    # Here: the beft binary of this checkout (local runs perf and big, which need no
+    # test executable).
     DEV=${GPU_RUN_DEVICE:-cpu}
     BIN=$W/bin
     rm -rf "$W" && mkdir -p "$BIN"
     target=${CARGO_TARGET_DIR:-target}
-    cargo test --release --quiet --features cuda,wgpu --no-run --message-format=json 2>/dev/null |
-        python3 -c '
-import json, sys, shutil
-for line in sys.stdin:
-    try: m = json.loads(line)
-    except ValueError: continue
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"] \
-            and m["target"]["name"] in ("cuda_ops", "wgpu_ops", "bench", "cli", "streaming"):
-        shutil.copy(m["executable"], sys.argv[1] + "/" + m["target"]["name"])
-' "$BIN"
     cargo build --release --quiet --features cuda,wgpu --bin beft && cp "$target/release/beft" "$BIN/"
     export BEFT_CACHE=${BEFT_CACHE:-$HOME/.cache/beft}
     SST2=${BEFT_SHARED:-../shared}/data/glue/SST-2

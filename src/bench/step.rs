@@ -306,16 +306,7 @@ pub fn upload_rate<B: Backend>(be: &B) -> Result<f64> {
     let bits: Vec<u8> = (0..ROWS * COLS)
         .flat_map(|i| half::bf16::from_f32(((i % 1021) as f32 - 510.0) / 512.0).to_le_bytes())
         .collect();
-    let n = bits.len();
-    let t = TensorView::new(
-        "upload-rate".into(),
-        std::sync::Arc::new(PathBuf::from("<memory>")),
-        DType::BF16,
-        vec![ROWS, COLS],
-        std::sync::Arc::new(bits),
-        0,
-        n,
-    );
+    let t = TensorView::from_bytes("upload-rate", DType::BF16, vec![ROWS, COLS], bits);
     let bytes = be.weight_bytes(&t) as f64;
     let mut times = Vec::new();
     for rep in 0..6 {

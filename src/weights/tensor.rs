@@ -90,12 +90,22 @@ impl TensorView {
     /// A tensor held in an owned buffer of f32 values (for decoded formats
     /// and for tests).
     pub fn from_f32(name: &str, shape: Vec<usize>, values: &[f32]) -> Self {
-        let bytes: Vec<u8> = bytemuck::cast_slice(values).to_vec();
+        Self::from_bytes(
+            name,
+            DType::F32,
+            shape,
+            bytemuck::cast_slice(values).to_vec(),
+        )
+    }
+
+    /// A tensor held in an owned buffer of little-endian `dtype` values.
+    pub fn from_bytes(name: &str, dtype: DType, shape: Vec<usize>, bytes: Vec<u8>) -> Self {
         let n = bytes.len();
+        debug_assert_eq!(n, shape.iter().product::<usize>() * dtype.size());
         TensorView::new(
             name.to_string(),
             Arc::new(PathBuf::from("<memory>")),
-            DType::F32,
+            dtype,
             shape,
             Arc::new(bytes),
             0,

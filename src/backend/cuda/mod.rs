@@ -175,6 +175,16 @@ impl Gemm {
             ))),
         }
     }
+
+    /// `self`, or `Simple` where the device's shared memory per block
+    /// (`smem_optin`) is too small for the tiled kernel.
+    fn fitting(self, smem_optin: usize) -> Self {
+        if smem_optin < GEMM_SMEM {
+            Gemm::Simple
+        } else {
+            self
+        }
+    }
 }
 
 /// Dynamic shared memory of the tiled GEMM: 3 stages × (128×32 f32 + 128×32 bf16).
@@ -402,10 +412,8 @@ impl CudaBackend {
                 .map_err(dev_err)?;
         }
         // The tiled GEMM's three-stage pipeline takes 72 KiB of shared memory.
-        let mut gemm = Gemm::from_env()?;
-        if smem_optin < GEMM_SMEM {
-            gemm = Gemm::Simple;
-        } else {
+        let gemm = Gemm::from_env()?.fitting(smem_optin);
+        if gemm != Gemm::Simple {
             for name in KERNELS
                 .iter()
                 .find(|(f, _)| *f == "gemm.cu")
@@ -455,11 +463,7 @@ impl CudaBackend {
 
     /// The kernel for f32 × bf16 products (tests compare them).
     pub fn set_gemm(&mut self, gemm: Gemm) {
-        self.gemm = if self.smem_optin < GEMM_SMEM {
-            Gemm::Simple
-        } else {
-            gemm
-        };
+        self.gemm = gemm.fitting(self.smem_optin);
     }
 
     /// The kernel in use for f32 × bf16 products.
@@ -547,7 +551,7 @@ impl CudaBackend {
     /// The copy stream and staging of streamed layer weights (see [`stream`]).
     fn streamer(&self) -> &stream::Streamer {
         self.streamer.get_or_init(|| {
-            stream::Streamer::new(&self.stream)
+            stream::Streamer::new(&self.ctx, &self.stream)
                 .unwrap_or_else(|e| self.lost("creating the copy stream", e))
         })
     }
@@ -555,7 +559,7 @@ impl CudaBackend {
     /// Whether streamed layer weights go through pinned staging buffers
     /// (`None` before the first streamed upload).
     pub fn pinned_staging(&self) -> Option<bool> {
-        self.streamer.get().and_then(|s| s.pinned())
+        self.streamer.get().map(|s| s.pinned())
     }
 
     /// An out-of-memory [`device_fault`] when `bytes` more would exceed the

@@ -77,8 +77,6 @@ struct Slot {
 }
 
 enum Mode {
-    /// Not decided yet (made on first use).
-    Unset,
     Pinned {
         slots: Vec<Slot>,
         next: usize,
@@ -98,20 +96,30 @@ pub(super) struct Streamer {
 const SLOTS: usize = 2;
 
 impl Streamer {
-    pub(super) fn new(compute: &Arc<CudaStream>) -> Result<Self, DriverError> {
+    pub(super) fn new(
+        ctx: &Arc<CudaContext>,
+        compute: &Arc<CudaStream>,
+    ) -> Result<Self, DriverError> {
+        let mode = if std::env::var("BEFT_PINNED_STAGING").is_ok_and(|v| v == "0") {
+            pageable(ctx)?
+        } else {
+            Mode::Pinned {
+                slots: Vec::new(),
+                next: 0,
+            }
+        };
         Ok(Streamer {
             copy: compute.fork()?,
-            mode: Mutex::new(Mode::Unset),
+            mode: Mutex::new(mode),
         })
     }
 
-    /// Whether copies go through pinned staging (after the first upload).
-    pub(super) fn pinned(&self) -> Option<bool> {
-        match &*self.mode.lock().unwrap_or_else(|e| e.into_inner()) {
-            Mode::Unset => None,
-            Mode::Pinned { .. } => Some(true),
-            Mode::Pageable { .. } => Some(false),
-        }
+    /// Whether copies go through pinned staging.
+    pub(super) fn pinned(&self) -> bool {
+        matches!(
+            *self.mode.lock().unwrap_or_else(|e| e.into_inner()),
+            Mode::Pinned { .. }
+        )
     }
 
     /// `n` elements of `t` on the device, written on the copy stream; the
@@ -126,16 +134,6 @@ impl Streamer {
     ) -> Result<CudaSlice<T>, DriverError> {
         let bytes = n * std::mem::size_of::<T>();
         let mut mode = self.mode.lock().unwrap_or_else(|e| e.into_inner());
-        if let Mode::Unset = *mode {
-            *mode = if std::env::var("BEFT_PINNED_STAGING").is_ok_and(|v| v == "0") {
-                pageable(ctx)?
-            } else {
-                Mode::Pinned {
-                    slots: Vec::new(),
-                    next: 0,
-                }
-            };
-        }
         // SAFETY (alloc): every element is written by the copy below before
         // any kernel reads the buffer (the compute stream waits for it).
         let mut dst = unsafe { self.copy.alloc::<T>(n) }?;
@@ -162,7 +160,7 @@ impl Streamer {
             *mode = pageable(ctx)?;
         }
         let Mode::Pageable { ready } = &*mode else {
-            unreachable!("staging mode set above")
+            unreachable!("pinned mode returned above")
         };
         let mut host = vec![T::default(); n];
         par_fill(t, &mut host, fill);
@@ -243,22 +241,11 @@ fn stage(
 
 #[cfg(test)]
 mod tests {
-    use std::path::PathBuf;
-
     use super::*;
 
     fn bf16_view(bits: &[u16]) -> TensorView {
-        let bytes: Vec<u8> = bits.iter().flat_map(|b| b.to_le_bytes()).collect();
-        let n = bytes.len();
-        TensorView::new(
-            "w".into(),
-            Arc::new(PathBuf::from("<memory>")),
-            DType::BF16,
-            vec![bits.len() / 3, 3],
-            Arc::new(bytes),
-            0,
-            n,
-        )
+        let bytes = bits.iter().flat_map(|b| b.to_le_bytes()).collect();
+        TensorView::from_bytes("w", DType::BF16, vec![bits.len() / 3, 3], bytes)
     }
 
     /// The parallel fill (several chunks and a ragged last one) gives what a
