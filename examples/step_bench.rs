@@ -159,7 +159,7 @@ fn main() {
     let md = ModelDir::open(&dir).expect("model dir");
     let ((times, cpu), name) = match a.device.as_str() {
         "cpu" => {
-            let be = FastCpu::new();
+            let be = FastCpu::from_env().unwrap_or_else(|e| panic!("{e}"));
             (run(&be, &a, &md), be.name())
         }
         "cpu-ref" => {

@@ -231,12 +231,13 @@ pub fn run(args: &BenchArgs) -> Result<Report> {
     let dev = Device::parse(&args.device)?;
     match dev {
         Device::Cpu => {
-            let be = crate::backend::fast::FastCpu::new();
-            run_on(&be, dev, args, cpu_gemm(args.quick))
+            let be = crate::backend::fast::FastCpu::from_env()?;
+            let bf16 = be.gemm() == crate::backend::fast::CpuGemm::Bf16;
+            run_on(&be, dev, args, cpu_gemm(args.quick, bf16))
         }
         Device::CpuRef => {
             let be = crate::backend::cpu::CpuBackend::<f32>::new();
-            run_on(&be, dev, args, cpu_gemm(args.quick))
+            run_on(&be, dev, args, cpu_gemm(args.quick, false))
         }
         #[cfg(feature = "cuda")]
         Device::Cuda(ordinal) => {
@@ -286,28 +287,41 @@ pub fn run(args: &BenchArgs) -> Result<Report> {
     }
 }
 
-/// The CPU's GEMM ceiling: the measured FMA peak of all threads.
-fn cpu_gemm(quick: bool) -> (Option<GemmCeiling>, Vec<GemmCeiling>, String) {
+/// The CPU's GEMM ceiling: the measured f32 FMA peak of all threads, or
+/// with `bf16` products (`BEFT_CPU_GEMM=bf16`) the bf16 dot-product peak;
+/// the other is listed beside it where the CPU has it.
+fn cpu_gemm(quick: bool, bf16: bool) -> (Option<GemmCeiling>, Vec<GemmCeiling>, String) {
     let iters = if quick { 200_000 } else { 20_000_000 };
-    match peak::measure(iters, if quick { 2 } else { 5 }) {
-        Some(p) => {
-            let c = GemmCeiling {
-                source: "cpu_fma_f32".into(),
-                tflops: p.gflops_all / 1e3,
-                detail: format!(
-                    "measured {} FMA peak: {:.1} GFLOP/s per core, {:.1} GFLOP/s on {} threads (not a GEMM: an upper bound no GEMM reaches)",
-                    p.isa, p.gflops_per_core, p.gflops_all, p.threads
-                ),
-            };
-            (
-                Some(c.clone()),
-                vec![c],
-                "the CPU's measured f32 FMA peak on all threads (no vendor GEMM is used)".into(),
-            )
-        }
+    let tries = if quick { 2 } else { 5 };
+    let ceiling = |source: &str, p: peak::FmaPeak| {
+        GemmCeiling {
+        source: source.into(),
+        tflops: p.gflops_all / 1e3,
+        detail: format!(
+            "measured {} peak: {:.1} GFLOP/s per core, {:.1} GFLOP/s on {} threads (not a GEMM: an upper bound no GEMM reaches)",
+            p.isa, p.gflops_per_core, p.gflops_all, p.threads
+        ),
+    }
+    };
+    let f32_peak = peak::measure(iters, tries).map(|p| ceiling("cpu_fma_f32", p));
+    let bf16_peak = peak::measure_bf16(iters, tries).map(|p| ceiling("cpu_dot_bf16", p));
+    let all: Vec<GemmCeiling> = f32_peak.iter().chain(bf16_peak.iter()).cloned().collect();
+    let (main, note) = if bf16 {
+        (
+            bf16_peak,
+            "the CPU's measured bf16 dot-product peak (vdpbf16ps) on all threads: BEFT_CPU_GEMM=bf16",
+        )
+    } else {
+        (
+            f32_peak,
+            "the CPU's measured f32 FMA peak on all threads (no vendor GEMM is used)",
+        )
+    };
+    match main {
+        Some(c) => (Some(c), all, note.into()),
         None => (
             None,
-            Vec::new(),
+            all,
             "unavailable: no AVX2/AVX-512 FMA to measure on this CPU".into(),
         ),
     }

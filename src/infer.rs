@@ -71,7 +71,7 @@ impl Classifier {
             .ok_or_else(|| Error::file(&md.dir, "no tokenizer.json in the model directory"))?;
         let tok = TextTokenizer::from_file(&tok_path, max_len)?;
         let pad_id = tok.pad_id().unwrap_or(md.config.pad_token_id);
-        let be = FastCpu::new();
+        let be = FastCpu::from_env()?;
         let enc = Encoder::load(
             &be,
             &md,

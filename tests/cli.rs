@@ -530,3 +530,33 @@ fn bad_flags_are_errors_not_panics() {
         "unknown task",
     );
 }
+
+/// `BEFT_CPU_GEMM`: a bad value is a clean error; `bf16` trains where the
+/// CPU has AVX-512 BF16 and is refused, by name, where it has not.
+#[test]
+fn cpu_gemm_setting_is_checked() {
+    let s = setup();
+    let with = |value: &str, out: &str| {
+        Command::new(env!("CARGO_BIN_EXE_beft"))
+            .args(train_args(&s, out, &[]))
+            .args(["--threads", "1"])
+            .env("BEFT_CPU_GEMM", value)
+            .output()
+            .expect("run beft")
+    };
+    assert_clean_failure(
+        &s,
+        &with("fp8", "out"),
+        "BEFT_CPU_GEMM=fp8",
+        "expected f32 or bf16",
+    );
+    let o = with("bf16", "bf16");
+    if beft::backend::fast::gemm16::available() {
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert!(s.tmp.path().join("bf16/summary.json").exists());
+    } else {
+        println!("this CPU has no AVX-512 BF16: checking the refusal instead");
+        assert!(!o.status.success());
+        assert!(stderr(&o).contains("AVX-512 BF16"), "{}", stderr(&o));
+    }
+}

@@ -10,14 +10,14 @@ mod common;
 use std::path::Path;
 
 use beft::backend::cpu::{act_value, CpuBackend, CpuBuf};
-use beft::backend::fast::{FastBuf, FastCpu};
+use beft::backend::fast::{gemm16, CpuGemm, FastBuf, FastCpu};
 use beft::backend::{Act, AdamW, AttnDims, Backend, CandidateIndex, Dropout, PoolKind};
 use beft::data::Batch;
 use beft::model::config::ModelDir;
 use beft::model::{BiasTerm, Encoder, EncoderOptions};
 use beft::rng::Rng;
 use beft::train::Slab;
-use beft::weights::TensorView;
+use beft::weights::{DType, TensorView};
 use common::fixtures::{fixture, max_abs, read_expected, rel_err, Expected};
 
 type Ref = CpuBackend<f32>;
@@ -131,6 +131,73 @@ fn matmul_matches_reference() {
                             2e-5,
                         );
                     }
+                }
+            }
+        }
+    }
+}
+
+/// Values that bf16 holds exactly (so that the f32 reference and the bf16
+/// product see the same inputs).
+fn bf16_exact(v: &[f32]) -> Vec<f32> {
+    v.iter()
+        .map(|&x| f32::from_bits((gemm16::bf16_bits(x) as u32) << 16))
+        .collect()
+}
+
+#[test]
+fn bf16_matmul_matches_the_reference_on_bf16_inputs() {
+    if !gemm16::available() {
+        println!("skipped: this CPU has no AVX-512 BF16 (BEFT_CPU_GEMM=bf16 is refused here)");
+        assert!(FastCpu::with_gemm(CpuGemm::Bf16).is_err());
+        return;
+    }
+    let e = Env {
+        r: Ref::new(),
+        f: FastCpu::with_gemm(CpuGemm::Bf16).unwrap(),
+    };
+    assert!(e.f.name().contains("bf16"), "{}", e.f.name());
+    let mut rng = Rng::new(2);
+    // Rows below BF16_MIN_ROWS take the f32 product; the rest the bf16 one.
+    for &(m, n, k) in &[
+        (5, 7, 9),
+        (32, 32, 32),
+        (45, 70, 131),
+        (300, 64, 100),
+        (40, 6, 0),
+    ] {
+        for tb in [false, true] {
+            for acc in [false, true] {
+                for weight in ["owned", "f32", "bf16"] {
+                    let a = e.buf(&bf16_exact(&rv(&mut rng, m * k, 1.0)));
+                    let bv = bf16_exact(&rv(&mut rng, k * n, 1.0));
+                    let b = match weight {
+                        "owned" => e.buf(&bv),
+                        "f32" => e.weight(&bv, vec![k * n]),
+                        _ => {
+                            let bytes: Vec<u8> = bv
+                                .iter()
+                                .flat_map(|&x| gemm16::bf16_bits(x).to_le_bytes())
+                                .collect();
+                            let t = TensorView::from_bytes("w", DType::BF16, vec![k * n], bytes);
+                            Pair {
+                                r: e.r.weight(&t).unwrap(),
+                                f: e.f.weight(&t).unwrap(),
+                            }
+                        }
+                    };
+                    let mut c = if acc {
+                        e.buf(&rv(&mut rng, m * n, 1.0))
+                    } else {
+                        e.poisoned(m * n)
+                    };
+                    e.r.matmul(&mut c.r, &a.r, &b.r, m, n, k, false, tb, acc);
+                    e.f.matmul(&mut c.f, &a.f, &b.f, m, n, k, false, tb, acc);
+                    check(
+                        &format!("bf16 matmul {m}x{n}x{k} tb={tb} acc={acc} weight={weight}"),
+                        &c,
+                        2e-5,
+                    );
                 }
             }
         }
@@ -619,6 +686,71 @@ fn whole_model_matches_reference_on_tiny_random_models() {
             }
         }
     }
+}
+
+/// `BEFT_CPU_GEMM=bf16` on a whole bias-only step: the loss and every bias
+/// gradient stay within bf16-autocast distance of the f32 reference, and
+/// the products really were bf16 (the result is not the f32 one).
+#[test]
+fn bf16_products_track_the_reference_on_a_tiny_model() {
+    if !gemm16::available() {
+        println!("skipped: this CPU has no AVX-512 BF16");
+        return;
+    }
+    let tmp = tempfile::TempDir::new().unwrap();
+    common::write_tiny_model(tmp.path(), common::TinyArch::Bert, 7, None);
+    let md = ModelDir::open(tmp.path()).unwrap();
+    let opts = EncoderOptions {
+        pooling: PoolKind::Mean,
+        num_labels: 3,
+        terms: BiasTerm::parse_set("all").unwrap(),
+        seed: 3,
+    };
+    let r = Ref::new();
+    let f32s = FastCpu::new();
+    let b16 = FastCpu::with_gemm(CpuGemm::Bf16).unwrap();
+    let er = Encoder::load(&r, &md, opts.clone()).unwrap();
+    let e32 = Encoder::load(&f32s, &md, opts.clone()).unwrap();
+    let e16 = Encoder::load(&b16, &md, opts).unwrap();
+    let mut rng = Rng::new(11);
+    // 4 × 19 = 76 rows: above BF16_MIN_ROWS, so every product is bf16.
+    let batch = random_batch(&mut rng, 4, 19, common::TINY_VOCAB, 3);
+    let dr = er.upload_batch(&r, &batch).unwrap();
+    let d32 = e32.upload_batch(&f32s, &batch).unwrap();
+    let d16 = e16.upload_batch(&b16, &batch).unwrap();
+    let mut sr = Slab::new(&r, &er.init);
+    let mut s32 = Slab::new(&f32s, &e32.init);
+    let mut s16 = Slab::new(&b16, &e16.init);
+    let (lr, _) = er.loss_and_grad(&r, &sr.params, &mut sr.grads, &dr, None);
+    let (_, log32) = e32.loss_and_grad(&f32s, &s32.params, &mut s32.grads, &d32, None);
+    let (l16, log16) = e16.loss_and_grad(&b16, &s16.params, &mut s16.grads, &d16, None);
+    assert!(
+        (l16 - lr).abs() <= 1e-3 * lr.abs(),
+        "bf16 loss {l16} vs reference {lr}"
+    );
+    assert_ne!(log16, log32, "the bf16 products were not used");
+    let (gr, g16) = (r.download(&sr.grads), b16.download(&s16.grads));
+    let all = gr.iter().fold(0f32, |a, b| a.max(b.abs()));
+    let mut worst = 0f32;
+    for slot in &er.layout.slots {
+        let (a, b) = (
+            &g16[slot.offset..slot.offset + slot.len()],
+            &gr[slot.offset..slot.offset + slot.len()],
+        );
+        let e = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max)
+            / all;
+        worst = worst.max(e);
+        assert!(
+            e <= 2e-2,
+            "bf16: gradient of {} differs (err {e:.2e} of the largest gradient)",
+            slot.name
+        );
+    }
+    println!("bf16 step: loss {l16} vs {lr}; worst gradient error {worst:.2e} of the largest");
 }
 
 // ---- Hugging Face parity fixtures on the fast backend -----------------

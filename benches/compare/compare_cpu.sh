@@ -2,7 +2,7 @@
 # beft (fast CPU backend) vs PyTorch CPU (HF transformers), side by side on
 # the same shapes and the same number of threads.
 #
-#   benches/compare/compare_cpu.sh [--threads N] [--steps N] [--repeats N] [--batch N] [--seq N] [--quick]
+#   benches/compare/compare_cpu.sh [--threads N] [--steps N] [--repeats N] [--batch N] [--seq N] [--bf16] [--quick]
 #
 # Cases: all-MiniLM-L6-v2 (real weights from ~/.cache/beft/models/ if
 # present, else random of that shape) and a BERT-base-shaped model with
@@ -11,6 +11,8 @@
 # only). Every (case, engine) runs in its own process, `--repeats` times,
 # alternating engines; the table shows the median tokens/s and the largest
 # peak RSS (VmHWM, read by each process itself) over the repeats.
+# --bf16: beft with BEFT_CPU_GEMM=bf16 (bf16 products, f32 sums; needs
+# AVX-512 BF16) against PyTorch under torch.autocast("cpu", bfloat16).
 #
 # Environment: PYTHON (default: the interpreter of scripts/python_env.sh,
 #   ${BEFT_CACHE:-~/.cache/beft}/pyenv, else python3),
@@ -24,6 +26,7 @@ REPEATS=3
 BATCH=16
 SEQ=128
 SHAPES="minilm bert-base"
+BF16=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --threads) THREADS=$2; shift 2 ;;
@@ -32,6 +35,7 @@ while [ $# -gt 0 ]; do
         --batch) BATCH=$2; shift 2 ;;
         --seq) SEQ=$2; shift 2 ;;
         --shapes) SHAPES=$2; shift 2 ;;
+        --bf16) BF16=1; shift ;;
         --quick) STEPS=2; REPEATS=1; shift ;;
         *) echo "unknown argument $1" >&2; exit 2 ;;
     esac
@@ -52,6 +56,8 @@ OUT=$(mktemp -d)
 trap 'rm -rf "$OUT"' EXIT
 RES="$OUT/results.jsonl"
 export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
+AUTOCAST=none
+if [ "$BF16" = 1 ]; then export BEFT_CPU_GEMM=bf16; AUTOCAST=bf16; else export BEFT_CPU_GEMM=f32; fi
 
 echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(nproc) cores; threads: $THREADS; batch $BATCH x $SEQ tokens" >&2
 echo "load before: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
@@ -64,7 +70,7 @@ for shape in $SHAPES; do
             "$BIN" --shape "$shape" --model "$model" --mode "$mode" --batch "$BATCH" --seq "$SEQ" \
                 --threads "$THREADS" --steps "$STEPS" --warmup 1 >>"$RES"
             "$PY" benches/compare/pytorch_cpu.py --shape "$shape" --model "$model" --mode "$mode" --batch "$BATCH" \
-                --seq "$SEQ" --threads "$THREADS" --steps "$STEPS" --warmup 1 >>"$RES"
+                --seq "$SEQ" --threads "$THREADS" --steps "$STEPS" --warmup 1 --autocast "$AUTOCAST" >>"$RES"
         done
     done
 done
@@ -90,5 +96,6 @@ for c in cases:
     print(f"| {c[0]} | {b[0]['weights']} | {c[1]} | {bt:,.0f} | {pt:,.0f} | {bt/pt:.2f}x | {br:,.0f} MiB | {pr:,.0f} MiB | {br/pr:.2f} |")
 print()
 print(f"beft: {rows[0].get('device', '?')}; PyTorch {next(r for r in rows if r['engine']=='pytorch')['torch']} "
-      f"(attention: {next(r for r in rows if r['engine']=='pytorch')['attn']})")
+      f"(attention: {next(r for r in rows if r['engine']=='pytorch')['attn']}, "
+      f"autocast: {next(r for r in rows if r['engine']=='pytorch')['autocast']})")
 EOF

@@ -7,6 +7,8 @@ mean pooling and a linear classifier; in `train` mode one step is forward +
 backward with requires_grad only on the value-projection biases and the
 classifier (beft's `--bias v`), dropout on, global-norm clipping at 1.0 and
 an AdamW step; in `eval` mode one step is a no-grad forward pass.
+`--autocast bf16` runs the forward under `torch.autocast("cpu",
+dtype=torch.bfloat16)` (the counterpart of beft's `BEFT_CPU_GEMM=bf16`).
 
 Prints one JSON line: tokens/s from the median step time, and the peak
 resident memory (VmHWM) of this process.
@@ -43,6 +45,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--autocast", choices=["none", "bf16"], default="none")
     args = ap.parse_args()
 
     import torch
@@ -79,9 +82,10 @@ def main():
     maskf = mask.unsqueeze(-1).float()
 
     def logits_of():
-        h = enc(input_ids=ids, attention_mask=mask).last_hidden_state
-        pooled = (h * maskf).sum(1) / maskf.sum(1).clamp(min=1e-9)
-        return head(pooled)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.autocast == "bf16"):
+            h = enc(input_ids=ids, attention_mask=mask).last_hidden_state
+            pooled = (h * maskf).sum(1) / maskf.sum(1).clamp(min=1e-9)
+            return head(pooled).float()
 
     def train_step():
         opt.zero_grad(set_to_none=True)
@@ -118,6 +122,7 @@ def main():
                 "engine": "pytorch",
                 "torch": torch.__version__,
                 "attn": getattr(enc.config, "_attn_implementation", "?"),
+                "autocast": args.autocast,
                 "shape": args.shape,
                 "weights": "real" if args.model else "random",
                 "mode": args.mode,

@@ -191,7 +191,7 @@ macro_rules! with_backend {
     ($spec:expr, |$be:ident| $body:expr) => {{
         match $crate::backend::Device::parse($spec)? {
             $crate::backend::Device::Cpu => {
-                let $be = $crate::backend::fast::FastCpu::new();
+                let $be = $crate::backend::fast::FastCpu::from_env()?;
                 $body
             }
             $crate::backend::Device::CpuRef => {

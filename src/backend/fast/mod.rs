@@ -3,7 +3,10 @@
 //!
 //! - matmul: a packed, cache-blocked SIMD GEMM (the `gemm` crate; AVX-512
 //!   or AVX2 kernels picked at run time, portable fallback), threaded over
-//!   the rayon pool (sized by `--threads`);
+//!   the rayon pool (sized by `--threads`); with `BEFT_CPU_GEMM=bf16`, on a
+//!   CPU with AVX-512 BF16, products of 32 rows or more round both operands
+//!   to bf16 and sum in f32 (PyTorch's bf16 autocast numerics) at twice the
+//!   f32 rate ([`gemm16`]);
 //! - attention: fused per (sequence, head, block of queries), never holding
 //!   more than one block of scores; see [`attn`];
 //! - element-wise ops and row reductions: vectorised loops with polynomial
@@ -20,6 +23,7 @@
 //! reference backend's own code, called on the same buffers.
 
 pub mod attn;
+pub mod gemm16;
 pub mod kernels;
 pub mod pool;
 
@@ -29,8 +33,9 @@ use rayon::prelude::*;
 
 use super::cpu::{CpuBackend, CpuBuf};
 use super::{Act, AdamW, AttnDims, Backend, CandidateIndex, Dropout, PoolKind};
-use crate::error::Result;
-use crate::weights::TensorView;
+use crate::error::{Error, Result};
+use crate::weights::{DType, TensorView};
+use gemm16::BSrc;
 
 /// A buffer of the fast backend: the reference backend's buffer (owned f32
 /// values, or a frozen weight read in place), whose owned storage goes back
@@ -213,18 +218,74 @@ unsafe fn sgemm_par(
 /// Elements per parallel chunk of element-wise ops.
 const CHUNK: usize = 1 << 15;
 
+/// How the fast backend multiplies matrices (`BEFT_CPU_GEMM`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CpuGemm {
+    /// f32 products (the `gemm` crate). Default.
+    #[default]
+    F32,
+    /// Products of [`BF16_MIN_ROWS`] rows or more with both operands rounded
+    /// to bf16 and f32 sums ([`gemm16`], AVX-512 BF16): about 3 significant
+    /// digits per input, as PyTorch's bf16 autocast; smaller ones (a single
+    /// sequence's generation steps, bound by reading the weights) stay f32.
+    Bf16,
+}
+
+/// Fewest rows for which `CpuGemm::Bf16` uses the bf16 product.
+pub const BF16_MIN_ROWS: usize = 32;
+
+impl CpuGemm {
+    /// From `BEFT_CPU_GEMM` (`f32` or `bf16`; default `f32`).
+    pub fn from_env() -> Result<Self> {
+        match std::env::var("BEFT_CPU_GEMM").as_deref() {
+            Err(_) | Ok("") | Ok("f32") => Ok(CpuGemm::F32),
+            Ok("bf16") => Ok(CpuGemm::Bf16),
+            Ok(v) => Err(Error::msg(format!(
+                "BEFT_CPU_GEMM={v}: expected f32 or bf16"
+            ))),
+        }
+    }
+}
+
 /// The fast CPU backend (f32).
 #[derive(Clone, Debug, Default)]
 pub struct FastCpu {
     r: CpuBackend<f32>,
+    gemm: CpuGemm,
 }
 
 impl FastCpu {
-    /// A new backend; threads come from the current rayon pool.
+    /// A new backend with f32 products; threads come from the current
+    /// rayon pool.
     pub fn new() -> Self {
         FastCpu {
             r: CpuBackend::new(),
+            gemm: CpuGemm::F32,
         }
+    }
+
+    /// A backend whose products are `gemm`: an error when `Bf16` is asked
+    /// of a CPU without AVX-512 BF16.
+    pub fn with_gemm(gemm: CpuGemm) -> Result<Self> {
+        if gemm == CpuGemm::Bf16 && !gemm16::available() {
+            return Err(Error::msg(
+                "BEFT_CPU_GEMM=bf16 needs a CPU with AVX-512 BF16 (AMD Zen 4 or later, Intel Cooper Lake / Sapphire Rapids or later), and this one has none: unset BEFT_CPU_GEMM",
+            ));
+        }
+        Ok(FastCpu {
+            r: CpuBackend::new(),
+            gemm,
+        })
+    }
+
+    /// The backend `BEFT_CPU_GEMM` asks for (f32 products when unset).
+    pub fn from_env() -> Result<Self> {
+        Self::with_gemm(CpuGemm::from_env()?)
+    }
+
+    /// How this backend multiplies matrices.
+    pub fn gemm(&self) -> CpuGemm {
+        self.gemm
     }
 
     /// Release the buffers kept for reuse.
@@ -244,7 +305,11 @@ impl Backend for FastCpu {
 
     fn name(&self) -> String {
         format!(
-            "cpu (fast, f32, {}, {} threads)",
+            "cpu (fast, f32{}, {}, {} threads)",
+            match self.gemm {
+                CpuGemm::F32 => "",
+                CpuGemm::Bf16 => ", bf16 matmul",
+            },
             kernels::simd_name(),
             Self::threads()
         )
@@ -299,6 +364,17 @@ impl Backend for FastCpu {
         accumulate: bool,
     ) {
         let a = view(a);
+        if self.gemm == CpuGemm::Bf16 && m >= BF16_MIN_ROWS {
+            let c = c.slice_mut();
+            match &b.0 {
+                // bf16 weights are read in place, never widened.
+                CpuBuf::Mapped(t) if t.dtype == DType::BF16 => {
+                    gemm16::gemm(m, n, k, c, accumulate, &a, ta, BSrc::Bf16(t.bytes()), tb)
+                }
+                _ => gemm16::gemm(m, n, k, c, accumulate, &a, ta, BSrc::F32(&view(b)), tb),
+            }
+            return;
+        }
         let b = view(b);
         let c = c.slice_mut();
         assert!(

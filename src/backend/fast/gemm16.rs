@@ -1,0 +1,644 @@
+//! A bf16 matrix product for the fast CPU backend (`BEFT_CPU_GEMM=bf16`):
+//! `C = (accumulate ? C : 0) + A·B` with A (f32 activations) and B (f32 or
+//! bf16 weights) rounded to bf16 while they are packed, products summed in
+//! f32 by AVX-512 BF16's `vdpbf16ps` — two multiply-adds per lane and
+//! instruction, twice the f32 FMA rate on the CPUs that have it (AMD Zen 4
+//! and later, Intel Cooper Lake / Sapphire Rapids and later). The numerics
+//! are those of PyTorch's bf16 autocast on a CPU: inputs to about 3
+//! significant digits, sums in f32.
+//!
+//! Layout: A is converted to bf16 row by row (rows padded to a multiple of
+//! [`MR`]) and B is packed into panels of [`NR`] columns (`[pair][NR]`),
+//! both as pairs of consecutive `k` (one `u32` holds two bf16: the even `k`
+//! in the low half), so that one `vdpbf16ps` multiplies a broadcast pair of
+//! A by the pairs of 16 columns of B. Packing is vectorised: A's rows and
+//! the rows of a `[k, n]` B convert in place order; a `[n, k]` B (the
+//! forward `x·Wᵀ`) goes through 16×16 transposes. Work is split into
+//! blocks of up to [`MC`] rows × [`NC`] columns (smaller when that leaves
+//! too few blocks for the threads) over the rayon pool; within a block, `k` is walked in chunks of [`KCP`] pairs so
+//! that a B micro-panel stays in L1 while the block's A strips (in L2) pass
+//! over it.
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+use rayon::prelude::*;
+
+/// Rows per micro-tile (24 accumulators of 16 lanes + 2 B vectors + 1 broadcast).
+pub const MR: usize = 12;
+/// Columns per micro-tile (two 16-lane vectors).
+pub const NR: usize = 32;
+/// k pairs per cache block (B micro-panel 16 KiB, A micro-strip 6 KiB: L1).
+pub const KCP: usize = 128;
+/// Most rows per parallel block (16 strips; 96 KiB of A per k block: L2).
+pub const MC: usize = 16 * MR;
+/// Most columns per parallel block (16 panels).
+pub const NC: usize = 16 * NR;
+
+/// Whether this CPU has AVX-512 BF16 (checked once).
+pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::sync::OnceLock;
+        static HAS: OnceLock<bool> = OnceLock::new();
+        *HAS.get_or_init(|| {
+            is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512bf16")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// f32 → bf16 bits, rounded to nearest even (NaN stays NaN).
+#[inline]
+pub fn bf16_bits(x: f32) -> u16 {
+    let u = x.to_bits();
+    if x.is_nan() {
+        return ((u >> 16) | 0x40) as u16;
+    }
+    ((u + 0x7fff + ((u >> 16) & 1)) >> 16) as u16
+}
+
+/// The right-hand operand: f32 values, or bf16 bits read in place (a
+/// frozen bf16 weight in the memory map; any alignment).
+#[derive(Clone, Copy)]
+pub enum BSrc<'a> {
+    /// f32 values.
+    F32(&'a [f32]),
+    /// Raw little-endian bf16 bytes.
+    Bf16(&'a [u8]),
+}
+
+impl BSrc<'_> {
+    fn len(&self) -> usize {
+        match self {
+            BSrc::F32(s) => s.len(),
+            BSrc::Bf16(s) => s.len() / 2,
+        }
+    }
+
+    /// bf16 bits of element `i`.
+    #[inline]
+    fn bits(&self, i: usize) -> u16 {
+        match self {
+            BSrc::F32(s) => bf16_bits(s[i]),
+            BSrc::Bf16(s) => u16::from_le_bytes([s[2 * i], s[2 * i + 1]]),
+        }
+    }
+}
+
+/// A raw pointer that may cross threads (each task writes its own block of C).
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: tasks write disjoint blocks of C; the pointer outlives the scope.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    /// The pointer `i` elements on (a method, so that closures capture the
+    /// whole `SendPtr`, not its raw field).
+    ///
+    /// # Safety
+    /// `i` within the allocation.
+    unsafe fn at(self, i: usize) -> *mut f32 {
+        self.0.add(i)
+    }
+}
+
+thread_local! {
+    /// Packed A and B, kept between calls on the calling thread.
+    static SCRATCH: std::cell::Cell<(Vec<u32>, Vec<u32>)> = const { std::cell::Cell::new((Vec::new(), Vec::new())) };
+}
+
+/// `c[m×n] (row stride n) = (accumulate ? c : 0) + A·B`, where A is `m×k`
+/// f32 (`ta`: stored `[k, m]`, else `[m, k]`) and B is `k×n` (`tb`: stored
+/// `[n, k]`, else `[k, n]`), both rounded to bf16.
+///
+/// # Panics
+/// When the CPU lacks AVX-512 BF16 ([`available`]) or a slice is too short.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    c: &mut [f32],
+    accumulate: bool,
+    a: &[f32],
+    ta: bool,
+    b: BSrc<'_>,
+    tb: bool,
+) {
+    assert!(available(), "bf16 GEMM needs AVX-512 BF16");
+    assert!(
+        a.len() >= m * k && b.len() >= k * n && c.len() >= m * n,
+        "bf16 gemm shapes"
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            c[..m * n].fill(0.0);
+        }
+        return;
+    }
+    let kp = k.div_ceil(2);
+    let strips = m.div_ceil(MR);
+    let panels = n.div_ceil(NR);
+    let (mut ap, mut bp) = SCRATCH.with(|s| s.take());
+    // Every element is written by the packing (padding included): grow
+    // only, no clearing.
+    for (v, len) in [(&mut ap, strips * MR * kp), (&mut bp, panels * kp * NR)] {
+        if v.len() < len {
+            v.resize(len, 0);
+        }
+    }
+    let (ap16, bp16) = (&mut ap[..strips * MR * kp], &mut bp[..panels * kp * NR]);
+    ap16.par_chunks_mut(MR * kp)
+        .enumerate()
+        .for_each(|(s, dst)| pack_a(dst, a, m, k, ta, s * MR));
+    bp16.par_chunks_mut(kp * NR)
+        .enumerate()
+        .for_each(|(t, dst)| pack_b(dst, b, n, k, tb, t * NR));
+    // Blocks of up to MC rows × NC columns, halved until every thread has
+    // about four to take (work stealing evens out the rest).
+    let (mut ms, mut ns) = (MC / MR, NC / NR);
+    let want = 4 * rayon::current_num_threads();
+    while strips.div_ceil(ms) * panels.div_ceil(ns) < want && (ms > 1 || ns > 1) {
+        if ms >= ns {
+            ms /= 2;
+        } else {
+            ns /= 2;
+        }
+    }
+    let (mb, nb) = (strips.div_ceil(ms), panels.div_ceil(ns));
+    let cp = SendPtr(c.as_mut_ptr());
+    let (ap_ref, bp_ref) = (&*ap16, &*bp16);
+    (0..mb * nb).into_par_iter().for_each(|task| {
+        let (ib, jb) = (task / nb, task % nb);
+        let (s0, s1) = (ib * ms, ((ib + 1) * ms).min(strips));
+        let (t0, t1) = (jb * ns, ((jb + 1) * ns).min(panels));
+        for pc in (0..kp).step_by(KCP) {
+            let kc = KCP.min(kp - pc);
+            let load = accumulate || pc > 0;
+            for t in t0..t1 {
+                let cols = NR.min(n - t * NR);
+                let bpan = &bp_ref[t * kp * NR + pc * NR..][..kc * NR];
+                for s in s0..s1 {
+                    let rows = MR.min(m - s * MR);
+                    let astr = &ap_ref[s * MR * kp + pc..][..(MR - 1) * kp + kc];
+                    // SAFETY: AVX-512 BF16 checked above; `astr` holds MR
+                    // rows of kc pairs at stride kp; the tile [s·MR..,
+                    // t·NR..] (rows × cols) lies inside c (m × n) and
+                    // belongs to this task alone.
+                    unsafe {
+                        micro(
+                            kc,
+                            astr.as_ptr(),
+                            kp,
+                            bpan.as_ptr(),
+                            cp.at(s * MR * n + t * NR),
+                            n,
+                            rows,
+                            cols,
+                            load,
+                        );
+                    }
+                }
+            }
+        }
+    });
+    SCRATCH.with(|s| s.set((ap, bp)));
+}
+
+/// Rows `r0..r0+MR` of A as bf16 pairs, row-major (`kp` pairs a row),
+/// zero beyond `m`.
+fn pack_a(dst: &mut [u32], a: &[f32], m: usize, k: usize, ta: bool, r0: usize) {
+    let kp = k.div_ceil(2);
+    for (r, out) in dst.chunks_exact_mut(kp).enumerate() {
+        let i = r0 + r;
+        if i >= m {
+            out.fill(0);
+        } else if !ta {
+            let row = &a[i * k..(i + 1) * k];
+            for q in convert_row(out, row)..kp {
+                let lo = bf16_bits(row[2 * q]) as u32;
+                let hi = row.get(2 * q + 1).map_or(0, |&x| bf16_bits(x) as u32);
+                out[q] = lo | hi << 16;
+            }
+        } else {
+            for (q, o) in out.iter_mut().enumerate() {
+                let lo = bf16_bits(a[2 * q * m + i]) as u32;
+                let hi = if 2 * q + 1 < k {
+                    bf16_bits(a[(2 * q + 1) * m + i]) as u32
+                } else {
+                    0
+                };
+                *o = lo | hi << 16;
+            }
+        }
+    }
+}
+
+/// Pack columns `c0..c0+NR` of B (zero beyond `n`) as `[pair][NR]`.
+fn pack_b(dst: &mut [u32], b: BSrc<'_>, n: usize, k: usize, tb: bool, c0: usize) {
+    let kp = k.div_ceil(2);
+    let cols = NR.min(n - c0);
+    if tb {
+        // B(p, j) = W[j·k + p]: each column is contiguous along k, so
+        // blocks of 16 columns × 16 pairs are transposed.
+        let done = transpose_cols(dst, b, n, k, c0);
+        for q in done..kp {
+            for c in 0..NR {
+                let j = c0 + c;
+                dst[q * NR + c] = if c < cols {
+                    let lo = b.bits(j * k + 2 * q) as u32;
+                    let hi = if 2 * q + 1 < k {
+                        b.bits(j * k + 2 * q + 1) as u32
+                    } else {
+                        0
+                    };
+                    lo | hi << 16
+                } else {
+                    0
+                };
+            }
+        }
+    } else {
+        // B(p, j) = W[p·n + j]: rows 2q and 2q+1 interleave.
+        for q in 0..kp {
+            let out = &mut dst[q * NR..(q + 1) * NR];
+            let r0 = 2 * q * n + c0;
+            let r1 = (2 * q + 1 < k).then_some(r0 + n);
+            #[cfg(target_arch = "x86_64")]
+            if cols == NR {
+                // SAFETY: gemm asserts available(); the rows hold NR
+                // values from c0.
+                unsafe { interleave_avx512(out, b, r0, r1) };
+                continue;
+            }
+            for (c, o) in out.iter_mut().enumerate() {
+                *o = if c < cols {
+                    let lo = b.bits(r0 + c) as u32;
+                    let hi = r1.map_or(0, |r1| b.bits(r1 + c) as u32);
+                    lo | hi << 16
+                } else {
+                    0
+                };
+            }
+        }
+    }
+}
+
+/// `row` (contiguous along k) as bf16 pairs into `out`, 32 values at a time;
+/// returns the pairs done (the tail is the caller's).
+fn convert_row(out: &mut [u32], row: &[f32]) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: gemm asserts available() before packing.
+        unsafe { convert_row_avx512(out, row) }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (out, row);
+        0
+    }
+}
+
+/// The panel of columns `c0..c0+NR` of an `[n, k]` B as `[pair][NR]`, in
+/// blocks of 16 pairs; returns the pairs done (the tail is the caller's).
+fn transpose_cols(dst: &mut [u32], b: BSrc<'_>, n: usize, k: usize, c0: usize) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if matches!(b, BSrc::Bf16(_)) && k % 2 == 1 {
+            return 0; // pairs straddle rows: the scalar path
+        }
+        // SAFETY: gemm asserts available() before packing.
+        unsafe { transpose_cols_avx512(dst, b, n, k, c0) }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (dst, b, n, k, c0);
+        0
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn convert_row_avx512(out: &mut [u32], row: &[f32]) -> usize {
+    let full = row.len() / 32;
+    for blk in 0..full {
+        let v = pairs32(&row[blk * 32..blk * 32 + 32]);
+        _mm512_storeu_si512(out[blk * 16..blk * 16 + 16].as_mut_ptr() as *mut _, v);
+    }
+    full * 16
+}
+
+/// 32 consecutive f32 as 16 bf16 pairs (pair q = values 2q, 2q+1).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn pairs32(x: &[f32]) -> __m512i {
+    let lo = _mm512_loadu_ps(x.as_ptr());
+    let hi = _mm512_loadu_ps(x[16..32].as_ptr());
+    // Element i of the result is lo[i] for i < 16, hi[i-16] after.
+    std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo))
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn transpose_cols_avx512(
+    dst: &mut [u32],
+    b: BSrc<'_>,
+    n: usize,
+    k: usize,
+    c0: usize,
+) -> usize {
+    // Whole blocks of 32 values (16 pairs) per column.
+    let full = k / 32;
+    for g in 0..NR / 16 {
+        for blk in 0..full {
+            let mut r = [_mm512_setzero_si512(); 16];
+            for (c, v) in r.iter_mut().enumerate() {
+                let j = c0 + g * 16 + c;
+                if j < n {
+                    let at = j * k + blk * 32;
+                    *v = match b {
+                        BSrc::F32(w) => pairs32(&w[at..at + 32]),
+                        BSrc::Bf16(w) => {
+                            _mm512_loadu_si512(w[2 * at..2 * at + 64].as_ptr() as *const _)
+                        }
+                    };
+                }
+            }
+            transpose16(&mut r);
+            for (q, v) in r.iter().enumerate() {
+                let o = (blk * 16 + q) * NR + g * 16;
+                _mm512_storeu_si512(dst[o..o + 16].as_mut_ptr() as *mut _, *v);
+            }
+        }
+    }
+    full * 16
+}
+
+/// Transpose a 16×16 matrix of 32-bit values held as 16 rows.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose16(r: &mut [__m512i; 16]) {
+    let mut t = [_mm512_setzero_si512(); 16];
+    // Interleave 32-bit elements of row pairs, then 64-bit of pairs of
+    // those: each 128-bit lane then holds a 4×4 block, which two rounds of
+    // lane shuffles put in place.
+    for i in 0..8 {
+        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    for i in 0..4 {
+        let (a, b, c, d) = (t[4 * i], t[4 * i + 1], t[4 * i + 2], t[4 * i + 3]);
+        r[4 * i] = _mm512_unpacklo_epi64(a, c);
+        r[4 * i + 1] = _mm512_unpackhi_epi64(a, c);
+        r[4 * i + 2] = _mm512_unpacklo_epi64(b, d);
+        r[4 * i + 3] = _mm512_unpackhi_epi64(b, d);
+    }
+    for i in 0..2 {
+        for j in 0..4 {
+            t[8 * i + j] = _mm512_shuffle_i32x4::<0x88>(r[8 * i + j], r[8 * i + 4 + j]);
+            t[8 * i + 4 + j] = _mm512_shuffle_i32x4::<0xdd>(r[8 * i + j], r[8 * i + 4 + j]);
+        }
+    }
+    for j in 0..8 {
+        r[j] = _mm512_shuffle_i32x4::<0x88>(t[j], t[8 + j]);
+        r[8 + j] = _mm512_shuffle_i32x4::<0xdd>(t[j], t[8 + j]);
+    }
+}
+
+/// `out[c] = bf16(B[r0 + c]) | bf16(B[r1 + c]) << 16` for 32 columns.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn interleave_avx512(out: &mut [u32], b: BSrc<'_>, r0: usize, r1: Option<usize>) {
+    for h in 0..2 {
+        let lo = load16(b, r0 + 16 * h);
+        let hi = match r1 {
+            Some(r1) => load16(b, r1 + 16 * h),
+            None => _mm512_setzero_si512(),
+        };
+        let v = _mm512_or_si512(lo, _mm512_slli_epi32::<16>(hi));
+        _mm512_storeu_si512(out.as_mut_ptr().add(16 * h) as *mut _, v);
+    }
+}
+
+/// 16 bf16 values of B from element `i`, zero-extended to u32 lanes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn load16(b: BSrc<'_>, i: usize) -> __m512i {
+    match b {
+        BSrc::F32(s) => {
+            let v = _mm512_loadu_ps(s[i..i + 16].as_ptr());
+            let h: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(v));
+            _mm512_cvtepu16_epi32(h)
+        }
+        BSrc::Bf16(s) => {
+            let h = _mm256_loadu_si256(s[2 * i..2 * i + 32].as_ptr() as *const __m256i);
+            _mm512_cvtepu16_epi32(h)
+        }
+    }
+}
+
+/// One `rows × cols` (≤ MR × NR) tile of C from `kc` pairs of MR rows of
+/// A (row stride `lda` pairs) and a packed B panel: `C = (load ? C : 0) +
+/// A·B`.
+///
+/// # Safety
+/// AVX-512 BF16 present; `a` holds MR rows of `kc` pairs at stride `lda`,
+/// `b` `kc·NR` values; `c` is valid for `rows` rows of `cols` values at
+/// row stride `ldc`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn micro(
+    kc: usize,
+    a: *const u32,
+    lda: usize,
+    b: *const u32,
+    c: *mut f32,
+    ldc: usize,
+    rows: usize,
+    cols: usize,
+    load: bool,
+) {
+    // Bring the C tile towards L1 while the products run.
+    for r in 0..MR {
+        if r < rows {
+            let p = c.add(r * ldc) as *const i8;
+            _mm_prefetch::<_MM_HINT_T0>(p);
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64));
+        }
+    }
+    let mut acc0 = [_mm512_setzero_ps(); MR];
+    let mut acc1 = [_mm512_setzero_ps(); MR];
+    let (mut a, mut b) = (a, b);
+    for _ in 0..kc {
+        let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b as *const _));
+        let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(16) as *const _));
+        for r in 0..MR {
+            let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(*a.add(r * lda) as i32));
+            acc0[r] = _mm512_dpbf16_ps(acc0[r], av, b0);
+            acc1[r] = _mm512_dpbf16_ps(acc1[r], av, b1);
+        }
+        a = a.add(1);
+        b = b.add(NR);
+    }
+    let mask = |w: usize| -> __mmask16 {
+        if w >= 16 {
+            0xffff
+        } else {
+            ((1u32 << w) - 1) as __mmask16
+        }
+    };
+    let m0 = mask(cols);
+    let m1 = mask(cols.saturating_sub(16));
+    for r in 0..MR {
+        if r < rows {
+            let p = c.add(r * ldc);
+            let (mut x0, mut x1) = (acc0[r], acc1[r]);
+            if load {
+                x0 = _mm512_add_ps(x0, _mm512_maskz_loadu_ps(m0, p));
+                x1 = _mm512_add_ps(x1, _mm512_maskz_loadu_ps(m1, p.add(16)));
+            }
+            _mm512_mask_storeu_ps(p, m0, x0);
+            _mm512_mask_storeu_ps(p.add(16), m1, x1);
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+#[allow(clippy::too_many_arguments)]
+unsafe fn micro(
+    _kc: usize,
+    _a: *const u32,
+    _lda: usize,
+    _b: *const u32,
+    _c: *mut f32,
+    _ldc: usize,
+    _rows: usize,
+    _cols: usize,
+    _load: bool,
+) {
+    unreachable!("bf16 GEMM is x86-64 only")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bf(x: f32) -> f64 {
+        f32::from_bits((bf16_bits(x) as u32) << 16) as f64
+    }
+
+    #[test]
+    fn rounding_is_nearest_even() {
+        assert_eq!(bf16_bits(1.0), 0x3f80);
+        // 1 + 2^-8 is halfway between 1 and 1 + 2^-7: ties to even (1.0).
+        assert_eq!(bf16_bits(1.0 + 1.0 / 256.0), 0x3f80);
+        // 1 + 3·2^-8 is halfway between 1 + 2^-7 and 1 + 2^-6: to even.
+        assert_eq!(bf16_bits(1.0 + 3.0 / 256.0), 0x3f82);
+        assert_eq!(bf16_bits(-2.0), 0xc000);
+        assert!(f32::from_bits((bf16_bits(f32::NAN) as u32) << 16).is_nan());
+        assert_eq!(bf16_bits(f32::INFINITY), 0x7f80);
+    }
+
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn transpose16_transposes() {
+        if !available() {
+            println!("skipped: this CPU has no AVX-512 BF16");
+            return;
+        }
+        let m: Vec<u32> = (0..256).collect();
+        let mut out = [0u32; 256];
+        // SAFETY: AVX-512 checked above; loads and stores stay in 256 values.
+        unsafe {
+            let mut r = [_mm512_setzero_si512(); 16];
+            for (i, v) in r.iter_mut().enumerate() {
+                *v = _mm512_loadu_si512(m[16 * i..].as_ptr() as *const _);
+            }
+            transpose16(&mut r);
+            for (i, v) in r.iter().enumerate() {
+                _mm512_storeu_si512(out[16 * i..].as_mut_ptr() as *mut _, *v);
+            }
+        }
+        for i in 0..16 {
+            for j in 0..16 {
+                assert_eq!(out[16 * i + j], m[16 * j + i], "[{i},{j}]");
+            }
+        }
+    }
+
+    /// Against an f64 product of the bf16-rounded inputs: only the f32
+    /// summation may differ.
+    #[test]
+    fn matches_the_rounded_product_on_ragged_shapes() {
+        if !available() {
+            println!("skipped: this CPU has no AVX-512 BF16");
+            return;
+        }
+        let mut rng = crate::rng::Rng::new(7);
+        for &(m, n, k) in &[
+            (1, 1, 1),
+            (13, 33, 3),
+            (12, 32, 64),
+            (25, 70, 257),
+            (200, 530, 300),
+            (3, 17, 31),
+            (40, 64, 97),
+            (33, 48, 96),
+        ] {
+            for &(ta, tb, acc, b16) in &[
+                (false, true, false, false),
+                (false, false, true, false),
+                (true, true, false, false),
+                (false, true, true, true),
+                (false, false, false, true),
+            ] {
+                let a: Vec<f32> = (0..m * k).map(|_| rng.normal() as f32).collect();
+                let w: Vec<f32> = (0..k * n).map(|_| rng.normal() as f32).collect();
+                let wbytes: Vec<u8> = w.iter().flat_map(|&x| bf16_bits(x).to_le_bytes()).collect();
+                let c0: Vec<f32> = (0..m * n).map(|_| rng.normal() as f32).collect();
+                let mut c = c0.clone();
+                // Poison when not accumulating: every element must be written.
+                if !acc {
+                    c.fill(f32::NAN);
+                }
+                let src = if b16 {
+                    BSrc::Bf16(&wbytes)
+                } else {
+                    BSrc::F32(&w)
+                };
+                gemm(m, n, k, &mut c, acc, &a, ta, src, tb);
+                for i in 0..m {
+                    for j in 0..n {
+                        let (mut want, mut mag) = (0f64, 0f64);
+                        for p in 0..k {
+                            let x = if ta { a[p * m + i] } else { a[i * k + p] };
+                            let y = if tb { w[j * k + p] } else { w[p * n + j] };
+                            want += bf(x) * bf(y);
+                            mag += (bf(x) * bf(y)).abs();
+                        }
+                        if acc {
+                            want += c0[i * n + j] as f64;
+                            mag += (c0[i * n + j] as f64).abs();
+                        }
+                        let got = c[i * n + j] as f64;
+                        assert!(
+                            (got - want).abs() <= 1e-5 * mag + 1e-6,
+                            "{m}x{n}x{k} ta={ta} tb={tb} acc={acc} bf16={b16} [{i},{j}]: {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
