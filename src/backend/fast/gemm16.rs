@@ -158,16 +158,23 @@ pub fn gemm(
         }
     }
     let (ap16, bp16) = (&mut ap[..strips * MR * kp], &mut bp[..panels * kp * NR]);
-    ap16.par_chunks_mut(MR * kp)
-        .enumerate()
-        .for_each(|(s, dst)| pack_a(dst, a, m, k, ta, s * MR));
-    bp16.par_chunks_mut(kp * NR)
-        .enumerate()
-        .for_each(|(t, dst)| pack_b(dst, b, n, k, tb, t * NR));
+    // Products under ~4M multiply-adds (tens of microseconds on one core,
+    // about what waking the pool costs) stay on the calling thread.
+    let par = m * n * k >= 1 << 22;
+    each_chunk(par, ap16, MR * kp, |s, dst| {
+        pack_a(dst, a, m, k, ta, s * MR)
+    });
+    each_chunk(par, bp16, kp * NR, |t, dst| {
+        pack_b(dst, b, n, k, tb, t * NR)
+    });
     // Blocks of up to MC rows × NC columns, halved until every thread has
     // about four to take (work stealing evens out the rest).
     let (mut ms, mut ns) = (MC / MR, NC / NR);
-    let want = 4 * rayon::current_num_threads();
+    let want = if par {
+        4 * rayon::current_num_threads()
+    } else {
+        1
+    };
     while strips.div_ceil(ms) * panels.div_ceil(ns) < want && (ms > 1 || ns > 1) {
         if ms >= ns {
             ms /= 2;
@@ -178,7 +185,7 @@ pub fn gemm(
     let (mb, nb) = (strips.div_ceil(ms), panels.div_ceil(ns));
     let cp = SendPtr(c.as_mut_ptr());
     let (ap_ref, bp_ref) = (&*ap16, &*bp16);
-    (0..mb * nb).into_par_iter().for_each(|task| {
+    let block = |task: usize| {
         let (ib, jb) = (task / nb, task % nb);
         let (s0, s1) = (ib * ms, ((ib + 1) * ms).min(strips));
         let (t0, t1) = (jb * ns, ((jb + 1) * ns).min(panels));
@@ -211,8 +218,22 @@ pub fn gemm(
                 }
             }
         }
-    });
+    };
+    if par {
+        (0..mb * nb).into_par_iter().for_each(block);
+    } else {
+        (0..mb * nb).for_each(block);
+    }
     SCRATCH.with(|s| s.set((ap, bp)));
+}
+
+/// `f(i, chunk i of v)` for chunks of `len`, over the pool when `par`.
+fn each_chunk(par: bool, v: &mut [u32], len: usize, f: impl Fn(usize, &mut [u32]) + Sync) {
+    if par {
+        v.par_chunks_mut(len).enumerate().for_each(|(i, c)| f(i, c));
+    } else {
+        v.chunks_mut(len).enumerate().for_each(|(i, c)| f(i, c));
+    }
 }
 
 /// Rows `r0..r0+MR` of A as bf16 pairs, row-major (`kp` pairs a row),
