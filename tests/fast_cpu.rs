@@ -141,7 +141,7 @@ fn matmul_matches_reference() {
 /// product see the same inputs).
 fn bf16_exact(v: &[f32]) -> Vec<f32> {
     v.iter()
-        .map(|&x| f32::from_bits((gemm16::bf16_bits(x) as u32) << 16))
+        .map(|&x| half::bf16::from_f32(x).to_f32())
         .collect()
 }
 
@@ -177,7 +177,7 @@ fn bf16_matmul_matches_the_reference_on_bf16_inputs() {
                         _ => {
                             let bytes: Vec<u8> = bv
                                 .iter()
-                                .flat_map(|&x| gemm16::bf16_bits(x).to_le_bytes())
+                                .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
                                 .collect();
                             let t = TensorView::from_bytes("w", DType::BF16, vec![k * n], bytes);
                             Pair {

@@ -53,14 +53,23 @@ pub fn available() -> bool {
     }
 }
 
-/// f32 → bf16 bits, rounded to nearest even (NaN stays NaN).
+/// f32 → bf16 bits, rounded to nearest even (NaN stays NaN), as the
+/// project rounds everywhere (`half`).
 #[inline]
-pub fn bf16_bits(x: f32) -> u16 {
-    let u = x.to_bits();
-    if x.is_nan() {
-        return ((u >> 16) | 0x40) as u16;
-    }
-    ((u + 0x7fff + ((u >> 16) & 1)) >> 16) as u16
+fn bf16_bits(x: f32) -> u16 {
+    half::bf16::from_f32(x).to_bits()
+}
+
+/// Pair `q` of a length-`k` sequence given by `bits` (bf16 of element
+/// `p`): elements 2q (low half) and 2q+1 (high half, zero past the end).
+#[inline]
+fn pair(k: usize, q: usize, bits: impl Fn(usize) -> u16) -> u32 {
+    let hi = if 2 * q + 1 < k {
+        bits(2 * q + 1) as u32
+    } else {
+        0
+    };
+    bits(2 * q) as u32 | hi << 16
 }
 
 /// The right-hand operand: f32 values, or bf16 bits read in place (a
@@ -247,19 +256,11 @@ fn pack_a(dst: &mut [u32], a: &[f32], m: usize, k: usize, ta: bool, r0: usize) {
         } else if !ta {
             let row = &a[i * k..(i + 1) * k];
             for q in convert_row(out, row)..kp {
-                let lo = bf16_bits(row[2 * q]) as u32;
-                let hi = row.get(2 * q + 1).map_or(0, |&x| bf16_bits(x) as u32);
-                out[q] = lo | hi << 16;
+                out[q] = pair(k, q, |p| bf16_bits(row[p]));
             }
         } else {
             for (q, o) in out.iter_mut().enumerate() {
-                let lo = bf16_bits(a[2 * q * m + i]) as u32;
-                let hi = if 2 * q + 1 < k {
-                    bf16_bits(a[(2 * q + 1) * m + i]) as u32
-                } else {
-                    0
-                };
-                *o = lo | hi << 16;
+                *o = pair(k, q, |p| bf16_bits(a[p * m + i]));
             }
         }
     }
@@ -277,13 +278,7 @@ fn pack_b(dst: &mut [u32], b: BSrc<'_>, n: usize, k: usize, tb: bool, c0: usize)
             for c in 0..NR {
                 let j = c0 + c;
                 dst[q * NR + c] = if c < cols {
-                    let lo = b.bits(j * k + 2 * q) as u32;
-                    let hi = if 2 * q + 1 < k {
-                        b.bits(j * k + 2 * q + 1) as u32
-                    } else {
-                        0
-                    };
-                    lo | hi << 16
+                    pair(k, q, |p| b.bits(j * k + p))
                 } else {
                     0
                 };
@@ -304,9 +299,7 @@ fn pack_b(dst: &mut [u32], b: BSrc<'_>, n: usize, k: usize, tb: bool, c0: usize)
             }
             for (c, o) in out.iter_mut().enumerate() {
                 *o = if c < cols {
-                    let lo = b.bits(r0 + c) as u32;
-                    let hi = r1.map_or(0, |r1| b.bits(r1 + c) as u32);
-                    lo | hi << 16
+                    pair(k, q, |p| b.bits(p * n + c0 + c))
                 } else {
                     0
                 };
@@ -556,7 +549,7 @@ mod tests {
     use super::*;
 
     fn bf(x: f32) -> f64 {
-        f32::from_bits((bf16_bits(x) as u32) << 16) as f64
+        half::bf16::from_f32(x).to_f64()
     }
 
     #[test]
@@ -569,6 +562,23 @@ mod tests {
         assert_eq!(bf16_bits(-2.0), 0xc000);
         assert!(f32::from_bits((bf16_bits(f32::NAN) as u32) << 16).is_nan());
         assert_eq!(bf16_bits(f32::INFINITY), 0x7f80);
+        // The vector conversion (whole blocks of 32) rounds as the scalar
+        // tail does.
+        if available() {
+            let row: Vec<f32> = (0..32)
+                .map(|i| match i % 4 {
+                    0 => 1.0 + (i as f32) / 256.0,
+                    1 => -(1.0 + 3.0 / 256.0) * i as f32,
+                    2 => f32::INFINITY,
+                    _ => 1e30 * i as f32,
+                })
+                .collect();
+            let mut out = [0u32; 16];
+            assert_eq!(convert_row(&mut out, &row), 16);
+            for (q, &v) in out.iter().enumerate() {
+                assert_eq!(v, pair(32, q, |p| bf16_bits(row[p])), "pair {q}");
+            }
+        }
     }
 
     #[test]

@@ -273,8 +273,8 @@ impl FastCpu {
             ));
         }
         Ok(FastCpu {
-            r: CpuBackend::new(),
             gemm,
+            ..Self::new()
         })
     }
 
