@@ -19,7 +19,7 @@ use std::path::Path;
 
 use crate::backend::fast::{FastBuf, FastCpu};
 use crate::backend::{Backend, PoolKind};
-use crate::data::{make_batch, TextTokenizer};
+use crate::data::{eval_batches_by_length, make_batch, TextTokenizer};
 use crate::error::{Error, Result};
 use crate::model::config::ModelDir;
 use crate::model::{BiasTerm, Encoder, EncoderOptions};
@@ -102,18 +102,22 @@ impl Classifier {
 
     /// Raw head outputs, one row of [`Classifier::num_labels`] values per text.
     pub fn logits(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>> {
-        let mut out = Vec::with_capacity(texts.len());
-        for chunk in texts.chunks(32) {
-            let encs = chunk
-                .iter()
-                .map(|t| self.tok.encode(t, None))
-                .collect::<Result<Vec<_>>>()?;
-            let refs: Vec<_> = encs.iter().collect();
+        let encs = texts
+            .iter()
+            .map(|t| self.tok.encode(t, None))
+            .collect::<Result<Vec<_>>>()?;
+        // Length-sorted batches pad little; each row goes back to its text.
+        let lengths: Vec<usize> = encs.iter().map(|e| e.len()).collect();
+        let mut out = vec![Vec::new(); texts.len()];
+        for idx in eval_batches_by_length(&lengths, 32) {
+            let refs: Vec<_> = idx.iter().map(|&i| &encs[i]).collect();
             let batch = make_batch(&refs, &vec![0.0; refs.len()], self.pad_id);
             let db = self.enc.upload_batch(&self.be, &batch)?;
             let logits = self.enc.logits(&self.be, &self.params, &db);
             let c = self.num_labels();
-            out.extend(logits.chunks(c).map(|r| r.to_vec()));
+            for (&i, row) in idx.iter().zip(logits.chunks(c)) {
+                out[i] = row.to_vec();
+            }
         }
         Ok(out)
     }

@@ -185,6 +185,12 @@ struct TrainOpts {
     /// Truncate inputs to this many tokens.
     #[arg(long, default_value_t = 128)]
     max_len: usize,
+    /// Put training examples of similar length in the same batch (seeded
+    /// groups of 50 batches sorted by length; the batch order stays random):
+    /// far less padding, so faster steps, with a slightly different batch
+    /// mix than the default fully random batches.
+    #[arg(long)]
+    group_by_length: bool,
     /// Head input: cls (pooler) or mean. Default: the model's own
     /// (sentence-transformers' 1_Pooling/config.json), else cls.
     #[arg(long)]
@@ -292,6 +298,7 @@ impl TrainOpts {
             offload: self.memory.offload.clone(),
             recompute: self.recompute,
             max_gpu_memory: self.memory.max_gpu_memory.clone(),
+            group_by_length: self.group_by_length,
         })
     }
 }

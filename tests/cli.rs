@@ -240,6 +240,67 @@ fn training_learns_a_trivial_task_and_is_reproducible() {
     );
 }
 
+/// `--group-by-length`: same examples per epoch in other batches (so other
+/// biases), reproducible, and the task is still learned.
+#[test]
+fn grouping_by_length_learns_and_is_reproducible() {
+    let s = setup();
+    let common = [
+        "--bias",
+        "all",
+        "--epochs",
+        "10",
+        "--lr",
+        "1e-2",
+        "--pooling",
+        "mean",
+    ];
+    let with = |out: &str, grouped: bool| {
+        let mut extra = common.to_vec();
+        if grouped {
+            extra.push("--group-by-length");
+        }
+        let o = run(&train_args(&s, out, &extra));
+        assert!(o.status.success(), "{}", stderr(&o));
+        let dir = s.tmp.path().join(out);
+        let steps: Vec<serde_json::Value> = fs::read_to_string(dir.join("steps.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        // Real tokens per epoch, and the tokens of each step.
+        let mut per_epoch = std::collections::BTreeMap::new();
+        for st in &steps {
+            *per_epoch.entry(st["epoch"].as_u64().unwrap()).or_insert(0) +=
+                st["tokens"].as_u64().unwrap();
+        }
+        let tokens: Vec<u64> = steps
+            .iter()
+            .map(|st| st["tokens"].as_u64().unwrap())
+            .collect();
+        let summary: serde_json::Value =
+            serde_json::from_str(&fs::read_to_string(dir.join("summary.json")).unwrap()).unwrap();
+        (
+            fs::read(dir.join("biases.safetensors")).unwrap(),
+            per_epoch,
+            tokens,
+            summary,
+        )
+    };
+    let (plain, plain_epochs, plain_tokens, _) = with("plain", false);
+    let (g1, g1_epochs, g1_tokens, summary) = with("g1", true);
+    let (g2, ..) = with("g2", true);
+    assert_eq!(g1, g2, "same seed, same machine: bit-identical biases");
+    assert_ne!(g1, plain, "grouped batches are other batches");
+    assert_ne!(g1_tokens, plain_tokens, "grouped batches are other batches");
+    assert_eq!(g1_tokens.len(), plain_tokens.len(), "same steps per epoch");
+    assert_eq!(g1_epochs, plain_epochs, "every example once per epoch");
+    assert!(
+        summary["best_dev_metric"].as_f64().unwrap() >= 0.9,
+        "good/bad task not learned with grouped batches: {summary}"
+    );
+}
+
 #[test]
 fn eval_without_biases_needs_a_saved_head() {
     let s = setup();

@@ -609,6 +609,65 @@ fn epoch_and_eval_batches() {
 }
 
 #[test]
+fn grouped_batches_cover_every_example_once_and_pad_less() {
+    // Lengths with a wide spread, as in sentence-classification data.
+    let mut rng = beft::rng::Rng::new(5);
+    let lengths: Vec<usize> = (0..1234).map(|_| 3 + rng.below(60)).collect();
+    for bs in [1, 7, 16] {
+        let g = grouped_epoch_batches(&lengths, bs, 3, 0);
+        // Same number of batches as the plain shuffle (the step count of an epoch).
+        assert_eq!(g.len(), lengths.len().div_ceil(bs), "batch {bs}");
+        assert!(g.iter().all(|b| !b.is_empty() && b.len() <= bs));
+        let mut flat = g.concat();
+        flat.sort();
+        assert_eq!(flat, (0..lengths.len()).collect::<Vec<_>>(), "batch {bs}");
+        // Seeded: same seed and epoch, same batches; others differ.
+        assert_eq!(g, grouped_epoch_batches(&lengths, bs, 3, 0));
+        if bs > 1 {
+            assert_ne!(g, grouped_epoch_batches(&lengths, bs, 3, 1));
+            assert_ne!(g, grouped_epoch_batches(&lengths, bs, 4, 0));
+            let (pad_g, real) = padded_and_real(&lengths, &g);
+            let (pad_r, real_r) =
+                padded_and_real(&lengths, &epoch_batches(lengths.len(), bs, 3, 0, true));
+            assert_eq!(real, real_r);
+            assert_eq!(real, lengths.iter().sum::<usize>());
+            // Random batches of 16 from lengths 3..63 pad to nearly the
+            // maximum; sorted groups of 800 pad to within a few tokens.
+            assert!(
+                (pad_g - real) * 10 < pad_r - real,
+                "batch {bs}: grouped padding {} vs random {}",
+                pad_g - real,
+                pad_r - real
+            );
+        }
+    }
+    // The batch order is shuffled: lengths do not simply fall batch by batch.
+    let g = grouped_epoch_batches(&lengths, 16, 3, 0);
+    let longest: Vec<usize> = g
+        .iter()
+        .map(|b| b.iter().map(|&i| lengths[i]).max().unwrap())
+        .collect();
+    assert!(longest.windows(2).any(|w| w[0] < w[1]), "{longest:?}");
+    assert!(longest.windows(2).any(|w| w[0] > w[1]), "{longest:?}");
+    assert!(grouped_epoch_batches(&[], 4, 0, 0).is_empty());
+}
+
+#[test]
+fn eval_batches_by_length_sort_longest_first() {
+    let lengths = [3, 9, 3, 1, 9, 5];
+    assert_eq!(
+        eval_batches_by_length(&lengths, 4),
+        vec![vec![1, 4, 5, 0], vec![2, 3]]
+    );
+    assert_eq!(
+        padded_and_real(&lengths, &eval_batches_by_length(&lengths, 4)),
+        (9 * 4 + 3 * 2, 30)
+    );
+    assert_eq!(eval_batches_by_length(&lengths, 0).len(), 6);
+    assert!(eval_batches_by_length(&[], 4).is_empty());
+}
+
+#[test]
 fn make_batch_pads_dynamically() {
     let e1 = Encoding {
         ids: vec![2, 4, 5, 3],

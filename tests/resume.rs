@@ -58,7 +58,7 @@ fn sigkill_then_resume_is_bit_identical() {
 
 /// The same for a decoder (a tiny LLaMA GGUF with its own tokenizer,
 /// candidate scoring, zero-initialised biases added to its bias-free
-/// projections).
+/// projections), batched with `--group-by-length`.
 #[test]
 fn sigkill_then_resume_is_bit_identical_for_a_decoder() {
     let tmp = tempfile::TempDir::new().unwrap();
@@ -71,6 +71,9 @@ fn sigkill_then_resume_is_bit_identical_for_a_decoder() {
         let mut a = train_args(m, d, out);
         let i = a.iter().position(|x| *x == "--pooling").unwrap();
         a.drain(i..i + 2);
+        // Grouped batches (from the decoder's row lengths) must resume
+        // exactly too: the epoch's order is rebuilt from run_args.json.
+        a.push("--group-by-length");
         own(a)
     });
 }

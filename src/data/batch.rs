@@ -83,7 +83,63 @@ pub fn epoch_batches(
     idx.chunks(batch_size.max(1)).map(|c| c.to_vec()).collect()
 }
 
+/// Examples per length group of [`grouped_epoch_batches`], in batches.
+pub const GROUP_BATCHES: usize = 50;
+
+/// Like [`epoch_batches`] with `shuffle`, but batches hold examples of
+/// similar length so that dynamic padding wastes little (the idea of
+/// Hugging Face's `group_by_length`): the seeded shuffle is cut into groups
+/// of [`GROUP_BATCHES`] batches, each group is sorted by length (longest
+/// first, ties in shuffled order), cut into batches, and the order of all
+/// batches is shuffled again with the same epoch seed. `lengths[i]` is the
+/// token count of example `i`. Every index appears exactly once; a group's
+/// last batch may be smaller.
+pub fn grouped_epoch_batches(
+    lengths: &[usize],
+    batch_size: usize,
+    seed: u64,
+    epoch: u64,
+) -> Vec<Vec<usize>> {
+    let bs = batch_size.max(1);
+    let mut rng = Rng::new(epoch_seed(seed, epoch));
+    let mut idx: Vec<usize> = (0..lengths.len()).collect();
+    rng.shuffle(&mut idx);
+    let mut batches = Vec::with_capacity(lengths.len().div_ceil(bs));
+    for group in idx.chunks_mut(bs * GROUP_BATCHES) {
+        // Stable: equal lengths keep their shuffled order.
+        group.sort_by_key(|&i| std::cmp::Reverse(lengths[i]));
+        batches.extend(group.chunks(bs).map(|c| c.to_vec()));
+    }
+    rng.shuffle(&mut batches);
+    batches
+}
+
 /// Index lists covering `0..n` in order, in batches of `batch_size` (0 is taken as 1).
 pub fn eval_batches(n: usize, batch_size: usize) -> Vec<Vec<usize>> {
     epoch_batches(n, batch_size, 0, 0, false)
+}
+
+/// Index lists covering `0..lengths.len()` for evaluation, in batches of
+/// `batch_size` (0 is taken as 1) of examples sorted by length (longest
+/// first, ties in index order), so that dynamic padding wastes little.
+/// An example's result does not depend on its batch mates (up to float
+/// rounding in sums over padded lengths), so callers put each result back
+/// at its index.
+pub fn eval_batches_by_length(lengths: &[usize], batch_size: usize) -> Vec<Vec<usize>> {
+    let mut idx: Vec<usize> = (0..lengths.len()).collect();
+    idx.sort_by_key(|&i| std::cmp::Reverse(lengths[i]));
+    idx.chunks(batch_size.max(1)).map(|c| c.to_vec()).collect()
+}
+
+/// Padded positions (batch rows × longest length, summed over `batches`)
+/// and real tokens, for `lengths`: how much of a batching's work is padding.
+pub fn padded_and_real(lengths: &[usize], batches: &[Vec<usize>]) -> (usize, usize) {
+    let mut padded = 0;
+    let mut real = 0;
+    for b in batches {
+        let t = b.iter().map(|&i| lengths[i]).max().unwrap_or(0);
+        padded += t * b.len();
+        real += b.iter().map(|&i| lengths[i]).sum::<usize>();
+    }
+    (padded, real)
 }

@@ -80,6 +80,18 @@ impl Data {
             Data::Gen(v) => v.len(),
         }
     }
+
+    /// The padded row length each example needs (prompt plus its longest
+    /// option, or prompt plus target): what batching by length groups on.
+    fn lengths(&self) -> Vec<usize> {
+        match self {
+            Data::Mc(v) => v
+                .iter()
+                .map(|e| e.prompt.len() + e.options.iter().map(Vec::len).max().unwrap_or(0))
+                .collect(),
+            Data::Gen(v) => v.iter().map(|e| e.prompt.len() + e.target.len()).collect(),
+        }
+    }
 }
 
 fn is_generation(task: &str) -> bool {
@@ -317,7 +329,7 @@ fn evaluate<B: Backend>(
     match data {
         Data::Mc(ex) => {
             let mut correct = 0usize;
-            for idx in data::eval_batches(ex.len(), batch.max(1)) {
+            for idx in data::eval_batches_by_length(&data.lengths(), batch) {
                 let refs: Vec<&EncMc> = idx.iter().map(|&i| &ex[i]).collect();
                 let (cb, _, spans) = mc_batch(be, dec, &refs, pad)?;
                 let (_, scores) = dec.candidate_scores(be, params, &cb);
@@ -343,7 +355,8 @@ fn evaluate<B: Backend>(
         Data::Gen(ex) => {
             let (mut f1, mut em) = (0.0, 0.0);
             let stop = |toks: &[u32]| tok.decode(toks).contains('\n');
-            for idx in data::eval_batches(ex.len(), batch.max(1)) {
+            let lengths: Vec<usize> = ex.iter().map(|e| e.prompt.len()).collect();
+            for idx in data::eval_batches_by_length(&lengths, batch) {
                 let prompts: Vec<Vec<u32>> = idx.iter().map(|&i| ex[i].prompt.clone()).collect();
                 let outs = dec.generate_greedy(be, params, &prompts, max_new, &stop)?;
                 for (k, &i) in idx.iter().enumerate() {
@@ -440,8 +453,8 @@ impl<B: Backend> Trainee<B> for DecoderTrainee<'_, B> {
         step_grad(be, self.dec, params, grads, self.train, idx)
     }
 
-    fn train_len(&self) -> usize {
-        self.train.len()
+    fn train_lengths(&self) -> Vec<usize> {
+        self.train.lengths()
     }
 
     fn weights(&self) -> &WeightStore {

@@ -102,18 +102,20 @@ pub fn predict<B: Backend>(
     pad_id: u32,
     batch: usize,
 ) -> Result<Vec<f32>> {
-    let mut preds = Vec::with_capacity(encs.len());
+    let mut preds = vec![0.0; encs.len()];
     let c = enc.opts.num_labels;
-    for idx in data::eval_batches(encs.len(), batch.max(1)) {
+    // Length-sorted batches pad little; each prediction goes back to its index.
+    let lengths: Vec<usize> = encs.iter().map(Encoding::len).collect();
+    for idx in data::eval_batches_by_length(&lengths, batch) {
         let refs: Vec<&Encoding> = idx.iter().map(|&i| &encs[i]).collect();
         let labels: Vec<f32> = idx.iter().map(|&i| examples[i].label).collect();
         let hb = data::make_batch(&refs, &labels, pad_id);
         let db = enc.upload_batch(be, &hb)?;
         let logits = enc.logits(be, params, &db);
-        for r in 0..hb.batch {
+        for (r, &i) in idx.iter().enumerate() {
             let row = &logits[r * c..(r + 1) * c];
-            if c == 1 {
-                preds.push(row[0].to_f32());
+            preds[i] = if c == 1 {
+                row[0].to_f32()
             } else {
                 let mut best = 0;
                 for j in 1..c {
@@ -121,8 +123,8 @@ pub fn predict<B: Backend>(
                         best = j;
                     }
                 }
-                preds.push(best as f32);
-            }
+                best as f32
+            };
         }
     }
     Ok(preds)

@@ -72,6 +72,9 @@ pub struct TrainArgs {
     /// Device budget (`4GiB`, …): the cap on device memory, and what
     /// `--offload auto` plans against. Default: `BEFT_MAX_DEVICE_MEMORY`.
     pub max_gpu_memory: Option<String>,
+    /// Batch training examples of similar length (less padding; see
+    /// [`data::grouped_epoch_batches`]).
+    pub group_by_length: bool,
 }
 
 /// The training settings of an unfinished run, in its staging directory.
@@ -111,6 +114,7 @@ impl Default for TrainArgs {
             offload: "auto".into(),
             recompute: false,
             max_gpu_memory: None,
+            group_by_length: false,
         }
     }
 }
@@ -404,8 +408,9 @@ pub(super) trait Trainee<B: Backend> {
         idx: &[usize],
         step: u64,
     ) -> Result<(f64, usize)>;
-    /// Number of training examples.
-    fn train_len(&self) -> usize;
+    /// The token count of each training example (what `--group-by-length`
+    /// groups on; its length is the number of training examples).
+    fn train_lengths(&self) -> Vec<usize>;
     /// The memory-mapped model files (re-checked before each checkpoint).
     fn weights(&self) -> &WeightStore;
 }
@@ -530,7 +535,16 @@ pub(super) fn run_loop<B: Backend>(
     let mut metrics_file = open_log(&metrics_path, st.metrics_bytes)?;
     let mut steps_file = std::io::BufWriter::new(open_log(&steps_path, st.steps_bytes)?);
 
-    let n_train = t.train_len();
+    let train_lengths = t.train_lengths();
+    let n_train = train_lengths.len();
+    // Either way an epoch has ceil(n / batch) batches.
+    let epoch_batches = |epoch: u64| {
+        if args.group_by_length {
+            data::grouped_epoch_batches(&train_lengths, args.batch, args.seed, epoch)
+        } else {
+            data::epoch_batches(n_train, args.batch, args.seed, epoch, true)
+        }
+    };
     let steps_per_epoch = n_train.div_ceil(args.batch) as u64;
     let total_steps = args
         .max_steps
@@ -645,10 +659,7 @@ pub(super) fn run_loop<B: Backend>(
         let epoch = st.epoch;
         pb.set_prefix(format!("{epoch}/{}", args.epochs));
         if !st.epoch_evaluated {
-            for (bi, idx) in data::epoch_batches(n_train, args.batch, args.seed, epoch as u64, true)
-                .into_iter()
-                .enumerate()
-            {
+            for (bi, idx) in epoch_batches(epoch as u64).into_iter().enumerate() {
                 if bi < st.batch {
                     continue;
                 }
@@ -800,8 +811,8 @@ impl<B: Backend> Trainee<B> for EncoderTrainee<'_, B> {
         Ok((loss, hb.tokens))
     }
 
-    fn train_len(&self) -> usize {
-        self.p.train.len()
+    fn train_lengths(&self) -> Vec<usize> {
+        self.p.train_enc.iter().map(Encoding::len).collect()
     }
 
     fn weights(&self) -> &WeightStore {
