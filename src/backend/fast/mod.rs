@@ -13,7 +13,9 @@
 //!   `exp` / erf-GELU, compiled for AVX-512, AVX2 and the baseline, chosen at
 //!   run time; see [`kernels`];
 //! - buffers: served from a free list ([`pool`]), so a training step after
-//!   the first allocates (almost) nothing;
+//!   the first allocates (almost) nothing; vectors unused for a few hundred
+//!   requests are released when shapes change (dynamic padding), so the
+//!   list does not hoard every batch length's buffers;
 //! - frozen weights: f32 tensors are read in place from the memory map;
 //!   f16/bf16 tensors are converted on use into a pooled scratch buffer, one
 //!   matrix at a time (never a full f32 copy of the model).
