@@ -287,7 +287,7 @@ fn grouping_by_length_learns_and_is_reproducible() {
             summary,
         )
     };
-    let (plain, plain_epochs, plain_tokens, _) = with("plain", false);
+    let (plain, plain_epochs, plain_tokens, plain_summary) = with("plain", false);
     let (g1, g1_epochs, g1_tokens, summary) = with("g1", true);
     let (g2, ..) = with("g2", true);
     assert_eq!(g1, g2, "same seed, same machine: bit-identical biases");
@@ -299,6 +299,18 @@ fn grouping_by_length_learns_and_is_reproducible() {
         summary["best_dev_metric"].as_f64().unwrap() >= 0.9,
         "good/bad task not learned with grouped batches: {summary}"
     );
+    // The summary reports the padding share, and grouping lowers it.
+    let pad = |s: &serde_json::Value| s["train_padding"].as_f64().unwrap();
+    assert!(
+        (0.0..1.0).contains(&pad(&summary)) && pad(&summary) < pad(&plain_summary),
+        "padding grouped {} vs plain {}",
+        pad(&summary),
+        pad(&plain_summary)
+    );
+    let config: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(s.tmp.path().join("g1/config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["group_by_length"], true);
 }
 
 #[test]

@@ -598,6 +598,7 @@ pub(super) fn train_on<B: Backend>(be: &B, args: &TrainArgs) -> Result<Summary> 
             "epochs": args.epochs, "lr": args.lr, "batch": args.batch, "seed": args.seed, "max_len": args.max_len,
             "schedule": args.schedule, "warmup_ratio": args.warmup_ratio, "clip": args.clip,
             "weight_decay": args.weight_decay, "max_steps": args.max_steps, "templates": args.templates,
+            "group_by_length": args.group_by_length,
             "max_new_tokens": max_new, "objective": if is_generation(&args.task) { "teacher-forcing" } else { "candidate-scoring" },
             "beft_version": env!("CARGO_PKG_VERSION"),
         }),

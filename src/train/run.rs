@@ -165,6 +165,9 @@ pub struct Summary {
     pub steps: u64,
     pub train_tokens: u64,
     pub train_tokens_per_s: f64,
+    /// The share of an epoch's batch positions that are padding (by
+    /// example length; `--group-by-length` lowers it).
+    pub train_padding: f64,
     pub step_seconds_median: f64,
     pub train_seconds: f64,
     pub peak_rss_bytes: u64,
@@ -421,6 +424,8 @@ pub(super) struct Trained<B: Backend> {
     pub(super) slab: Slab<B>,
     pub(super) st: checkpoint::LoopState,
     pub(super) staging: Staging,
+    /// The share of an epoch's batch positions that are padding.
+    pub(super) train_padding: f64,
 }
 
 impl<B: Backend> Trained<B> {
@@ -439,6 +444,7 @@ impl<B: Backend> Trained<B> {
             steps: st.step,
             train_tokens: st.train_tokens,
             train_tokens_per_s: st.train_tokens as f64 / st.train_time.max(1e-9),
+            train_padding: self.train_padding,
             step_seconds_median: median(&mut st.step_secs.clone()),
             train_seconds: st.train_time,
             peak_rss_bytes: peak_rss_bytes(),
@@ -553,6 +559,28 @@ pub(super) fn run_loop<B: Backend>(
     let warmup = (args.warmup_ratio * total_steps as f64).round() as u64;
 
     eprintln!("{header}");
+    // Padding: the share of an epoch's batch positions that are not real
+    // tokens (by example length), and a hint when grouping would cut it.
+    let padding = |batches: &[Vec<usize>]| {
+        let (padded, real) = data::padded_and_real(&train_lengths, batches);
+        (padded - real) as f64 / padded.max(1) as f64
+    };
+    let train_padding = padding(&epoch_batches(1));
+    if !args.group_by_length && !args.resume && train_padding > 0.25 {
+        let grouped = padding(&data::grouped_epoch_batches(
+            &train_lengths,
+            args.batch,
+            args.seed,
+            1,
+        ));
+        if grouped < 0.5 * train_padding {
+            eprintln!(
+                "note: {:.0} % of the training batches' positions are padding; --group-by-length would cut that to {:.0} % (faster steps, other batches)",
+                100.0 * train_padding,
+                100.0 * grouped
+            );
+        }
+    }
 
     let log_eval = |epoch: usize,
                     step: u64,
@@ -768,7 +796,12 @@ pub(super) fn run_loop<B: Backend>(
     }
     pb.finish_and_clear();
     steps_file.flush().map_err(|e| Error::io(&steps_path, e))?;
-    Ok(Trained { slab, st, staging })
+    Ok(Trained {
+        slab,
+        st,
+        staging,
+        train_padding,
+    })
 }
 
 /// An encoder with its task head, on prepared data.
@@ -936,6 +969,7 @@ pub fn train_on<B: Backend>(be: &B, args: &TrainArgs) -> Result<Summary> {
             "epochs": args.epochs, "lr": args.lr, "batch": args.batch, "seed": args.seed, "max_len": args.max_len,
             "pooling": pooling_name(p.pooling), "schedule": args.schedule, "warmup_ratio": args.warmup_ratio,
             "clip": args.clip, "weight_decay": args.weight_decay, "dropout": args.dropout, "max_steps": args.max_steps,
+            "group_by_length": args.group_by_length,
             "beft_version": env!("CARGO_PKG_VERSION"),
         }),
     )?;
