@@ -34,6 +34,7 @@ pub struct Classifier {
     params: FastBuf,
     tok: TextTokenizer,
     pad_id: u32,
+    task: Option<String>,
 }
 
 impl Classifier {
@@ -48,6 +49,15 @@ impl Classifier {
     /// [`Classifier::load`] with a chosen truncation length.
     pub fn load_with_max_len(model_dir: &Path, biases: &Path, max_len: usize) -> Result<Self> {
         let md = ModelDir::open(model_dir)?;
+        if md.config.arch.is_decoder() {
+            return Err(Error::file(
+                model_dir,
+                format!(
+                    "is a {} decoder; the classifier runs encoders (BERT, RoBERTa, MiniLM): evaluate decoders with `beft eval`",
+                    md.config.arch.name()
+                ),
+            ));
+        }
         let store = WeightStore::open_file(biases)?;
         let meta = |k: &str| store.metadata().get(k).cloned();
         md.check_biases_base(biases, &store)?;
@@ -92,6 +102,7 @@ impl Classifier {
             params,
             tok,
             pad_id,
+            task: meta("task"),
         })
     }
 
@@ -102,13 +113,21 @@ impl Classifier {
 
     /// Raw head outputs, one row of [`Classifier::num_labels`] values per text.
     pub fn logits(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>> {
-        let encs = texts
+        let inputs: Vec<(&str, Option<&str>)> = texts.iter().map(|t| (*t, None)).collect();
+        self.logits_pairs(&inputs)
+    }
+
+    /// [`Classifier::logits`] for inputs that may be sentence pairs
+    /// (`(text, Some(pair))`, encoded as the tokenizer's pair template, as
+    /// in training on RTE, MRPC, …).
+    pub fn logits_pairs(&self, inputs: &[(&str, Option<&str>)]) -> Result<Vec<Vec<f32>>> {
+        let encs = inputs
             .iter()
-            .map(|t| self.tok.encode(t, None))
+            .map(|(t, p)| self.tok.encode(t, *p))
             .collect::<Result<Vec<_>>>()?;
         // Length-sorted batches pad little; each row goes back to its text.
         let lengths: Vec<usize> = encs.iter().map(|e| e.len()).collect();
-        let mut out = vec![Vec::new(); texts.len()];
+        let mut out = vec![Vec::new(); inputs.len()];
         for idx in eval_batches_by_length(&lengths, 32) {
             let refs: Vec<_> = idx.iter().map(|&i| &encs[i]).collect();
             let batch = make_batch(&refs, &vec![0.0; refs.len()], self.pad_id);
@@ -127,25 +146,39 @@ impl Classifier {
     pub fn classify(&self, texts: &[&str]) -> Result<Vec<(usize, f32)>> {
         Ok(self
             .logits(texts)?
-            .into_iter()
-            .map(|row| {
-                if row.len() == 1 {
-                    return (0, row[0]);
-                }
-                let mx = row.iter().fold(f32::NEG_INFINITY, |a, b| a.max(*b));
-                let z: f32 = row.iter().map(|v| (v - mx).exp()).sum();
-                let (best, v) =
-                    row.iter()
-                        .enumerate()
-                        .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, v)| {
-                            if *v > bv {
-                                (i, *v)
-                            } else {
-                                (bi, bv)
-                            }
-                        });
-                (best, (v - mx).exp() / z)
-            })
+            .iter()
+            .map(|row| best_label(row))
             .collect())
     }
+
+    /// The task the biases were trained on (`sst2`, `rte`, …), from their
+    /// file's metadata.
+    pub fn task(&self) -> Option<&str> {
+        self.task.as_deref()
+    }
+}
+
+/// The softmax of one row of logits (a regression head's single value is
+/// returned as is).
+pub fn probabilities(row: &[f32]) -> Vec<f32> {
+    if row.len() == 1 {
+        return row.to_vec();
+    }
+    let mx = row.iter().fold(f32::NEG_INFINITY, |a, b| a.max(*b));
+    let e: Vec<f32> = row.iter().map(|v| (v - mx).exp()).collect();
+    let z: f32 = e.iter().sum();
+    e.iter().map(|v| v / z).collect()
+}
+
+/// The most probable label of one row of logits and its probability (for a
+/// regression head: label 0 and the value).
+pub fn best_label(row: &[f32]) -> (usize, f32) {
+    let p = probabilities(row);
+    let mut best = 0;
+    for j in 1..p.len() {
+        if p[j] > p[best] {
+            best = j;
+        }
+    }
+    (best, p.get(best).copied().unwrap_or(f32::NAN))
 }

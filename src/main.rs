@@ -29,6 +29,8 @@ enum Cmd {
     Train(TrainCli),
     /// Evaluate a base model plus trained biases on the dev split.
     Eval(EvalCli),
+    /// Classify texts with an encoder plus trained biases: one line out per text.
+    Predict(PredictCli),
     /// List the compute devices this build can use (values of --device).
     Devices,
     /// Write trained biases as a Hugging Face PEFT adapter or a merged model.
@@ -398,6 +400,32 @@ struct EvalCli {
     memory: MemoryOpts,
 }
 
+#[derive(Args)]
+struct PredictCli {
+    /// Hugging Face model directory (config.json, model.safetensors, tokenizer.json): an
+    /// encoder (BERT, RoBERTa, MiniLM).
+    #[arg(long)]
+    model: PathBuf,
+    /// Trained biases and head (RUN_DIR/biases.safetensors from `beft train`).
+    #[arg(long)]
+    biases: PathBuf,
+    /// A text to classify (repeatable). Without --text or --input, texts are read from
+    /// stdin, one per line.
+    #[arg(long)]
+    text: Vec<String>,
+    /// A file of texts, one per line; a tab separates the two sentences of a pair task
+    /// (RTE, MRPC, QNLI, QQP, MNLI, STS-B).
+    #[arg(long)]
+    input: Option<PathBuf>,
+    /// Truncate inputs to this many tokens.
+    #[arg(long, default_value_t = 128)]
+    max_len: usize,
+    /// One JSON object per text (text, label, probability, probabilities) instead of
+    /// tab-separated `label<TAB>probability<TAB>text`.
+    #[arg(long)]
+    json: bool,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let threads = cli.threads.unwrap_or_else(|| {
@@ -422,6 +450,7 @@ fn main() -> ExitCode {
     let res = beft::backend::fault::catch_device_fault(|| match cli.cmd {
         Cmd::Train(t) => run_train(t),
         Cmd::Eval(e) => run_eval(e),
+        Cmd::Predict(p) => run_predict(p),
         Cmd::Devices => run_devices(),
         Cmd::Export(x) => beft::method::adapter::ExportFormat::parse(&x.format)
             .and_then(|f| beft::method::adapter::export(&x.model, &x.biases, f, &x.out))
@@ -500,6 +529,88 @@ fn run_train(t: TrainCli) -> beft::Result<()> {
     }
     println!("run written to {}", out.display());
     Ok(())
+}
+
+fn run_predict(p: PredictCli) -> beft::Result<()> {
+    use beft::infer::{best_label, probabilities, Classifier};
+    use std::io::{BufRead, Write};
+    // Read every input before loading the model: a bad file fails fast.
+    let lines: Vec<String> = if !p.text.is_empty() {
+        if p.input.is_some() {
+            return Err(beft::Error::msg("give either --text or --input, not both"));
+        }
+        p.text.clone()
+    } else if let Some(path) = &p.input {
+        let raw = std::fs::read(path).map_err(|e| beft::Error::io(path, e))?;
+        let text = String::from_utf8(raw)
+            .map_err(|e| beft::Error::file(path, format!("not UTF-8 text ({e})")))?;
+        text.lines()
+            .map(|l| l.trim_end_matches('\r').to_string())
+            .collect()
+    } else {
+        let mut v = Vec::new();
+        for line in std::io::stdin().lock().lines() {
+            v.push(line.map_err(|e| beft::Error::msg(format!("reading stdin: {e}")))?);
+        }
+        v
+    };
+    if lines.is_empty() {
+        let from = match &p.input {
+            Some(path) => path.display().to_string(),
+            None => "stdin".into(),
+        };
+        return Err(beft::Error::msg(format!("{from}: no texts to classify")));
+    }
+    let clf = Classifier::load_with_max_len(&p.model, &p.biases, p.max_len)?;
+    let task = clf.task().and_then(|t| beft::data::task(t).ok());
+    let pair_task = task.as_ref().is_none_or(|t| t.is_pair);
+    let names = task.map(|t| t.label_names()).unwrap_or_default();
+    let inputs: Vec<(&str, Option<&str>)> = lines
+        .iter()
+        .map(|l| match l.split_once('\t') {
+            Some((a, b)) if pair_task => (a, Some(b)),
+            _ => (l.as_str(), None),
+        })
+        .collect();
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let regression = clf.num_labels() == 1;
+    // Chunks keep memory flat on long files; results stream out in order.
+    for (chunk, texts) in inputs.chunks(1024).zip(lines.chunks(1024)) {
+        let logits = clf.logits_pairs(chunk)?;
+        for (row, text) in logits.iter().zip(texts) {
+            let (label, prob) = best_label(row);
+            let name = names
+                .get(label)
+                .cloned()
+                .unwrap_or_else(|| label.to_string());
+            let res = if p.json {
+                let v = if regression {
+                    serde_json::json!({"text": text, "value": row[0]})
+                } else {
+                    serde_json::json!({"text": text, "label": name, "label_id": label,
+                        "probability": prob, "probabilities": probabilities(row)})
+                };
+                writeln!(out, "{v}")
+            } else if regression {
+                writeln!(out, "{:.4}\t{text}", row[0])
+            } else {
+                writeln!(out, "{name}\t{prob:.4}\t{text}")
+            };
+            match res {
+                // `beft predict … | head`: stop quietly.
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
+                Err(e) => return Err(beft::Error::msg(format!("writing stdout: {e}"))),
+                Ok(()) => {}
+            }
+        }
+    }
+    match out.flush() {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(beft::Error::msg(format!("writing stdout: {e}")))
+        }
+        _ => Ok(()),
+    }
 }
 
 fn run_eval(e: EvalCli) -> beft::Result<()> {

@@ -313,6 +313,144 @@ fn grouping_by_length_learns_and_is_reproducible() {
     assert_eq!(config["group_by_length"], true);
 }
 
+/// `beft predict`: one line per text, in input order, agreeing with the
+/// dev accuracy of the run; JSON lines; stdin; clear errors.
+#[test]
+fn predict_classifies_texts_like_eval() {
+    let s = setup();
+    let o = run(&train_args(
+        &s,
+        "run",
+        &["--bias", "all", "--epochs", "10", "--pooling", "mean"],
+    ));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let biases = s.tmp.path().join("run/biases.safetensors");
+    let summary: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(s.tmp.path().join("run/summary.json")).unwrap())
+            .unwrap();
+    let dev = fs::read_to_string(s.data.join("dev.tsv")).unwrap();
+    let rows: Vec<(&str, &str)> = dev
+        .lines()
+        .skip(1)
+        .map(|l| l.split_once('\t').unwrap())
+        .collect();
+    let input = s.tmp.path().join("texts.txt");
+    let texts: Vec<&str> = rows.iter().map(|r| r.0).collect();
+    fs::write(&input, texts.join("\n") + "\n").unwrap();
+    let (m, b, i) = (
+        s.model.to_str().unwrap(),
+        biases.to_str().unwrap(),
+        input.to_str().unwrap(),
+    );
+    let o = beft(&["predict", "--model", m, "--biases", b, "--input", i]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8(o.stdout).unwrap();
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), rows.len());
+    let mut correct = 0;
+    for (line, (text, label)) in lines.iter().zip(&rows) {
+        let f: Vec<&str> = line.splitn(3, '\t').collect();
+        assert_eq!(f[2], *text, "results stay in input order");
+        let p: f64 = f[1].parse().unwrap();
+        assert!((0.5..=1.0).contains(&p), "{line}");
+        correct += (f[0] == *label) as usize;
+    }
+    let acc = correct as f64 / rows.len() as f64;
+    assert_eq!(
+        acc,
+        summary["final_dev_metric"].as_f64().unwrap(),
+        "predict disagrees with the run's dev accuracy"
+    );
+
+    // JSON lines, texts from --text.
+    let o = beft(&[
+        "predict", "--model", m, "--biases", b, "--json", "--text", texts[0], "--text", texts[1],
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let js: Vec<serde_json::Value> = String::from_utf8(o.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(js.len(), 2);
+    for (j, line) in js.iter().zip(&lines) {
+        let probs: Vec<f64> = j["probabilities"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        assert!((probs.iter().sum::<f64>() - 1.0).abs() < 1e-5);
+        assert_eq!(
+            j["label"].as_str().unwrap(),
+            line.split('\t').next().unwrap()
+        );
+    }
+
+    // stdin.
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_beft"))
+        .args(["predict", "--model", m, "--biases", b])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(format!("{}\n{}\n", texts[0], texts[1]).as_bytes())
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success());
+    assert_eq!(
+        String::from_utf8(o.stdout)
+            .unwrap()
+            .lines()
+            .collect::<Vec<_>>(),
+        lines[..2]
+    );
+
+    // Errors name the file, exit non-zero, print nothing on stdout.
+    let missing = s.tmp.path().join("missing.txt");
+    let empty = s.tmp.path().join("empty.txt");
+    fs::write(&empty, "").unwrap();
+    for (args, phrase) in [
+        (vec!["--input", missing.to_str().unwrap()], "missing.txt"),
+        (
+            vec!["--input", empty.to_str().unwrap()],
+            "no texts to classify",
+        ),
+        (
+            vec!["--input", i, "--text", "x"],
+            "either --text or --input",
+        ),
+    ] {
+        let mut a = vec!["predict", "--model", m, "--biases", b];
+        a.extend(args);
+        let o = beft(&a);
+        assert!(!o.status.success() && o.stdout.is_empty(), "{a:?}");
+        assert!(stderr(&o).contains(phrase), "{a:?}: {}", stderr(&o));
+    }
+    let gguf =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fuzz/seeds/tiny_llama.gguf");
+    let o = beft(&[
+        "predict",
+        "--model",
+        gguf.to_str().unwrap(),
+        "--biases",
+        b,
+        "--text",
+        "x",
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("tiny_llama.gguf: is a llama decoder"),
+        "{}",
+        stderr(&o)
+    );
+}
+
 #[test]
 fn eval_without_biases_needs_a_saved_head() {
     let s = setup();
