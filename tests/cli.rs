@@ -173,38 +173,24 @@ fn train_writes_a_complete_run_and_eval_agrees() {
     assert!(!o.status.success() && stderr(&o).contains("already holds a finished run"));
 }
 
+/// Settings under which the tiny model learns the good/bad task.
+const LEARNS: &[&str] = &[
+    "--bias",
+    "all",
+    "--epochs",
+    "10",
+    "--lr",
+    "1e-2",
+    "--pooling",
+    "mean",
+];
+
 #[test]
 fn training_learns_a_trivial_task_and_is_reproducible() {
     let s = setup();
-    let a = run(&train_args(
-        &s,
-        "a",
-        &[
-            "--bias",
-            "all",
-            "--epochs",
-            "10",
-            "--lr",
-            "1e-2",
-            "--pooling",
-            "mean",
-        ],
-    ));
+    let a = run(&train_args(&s, "a", LEARNS));
     assert!(a.status.success(), "{}", stderr(&a));
-    let b = run(&train_args(
-        &s,
-        "b",
-        &[
-            "--bias",
-            "all",
-            "--epochs",
-            "10",
-            "--lr",
-            "1e-2",
-            "--pooling",
-            "mean",
-        ],
-    ));
+    let b = run(&train_args(&s, "b", LEARNS));
     assert!(b.status.success());
     let fa = fs::read(s.tmp.path().join("a/biases.safetensors")).unwrap();
     let fb = fs::read(s.tmp.path().join("b/biases.safetensors")).unwrap();
@@ -216,22 +202,7 @@ fn training_learns_a_trivial_task_and_is_reproducible() {
         summary["best_dev_metric"].as_f64().unwrap() >= 0.9,
         "good/bad task not learned: {summary}"
     );
-    let c = run(&train_args(
-        &s,
-        "c",
-        &[
-            "--bias",
-            "all",
-            "--epochs",
-            "10",
-            "--lr",
-            "1e-2",
-            "--pooling",
-            "mean",
-            "--seed",
-            "1",
-        ],
-    ));
+    let c = run(&train_args(&s, "c", &[LEARNS, &["--seed", "1"]].concat()));
     assert!(c.status.success());
     assert_ne!(
         fa,
@@ -245,18 +216,8 @@ fn training_learns_a_trivial_task_and_is_reproducible() {
 #[test]
 fn grouping_by_length_learns_and_is_reproducible() {
     let s = setup();
-    let common = [
-        "--bias",
-        "all",
-        "--epochs",
-        "10",
-        "--lr",
-        "1e-2",
-        "--pooling",
-        "mean",
-    ];
     let with = |out: &str, grouped: bool| {
-        let mut extra = common.to_vec();
+        let mut extra = LEARNS.to_vec();
         if grouped {
             extra.push("--group-by-length");
         }
@@ -318,11 +279,7 @@ fn grouping_by_length_learns_and_is_reproducible() {
 #[test]
 fn predict_classifies_texts_like_eval() {
     let s = setup();
-    let o = run(&train_args(
-        &s,
-        "run",
-        &["--bias", "all", "--epochs", "10", "--pooling", "mean"],
-    ));
+    let o = run(&train_args(&s, "run", LEARNS));
     assert!(o.status.success(), "{}", stderr(&o));
     let biases = s.tmp.path().join("run/biases.safetensors");
     let summary: serde_json::Value =
