@@ -534,12 +534,17 @@ impl CudaBackend {
         self.free_at_start.saturating_sub(free as u64)
     }
 
+    /// Whether the device holds `t` as bf16: matrices, when weights are
+    /// bf16 (vectors stay f32).
+    fn bf16_weight(&self, t: &TensorView) -> bool {
+        self.weights == WeightDtype::Bf16 && t.shape.len() >= 2
+    }
+
     /// A frozen weight as the device holds it, on the host: bf16 bits for
     /// matrices (when weights are bf16), else f32.
     fn host_weight(&self, t: &TensorView) -> HostWeight {
         let n = t.numel();
-        let matrix = t.shape.len() >= 2;
-        if self.weights == WeightDtype::Bf16 && matrix {
+        if self.bf16_weight(t) {
             let mut bits = vec![0u16; n];
             stream::par_fill(t, &mut bits, stream::fill_bf16);
             HostWeight::Bf16(bits)
@@ -589,18 +594,26 @@ impl CudaBackend {
         let n = n.max(1);
         let bytes = (n * std::mem::size_of::<T>()) as u64;
         self.check_cap(bytes);
-        let buf = self.stream.alloc_zeros::<T>(n).unwrap_or_else(|e| {
-            let (free, total) = self.ctx.mem_get_info().unwrap_or((0, 0));
-            if free as u64 >= bytes {
-                self.lost(&format!("allocating {}", mib(bytes)), e)
-            }
+        let buf = self
+            .stream
+            .alloc_zeros::<T>(n)
+            .unwrap_or_else(|e| self.alloc_failed(bytes, &format!("allocating {}", mib(bytes)), e));
+        self.note_peak();
+        buf
+    }
+
+    /// A failed operation that needed `bytes` of new device memory: out of
+    /// memory (a [`device_fault`] saying how much was asked and what was
+    /// free) when less than that is free, else the context is lost.
+    fn alloc_failed(&self, bytes: u64, during: &str, e: impl std::fmt::Display) -> ! {
+        let (free, total) = self.ctx.mem_get_info().unwrap_or((0, 0));
+        if (free as u64) < bytes {
             device_fault(format!(
                 "{} ({e})",
                 oom_message(&self.name, bytes, free as u64, total as u64, false)
             ))
-        });
-        self.note_peak();
-        buf
+        }
+        self.lost(during, e)
     }
 
     fn note_peak(&self) {
@@ -811,11 +824,7 @@ impl Backend for CudaBackend {
     }
 
     fn weight_bytes(&self, t: &TensorView) -> u64 {
-        let per = if self.weights == WeightDtype::Bf16 && t.shape.len() >= 2 {
-            2
-        } else {
-            4
-        };
+        let per = if self.bf16_weight(t) { 2 } else { 4 };
         (t.numel() * per) as u64
     }
 
@@ -831,26 +840,18 @@ impl Backend for CudaBackend {
         if n == 0 {
             return self.weight(t);
         }
-        let bf16 = self.weights == WeightDtype::Bf16 && t.shape.len() >= 2;
-        self.check_cap(self.weight_bytes(t));
+        let bytes = self.weight_bytes(t);
+        self.check_cap(bytes);
         let (s, compute) = (self.streamer(), &self.stream);
-        let buf = if bf16 {
+        let buf = if self.bf16_weight(t) {
             s.upload(&self.ctx, compute, t, n, stream::fill_bf16)
                 .map(|b| CudaBuf::Bf16(b, n))
         } else {
-            s.upload(&self.ctx, compute, t, n, stream::fill_f32)
+            s.upload(&self.ctx, compute, t, n, TensorView::read_f32_into)
                 .map(|b| CudaBuf::F32(b, n))
         };
         let buf = buf.unwrap_or_else(|e| {
-            let (free, total) = self.ctx.mem_get_info().unwrap_or((0, 0));
-            let bytes = self.weight_bytes(t);
-            if (free as u64) < bytes {
-                device_fault(format!(
-                    "{} ({e})",
-                    oom_message(&self.name, bytes, free as u64, total as u64, false)
-                ))
-            }
-            self.lost(&format!("streaming {} to the device", t.name), e)
+            self.alloc_failed(bytes, &format!("streaming {} to the device", t.name), e)
         });
         self.note_peak();
         Ok(buf)

@@ -53,11 +53,6 @@ pub(super) fn fill_bf16(t: &TensorView, first: usize, out: &mut [u16]) {
     }
 }
 
-/// Fill `out` with elements `first..` of `t` as f32.
-pub(super) fn fill_f32(t: &TensorView, first: usize, out: &mut [f32]) {
-    t.read_f32_into(first, out)
-}
-
 /// Fill all of `out` from `t` with `fill`, in parallel chunks.
 pub(super) fn par_fill<T: Send>(
     t: &TensorView,
@@ -272,7 +267,7 @@ mod tests {
         assert_eq!(got, want, "bf16 -> bf16");
 
         let mut got = vec![0f32; n];
-        par_fill(&f32_src, &mut got, fill_f32);
+        par_fill(&f32_src, &mut got, TensorView::read_f32_into);
         assert_eq!(got, vals, "f32 -> f32");
     }
 }
