@@ -281,6 +281,35 @@ mod nvrtc_lib {
             Ok((major, minor))
         }
 
+        /// One of a program's outputs (its log, its PTX) through the NVRTC
+        /// call `what` (`size` = `{what}Size` gives the length with the
+        /// closing NUL, `read` fills a buffer that long): the bytes before
+        /// the NUL, or the failing call's message.
+        ///
+        /// # Safety
+        /// `prog` is a live program; `size` and `read` are a matching pair.
+        unsafe fn read_out(
+            &self,
+            prog: Prog,
+            what: &str,
+            size: SizeFn,
+            read: ReadFn,
+        ) -> Result<Vec<u8>, String> {
+            let mut n = 0usize;
+            let r = size(prog, &mut n);
+            if r != 0 {
+                return Err(self.err(&format!("{what}Size"), r));
+            }
+            let mut buf = vec![0u8; n.max(1)];
+            let r = read(prog, buf.as_mut_ptr() as *mut c_char);
+            if r != 0 {
+                return Err(self.err(what, r));
+            }
+            let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+            buf.truncate(end);
+            Ok(buf)
+        }
+
         /// The PTX of `src` (named `name` in messages) compiled with `opts`;
         /// on failure, NVRTC's message and log.
         pub fn compile_ptx(
@@ -314,37 +343,18 @@ mod nvrtc_lib {
             if r != 0 {
                 return Err(self.err("nvrtcCreateProgram", r));
             }
-            // SAFETY: `prog` was created above and is destroyed below, once;
-            // every buffer is sized by the matching *Size call.
+            // SAFETY: `prog` was created above and is destroyed below, once.
             let out = unsafe {
                 let r = (self.compile)(prog, ptrs.len() as c_int, ptrs.as_ptr());
                 if r != 0 {
-                    let mut n = 0usize;
-                    let mut log = String::new();
-                    if (self.log_size)(prog, &mut n) == 0 && n > 1 {
-                        let mut buf = vec![0u8; n];
-                        if (self.log)(prog, buf.as_mut_ptr() as *mut c_char) == 0 {
-                            buf.truncate(n - 1);
-                            log = String::from_utf8_lossy(&buf).into_owned();
-                        }
-                    }
+                    let log = self
+                        .read_out(prog, "nvrtcGetProgramLog", self.log_size, self.log)
+                        .map(|b| String::from_utf8_lossy(&b).into_owned())
+                        .unwrap_or_default();
                     Err(format!("{}\n{log}", self.err("nvrtcCompileProgram", r)))
                 } else {
-                    let mut n = 0usize;
-                    let r = (self.ptx_size)(prog, &mut n);
-                    if r != 0 {
-                        Err(self.err("nvrtcGetPTXSize", r))
-                    } else {
-                        let mut buf = vec![0u8; n.max(1)];
-                        let r = (self.ptx)(prog, buf.as_mut_ptr() as *mut c_char);
-                        if r != 0 {
-                            Err(self.err("nvrtcGetPTX", r))
-                        } else {
-                            let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
-                            buf.truncate(end);
-                            String::from_utf8(buf).map_err(|_| "PTX is not UTF-8".to_string())
-                        }
-                    }
+                    self.read_out(prog, "nvrtcGetPTX", self.ptx_size, self.ptx)
+                        .and_then(|b| String::from_utf8(b).map_err(|_| "PTX is not UTF-8".into()))
                 }
             };
             // SAFETY: destroys the program created above.
@@ -352,6 +362,13 @@ mod nvrtc_lib {
             out
         }
     }
+}
+
+/// NVRTC's options for virtual architecture `arch` (`compute_90`, …).
+fn options(arch: &str) -> Vec<String> {
+    let mut opts: Vec<String> = NVRTC_OPTS.iter().map(|s| s.to_string()).collect();
+    opts.push(format!("--gpu-architecture={arch}"));
+    opts
 }
 
 /// The PTX of every kernel file for compute capability `cc` (e.g. (9, 0)),
@@ -367,8 +384,7 @@ pub fn load_all(cc: (i32, i32)) -> Result<Vec<(&'static str, Ptx)>> {
     let mut out = Vec::with_capacity(SOURCES.len());
     for (file, src) in SOURCES {
         let unit = unit_source(file, src);
-        let mut opts: Vec<String> = NVRTC_OPTS.iter().map(|s| s.to_string()).collect();
-        opts.push(format!("--gpu-architecture={arch}"));
+        let opts = options(&arch);
         let stem = file.trim_end_matches(".cu");
         let ver = version.map(|(a, b)| format!("{a}.{b}")).unwrap_or_default();
         let key = fnv1a(&[unit.as_bytes(), opts.join(" ").as_bytes(), ver.as_bytes()]);
@@ -431,6 +447,45 @@ mod tests {
         for (f, s) in SOURCES {
             assert!(!unit_source(f, s).contains(INCLUDE_LINE));
         }
+    }
+
+    /// The run-time compiler path — beft's own NVRTC loader and
+    /// `compile_ptx` — on every kernel file: it needs NVRTC, not a GPU (CI
+    /// points `BEFT_NVRTC` at the pip wheel's library). Each kernel the
+    /// backend loads must be an entry of its file's PTX; a broken source
+    /// comes back as an error with NVRTC's log.
+    #[test]
+    fn nvrtc_compiles_every_kernel() {
+        let Some(lib) = nvrtc_lib::get() else {
+            println!("skipped: no NVRTC library found (set BEFT_NVRTC to a libnvrtc.so)");
+            return;
+        };
+        let (major, _) = lib.version().unwrap();
+        assert!(major >= 11, "NVRTC {major}");
+        let opts = options("compute_80");
+        for (file, src) in SOURCES {
+            let ptx = lib
+                .compile_ptx(&unit_source(file, src), file, &opts)
+                .unwrap_or_else(|e| panic!("{file}: {e}"));
+            let names = super::super::KERNELS
+                .iter()
+                .find(|(f, _)| f == file)
+                .map(|(_, n)| *n)
+                .unwrap_or_else(|| panic!("{file} is not in cuda::KERNELS"));
+            for name in names {
+                assert!(
+                    ptx.contains(&format!(".entry {name}(")),
+                    "{file}: no entry {name} in its PTX"
+                );
+            }
+        }
+        let err = lib
+            .compile_ptx("__global__ void f() { undeclared(); }", "broken.cu", &opts)
+            .unwrap_err();
+        assert!(
+            err.contains("nvrtcCompileProgram") && err.contains("undeclared"),
+            "{err}"
+        );
     }
 
     #[test]
