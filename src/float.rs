@@ -151,3 +151,15 @@ macro_rules! impl_float {
 
 impl_float!(f32, libm::erff, matrixmultiply::sgemm);
 impl_float!(f64, libm::erf, matrixmultiply::dgemm);
+
+/// The index of the first largest value (0 for an empty slice): the
+/// predicted class of a row of logits, the best-scoring candidate.
+pub fn argmax<T: PartialOrd>(v: &[T]) -> usize {
+    let mut best = 0;
+    for j in 1..v.len() {
+        if v[j] > v[best] {
+            best = j;
+        }
+    }
+    best
+}

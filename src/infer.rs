@@ -19,11 +19,11 @@ use std::path::Path;
 
 use crate::backend::fast::{FastBuf, FastCpu};
 use crate::backend::{Backend, PoolKind};
-use crate::data::{eval_batches_by_length, make_batch, TextTokenizer};
+use crate::data::TextTokenizer;
 use crate::error::{Error, Result};
 use crate::model::config::ModelDir;
 use crate::model::{BiasTerm, Encoder, EncoderOptions};
-use crate::train::parse_pooling;
+use crate::train::{logits_by_length, parse_pooling};
 use crate::weights::WeightStore;
 
 /// A sequence classifier: a frozen base model (memory-mapped) plus the
@@ -125,20 +125,7 @@ impl Classifier {
             .iter()
             .map(|(t, p)| self.tok.encode(t, *p))
             .collect::<Result<Vec<_>>>()?;
-        // Length-sorted batches pad little; each row goes back to its text.
-        let lengths: Vec<usize> = encs.iter().map(|e| e.len()).collect();
-        let mut out = vec![Vec::new(); inputs.len()];
-        for idx in eval_batches_by_length(&lengths, 32) {
-            let refs: Vec<_> = idx.iter().map(|&i| &encs[i]).collect();
-            let batch = make_batch(&refs, &vec![0.0; refs.len()], self.pad_id);
-            let db = self.enc.upload_batch(&self.be, &batch)?;
-            let logits = self.enc.logits(&self.be, &self.params, &db);
-            let c = self.num_labels();
-            for (&i, row) in idx.iter().zip(logits.chunks(c)) {
-                out[i] = row.to_vec();
-            }
-        }
-        Ok(out)
+        logits_by_length(&self.be, &self.enc, &self.params, &encs, self.pad_id, 32)
     }
 
     /// The most probable label of each text and its softmax probability
@@ -173,12 +160,9 @@ pub fn probabilities(row: &[f32]) -> Vec<f32> {
 /// The most probable label of one row of logits and its probability (for a
 /// regression head: label 0 and the value).
 pub fn best_label(row: &[f32]) -> (usize, f32) {
-    let p = probabilities(row);
-    let mut best = 0;
-    for j in 1..p.len() {
-        if p[j] > p[best] {
-            best = j;
-        }
-    }
-    (best, p.get(best).copied().unwrap_or(f32::NAN))
+    let best = crate::float::argmax(row);
+    (
+        best,
+        probabilities(row).get(best).copied().unwrap_or(f32::NAN),
+    )
 }

@@ -1925,16 +1925,7 @@ impl<B: Backend> Decoder<B> {
         let top = self.top_forward(be, params, h, &ids, rows.len());
         let lg = be.download(&self.head_fwd(be, &top.hs, rows.len()));
         (0..rows.len())
-            .map(|r| {
-                let row = &lg[r * vs..(r + 1) * vs];
-                let mut best = 0;
-                for j in 1..vs {
-                    if row[j] > row[best] {
-                        best = j;
-                    }
-                }
-                best as u32
-            })
+            .map(|r| crate::float::argmax(&lg[r * vs..(r + 1) * vs]) as u32)
             .collect()
     }
 }

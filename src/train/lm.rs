@@ -334,13 +334,7 @@ fn evaluate<B: Backend>(
                 let (cb, _, spans) = mc_batch(be, dec, &refs, pad)?;
                 let (_, scores) = dec.candidate_scores(be, params, &cb);
                 for (e, (start, n)) in spans.iter().enumerate() {
-                    let s = &scores[*start..start + n];
-                    let mut best = 0;
-                    for j in 1..*n {
-                        if s[j] > s[best] {
-                            best = j;
-                        }
-                    }
+                    let best = crate::float::argmax(&scores[*start..start + n]);
                     correct += (best == refs[e].gold) as usize;
                 }
             }

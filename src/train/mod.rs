@@ -91,6 +91,33 @@ impl<B: Backend> Slab<B> {
     }
 }
 
+/// The head outputs of an encoder for `encs`, one row of
+/// `num_labels` values per encoding, in their order. Batches of up to
+/// `batch` encodings sorted by length pad little; each row goes back to its
+/// index.
+pub fn logits_by_length<B: Backend>(
+    be: &B,
+    enc: &Encoder<B>,
+    params: &B::Buf,
+    encs: &[Encoding],
+    pad_id: u32,
+    batch: usize,
+) -> Result<Vec<Vec<B::T>>> {
+    let mut out = vec![Vec::new(); encs.len()];
+    let c = enc.opts.num_labels;
+    let lengths: Vec<usize> = encs.iter().map(Encoding::len).collect();
+    for idx in data::eval_batches_by_length(&lengths, batch) {
+        let refs: Vec<&Encoding> = idx.iter().map(|&i| &encs[i]).collect();
+        let hb = data::make_batch(&refs, &vec![0.0; refs.len()], pad_id);
+        let db = enc.upload_batch(be, &hb)?;
+        let logits = enc.logits(be, params, &db);
+        for (&i, row) in idx.iter().zip(logits.chunks(c)) {
+            out[i] = row.to_vec();
+        }
+    }
+    Ok(out)
+}
+
 /// Predictions of an encoder over a dataset: class index (as f32) or the
 /// regression value per example.
 pub fn predict<B: Backend>(
@@ -98,36 +125,19 @@ pub fn predict<B: Backend>(
     enc: &Encoder<B>,
     params: &B::Buf,
     encs: &[Encoding],
-    examples: &[Example],
     pad_id: u32,
     batch: usize,
 ) -> Result<Vec<f32>> {
-    let mut preds = vec![0.0; encs.len()];
-    let c = enc.opts.num_labels;
-    // Length-sorted batches pad little; each prediction goes back to its index.
-    let lengths: Vec<usize> = encs.iter().map(Encoding::len).collect();
-    for idx in data::eval_batches_by_length(&lengths, batch) {
-        let refs: Vec<&Encoding> = idx.iter().map(|&i| &encs[i]).collect();
-        let labels: Vec<f32> = idx.iter().map(|&i| examples[i].label).collect();
-        let hb = data::make_batch(&refs, &labels, pad_id);
-        let db = enc.upload_batch(be, &hb)?;
-        let logits = enc.logits(be, params, &db);
-        for (r, &i) in idx.iter().enumerate() {
-            let row = &logits[r * c..(r + 1) * c];
-            preds[i] = if c == 1 {
+    Ok(logits_by_length(be, enc, params, encs, pad_id, batch)?
+        .iter()
+        .map(|row| {
+            if row.len() == 1 {
                 row[0].to_f32()
             } else {
-                let mut best = 0;
-                for j in 1..c {
-                    if row[j] > row[best] {
-                        best = j;
-                    }
-                }
-                best as f32
-            };
-        }
-    }
-    Ok(preds)
+                crate::float::argmax(row) as f32
+            }
+        })
+        .collect())
 }
 
 /// Evaluate on a dataset and compute the task's metrics.
@@ -141,7 +151,7 @@ pub fn evaluate<B: Backend>(
     pad_id: u32,
     batch: usize,
 ) -> Result<Metrics> {
-    let preds = predict(be, enc, params, encs, examples, pad_id, batch)?;
+    let preds = predict(be, enc, params, encs, pad_id, batch)?;
     let labels: Vec<f32> = examples.iter().map(|e| e.label).collect();
     Ok(data::evaluate(task, &preds, &labels))
 }
