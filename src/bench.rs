@@ -293,15 +293,14 @@ pub fn run(args: &BenchArgs) -> Result<Report> {
 fn cpu_gemm(quick: bool, bf16: bool) -> (Option<GemmCeiling>, Vec<GemmCeiling>, String) {
     let iters = if quick { 200_000 } else { 20_000_000 };
     let tries = if quick { 2 } else { 5 };
-    let ceiling = |source: &str, p: peak::FmaPeak| {
-        GemmCeiling {
+    let ceiling = |source: &str, p: peak::FmaPeak| GemmCeiling {
         source: source.into(),
         tflops: p.gflops_all / 1e3,
         detail: format!(
-            "measured {} peak: {:.1} GFLOP/s per core, {:.1} GFLOP/s on {} threads (not a GEMM: an upper bound no GEMM reaches)",
+            "measured {} peak: {:.1} GFLOP/s per core, {:.1} GFLOP/s on {} threads \
+             (not a GEMM: an upper bound no GEMM reaches)",
             p.isa, p.gflops_per_core, p.gflops_all, p.threads
         ),
-    }
     };
     let f32_peak = peak::measure(iters, tries).map(|p| ceiling("cpu_fma_f32", p));
     let bf16_peak = peak::measure_bf16(iters, tries).map(|p| ceiling("cpu_dot_bf16", p));

@@ -539,7 +539,7 @@ fn run_predict(p: PredictCli) -> beft::Result<()> {
         if p.input.is_some() {
             return Err(beft::Error::msg("give either --text or --input, not both"));
         }
-        p.text.clone()
+        p.text
     } else if let Some(path) = &p.input {
         let raw = std::fs::read(path).map_err(|e| beft::Error::io(path, e))?;
         let text = String::from_utf8(raw)

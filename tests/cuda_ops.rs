@@ -29,7 +29,7 @@ use beft::model::config::ModelDir;
 use beft::model::{BiasTerm, Encoder, EncoderOptions};
 use beft::rng::Rng;
 use beft::weights::{write_safetensors, TensorView, WeightStore};
-use common::{write_tiny_model, write_tiny_sst2, TinyArch, TINY_VOCAB};
+use common::{bf16_round, write_tiny_model, write_tiny_sst2, TinyArch, TINY_VOCAB};
 use tempfile::TempDir;
 
 type Cpu = CpuBackend<f32>;
@@ -81,12 +81,6 @@ fn rand_vec(rng: &mut Rng, n: usize, scale: f64) -> Vec<f32> {
 
 fn nan(g: &CudaBackend, n: usize) -> CudaBuf {
     g.upload(&vec![f32::NAN; n])
-}
-
-fn bf16_round(v: &[f32]) -> Vec<f32> {
-    v.iter()
-        .map(|x| half::bf16::from_f32(*x).to_f32())
-        .collect()
 }
 
 /// Assert `got` matches `want` element-wise; returns the max absolute error.

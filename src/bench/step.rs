@@ -235,9 +235,9 @@ pub fn run_step<B: Backend>(
         ));
     };
     let median = crate::train::run::median(&mut times.clone());
+    let peak = be.memory().map(|m| m.peak).max(train_peak);
     // Only where uploads go to device memory (the CPU backends read weights
     // in place).
-    let peak = be.memory().map(|m| m.peak).max(train_peak);
     let rate = match streamed {
         Some(_) if be.memory().is_some() => Some(upload_rate(be)?),
         _ => None,
@@ -291,10 +291,6 @@ pub fn next_token_rows(b: usize, t: usize, ids: &[u32]) -> (Vec<u32>, Vec<u32>) 
     (rows, targets)
 }
 
-/// `spec.warmup + spec.steps` training steps (zeroed gradients, `loss`
-/// accumulating the bias gradient, clipping at 1.0, AdamW), each waited
-/// for: the seconds of those after the warm-up, and every step's loss.
-/// `loss(params, grads, step)`.
 /// Bytes per second of the backend's streamed-upload path
 /// ([`Backend::weight_streamed`]: host tensor to a device buffer, waited for),
 /// on a 128 MiB bf16 matrix held in memory (a streamed layer's tensors come
@@ -321,6 +317,10 @@ pub fn upload_rate<B: Backend>(be: &B) -> Result<f64> {
     Ok(bytes / crate::train::run::median(&mut times))
 }
 
+/// `spec.warmup + spec.steps` training steps (zeroed gradients, `loss`
+/// accumulating the bias gradient, clipping at 1.0, AdamW), each waited
+/// for: the seconds of those after the warm-up, and every step's loss.
+/// `loss(params, grads, step)`.
 fn timed_steps<B: Backend>(
     be: &B,
     slab: &mut Slab<B>,

@@ -11,6 +11,14 @@ use beft::rng::Rng;
 use beft::weights::write_safetensors;
 use serde_json::json;
 
+/// `v` rounded to bf16 (nearest even) and back: values bf16 holds exactly,
+/// as a bf16 device or product sees them.
+pub fn bf16_round(v: &[f32]) -> Vec<f32> {
+    v.iter()
+        .map(|x| half::bf16::from_f32(*x).to_f32())
+        .collect()
+}
+
 /// A tiny BERT-style WordPiece tokenizer.json, written by hand.
 pub fn tiny_tokenizer_json(padding: bool) -> String {
     let vocab = [
