@@ -411,9 +411,11 @@ impl CudaBackend {
                 )
                 .map_err(dev_err)?;
         }
-        // The tiled GEMM's three-stage pipeline takes 72 KiB of shared memory.
+        // The tiled GEMM's three-stage pipeline takes 72 KiB of shared
+        // memory: allowed whenever the GPU has it, whichever kernel the
+        // environment picks (`set_gemm` may switch to the tiled one later).
         let gemm = Gemm::from_env()?.fitting(smem_optin);
-        if gemm != Gemm::Simple {
+        if Gemm::Tiled.fitting(smem_optin) != Gemm::Simple {
             for name in KERNELS
                 .iter()
                 .find(|(f, _)| *f == "gemm.cu")
