@@ -320,7 +320,7 @@ fn bias_elementwise_and_reductions() {
     };
     let cpu = Cpu::new();
     let mut rng = Rng::new(2);
-    for &(rows, cols) in &[(1, 1), (7, 33), (130, 384), (1000, 3)] {
+    for &(rows, cols) in &[(1, 1), (7, 33), (130, 384), (1000, 3), (2049, 770)] {
         let off = 5;
         let bias = rand_vec(&mut rng, cols + off + 2, 1.0);
         let y0 = rand_vec(&mut rng, rows * cols, 1.0);

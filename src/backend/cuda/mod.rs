@@ -244,7 +244,15 @@ pub const KERNELS: &[(&str, &[&str])] = &[
             "attention_bwd_dkv_f32",
         ],
     ),
-    ("bias.cu", &["bias_add_f32", "bias_grad_f32"]),
+    (
+        "bias.cu",
+        &[
+            "bias_add_f32",
+            "bias_grad_f32",
+            "bias_grad_part_f32",
+            "bias_grad_sum_f32",
+        ],
+    ),
     (
         "elementwise.cu",
         &[
@@ -302,6 +310,10 @@ pub const KERNELS: &[(&str, &[&str])] = &[
 ];
 
 const THREADS: u32 = 256;
+
+/// Rows per chunk of the two-pass bias gradient (`bias_grad_part_f32`);
+/// fewer rows take the one-pass kernel.
+const BIAS_GRAD_ROWS: usize = 256;
 
 /// A 1-D launch over `n` elements (grid-stride kernels), `None` when empty.
 fn cfg_1d(n: usize) -> Option<LaunchConfig> {
@@ -1031,14 +1043,32 @@ impl Backend for CudaBackend {
             i32_of("rows", rows),
             i32_of("cols", cols),
         );
-        let cfg = LaunchConfig {
+        // Up to BIAS_GRAD_ROWS rows: one block per 32 columns. More: chunks
+        // of rows in parallel, their sums added in a second pass (a few
+        // dozen column blocks alone would leave most of the GPU idle).
+        let chunk = rows.div_ceil(65_535).max(BIAS_GRAD_ROWS);
+        let chunks = rows.div_ceil(chunk);
+        let mut cfg = LaunchConfig {
             grid_dim: (cols.div_ceil(32) as u32, 1, 1),
             block_dim: (32, 8, 1),
             shared_mem_bytes: 0,
         };
         let db = db.f32_mut();
-        self.launch("bias_grad_f32", cfg, |b| {
-            b.arg(db).arg(&off).arg(&*dy).arg(&r).arg(&c);
+        if chunks <= 1 {
+            self.launch("bias_grad_f32", cfg, |b| {
+                b.arg(db).arg(&off).arg(&*dy).arg(&r).arg(&c);
+            });
+            return;
+        }
+        cfg.grid_dim.1 = chunks as u32;
+        let mut part = self.alloc_zeroed::<f64>(chunks * cols);
+        let (ch, nch) = (i32_of("chunk", chunk), i32_of("chunks", chunks));
+        self.launch("bias_grad_part_f32", cfg, |b| {
+            b.arg(&mut part).arg(&*dy).arg(&r).arg(&c).arg(&ch);
+        });
+        let cfg = cfg_1d(cols).expect("cols > 0");
+        self.launch("bias_grad_sum_f32", cfg, |b| {
+            b.arg(db).arg(&off).arg(&part).arg(&nch).arg(&c);
         });
     }
 
