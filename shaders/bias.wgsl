@@ -45,3 +45,57 @@ fn bias_grad(
         y[off + c] = y[off + c] + t;
     }
 }
+
+// For many rows, two passes so that the whole GPU takes part (64-column
+// workgroups alone are a dozen for a 768-wide bias). bias_grad_part: the
+// column sums of chunk k (rows k·chunk ..) of dy into part[k, :], part bound
+// as `y`, dy as `src`; workgroup g takes column group g % ncg of chunk
+// g / ncg, its lanes added in a fixed order as above.
+// params: rows, cols, chunk, ncg
+@compute @workgroup_size(64, 4)
+fn bias_grad_part(
+    @builtin(local_invocation_id) lid: vec3<u32>,
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+) {
+    let rows = pu(0u);
+    let cols = pu(1u);
+    let chunk = pu(2u);
+    let ncg = pu(3u);
+    let g = group_id(wid, nwg);
+    let k = g / ncg;
+    let r0 = k * chunk;
+    if (r0 >= rows) {
+        return; // a spare workgroup of the 2-D grid (uniform: the whole group)
+    }
+    let r1 = min(rows, r0 + chunk);
+    let c = (g % ncg) * 64u + lid.x;
+    var s = 0.0;
+    if (c < cols) {
+        for (var r = r0 + lid.y; r < r1; r += 4u) {
+            s += src[r * cols + c];
+        }
+    }
+    part[lid.y * 64u + lid.x] = s;
+    workgroupBarrier();
+    if (lid.y == 0u && c < cols) {
+        y[k * cols + c] = (part[lid.x] + part[64u + lid.x]) + (part[128u + lid.x] + part[192u + lid.x]);
+    }
+}
+
+// bias_grad_sum: db[off + c] += Σ_k part[k, c] in chunk order, db bound as
+// `y`, part as `src`.
+// params: chunks, cols, off
+@compute @workgroup_size(256)
+fn bias_grad_sum(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let chunks = pu(0u);
+    let cols = pu(1u);
+    let off = pu(2u);
+    for (var c = gid.x; c < cols; c += nwg.x * 256u) {
+        var s = 0.0;
+        for (var k = 0u; k < chunks; k++) {
+            s += src[k * cols + c];
+        }
+        y[off + c] = y[off + c] + s;
+    }
+}

@@ -219,7 +219,13 @@ fn bias_add_and_bias_grad() {
     let g = need_gpu!();
     let c = Cpu::new();
     let mut rng = Rng::new(3);
-    for &(rows, cols, off) in &[(1, 1, 0), (37, 5, 3), (300, 67, 11), (2, 130, 0)] {
+    for &(rows, cols, off) in &[
+        (1, 1, 0),
+        (37, 5, 3),
+        (300, 67, 11),
+        (2, 130, 0),
+        (2049, 770, 5),
+    ] {
         let y0 = rand_vec(&mut rng, rows * cols, 1.0);
         let bias = rand_vec(&mut rng, off + cols + 2, 1.0);
         let (mut cy, mut gy) = both(g, &y0);

@@ -133,6 +133,9 @@ pub struct WgpuBackend {
 
 const WG: usize = 256;
 const MAX_GROUPS: usize = 65535;
+/// Rows per chunk of the two-pass bias gradient (`bias_grad_part`); fewer
+/// rows take the one-pass shader.
+const BIAS_GRAD_ROWS: usize = 256;
 
 /// Workgroups for a grid-stride loop over `n` items with `per` threads per
 /// group.
@@ -496,12 +499,34 @@ impl Backend for WgpuBackend {
             db_off + cols <= db.len && rows * cols <= dy.len,
             "bias_grad: shapes"
         );
+        // Up to BIAS_GRAD_ROWS rows: one workgroup per 64 columns. More:
+        // chunks of rows in parallel, their sums added in a second pass.
+        let ncg = cols.div_ceil(64);
+        let chunks = rows.div_ceil(BIAS_GRAD_ROWS);
+        if chunks <= 1 || cols == 0 {
+            self.gpu.dispatch(
+                Shader::Bias,
+                "bias_grad",
+                &[u(rows), u(cols), u(db_off)],
+                &[db.rw(1, "bias_grad"), dy.ro(2, "bias_grad")],
+                grid(ncg),
+            );
+            return;
+        }
+        let part = self.new_buf(chunks * cols);
         self.gpu.dispatch(
             Shader::Bias,
-            "bias_grad",
-            &[u(rows), u(cols), u(db_off)],
-            &[db.rw(1, "bias_grad"), dy.ro(2, "bias_grad")],
-            grid(cols.div_ceil(64)),
+            "bias_grad_part",
+            &[u(rows), u(cols), u(BIAS_GRAD_ROWS), u(ncg)],
+            &[part.rw(1, "bias_grad"), dy.ro(2, "bias_grad")],
+            grid(chunks * ncg),
+        );
+        self.gpu.dispatch(
+            Shader::Bias,
+            "bias_grad_sum",
+            &[u(chunks), u(cols), u(db_off)],
+            &[db.rw(1, "bias_grad"), part.ro(2, "bias_grad")],
+            stride_groups(cols, WG),
         );
     }
 
