@@ -2,10 +2,13 @@
 //! every op on random inputs at several (ragged) shapes, with the outputs
 //! poisoned (NaN) first so that an element the fast op forgets to write
 //! shows up; the whole model's loss, logits and bias gradients on tiny
-//! random models (with dropout); and the Hugging Face parity fixtures of
-//! `tests/parity.rs` run on the fast backend.
+//! random models (with dropout) and on tiny random decoders of every
+//! family (next-token and candidate-scoring losses), with the fast
+//! backend's recycled outputs poisoned too; and the Hugging Face parity
+//! fixtures of `tests/parity.rs` run on the fast backend.
 
 mod common;
+mod decoder_common;
 
 use std::path::Path;
 
@@ -14,12 +17,12 @@ use beft::backend::fast::{gemm16, CpuGemm, FastBuf, FastCpu};
 use beft::backend::{Act, AdamW, AttnDims, Backend, CandidateIndex, Dropout, PoolKind};
 use beft::data::Batch;
 use beft::model::config::ModelDir;
-use beft::model::{BiasTerm, Encoder, EncoderOptions};
+use beft::model::{BiasTerm, Decoder, DecoderOptions, Encoder, EncoderOptions, Offload};
 use beft::rng::Rng;
 use beft::train::Slab;
 use beft::weights::{DType, TensorView};
 use common::bf16_round;
-use common::fixtures::{fixture, max_abs, read_expected, rel_err, Expected};
+use common::fixtures::{fixture, max_abs, read_expected, rel_err, rel_err_f32, Expected};
 
 type Ref = CpuBackend<f32>;
 
@@ -614,7 +617,9 @@ fn whole_model_case(
         terms: BiasTerm::parse_set(bias).unwrap(),
         seed: 3,
     };
-    let (r, f) = (Ref::new(), FastCpu::new());
+    // Poisoned: every output buffer starts as NaN, so an element that an
+    // op leaves unwritten fails the comparison.
+    let (r, f) = (Ref::new(), FastCpu::new().poisoned());
     let er = Encoder::load(&r, &md, opts.clone()).unwrap();
     let ef = Encoder::load(&f, &md, opts).unwrap();
     let mut rng = Rng::new(11);
@@ -647,12 +652,7 @@ fn whole_model_case(
         } else {
             b.iter().fold(0f32, |x, y| x.max(y.abs())).max(1e-6 * all)
         };
-        let e = a
-            .iter()
-            .zip(b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0f32, f32::max)
-            / scale;
+        let e = rel_err_f32(a, b, scale);
         assert!(
             e <= 1e-4,
             "{name}: gradient of {} differs (rel err {e:.2e})",
@@ -681,6 +681,101 @@ fn whole_model_matches_reference_on_tiny_random_models() {
     }
 }
 
+/// One decoder step on a backend: the next-token loss and bias gradients
+/// on a right-padded batch, then the candidate-scoring loss and gradients
+/// on a left-padded one (two examples, 2 and 3 candidates).
+fn decoder_step<B: Backend<T = f32>>(
+    be: &B,
+    md: &ModelDir,
+) -> (f64, Vec<f32>, f64, Vec<f64>, Vec<f32>) {
+    use decoder_common::{next_token_rows, tiny_batch};
+    let dec = Decoder::load(
+        be,
+        md,
+        DecoderOptions {
+            terms: BiasTerm::parse_set("all").unwrap(),
+            offload: Offload::Resident,
+            recompute: false,
+        },
+    )
+    .unwrap();
+    let (b, t, ids, mask) = tiny_batch(&[9, 5, 7], false, 3);
+    let (rows, targets) = next_token_rows(b, t, &ids, &mask);
+    let x = dec.upload(be, b, t, &ids, &mask).unwrap();
+    let rt = dec.row_targets(be, &x, &rows, &targets).unwrap();
+    let mut slab = Slab::new(be, &dec.init);
+    let lm = dec.lm_loss_and_grad(be, &slab.params, &mut slab.grads, &x, &rt);
+    let lm_grads = be.download(&slab.grads);
+
+    let lens = [6, 5, 4, 6, 3];
+    let ans = [2usize, 1, 2, 1, 2];
+    let (b, t, ids, mask) = tiny_batch(&lens, true, 9);
+    let (mut rows, mut targets, mut tok_cand) = (Vec::new(), Vec::new(), Vec::new());
+    for c in 0..b {
+        for k in 0..ans[c] {
+            let pos = t - ans[c] + k;
+            rows.push((c * t + pos - 1) as u32);
+            targets.push(ids[c * t + pos]);
+            tok_cand.push(c as u32);
+        }
+    }
+    let x = dec.upload(be, b, t, &ids, &mask).unwrap();
+    let cb = dec
+        .cand_batch(be, x, &rows, &targets, &tok_cand, &[0, 0, 1, 1, 1], &[1, 2])
+        .unwrap();
+    let mut slab = Slab::new(be, &dec.init);
+    let (cand, scores) = dec.candidate_loss_and_grad(be, &slab.params, &mut slab.grads, &cb);
+    (lm, lm_grads, cand, scores, be.download(&slab.grads))
+}
+
+/// Every decoder family on the fast backend, outputs poisoned, against the
+/// reference: losses, candidate scores and every bias gradient.
+#[test]
+fn decoder_steps_match_reference_on_tiny_random_models() {
+    use decoder_common::{write_tiny_decoder, Tiny};
+    for arch in [
+        Tiny::Gpt2,
+        Tiny::Opt,
+        Tiny::OptPost,
+        Tiny::Llama,
+        Tiny::Qwen2,
+    ] {
+        let tmp = tempfile::TempDir::new().unwrap();
+        write_tiny_decoder(tmp.path(), arch, 7);
+        let md = ModelDir::open(tmp.path()).unwrap();
+        let want = decoder_step(&Ref::new(), &md);
+        let got = decoder_step(&FastCpu::new().poisoned(), &md);
+        for (what, a, b) in [
+            ("lm loss", got.0, want.0),
+            ("candidate loss", got.2, want.2),
+        ] {
+            assert!(
+                (a - b).abs() <= 1e-5 * b.abs().max(1e-3),
+                "{arch:?}: {what} {a} vs {b}"
+            );
+        }
+        for (a, b) in got.3.iter().zip(&want.3) {
+            assert!(
+                (a - b).abs() <= 1e-5 * b.abs().max(1.0),
+                "{arch:?}: scores {:?} vs {:?}",
+                got.3,
+                want.3
+            );
+        }
+        for (what, a, b) in [("lm", &got.1, &want.1), ("candidate", &got.4, &want.4)] {
+            assert!(
+                b.iter().any(|g| *g != 0.0),
+                "{arch:?}: {what} gradients all zero"
+            );
+            let e = rel_err_f32(a, b, b.iter().fold(0f32, |x, y| x.max(y.abs())));
+            assert!(
+                e <= 1e-4,
+                "{arch:?}: {what} bias gradients differ (rel err {e:.2e})"
+            );
+        }
+    }
+}
+
 /// `BEFT_CPU_GEMM=bf16` on a whole bias-only step: the loss and every bias
 /// gradient stay within bf16-autocast distance of the f32 reference, and
 /// the products really were bf16 (the result is not the f32 one).
@@ -701,7 +796,7 @@ fn bf16_products_track_the_reference_on_a_tiny_model() {
     };
     let r = Ref::new();
     let f32s = FastCpu::new();
-    let b16 = FastCpu::with_gemm(CpuGemm::Bf16).unwrap();
+    let b16 = FastCpu::with_gemm(CpuGemm::Bf16).unwrap().poisoned();
     let er = Encoder::load(&r, &md, opts.clone()).unwrap();
     let e32 = Encoder::load(&f32s, &md, opts.clone()).unwrap();
     let e16 = Encoder::load(&b16, &md, opts).unwrap();
@@ -730,12 +825,7 @@ fn bf16_products_track_the_reference_on_a_tiny_model() {
             &g16[slot.offset..slot.offset + slot.len()],
             &gr[slot.offset..slot.offset + slot.len()],
         );
-        let e = a
-            .iter()
-            .zip(b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0f32, f32::max)
-            / all;
+        let e = rel_err_f32(a, b, all);
         worst = worst.max(e);
         assert!(
             e <= 2e-2,

@@ -79,7 +79,7 @@ const MODES: [(Offload, bool); 4] = [
 
 #[test]
 fn streamed_and_recomputed_steps_match_resident_bit_for_bit() {
-    let be = FastCpu::new();
+    let be = FastCpu::new().poisoned();
     for arch in ARCHS {
         let tmp = tempfile::tempdir().unwrap();
         write_tiny_decoder(tmp.path(), arch, 7);
@@ -115,7 +115,7 @@ fn streamed_and_recomputed_steps_match_resident_bit_for_bit() {
 
 #[test]
 fn streamed_generation_matches_resident() {
-    let be = FastCpu::new();
+    let be = FastCpu::new().poisoned();
     for arch in [Tiny::Opt, Tiny::Llama] {
         let tmp = tempfile::tempdir().unwrap();
         write_tiny_decoder(tmp.path(), arch, 11);
@@ -149,7 +149,7 @@ struct Peaks {
 }
 
 fn measure(md: &ModelDir, offload: Offload, recompute: bool, cap: Option<u64>) -> Peaks {
-    let be = SimDevice::new(FastCpu::new(), cap);
+    let be = SimDevice::new(FastCpu::new().poisoned(), cap);
     let dec = load(&be, md, "v", offload, recompute);
     let load = be.memory().unwrap().peak;
     let lens = [30, 30, 30, 30];
@@ -178,7 +178,7 @@ fn streaming_holds_two_layers_and_recompute_keeps_only_layer_inputs() {
     let tmp = tempfile::tempdir().unwrap();
     write_decoder(tmp.path(), Tiny::Opt, 3, MID);
     let md = ModelDir::open(tmp.path()).unwrap();
-    let probe = SimDevice::new(FastCpu::new(), None);
+    let probe = SimDevice::new(FastCpu::new().poisoned(), None);
     let dec = load(&probe, &md, "v", Offload::Stream, false);
     let plan = dec.memory_plan(4, 30);
     let (other, layer, all_layers) = (plan.other_weights, plan.largest_layer, plan.all_layers);
@@ -304,7 +304,7 @@ fn streamed_bytes_count_each_layer_once_per_pass() {
     write_decoder(tmp.path(), Tiny::Opt, 3, MID);
     let md = ModelDir::open(tmp.path()).unwrap();
     for (offload, recompute) in MODES {
-        let be = SimDevice::new(FastCpu::new(), None);
+        let be = SimDevice::new(FastCpu::new().poisoned(), None);
         let dec = load(&be, &md, "v", offload, recompute);
         let all_layers = dec.memory_plan(4, 30).all_layers;
         let (b, t, ids, mask) = tiny_batch(&[30, 30, 30, 30], false, 5);

@@ -239,6 +239,13 @@ pub trait Backend {
     // ---- memory -----------------------------------------------------------
     /// A new buffer of `n` zeros.
     fn zeros(&self, n: usize) -> Self::Buf;
+    /// A new buffer of `n` elements for an op that writes every one of
+    /// them (its values before that are unspecified: a backend may hand
+    /// back a recycled buffer without clearing it). Zeros unless the
+    /// backend says otherwise.
+    fn output(&self, n: usize) -> Self::Buf {
+        self.zeros(n)
+    }
     /// Copy host data to a new device buffer.
     fn upload(&self, data: &[Self::T]) -> Self::Buf;
     /// Copy a device buffer back to the host.

@@ -127,6 +127,12 @@ impl<B: Backend> Backend for SimDevice<B> {
         self.wrap(self.inner.zeros(n), bytes)
     }
 
+    fn output(&self, n: usize) -> Self::Buf {
+        let bytes = n as u64 * self.elem();
+        self.admit(bytes);
+        self.wrap(self.inner.output(n), bytes)
+    }
+
     fn upload(&self, data: &[Self::T]) -> Self::Buf {
         let bytes = data.len() as u64 * self.elem();
         self.admit(bytes);

@@ -1075,7 +1075,7 @@ impl<B: Backend> Decoder<B> {
         rows: usize,
         params: &B::Buf,
     ) -> B::Buf {
-        let mut y = be.zeros(rows * lin.n_out);
+        let mut y = be.output(rows * lin.n_out);
         be.matmul(
             &mut y,
             x,
@@ -1117,7 +1117,7 @@ impl<B: Backend> Decoder<B> {
         params: &B::Buf,
     ) -> (B::Buf, B::Buf, B::Buf) {
         let d = self.cfg.hidden_size;
-        let (mut y, mut xh, mut rs) = (be.zeros(rows * d), be.zeros(rows * d), be.zeros(rows));
+        let (mut y, mut xh, mut rs) = (be.output(rows * d), be.output(rows * d), be.output(rows));
         if nm.rms {
             be.rmsnorm_fwd(
                 &mut y,
@@ -1166,7 +1166,7 @@ impl<B: Backend> Decoder<B> {
         if !need_dx {
             return None;
         }
-        let mut dx = be.zeros(rows * d);
+        let mut dx = be.output(rows * d);
         if nm.rms {
             be.rmsnorm_bwd(&mut dx, dy, xh, rs, &nm.g, rows, d);
         } else {
@@ -1203,8 +1203,8 @@ impl<B: Backend> Decoder<B> {
             be.rope(&mut q, &x.pos, n, c.num_heads, hd, c.rope_theta, false);
             be.rope(&mut k, &x.pos, n, c.num_kv_heads, hd, c.rope_theta, false);
         }
-        let mut ctx = be.zeros(n * c.num_heads * hd);
-        let mut lse = be.zeros(x.batch * c.num_heads * x.seq);
+        let mut ctx = be.output(n * c.num_heads * hd);
+        let mut lse = be.output(x.batch * c.num_heads * x.seq);
         match cache {
             None => {
                 let dims = self.dims(x.batch, x.seq);
@@ -1359,14 +1359,14 @@ impl<B: Backend> Decoder<B> {
                 Some(g) => {
                     let gt = self.lin_fwd(be, g, inp, n, params);
                     let up = self.lin_fwd(be, &layer.up, inp, n, params);
-                    let mut hm = be.zeros(n * ff);
+                    let mut hm = be.output(n * ff);
                     be.swiglu_fwd(&mut hm, &gt, &up, n * ff);
                     let m = self.lin_fwd(be, &layer.down, &hm, n, params);
                     (m, gt, Some(up))
                 }
                 None => {
                     let f = self.lin_fwd(be, &layer.up, inp, n, params);
-                    let mut g = be.zeros(n * ff);
+                    let mut g = be.output(n * ff);
                     be.act_fwd(c.hidden_act, &mut g, &f, n * ff);
                     let m = self.lin_fwd(be, &layer.down, &g, n, params);
                     (m, f, None)
@@ -1435,7 +1435,7 @@ impl<B: Backend> Decoder<B> {
         let d = c.hidden_size;
         let n = x.batch * x.seq;
         let dp = c.word_embed_proj_dim;
-        let mut e = be.zeros(n * dp);
+        let mut e = be.output(n * dp);
         be.embedding_fwd(&mut e, &self.embed, &x.ids, n, dp, false);
         let mut h = match &self.project_in {
             Some(pi) => self.lin_fwd(be, pi, &e, n, params),
@@ -1480,7 +1480,7 @@ impl<B: Backend> Decoder<B> {
     ) -> TopSaved<B> {
         let c = &self.cfg;
         let d = c.hidden_size;
-        let mut hs = be.zeros(r * d);
+        let mut hs = be.output(r * d);
         be.embedding_fwd(&mut hs, h, rows, r, d, false);
         let (hs, xhat, rstd) = match &self.final_norm {
             Some(nm) => {
@@ -1501,7 +1501,7 @@ impl<B: Backend> Decoder<B> {
         let c = &self.cfg;
         let (dp, vs) = (c.word_embed_proj_dim, c.vocab_size);
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        let mut logits = be.zeros(r * vs);
+        let mut logits = be.output(r * vs);
         be.matmul(&mut logits, hs, head, r, vs, dp, false, true, false);
         logits
     }
@@ -1511,7 +1511,7 @@ impl<B: Backend> Decoder<B> {
         let c = &self.cfg;
         let (dp, vs) = (c.word_embed_proj_dim, c.vocab_size);
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        let mut dhs = be.zeros(r * dp);
+        let mut dhs = be.output(r * dp);
         be.matmul(&mut dhs, dlogits, head, r, dp, vs, false, false, false);
         dhs
     }
@@ -1527,11 +1527,11 @@ impl<B: Backend> Decoder<B> {
             let (total, dhs) = self.head_chunk(be, &top.hs, &rt.targets, r, scale);
             return (total / r as f64, dhs);
         }
-        let mut dhs = be.zeros(r * dp);
+        let mut dhs = be.output(r * dp);
         let mut total = 0.0;
         for r0 in (0..r).step_by(HEAD_CHUNK) {
             let n = HEAD_CHUNK.min(r - r0);
-            let mut hc = be.zeros(n * dp);
+            let mut hc = be.output(n * dp);
             be.copy(&mut hc, 0, &top.hs, r0 * dp, n * dp);
             let targets = be.upload_ids(&rt.host_targets[r0..r0 + n]);
             let (sum_c, dc) = self.head_chunk(be, &hc, &targets, n, scale);
@@ -1553,7 +1553,7 @@ impl<B: Backend> Decoder<B> {
     ) -> (f64, B::Buf) {
         let vs = self.cfg.vocab_size;
         let logits = self.head_fwd(be, hs, n);
-        let (mut losses, mut dl) = (be.zeros(n), be.zeros(n * vs));
+        let (mut losses, mut dl) = (be.output(n), be.output(n * vs));
         be.cross_entropy(&mut losses, &mut dl, &logits, targets, n, vs, scale);
         drop(logits);
         (sum(be, &losses), self.head_bwd(be, &dl, n))
@@ -1581,7 +1581,7 @@ impl<B: Backend> Decoder<B> {
         let n = x.batch * x.seq;
         let nl = self.num_layers();
         if let Some(po) = &self.project_out {
-            let mut t = be.zeros(r * d);
+            let mut t = be.output(r * d);
             self.lin_bwd(be, po, &mut t, &dhs, r, false);
             dhs = t;
         }
@@ -1628,12 +1628,12 @@ impl<B: Backend> Decoder<B> {
                 if let Some(off) = layer.down.b.slab() {
                     be.bias_grad(grads, off, dm, n, d);
                 }
-                let mut dhm = be.zeros(n * ff);
+                let mut dhm = be.output(n * ff);
                 self.lin_bwd(be, &layer.down, &mut dhm, dm, n, false);
-                let mut dn = be.zeros(n * d);
+                let mut dn = be.output(n * d);
                 match &layer.gate {
                     Some(g) => {
-                        let (mut dg, mut du) = (be.zeros(n * ff), be.zeros(n * ff));
+                        let (mut dg, mut du) = (be.output(n * ff), be.output(n * ff));
                         let up = s.up.as_ref().expect("up");
                         be.swiglu_bwd(&mut dg, &mut du, &dhm, &s.f, up, n * ff);
                         if let Some(off) = g.b.slab() {
@@ -1646,7 +1646,7 @@ impl<B: Backend> Decoder<B> {
                         self.lin_bwd(be, &layer.up, &mut dn, &du, n, true);
                     }
                     None => {
-                        let mut df = be.zeros(n * ff);
+                        let mut df = be.output(n * ff);
                         be.act_bwd(c.hidden_act, &mut df, &s.f, &dhm, n * ff);
                         if let Some(off) = layer.up.b.slab() {
                             be.bias_grad(grads, off, &df, n, ff);
@@ -1668,10 +1668,10 @@ impl<B: Backend> Decoder<B> {
                 if !(want_dx || any_qkv) {
                     return None;
                 }
-                let mut dctx = be.zeros(n * qd);
+                let mut dctx = be.output(n * qd);
                 self.lin_bwd(be, &layer.o, &mut dctx, da, n, false);
                 let (mut dq, mut dk, mut dv) =
-                    (be.zeros(n * qd), be.zeros(n * kvd), be.zeros(n * kvd));
+                    (be.output(n * qd), be.output(n * kvd), be.output(n * kvd));
                 be.attention_bwd(
                     &mut dq, &mut dk, &mut dv, &dctx, &s.q, &s.k, &s.v, &s.ctx, &s.lse, &x.mask,
                     dims, None,
@@ -1692,7 +1692,7 @@ impl<B: Backend> Decoder<B> {
                 if !want_dx {
                     return None;
                 }
-                let mut dn = be.zeros(n * d);
+                let mut dn = be.output(n * d);
                 self.lin_bwd(be, &layer.q, &mut dn, &dq, n, false);
                 self.lin_bwd(be, &layer.k, &mut dn, &dk, n, true);
                 self.lin_bwd(be, &layer.v, &mut dn, &dv, n, true);
@@ -1817,11 +1817,11 @@ impl<B: Backend> Decoder<B> {
     fn cand_loss(&self, be: &B, logits: &B::Buf, cb: &CandBatch<B>) -> (f64, Vec<f64>, B::Buf) {
         let vs = self.cfg.vocab_size;
         let r = cb.rt.n;
-        let mut tok_loss = be.zeros(r);
-        let mut dl = be.zeros(r * vs);
+        let mut tok_loss = be.output(r);
+        let mut dl = be.output(r * vs);
         be.cross_entropy(&mut tok_loss, &mut dl, logits, &cb.rt.targets, r, vs, 1.0);
         let (mut ex_loss, mut scores, mut row_w) =
-            (be.zeros(cb.examples), be.zeros(cb.cands), be.zeros(r));
+            (be.output(cb.examples), be.output(cb.cands), be.output(r));
         let idx = CandidateIndex {
             tok_cand: &cb.tok_cand,
             cand_ex: &cb.cand_ex,

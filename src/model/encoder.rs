@@ -467,7 +467,7 @@ impl<B: Backend> Encoder<B> {
         n_in: usize,
         n_out: usize,
     ) -> B::Buf {
-        let mut y = be.zeros(rows * n_out);
+        let mut y = be.output(rows * n_out);
         be.matmul(&mut y, x, w, rows, n_out, n_in, false, true, false);
         be.bias_add(&mut y, b.0, b.1, rows, n_out);
         y
@@ -489,12 +489,12 @@ impl<B: Backend> Encoder<B> {
         let dims = self.dims(x);
 
         // Embeddings: word + position + token type, LayerNorm, dropout.
-        let mut e = be.zeros(n * d);
+        let mut e = be.output(n * d);
         be.embedding_fwd(&mut e, &self.word, &x.ids, n, d, false);
         be.embedding_fwd(&mut e, &self.pos, &x.pos_ids, n, d, true);
         be.embedding_fwd(&mut e, &self.tok_type, &x.type_ids, n, d, true);
-        let mut h = be.zeros(n * d);
-        let (mut xh, mut rs) = (be.zeros(n * d), be.zeros(n));
+        let mut h = be.output(n * d);
+        let (mut xh, mut rs) = (be.output(n * d), be.output(n));
         let (bb, bo) = self.bias_ref(&self.emb_ln_b, params);
         be.layernorm_fwd(
             &mut h,
@@ -518,8 +518,8 @@ impl<B: Backend> Encoder<B> {
             let q = self.linear(be, &h, &layer.wq, bias(BiasTerm::Q), n, d, d);
             let k = self.linear(be, &h, &layer.wk, bias(BiasTerm::K), n, d, d);
             let v = self.linear(be, &h, &layer.wv, bias(BiasTerm::V), n, d, d);
-            let mut ctx = be.zeros(n * d);
-            let mut lse = be.zeros(x.batch * dims.heads * x.seq);
+            let mut ctx = be.output(n * d);
+            let mut lse = be.output(x.batch * dims.heads * x.seq);
             let attn_drop = drop.filter(|dr| dr.attn > 0.0).map(|dr| Dropout {
                 p: dr.attn,
                 seed: dr.site(l, 1),
@@ -530,8 +530,8 @@ impl<B: Backend> Encoder<B> {
                 be.dropout(&mut a, n * d, dr.hidden, dr.site(l, 2));
             }
             be.add(&mut a, &h, n * d);
-            let mut h1 = be.zeros(n * d);
-            let (mut xhat1, mut rstd1) = (be.zeros(n * d), be.zeros(n));
+            let mut h1 = be.output(n * d);
+            let (mut xhat1, mut rstd1) = (be.output(n * d), be.output(n));
             let (b1, o1) = bias(BiasTerm::Ln1);
             be.layernorm_fwd(
                 &mut h1,
@@ -546,15 +546,15 @@ impl<B: Backend> Encoder<B> {
                 cfg.layer_norm_eps,
             );
             let f = self.linear(be, &h1, &layer.w1, bias(BiasTerm::MlpIn), n, d, ff);
-            let mut g = be.zeros(n * ff);
+            let mut g = be.output(n * ff);
             be.act_fwd(cfg.hidden_act, &mut g, &f, n * ff);
             let mut m = self.linear(be, &g, &layer.w2, bias(BiasTerm::MlpOut), n, ff, d);
             if let Some(dr) = drop {
                 be.dropout(&mut m, n * d, dr.hidden, dr.site(l, 3));
             }
             be.add(&mut m, &h1, n * d);
-            let mut out = be.zeros(n * d);
-            let (mut xhat2, mut rstd2) = (be.zeros(n * d), be.zeros(n));
+            let mut out = be.output(n * d);
+            let (mut xhat2, mut rstd2) = (be.output(n * d), be.output(n));
             let (b2, o2) = bias(BiasTerm::Ln2);
             be.layernorm_fwd(
                 &mut out,
@@ -603,7 +603,7 @@ impl<B: Backend> Encoder<B> {
         let nb = x.batch;
         let c = self.opts.num_labels;
         let top = self.layers.len();
-        let mut pooled = be.zeros(nb * d);
+        let mut pooled = be.output(nb * d);
         be.pool_fwd(self.opts.pooling, &mut pooled, h, &x.mask, nb, x.seq, d);
         let mut z_saved = None;
         if let Some((pw, pb)) = &self.pooler {
@@ -619,7 +619,7 @@ impl<B: Backend> Encoder<B> {
         if let Some(dr) = drop {
             be.dropout(&mut pooled, nb * d, dr.head, dr.site(top, 5));
         }
-        let mut hw = be.zeros(c * d);
+        let mut hw = be.output(c * d);
         be.copy(&mut hw, 0, params, self.head_w_off, c * d);
         let logits = self.linear(be, &pooled, &hw, (params, self.head_b_off), nb, d, c);
         HeadSaved {
@@ -665,8 +665,8 @@ impl<B: Backend> Encoder<B> {
         let dims = self.dims(x);
 
         // Loss (mean over the batch) and its gradient at the logits.
-        let mut losses = be.zeros(nb);
-        let mut dlogits = be.zeros(nb * c);
+        let mut losses = be.output(nb);
+        let mut dlogits = be.output(nb * c);
         if c == 1 {
             be.mse(
                 &mut losses,
@@ -696,7 +696,7 @@ impl<B: Backend> Encoder<B> {
 
         // Head: classifier weight and bias, then back through the pooler.
         be.bias_grad(grads, self.head_b_off, &dlogits, nb, c);
-        let mut dhw = be.zeros(c * d);
+        let mut dhw = be.output(c * d);
         be.copy(&mut dhw, 0, grads, self.head_w_off, c * d);
         be.matmul(
             &mut dhw,
@@ -710,15 +710,15 @@ impl<B: Backend> Encoder<B> {
             true,
         );
         be.copy(grads, self.head_w_off, &dhw, 0, c * d);
-        let mut hw = be.zeros(c * d);
+        let mut hw = be.output(c * d);
         be.copy(&mut hw, 0, params, self.head_w_off, c * d);
-        let mut dpooled = be.zeros(nb * d);
+        let mut dpooled = be.output(nb * d);
         be.matmul(&mut dpooled, &dlogits, &hw, nb, d, c, false, false, false);
         if let Some(dr) = drop {
             be.dropout(&mut dpooled, nb * d, dr.head, dr.site(top, 5));
         }
         if let (Some((pw, pb)), Some(z)) = (&self.pooler, &head.z) {
-            let mut dz = be.zeros(nb * d);
+            let mut dz = be.output(nb * d);
             be.act_bwd(Act::Tanh, &mut dz, z, &dpooled, nb * d);
             if let BiasSrc::Slab(off) = pb {
                 be.bias_grad(grads, *off, &dz, nb, d);
@@ -733,7 +733,7 @@ impl<B: Backend> Encoder<B> {
         if self.lowest >= top {
             return (loss, be.download(&head.logits));
         }
-        let mut dh = be.zeros(n * d);
+        let mut dh = be.output(n * d);
         be.pool_bwd(self.opts.pooling, &mut dh, &dpooled, &x.mask, nb, x.seq, d);
 
         // Layers, top down, stopping at the lowest trainable one.
@@ -748,13 +748,13 @@ impl<B: Backend> Encoder<B> {
                 .expect("saved activations of a trainable layer");
             let need_dx = l > self.lowest || self.need_emb_grad;
             // out = LN2(h1 + m)
-            let mut r2 = be.zeros(n * d);
+            let mut r2 = be.output(n * d);
             be.layernorm_bwd(&mut r2, &dh, &s.xhat2, &s.rstd2, &layer.ln2_g, n, d);
             if let Some(off) = slab_off(l, BiasTerm::Ln2) {
                 be.bias_grad(grads, off, &dh, n, d);
             }
             // m = drop(act(f)·W2ᵀ + b2)
-            let mut dm = be.zeros(n * d);
+            let mut dm = be.output(n * d);
             be.copy(&mut dm, 0, &r2, 0, n * d);
             if let Some(dr) = drop {
                 be.dropout(&mut dm, n * d, dr.hidden, dr.site(l, 3));
@@ -762,9 +762,9 @@ impl<B: Backend> Encoder<B> {
             if let Some(off) = slab_off(l, BiasTerm::MlpOut) {
                 be.bias_grad(grads, off, &dm, n, d);
             }
-            let mut dg = be.zeros(n * ff);
+            let mut dg = be.output(n * ff);
             be.matmul(&mut dg, &dm, &layer.w2, n, ff, d, false, false, false);
-            let mut df = be.zeros(n * ff);
+            let mut df = be.output(n * ff);
             be.act_bwd(cfg.hidden_act, &mut df, &s.f, &dg, n * ff);
             if let Some(off) = slab_off(l, BiasTerm::MlpIn) {
                 be.bias_grad(grads, off, &df, n, ff);
@@ -773,13 +773,13 @@ impl<B: Backend> Encoder<B> {
             let mut dh1 = r2;
             be.matmul(&mut dh1, &df, &layer.w1, n, d, ff, false, false, true);
             // h1 = LN1(x + a)
-            let mut r1 = be.zeros(n * d);
+            let mut r1 = be.output(n * d);
             be.layernorm_bwd(&mut r1, &dh1, &s.xhat1, &s.rstd1, &layer.ln1_g, n, d);
             if let Some(off) = slab_off(l, BiasTerm::Ln1) {
                 be.bias_grad(grads, off, &dh1, n, d);
             }
             // a = drop(ctx·Woᵀ + bo)
-            let mut da = be.zeros(n * d);
+            let mut da = be.output(n * d);
             be.copy(&mut da, 0, &r1, 0, n * d);
             if let Some(dr) = drop {
                 be.dropout(&mut da, n * d, dr.hidden, dr.site(l, 2));
@@ -794,9 +794,9 @@ impl<B: Backend> Encoder<B> {
             if !needs_qkv {
                 continue;
             }
-            let mut dctx = be.zeros(n * d);
+            let mut dctx = be.output(n * d);
             be.matmul(&mut dctx, &da, &layer.wo, n, d, d, false, false, false);
-            let (mut dq, mut dk, mut dv) = (be.zeros(n * d), be.zeros(n * d), be.zeros(n * d));
+            let (mut dq, mut dk, mut dv) = (be.output(n * d), be.output(n * d), be.output(n * d));
             let attn_drop = drop.filter(|dr| dr.attn > 0.0).map(|dr| Dropout {
                 p: dr.attn,
                 seed: dr.site(l, 1),

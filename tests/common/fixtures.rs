@@ -57,14 +57,28 @@ pub fn max_abs(v: &[f64]) -> f64 {
     v.iter().fold(0.0, |a, b| a.max(b.abs()))
 }
 
-/// Largest |got − want| relative to `scale`.
+/// Largest |got − want| relative to `scale`; infinite when any value is
+/// NaN (`f64::max` would skip it, and an unwritten output would pass).
 pub fn rel_err(got: &[f64], want: &[f64], scale: f64) -> f64 {
     assert_eq!(got.len(), want.len());
     got.iter()
         .zip(want)
-        .map(|(a, b)| (a - b).abs())
+        .map(|(a, b)| {
+            let d = (a - b).abs();
+            if d.is_nan() {
+                f64::INFINITY
+            } else {
+                d
+            }
+        })
         .fold(0.0, f64::max)
         / scale.max(1e-30)
+}
+
+/// [`rel_err`] of f32 values.
+pub fn rel_err_f32(got: &[f32], want: &[f32], scale: f32) -> f32 {
+    let wide = |v: &[f32]| v.iter().map(|x| *x as f64).collect::<Vec<_>>();
+    rel_err(&wide(got), &wide(want), scale as f64) as f32
 }
 
 /// One next-token training step of a decoder parity fixture (tiny random

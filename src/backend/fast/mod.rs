@@ -123,8 +123,7 @@ fn view(b: &FastBuf) -> F32<'_> {
                 return F32::Borrowed(s);
             }
             let n = t.numel();
-            let mut v = pool::take(n);
-            v.resize(n, 0.0);
+            let mut v = pool::take_any(n);
             // Convert in parallel chunks (f16/bf16 weights, one matrix).
             v.par_chunks_mut(1 << 16).enumerate().for_each(|(i, c)| {
                 t.read_f32_into(i << 16, c);
@@ -254,6 +253,9 @@ impl CpuGemm {
 pub struct FastCpu {
     r: CpuBackend<f32>,
     gemm: CpuGemm,
+    /// Fill [`Backend::output`] buffers with NaN (tests: an element an op
+    /// fails to write shows up instead of passing as a stale value).
+    poison: bool,
 }
 
 impl FastCpu {
@@ -263,6 +265,17 @@ impl FastCpu {
         FastCpu {
             r: CpuBackend::new(),
             gemm: CpuGemm::F32,
+            poison: false,
+        }
+    }
+
+    /// This backend with every [`Backend::output`] buffer filled with NaN
+    /// (for tests: the outputs of the fast path are otherwise recycled
+    /// buffers holding stale values).
+    pub fn poisoned(self) -> Self {
+        FastCpu {
+            poison: true,
+            ..self
         }
     }
 
@@ -320,6 +333,14 @@ impl Backend for FastCpu {
     fn zeros(&self, n: usize) -> FastBuf {
         let mut v = pool::take(n);
         v.resize(n, 0.0);
+        FastBuf::owned(v)
+    }
+
+    fn output(&self, n: usize) -> FastBuf {
+        let mut v = pool::take_any(n);
+        if self.poison {
+            v.fill(f32::NAN);
+        }
         FastBuf::owned(v)
     }
 

@@ -49,7 +49,7 @@ impl Pool {
     }
 
     /// The smallest pooled vector whose capacity is within 2× of `n`
-    /// (cleared); on a miss, the stale vectors are taken out for the caller
+    /// (with the length and values it was returned with); on a miss, the stale vectors are taken out for the caller
     /// to drop, and `Err` carries them.
     fn take(&mut self, n: usize) -> Result<Vec<f32>, Vec<Vec<f32>>> {
         self.clock += 1;
@@ -66,9 +66,7 @@ impl Pool {
         match best {
             Some((i, c)) => {
                 self.bytes -= c * 4;
-                let (mut v, _) = self.free.remove(i);
-                v.clear();
-                Ok(v)
+                Ok(self.free.remove(i).0)
             }
             None => {
                 // Oldest first: the stale ones are a prefix.
@@ -115,15 +113,36 @@ fn lock() -> std::sync::MutexGuard<'static, Pool> {
 /// whose capacity is within 2× of `n`, else a new allocation (after
 /// releasing the stale pooled vectors).
 pub fn take(n: usize) -> Vec<f32> {
-    if n >= MIN_POOLED {
-        let got = lock().take(n);
-        match got {
-            Ok(v) => return v,
-            // Freed outside the lock.
-            Err(evicted) => drop(evicted),
+    let mut v = take_as_returned(n).unwrap_or_else(|| Vec::with_capacity(n));
+    v.clear();
+    v
+}
+
+/// A vector of length `n` whose values are unspecified (whatever its last
+/// user left, zeros past that): for an output that the next op overwrites
+/// in full, without the memset of [`take`] + `resize`.
+pub fn take_any(n: usize) -> Vec<f32> {
+    match take_as_returned(n) {
+        Some(mut v) => {
+            if v.len() >= n {
+                v.truncate(n);
+            } else {
+                v.resize(n, 0.0);
+            }
+            v
         }
+        None => vec![0.0; n],
     }
-    Vec::with_capacity(n)
+}
+
+/// A pooled vector that fits `n`, as it was given back.
+fn take_as_returned(n: usize) -> Option<Vec<f32>> {
+    if n < MIN_POOLED {
+        return None;
+    }
+    let got = lock().take(n);
+    // Stale vectors are freed outside the lock.
+    got.ok()
 }
 
 /// Return a vector to the free list.
@@ -169,9 +188,9 @@ mod tests {
         v.push(1.0);
         assert_eq!(p.free.len(), 2);
         assert_eq!(p.bytes, (8500 - v.capacity()) * 4);
-        // Returned vectors come back empty.
+        // Returned vectors come back as they were given.
         p.give(v);
-        assert!(p.take(2000).unwrap().is_empty());
+        assert_eq!(p.take(2000).unwrap(), [1.0]);
         // 2500, then 4000 (within 2x of 2100) are the fits left.
         let c = cap_of(&p.take(2100)).unwrap();
         assert!((2500..4000).contains(&c), "{c}");
