@@ -24,10 +24,20 @@ extern "C" __global__ void embedding_fwd_bf16(float* out, const bf16_t* table, c
 
 // dx[idx[r], :] += dy[r, :] with repeated indices. One thread per column
 // walks the rows in order: no atomics, the CPU's summation order exactly,
-// so the result is deterministic (a row-parallel version is a later speed
-// issue; this op is off the encoder's hot path).
+// so the result is deterministic.
 extern "C" __global__ void scatter_add_rows_f32(float* dx, const float* dy, const u32* idx, int rows, int cols) {
     int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= cols) return;
     for (int r = 0; r < rows; r++) dx[(i64)idx[r] * cols + c] += dy[(i64)r * cols + c];
+}
+
+// The same when no index repeats (the host saw them strictly increasing:
+// the decoder's loss rows): every element of dx has at most one writer, so
+// all rows go in parallel.
+extern "C" __global__ void scatter_add_rows_distinct_f32(float* dx, const float* dy, const u32* idx, int rows,
+                                                         int cols) {
+    GRID_LOOP(i, (i64)rows * cols) {
+        i64 r = i / cols, c = i % cols;
+        dx[(i64)idx[r] * cols + c] += dy[i];
+    }
 }

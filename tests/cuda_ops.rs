@@ -969,19 +969,26 @@ fn rope_embeddings_and_pooling() {
                 );
             }
         }
-        // Scatter-add with repeated indices.
-        let dy = rand_vec(&mut rng, rows * dim, 1.0);
-        let dx0 = rand_vec(&mut rng, vocab * dim, 1.0);
-        let (mut gdx, mut cdx) = (g.upload(&dx0), cpu.upload(&dx0));
-        g.scatter_add_rows(&mut gdx, &g.upload(&dy), &gids, rows, dim);
-        cpu.scatter_add_rows(&mut cdx, &cpu.upload(&dy), &ids, rows, dim);
-        close(
-            &format!("scatter_add_rows {vocab}x{dim} rows={rows}"),
-            &g.download(&gdx),
-            &cv(&cdx),
-            0.0,
-            0.0,
-        );
+        // Scatter-add with repeated indices, and with distinct ascending
+        // ones (the row-parallel kernel).
+        let distinct: Vec<u32> = (0..rows.min(vocab) as u32)
+            .map(|i| i * (vocab / rows.min(vocab)) as u32)
+            .collect();
+        for (kind, ids) in [("repeated", &ids), ("distinct", &distinct)] {
+            let rows = ids.len();
+            let dy = rand_vec(&mut rng, rows * dim, 1.0);
+            let dx0 = rand_vec(&mut rng, vocab * dim, 1.0);
+            let (mut gdx, mut cdx) = (g.upload(&dx0), cpu.upload(&dx0));
+            g.scatter_add_rows(&mut gdx, &g.upload(&dy), &g.upload_ids(ids), rows, dim);
+            cpu.scatter_add_rows(&mut cdx, &cpu.upload(&dy), ids, rows, dim);
+            close(
+                &format!("scatter_add_rows {vocab}x{dim} rows={rows} ({kind})"),
+                &g.download(&gdx),
+                &cv(&cdx),
+                0.0,
+                0.0,
+            );
+        }
     }
     // Pooling.
     for &(b, t, d) in &[(1usize, 1usize, 1usize), (3, 7, 33), (16, 128, 384)] {

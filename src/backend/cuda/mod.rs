@@ -72,6 +72,9 @@ pub enum CudaBuf {
 pub struct CudaIds {
     data: CudaSlice<u32>,
     len: usize,
+    /// Strictly increasing, so no index repeats (`scatter_add_rows` may
+    /// then take every row in parallel).
+    ascending: bool,
 }
 
 impl CudaIds {
@@ -271,6 +274,7 @@ pub const KERNELS: &[(&str, &[&str])] = &[
             "embedding_fwd_f32",
             "embedding_fwd_bf16",
             "scatter_add_rows_f32",
+            "scatter_add_rows_distinct_f32",
         ],
     ),
     (
@@ -834,7 +838,11 @@ impl Backend for CudaBackend {
                 .clone_htod(ids)
                 .unwrap_or_else(|e| self.lost(&format!("uploading {len} token ids"), e))
         };
-        CudaIds { data, len }
+        CudaIds {
+            data,
+            len,
+            ascending: ids.windows(2).all(|w| w[0] < w[1]),
+        }
     }
 
     fn weight_bytes(&self, t: &TensorView) -> u64 {
@@ -1530,13 +1538,21 @@ impl Backend for CudaBackend {
         }
         let dy = self.f32_in(dy);
         let (r, c) = (i32_of("rows", rows), i32_of("cols", cols));
-        let cfg = LaunchConfig {
-            grid_dim: (cols.div_ceil(128) as u32, 1, 1),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
+        // Distinct rows: one thread per element. Else one thread per column
+        // walking the rows in order (repeats add up in the CPU's order).
+        let (kernel, cfg) = if idx.ascending {
+            let cfg = cfg_1d(rows * cols).expect("rows, cols > 0");
+            ("scatter_add_rows_distinct_f32", cfg)
+        } else {
+            let cfg = LaunchConfig {
+                grid_dim: (cols.div_ceil(128) as u32, 1, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            ("scatter_add_rows_f32", cfg)
         };
         let dx = dx.f32_mut();
-        self.launch("scatter_add_rows_f32", cfg, |b| {
+        self.launch(kernel, cfg, |b| {
             b.arg(dx).arg(&*dy).arg(&idx.data).arg(&r).arg(&c);
         });
     }
