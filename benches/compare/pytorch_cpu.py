@@ -93,7 +93,7 @@ def main():
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         opt.step()
-        return float(loss)
+        return loss.item()
 
     def eval_step():
         with torch.inference_mode():
