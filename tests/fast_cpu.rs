@@ -681,13 +681,21 @@ fn whole_model_matches_reference_on_tiny_random_models() {
     }
 }
 
+/// What [`decoder_step`] computes.
+struct DecoderStep {
+    lm: f64,
+    lm_grads: Vec<f32>,
+    cand: f64,
+    scores: Vec<f64>,
+    cand_grads: Vec<f32>,
+    generated: Vec<Vec<u32>>,
+}
+
 /// One decoder step on a backend: the next-token loss and bias gradients
-/// on a right-padded batch, then the candidate-scoring loss and gradients
-/// on a left-padded one (two examples, 2 and 3 candidates).
-fn decoder_step<B: Backend<T = f32>>(
-    be: &B,
-    md: &ModelDir,
-) -> (f64, Vec<f32>, f64, Vec<f64>, Vec<f32>) {
+/// on a right-padded batch, the candidate-scoring loss and gradients on a
+/// left-padded one (two examples, 2 and 3 candidates), and greedy
+/// generation through the KV cache.
+fn decoder_step<B: Backend<T = f32>>(be: &B, md: &ModelDir) -> DecoderStep {
     use decoder_common::{next_token_rows, tiny_batch};
     let dec = Decoder::load(
         be,
@@ -725,11 +733,24 @@ fn decoder_step<B: Backend<T = f32>>(
         .unwrap();
     let mut slab = Slab::new(be, &dec.init);
     let (cand, scores) = dec.candidate_loss_and_grad(be, &slab.params, &mut slab.grads, &cb);
-    (lm, lm_grads, cand, scores, be.download(&slab.grads))
+    let cand_grads = be.download(&slab.grads);
+    let prompts = [vec![5u32, 9, 12], vec![7u32, 3]];
+    let generated = dec
+        .generate_greedy(be, &slab.params, &prompts, 6, &|_| false)
+        .unwrap();
+    DecoderStep {
+        lm,
+        lm_grads,
+        cand,
+        scores,
+        cand_grads,
+        generated,
+    }
 }
 
 /// Every decoder family on the fast backend, outputs poisoned, against the
-/// reference: losses, candidate scores and every bias gradient.
+/// reference: losses, candidate scores, every bias gradient and greedy
+/// generation.
 #[test]
 fn decoder_steps_match_reference_on_tiny_random_models() {
     use decoder_common::{write_tiny_decoder, Tiny};
@@ -746,23 +767,26 @@ fn decoder_steps_match_reference_on_tiny_random_models() {
         let want = decoder_step(&Ref::new(), &md);
         let got = decoder_step(&FastCpu::new().poisoned(), &md);
         for (what, a, b) in [
-            ("lm loss", got.0, want.0),
-            ("candidate loss", got.2, want.2),
+            ("lm loss", got.lm, want.lm),
+            ("candidate loss", got.cand, want.cand),
         ] {
             assert!(
                 (a - b).abs() <= 1e-5 * b.abs().max(1e-3),
                 "{arch:?}: {what} {a} vs {b}"
             );
         }
-        for (a, b) in got.3.iter().zip(&want.3) {
+        for (a, b) in got.scores.iter().zip(&want.scores) {
             assert!(
                 (a - b).abs() <= 1e-5 * b.abs().max(1.0),
                 "{arch:?}: scores {:?} vs {:?}",
-                got.3,
-                want.3
+                got.scores,
+                want.scores
             );
         }
-        for (what, a, b) in [("lm", &got.1, &want.1), ("candidate", &got.4, &want.4)] {
+        for (what, a, b) in [
+            ("lm", &got.lm_grads, &want.lm_grads),
+            ("candidate", &got.cand_grads, &want.cand_grads),
+        ] {
             assert!(
                 b.iter().any(|g| *g != 0.0),
                 "{arch:?}: {what} gradients all zero"
@@ -773,6 +797,8 @@ fn decoder_steps_match_reference_on_tiny_random_models() {
                 "{arch:?}: {what} bias gradients differ (rel err {e:.2e})"
             );
         }
+        assert_eq!(got.generated, want.generated, "{arch:?}: greedy generation");
+        assert!(want.generated.iter().all(|g| g.len() == 6));
     }
 }
 
