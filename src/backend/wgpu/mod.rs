@@ -336,6 +336,11 @@ impl Backend for WgpuBackend {
         b
     }
 
+    /// A pooled buffer as its last user left it: no clearing pass.
+    fn output(&self, n: usize) -> WgpuBuf {
+        self.new_buf(n)
+    }
+
     fn upload(&self, data: &[f32]) -> WgpuBuf {
         let b = self.new_buf(data.len());
         self.gpu
