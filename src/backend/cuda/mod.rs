@@ -609,12 +609,31 @@ impl CudaBackend {
         &self,
         n: usize,
     ) -> CudaSlice<T> {
+        self.alloc_by(n, |s, n| s.alloc_zeros::<T>(n))
+    }
+
+    /// `n` f32 elements left as the allocator hands them over (for an op
+    /// that writes every one: [`Backend::output`]).
+    fn alloc_f32_unset(&self, n: usize) -> CudaSlice<f32> {
+        // SAFETY: device memory, never read by the host before a kernel
+        // writes it (the contract of `output`); any bits are a valid f32.
+        self.alloc_by(n, |s, n| unsafe { s.alloc::<f32>(n) })
+    }
+
+    /// At least one element through `alloc`, after the cap check; failures
+    /// as [`CudaBackend::alloc_failed`].
+    fn alloc_by<T: DeviceRepr>(
+        &self,
+        n: usize,
+        alloc: impl FnOnce(
+            &Arc<CudaStream>,
+            usize,
+        ) -> std::result::Result<CudaSlice<T>, cudarc::driver::DriverError>,
+    ) -> CudaSlice<T> {
         let n = n.max(1);
         let bytes = (n * std::mem::size_of::<T>()) as u64;
         self.check_cap(bytes);
-        let buf = self
-            .stream
-            .alloc_zeros::<T>(n)
+        let buf = alloc(&self.stream, n)
             .unwrap_or_else(|e| self.alloc_failed(bytes, &format!("allocating {}", mib(bytes)), e));
         self.note_peak();
         buf
@@ -791,6 +810,10 @@ impl Backend for CudaBackend {
 
     fn zeros(&self, n: usize) -> CudaBuf {
         CudaBuf::F32(self.alloc_f32(n), n)
+    }
+
+    fn output(&self, n: usize) -> CudaBuf {
+        CudaBuf::F32(self.alloc_f32_unset(n), n)
     }
 
     fn upload(&self, data: &[f32]) -> CudaBuf {
