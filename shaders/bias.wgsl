@@ -18,9 +18,24 @@ fn bias_add(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgrou
 
 var<workgroup> part: array<f32, 256>;
 
+// Column sums of rows r0..r1 of dy (bound as `src`) for column c of a 64 x 4
+// workgroup: each of the 4 lanes of a column sums every 4th row, then the
+// lanes are added in a fixed order (deterministic). Call from uniform
+// control flow (a barrier).
+fn col_sum(lid: vec3<u32>, r0: u32, r1: u32, cols: u32, c: u32) -> f32 {
+    var s = 0.0;
+    if (c < cols) {
+        for (var r = r0 + lid.y; r < r1; r += 4u) {
+            s += src[r * cols + c];
+        }
+    }
+    part[lid.y * 64u + lid.x] = s;
+    workgroupBarrier();
+    return (part[lid.x] + part[64u + lid.x]) + (part[128u + lid.x] + part[192u + lid.x]);
+}
+
 // bias_grad: db[off + c] += Σ_r dy[r, c], db bound as `y`, dy as `src`.
-// A workgroup owns 64 columns; its 4 lanes per column sum every 4th row and
-// the lanes are added in a fixed order (deterministic).
+// A workgroup owns 64 columns.
 // params: rows, cols, off
 @compute @workgroup_size(64, 4)
 fn bias_grad(
@@ -32,16 +47,8 @@ fn bias_grad(
     let cols = pu(1u);
     let off = pu(2u);
     let c = group_id(wid, nwg) * 64u + lid.x;
-    var s = 0.0;
-    if (c < cols) {
-        for (var r = lid.y; r < rows; r += 4u) {
-            s += src[r * cols + c];
-        }
-    }
-    part[lid.y * 64u + lid.x] = s;
-    workgroupBarrier();
+    let t = col_sum(lid, 0u, rows, cols, c);
     if (lid.y == 0u && c < cols) {
-        let t = (part[lid.x] + part[64u + lid.x]) + (part[128u + lid.x] + part[192u + lid.x]);
         y[off + c] = y[off + c] + t;
     }
 }
@@ -50,7 +57,7 @@ fn bias_grad(
 // workgroups alone are a dozen for a 768-wide bias). bias_grad_part: the
 // column sums of chunk k (rows k·chunk ..) of dy into part[k, :], part bound
 // as `y`, dy as `src`; workgroup g takes column group g % ncg of chunk
-// g / ncg, its lanes added in a fixed order as above.
+// g / ncg.
 // params: rows, cols, chunk, ncg
 @compute @workgroup_size(64, 4)
 fn bias_grad_part(
@@ -68,18 +75,10 @@ fn bias_grad_part(
     if (r0 >= rows) {
         return; // a spare workgroup of the 2-D grid (uniform: the whole group)
     }
-    let r1 = min(rows, r0 + chunk);
     let c = (g % ncg) * 64u + lid.x;
-    var s = 0.0;
-    if (c < cols) {
-        for (var r = r0 + lid.y; r < r1; r += 4u) {
-            s += src[r * cols + c];
-        }
-    }
-    part[lid.y * 64u + lid.x] = s;
-    workgroupBarrier();
+    let t = col_sum(lid, r0, min(rows, r0 + chunk), cols, c);
     if (lid.y == 0u && c < cols) {
-        y[k * cols + c] = (part[lid.x] + part[64u + lid.x]) + (part[128u + lid.x] + part[192u + lid.x]);
+        y[k * cols + c] = t;
     }
 }
 
