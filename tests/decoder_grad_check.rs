@@ -89,16 +89,7 @@ fn check_candidates(arch: Tiny, terms: &str, left: bool) {
     let lens = [6, 5, 4, 6, 3];
     let ans = [2usize, 1, 2, 1, 2]; // answer tokens at the end of each candidate
     let (b, t, ids, mask) = tiny_batch(&lens, left, 9);
-    let (mut rows, mut targets, mut tok_cand) = (Vec::new(), Vec::new(), Vec::new());
-    for c in 0..b {
-        let end = if left { t } else { lens[c] };
-        for k in 0..ans[c] {
-            let pos = end - ans[c] + k; // the answer token's position
-            rows.push((c * t + pos - 1) as u32); // predicted from the previous row
-            targets.push(ids[c * t + pos]);
-            tok_cand.push(c as u32);
-        }
-    }
+    let (rows, targets, tok_cand) = answer_rows(&lens, &ans, left, t, &ids);
     let cand_ex = [0u32, 0, 1, 1, 1];
     let gold = [1u32, 2];
     let n = dec.layout.len;

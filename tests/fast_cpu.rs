@@ -696,7 +696,7 @@ struct DecoderStep {
 /// left-padded one (two examples, 2 and 3 candidates), and greedy
 /// generation through the KV cache.
 fn decoder_step<B: Backend<T = f32>>(be: &B, md: &ModelDir) -> DecoderStep {
-    use decoder_common::{next_token_rows, tiny_batch};
+    use decoder_common::{answer_rows, next_token_rows, tiny_batch};
     let dec = Decoder::load(
         be,
         md,
@@ -718,15 +718,7 @@ fn decoder_step<B: Backend<T = f32>>(be: &B, md: &ModelDir) -> DecoderStep {
     let lens = [6, 5, 4, 6, 3];
     let ans = [2usize, 1, 2, 1, 2];
     let (b, t, ids, mask) = tiny_batch(&lens, true, 9);
-    let (mut rows, mut targets, mut tok_cand) = (Vec::new(), Vec::new(), Vec::new());
-    for c in 0..b {
-        for k in 0..ans[c] {
-            let pos = t - ans[c] + k;
-            rows.push((c * t + pos - 1) as u32);
-            targets.push(ids[c * t + pos]);
-            tok_cand.push(c as u32);
-        }
-    }
+    let (rows, targets, tok_cand) = answer_rows(&lens, &ans, true, t, &ids);
     let x = dec.upload(be, b, t, &ids, &mask).unwrap();
     let cb = dec
         .cand_batch(be, x, &rows, &targets, &tok_cand, &[0, 0, 1, 1, 1], &[1, 2])

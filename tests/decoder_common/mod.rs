@@ -210,3 +210,27 @@ pub fn next_token_rows(b: usize, t: usize, ids: &[u32], mask: &[f32]) -> (Vec<u3
     }
     (rows, targets)
 }
+
+/// Candidate answers at the end of each padded row of a [`tiny_batch`]:
+/// row `c`'s last `ans[c]` real tokens are its answer. Returns, per answer
+/// token, the row that predicts it (the one before), the token, and the
+/// candidate (row) it belongs to.
+pub fn answer_rows(
+    lens: &[usize],
+    ans: &[usize],
+    left: bool,
+    t: usize,
+    ids: &[u32],
+) -> (Vec<u32>, Vec<u32>, Vec<u32>) {
+    let (mut rows, mut targets, mut tok_cand) = (Vec::new(), Vec::new(), Vec::new());
+    for c in 0..lens.len() {
+        let end = if left { t } else { lens[c] };
+        for k in 0..ans[c] {
+            let pos = end - ans[c] + k; // the answer token's position
+            rows.push((c * t + pos - 1) as u32); // predicted from the previous row
+            targets.push(ids[c * t + pos]);
+            tok_cand.push(c as u32);
+        }
+    }
+    (rows, targets, tok_cand)
+}

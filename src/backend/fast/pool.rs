@@ -49,8 +49,9 @@ impl Pool {
     }
 
     /// The smallest pooled vector whose capacity is within 2× of `n`
-    /// (with the length and values it was returned with); on a miss, the stale vectors are taken out for the caller
-    /// to drop, and `Err` carries them.
+    /// (with the length and values it was returned with); on a miss, the
+    /// stale vectors are taken out for the caller to drop, and `Err`
+    /// carries them.
     fn take(&mut self, n: usize) -> Result<Vec<f32>, Vec<Vec<f32>>> {
         self.clock += 1;
         let mut best: Option<(usize, usize)> = None;
