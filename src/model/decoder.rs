@@ -239,8 +239,9 @@ impl<W> Layer<W> {
 }
 
 /// A frozen tensor before it is on the device: a checkpoint tensor (read in
-/// place from the memory map) or values made on the host at load (GPT-2's
-/// split `c_attn`).
+/// place from the memory map, or made on the host at load as a view of its
+/// own, like GPT-2's split `c_attn`), or host values (a frozen slice of a
+/// fused bias), uploaded as they are.
 enum Src {
     View(TensorView),
     Host(Vec<f32>),
@@ -751,8 +752,13 @@ impl<B: Backend> Decoder<B> {
                         term,
                         l,
                     );
+                    // A 2-D tensor (not host values), so that the backend
+                    // holds it as it holds every checkpoint matrix (bf16 on
+                    // CUDA) and can stream it.
+                    let part: Vec<f32> = part.iter().map(|v| *v as f32).collect();
+                    let name = format!("{}.weight[{}]", n.q, term.short());
                     split.push(Lin {
-                        w: Src::Host(part.iter().map(|v| *v as f32).collect()),
+                        w: Src::View(TensorView::from_f32(&name, vec![d, d], &part)),
                         n_in: d,
                         n_out: d,
                         in_out: true,
