@@ -70,51 +70,89 @@
 #define GEMM_SMEM_BYTES (GSTAGES * (GA_STAGE * 4 + GB_STAGE * 2))  // 73728
 
 __device__ __forceinline__ u32 gemm_smem_addr(const void* p) {
+#ifdef BEFT_CUDA_EMU
+    return emu_cvta_shared(p);
+#else
     u32 r;
     asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(r) : "l"(p));
     return r;
+#endif
 }
 
 // 16 bytes global -> shared, asynchronously; `ok` false: 16 zero bytes (the
 // source is not read).
 __device__ __forceinline__ void gemm_cp16(u32 dst, const void* src, bool ok) {
+#ifdef BEFT_CUDA_EMU
+    emu_cp_async(dst, src, 16, ok ? 16 : 0);
+#else
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(ok ? 16 : 0)
                  : "memory");
+#endif
 }
 
-__device__ __forceinline__ void gemm_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void gemm_commit() {
+#ifdef BEFT_CUDA_EMU
+    emu_cp_commit();
+#else
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
 
 template <int N>
 __device__ __forceinline__ void gemm_wait() {
+#ifdef BEFT_CUDA_EMU
+    emu_cp_wait(N);
+#else
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
 }
 
 __device__ __forceinline__ void gemm_ldsm_x4(u32 addr, u32& r0, u32& r1, u32& r2, u32& r3) {
+#ifdef BEFT_CUDA_EMU
+    u32 r[4];
+    emu_ldmatrix_x4(addr, 0, r);
+    r0 = r[0], r1 = r[1], r2 = r[2], r3 = r[3];
+#else
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                  : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
                  : "r"(addr));
+#endif
 }
 
 __device__ __forceinline__ void gemm_ldsm_x4_trans(u32 addr, u32& r0, u32& r1, u32& r2, u32& r3) {
+#ifdef BEFT_CUDA_EMU
+    u32 r[4];
+    emu_ldmatrix_x4(addr, 1, r);
+    r0 = r[0], r1 = r[1], r2 = r[2], r3 = r[3];
+#else
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                  : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
                  : "r"(addr));
+#endif
 }
 
 // Two f32 -> packed bf16x2 (round to nearest even), `lo` in the low half.
 __device__ __forceinline__ u32 gemm_bf16x2(float lo, float hi) {
+#ifdef BEFT_CUDA_EMU
+    return emu_bf16x2(hi, lo);
+#else
     u32 r;
     asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
     return r;
+#endif
 }
 
 // d += a . b for one m16n8k16 tile (bf16 in, f32 accumulate).
 __device__ __forceinline__ void gemm_mma(float* d, const u32* a, const u32* b) {
+#ifdef BEFT_CUDA_EMU
+    emu_mma_16816_bf16(d, a, b);
+#else
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
         "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
 }
 
 // Shared-memory layouts (16-byte chunks XOR-swizzled within a row, so that
@@ -137,9 +175,13 @@ __device__ __forceinline__ int gemm_a_off(int row, int col) {
 // what derives from them instead of keeping it live (or spilling it) through
 // the k loop.
 __device__ __forceinline__ int gemm_tid() {
+#ifdef BEFT_CUDA_EMU
+    return (int)threadIdx.x;
+#else
     u32 r;
     asm volatile("mov.u32 %0, %%tid.x;\n" : "=r"(r));
     return (int)r;
+#endif
 }
 
 // Origin (bm, bn) of this block's output tile. Block raster: groups of
@@ -147,10 +189,14 @@ __device__ __forceinline__ int gemm_tid() {
 // share b's column tiles and a's row tiles in L2).
 __device__ __forceinline__ void gemm_block_origin(int& bm, int& bn) {
     u32 bx, by, gx, gy;
+#ifdef BEFT_CUDA_EMU
+    bx = blockIdx.x, by = blockIdx.y, gx = gridDim.x, gy = gridDim.y;
+#else
     asm volatile("mov.u32 %0, %%ctaid.x;\n" : "=r"(bx));
     asm volatile("mov.u32 %0, %%ctaid.y;\n" : "=r"(by));
     asm volatile("mov.u32 %0, %%nctaid.x;\n" : "=r"(gx));
     asm volatile("mov.u32 %0, %%nctaid.y;\n" : "=r"(gy));
+#endif
     const int gm = (int)gy, gn = (int)gx;
     const int pid = (int)by * gn + (int)bx;
     const int per_group = GGROUP * gn;

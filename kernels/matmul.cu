@@ -100,11 +100,15 @@ extern "C" __global__ void __launch_bounds__(256) matmul_f32(float* c, const flo
 
 // d += a . b for one m16n8k16 tile (bf16 in, f32 accumulate).
 __device__ __forceinline__ void mma_bf16_16816(float* d, const u32* a, const u32* b) {
+#ifdef BEFT_CUDA_EMU
+    emu_mma_16816_bf16(d, a, b);
+#else
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
         "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
 }
 
 // Split one element of a into its bf16 hi and lo parts.

@@ -12,8 +12,11 @@ use std::process::{Command, Output};
 use common::{write_tiny_model, write_tiny_sst2, TinyArch};
 use tempfile::TempDir;
 
+/// The CLI on this machine's own devices: without the CUDA emulator that
+/// `BEFT_CUDA_EMU` may name (tests/cuda_ops.rs runs the CLI on it).
 fn beft(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_beft"))
+        .env_remove("BEFT_CUDA_EMU")
         .args(args)
         .arg("--threads")
         .arg("1")

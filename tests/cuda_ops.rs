@@ -9,9 +9,12 @@
 //! Tolerance per element: `|gpu - cpu| <= atol + rtol·|cpu|`. Each check
 //! prints its maximum error (run with `--nocapture` to collect them).
 //!
-//! Without a CUDA driver every test prints "skipped: no CUDA driver" and
-//! returns; the no-driver CLI behaviour is checked by
-//! `cuda_device_without_driver_is_a_clean_error`, which runs only then.
+//! The same on the CPU emulator of the kernels (`BEFT_CUDA_EMU`, see
+//! docs/cuda-emulator.md; `.ci/run` sets it), plus `beft train --device
+//! cuda` against `--device cpu`. Without a CUDA driver or the emulator every
+//! test prints "skipped: no CUDA driver" and returns; the no-driver CLI
+//! behaviour is checked by `cuda_device_without_driver_is_a_clean_error`,
+//! which runs only then (or, on the emulator, in a child process without it).
 #![cfg(feature = "cuda")]
 
 mod common;
@@ -65,7 +68,10 @@ fn gpu(dt: WeightDtype) -> Option<CudaBackend> {
     }
     loud_device_faults();
     match CudaBackend::with_weight_dtype(0, dt) {
-        Ok(b) => Some(b),
+        Ok(b) => {
+            eprintln!("device: {}", b.name());
+            Some(b)
+        }
         Err(e) => panic!("a CUDA driver is present but the backend failed to start: {e}"),
     }
 }
@@ -1451,8 +1457,15 @@ fn training_step_on_minilm_matches_cpu() {
         terms: BiasTerm::parse_set("v").unwrap(),
         seed: 0,
     };
-    let lens: Vec<usize> = (0..16).map(|i| 5 + (i * 37) % 124).collect();
-    let labels: Vec<f32> = (0..16).map(|i| (i % 2) as f32).collect();
+    // On the CPU emulator (BEFT_CUDA_EMU) a quarter of the batch: the same
+    // kernels and shapes per sequence, in a minute instead of five.
+    let n = if beft::backend::cuda::emulated() {
+        4
+    } else {
+        16
+    };
+    let lens: Vec<usize> = (0..n).map(|i| 5 + (i * 37) % 124).collect();
+    let labels: Vec<f32> = (0..n).map(|i| (i % 2) as f32).collect();
     let batch = tiny_batch(
         md.config.pad_token_id,
         md.config.vocab_size,
@@ -1470,11 +1483,117 @@ fn training_step_on_minilm_matches_cpu() {
     );
 }
 
+// ---- the CLI on the device ---------------------------------------------------------
+
+/// The `loss` and `grad_norm` of every step of a run (steps.jsonl), and
+/// its last dev metric (metrics.jsonl).
+fn run_curve(out: &std::path::Path) -> (Vec<(f64, f64)>, f64) {
+    let lines = |f: &str| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(out.join(f))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let steps = lines("steps.jsonl")
+        .iter()
+        .map(|v| {
+            (
+                v["loss"].as_f64().unwrap(),
+                v["grad_norm"].as_f64().unwrap(),
+            )
+        })
+        .collect();
+    let dev = lines("metrics.jsonl")
+        .iter()
+        .rev()
+        .filter(|v| v["split"] == "dev")
+        .find_map(|v| v["metric"].as_f64())
+        .unwrap_or(f64::NAN);
+    (steps, dev)
+}
+
+/// `beft train --device cuda`, the CLI end to end (a tiny BERT, 48
+/// SST-2-shaped examples, 2 epochs, dropout on): every step's loss and
+/// gradient norm follow `--device cpu` (the GPU holds the weights in bf16,
+/// hence the tolerance), and the run finishes with its summary.
+#[test]
+fn cli_training_on_cuda_follows_the_cpu() {
+    if gpu(WeightDtype::Bf16).is_none() {
+        return;
+    }
+    let tmp = TempDir::new().unwrap();
+    let (model, data) = (tmp.path().join("m"), tmp.path().join("d"));
+    write_tiny_model(&model, TinyArch::Bert, 5, None);
+    write_tiny_sst2(&data, 48, 16);
+    let train = |device: &str| {
+        let out = tmp.path().join(device);
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_beft"))
+            .args([
+                "train",
+                "--quiet",
+                "--task",
+                "sst2",
+                "--epochs",
+                "2",
+                "--batch",
+                "8",
+                "--lr",
+                "1e-2",
+                "--bias",
+                "all",
+                "--threads",
+                "1",
+                "--device",
+                device,
+            ])
+            .arg("--model")
+            .arg(&model)
+            .arg("--data")
+            .arg(&data)
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "beft train --device {device}:\n{err}");
+        assert!(
+            out.join("summary.json").is_file(),
+            "{device}: no summary.json"
+        );
+        run_curve(&out)
+    };
+    let (cpu, cpu_dev) = train("cpu");
+    let (gpu, gpu_dev) = train("cuda");
+    assert_eq!(cpu.len(), gpu.len(), "step counts");
+    assert!(cpu.len() >= 12, "{} steps", cpu.len());
+    let mut worst = 0f64;
+    for (i, ((cl, cg), (gl, gg))) in cpu.iter().zip(&gpu).enumerate() {
+        let (el, eg) = ((cl - gl).abs() / cl.abs(), (cg - gg).abs() / cg.abs());
+        assert!(
+            el < 1e-2 && eg < 3e-2,
+            "step {i}: loss {gl} vs {cl} on the CPU, grad norm {gg} vs {cg}"
+        );
+        worst = worst.max(el);
+    }
+    eprintln!(
+        "CLI: {} steps, worst relative loss error {worst:.2e}; dev accuracy {gpu_dev} (CPU {cpu_dev})",
+        cpu.len()
+    );
+    assert!(
+        (gpu_dev - cpu_dev).abs() <= 2.0 / 16.0 + 1e-9,
+        "dev accuracy {gpu_dev} vs {cpu_dev} on the CPU"
+    );
+}
+
 // ---- the CLI without a driver ---------------------------------------------------
 
 #[test]
 fn cuda_device_without_driver_is_a_clean_error() {
-    if driver_present() {
+    // On the emulator this process has a "driver"; the CLI below runs
+    // without it, and skips the check if the machine has a real one.
+    let emulated = beft::backend::cuda::emulated();
+    if !emulated && driver_present() {
         eprintln!("skipped: a CUDA driver is present (this checks the no-driver message)");
         return;
     }
@@ -1496,9 +1615,14 @@ fn cuda_device_without_driver_is_a_clean_error() {
         .arg(&data)
         .arg("--out")
         .arg(&out)
+        .env_remove(beft::backend::cuda::EMU_VAR)
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
+    if emulated && o.status.success() {
+        eprintln!("skipped: a CUDA driver is present (this checks the no-driver message)");
+        return;
+    }
     assert!(!o.status.success(), "expected failure; stderr:\n{err}");
     assert!(!err.contains("panicked"), "panicked:\n{err}");
     assert!(
@@ -1506,7 +1630,10 @@ fn cuda_device_without_driver_is_a_clean_error() {
         "stderr should say '{NO_DRIVER}':\n{err}"
     );
     assert!(!out.exists(), "no run directory after a failure");
-    // The library says the same.
+    // The library says the same (in a process without the emulator).
+    if emulated {
+        return;
+    }
     match CudaBackend::new(0) {
         Err(e) => assert_eq!(e.message(), NO_DRIVER),
         Ok(_) => panic!("a backend without a driver"),

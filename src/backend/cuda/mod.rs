@@ -45,10 +45,74 @@ use crate::weights::TensorView;
 pub const NO_DRIVER: &str = "no CUDA driver found: use --device cpu or --device wgpu";
 
 /// Whether the CUDA driver library can be loaded on this machine (no
-/// context is created).
+/// context is created). With `BEFT_CUDA_EMU` set, whether the emulator
+/// loaded (see [`load_emulator`]).
 pub fn driver_present() -> bool {
+    if load_emulator().is_err() {
+        return false;
+    }
     // SAFETY: tries to dlopen libcuda by its usual names; nothing is called.
     unsafe { cudarc::driver::sys::is_culib_present() }
+}
+
+/// The environment variable naming the CPU emulator of the kernels
+/// (`kernels/emu/build.py` builds it: `target/cuda-emu/libcuda.so`).
+pub const EMU_VAR: &str = "BEFT_CUDA_EMU";
+
+/// Whether the CUDA "device" is the CPU emulator (`BEFT_CUDA_EMU` set).
+pub fn emulated() -> bool {
+    std::env::var_os(EMU_VAR).is_some_and(|v| !v.is_empty())
+}
+
+/// Loads the CPU emulator named by `BEFT_CUDA_EMU`, once, before cudarc
+/// first looks for the driver: the emulator's soname is `libcuda.so`, so
+/// cudarc's look-up by that name finds the loaded emulator instead of a
+/// real driver. Nothing happens when the variable is unset or empty.
+pub fn load_emulator() -> Result<()> {
+    use std::ffi::{c_char, c_int, c_void, CStr, CString};
+    use std::os::unix::ffi::OsStrExt;
+    extern "C" {
+        fn dlopen(filename: *const c_char, flag: c_int) -> *mut c_void;
+        fn dlerror() -> *const c_char;
+    }
+    const RTLD_NOW: c_int = 2;
+    const RTLD_GLOBAL: c_int = 0x100;
+    static LOADED: std::sync::OnceLock<std::result::Result<(), String>> =
+        std::sync::OnceLock::new();
+    if !emulated() {
+        return Ok(());
+    }
+    LOADED
+        .get_or_init(|| {
+            let path = std::env::var_os(EMU_VAR).unwrap_or_default();
+            let shown = std::path::Path::new(&path).display().to_string();
+            if !std::path::Path::new(&path).is_file() {
+                return Err(format!(
+                    "{EMU_VAR}={shown}: no such file (build it with python3 kernels/emu/build.py)"
+                ));
+            }
+            let c = CString::new(path.as_bytes())
+                .map_err(|_| format!("{EMU_VAR}={shown}: the path contains a NUL byte"))?;
+            // SAFETY: dlopen of a path; the handle is kept for the life of
+            // the process (never closed); dlerror returns a C string or null.
+            let h = unsafe { dlopen(c.as_ptr(), RTLD_NOW | RTLD_GLOBAL) };
+            if h.is_null() {
+                let why = unsafe {
+                    let e = dlerror();
+                    if e.is_null() {
+                        "unknown error".to_string()
+                    } else {
+                        CStr::from_ptr(e).to_string_lossy().into_owned()
+                    }
+                };
+                return Err(format!(
+                    "{EMU_VAR}={shown}: cannot load the emulator: {why}"
+                ));
+            }
+            Ok(())
+        })
+        .clone()
+        .map_err(Error::msg)
 }
 
 /// How frozen weight matrices are held on the GPU.
@@ -367,6 +431,7 @@ impl CudaBackend {
 
     /// The backend with a chosen weight precision.
     pub fn with_weight_dtype(ordinal: usize, weights: WeightDtype) -> Result<Self> {
+        load_emulator()?;
         if !driver_present() {
             return Err(Error::msg(NO_DRIVER));
         }
