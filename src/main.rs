@@ -735,6 +735,18 @@ fn run_devices() -> beft::Result<()> {
     }
     #[cfg(not(feature = "wgpu"))]
     println!("wgpu: not compiled in (rebuild with --features wgpu)");
+    #[cfg(feature = "cuda")]
+    match beft::backend::cuda::list_devices() {
+        Ok(list) if list.is_empty() => println!("cuda: the driver reports no device"),
+        Ok(list) => {
+            for (i, d) in list.iter().enumerate() {
+                println!("cuda:{i}: {d}");
+            }
+        }
+        Err(e) => println!("cuda: {e}"),
+    }
+    #[cfg(not(feature = "cuda"))]
+    println!("cuda: not compiled in (rebuild with --features cuda)");
     Ok(())
 }
 

@@ -1485,6 +1485,31 @@ fn training_step_on_minilm_matches_cpu() {
 
 // ---- the CLI on the device ---------------------------------------------------------
 
+/// `beft train --quiet --task sst2` of `model` on `data` into `out`, with
+/// `args`; `emulator`: whether the child may use the CUDA emulator that
+/// `BEFT_CUDA_EMU` names.
+fn cli_train(
+    model: &std::path::Path,
+    data: &std::path::Path,
+    out: &std::path::Path,
+    args: &[&str],
+    emulator: bool,
+) -> std::process::Output {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_beft"));
+    cmd.args(["train", "--quiet", "--task", "sst2"])
+        .args(args)
+        .arg("--model")
+        .arg(model)
+        .arg("--data")
+        .arg(data)
+        .arg("--out")
+        .arg(out);
+    if !emulator {
+        cmd.env_remove(beft::backend::cuda::EMU_VAR);
+    }
+    cmd.output().unwrap()
+}
+
 /// The `loss` and `grad_norm` of every step of a run (steps.jsonl), and
 /// its last dev metric (metrics.jsonl).
 fn run_curve(out: &std::path::Path) -> (Vec<(f64, f64)>, f64) {
@@ -1528,12 +1553,11 @@ fn cli_training_on_cuda_follows_the_cpu() {
     write_tiny_sst2(&data, 48, 16);
     let train = |device: &str| {
         let out = tmp.path().join(device);
-        let o = std::process::Command::new(env!("CARGO_BIN_EXE_beft"))
-            .args([
-                "train",
-                "--quiet",
-                "--task",
-                "sst2",
+        let o = cli_train(
+            &model,
+            &data,
+            &out,
+            &[
                 "--epochs",
                 "2",
                 "--batch",
@@ -1546,15 +1570,9 @@ fn cli_training_on_cuda_follows_the_cpu() {
                 "1",
                 "--device",
                 device,
-            ])
-            .arg("--model")
-            .arg(&model)
-            .arg("--data")
-            .arg(&data)
-            .arg("--out")
-            .arg(&out)
-            .output()
-            .unwrap();
+            ],
+            true,
+        );
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(o.status.success(), "beft train --device {device}:\n{err}");
         assert!(
@@ -1563,6 +1581,16 @@ fn cli_training_on_cuda_follows_the_cpu() {
         );
         run_curve(&out)
     };
+    // `beft devices` lists the device the run below uses.
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_beft"))
+        .arg("devices")
+        .output()
+        .unwrap();
+    let listed = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success() && listed.contains("cuda:0: "),
+        "{listed}"
+    );
     let (cpu, cpu_dev) = train("cpu");
     let (gpu, gpu_dev) = train("cuda");
     assert_eq!(cpu.len(), gpu.len(), "step counts");
@@ -1605,19 +1633,13 @@ fn cuda_device_without_driver_is_a_clean_error() {
     );
     write_tiny_model(&model, TinyArch::Bert, 1, None);
     write_tiny_sst2(&data, 16, 8);
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_beft"))
-        .args([
-            "train", "--quiet", "--task", "sst2", "--epochs", "1", "--device", "cuda",
-        ])
-        .arg("--model")
-        .arg(&model)
-        .arg("--data")
-        .arg(&data)
-        .arg("--out")
-        .arg(&out)
-        .env_remove(beft::backend::cuda::EMU_VAR)
-        .output()
-        .unwrap();
+    let o = cli_train(
+        &model,
+        &data,
+        &out,
+        &["--epochs", "1", "--device", "cuda"],
+        false,
+    );
     let err = String::from_utf8_lossy(&o.stderr);
     if emulated && o.status.success() {
         eprintln!("skipped: a CUDA driver is present (this checks the no-driver message)");

@@ -842,33 +842,32 @@ EXPORT CUresult cuLaunchKernel(void* func, unsigned gx, unsigned gy, unsigned gz
     return CUDA_SUCCESS_CODE;
 }
 
+// The error codes the emulator returns: name and text, as cuda.h has them.
+static const struct {
+    int code;
+    const char* name;
+    const char* text;
+} ERRORS[] = {
+    {0, "CUDA_SUCCESS", "no error"},
+    {1, "CUDA_ERROR_INVALID_VALUE", "invalid argument"},
+    {2, "CUDA_ERROR_OUT_OF_MEMORY", "out of memory"},
+    {101, "CUDA_ERROR_INVALID_DEVICE", "invalid device ordinal"},
+    {200, "CUDA_ERROR_INVALID_IMAGE", "device kernel image is invalid"},
+    {400, "CUDA_ERROR_INVALID_HANDLE", "invalid resource handle"},
+    {500, "CUDA_ERROR_NOT_FOUND", "named symbol not found"},
+    {700, "CUDA_ERROR_ILLEGAL_ADDRESS", "an illegal memory access was encountered (emulator: see stderr)"},
+    {715, "CUDA_ERROR_ILLEGAL_INSTRUCTION", "an illegal instruction was encountered (emulator: see stderr)"},
+};
+
 EXPORT CUresult cuGetErrorString(CUresult e, const char** s) {
-    switch (e) {
-        case 0: *s = "no error"; break;
-        case 1: *s = "invalid argument"; break;
-        case 2: *s = "out of memory"; break;
-        case 101: *s = "invalid device ordinal"; break;
-        case 200: *s = "device kernel image is invalid"; break;
-        case 400: *s = "invalid resource handle"; break;
-        case 500: *s = "named symbol not found"; break;
-        case 700: *s = "an illegal memory access was encountered (emulator: see stderr)"; break;
-        case 715: *s = "an illegal instruction was encountered (emulator: see stderr)"; break;
-        default: *s = "unknown error"; break;
-    }
+    *s = "unknown error";
+    for (const auto& x : ERRORS)
+        if (x.code == e) *s = x.text;
     return CUDA_SUCCESS_CODE;
 }
 EXPORT CUresult cuGetErrorName(CUresult e, const char** s) {
-    switch (e) {
-        case 0: *s = "CUDA_SUCCESS"; break;
-        case 1: *s = "CUDA_ERROR_INVALID_VALUE"; break;
-        case 2: *s = "CUDA_ERROR_OUT_OF_MEMORY"; break;
-        case 101: *s = "CUDA_ERROR_INVALID_DEVICE"; break;
-        case 200: *s = "CUDA_ERROR_INVALID_IMAGE"; break;
-        case 400: *s = "CUDA_ERROR_INVALID_HANDLE"; break;
-        case 500: *s = "CUDA_ERROR_NOT_FOUND"; break;
-        case 700: *s = "CUDA_ERROR_ILLEGAL_ADDRESS"; break;
-        case 715: *s = "CUDA_ERROR_ILLEGAL_INSTRUCTION"; break;
-        default: *s = "CUDA_ERROR_UNKNOWN"; break;
-    }
+    *s = "CUDA_ERROR_UNKNOWN";
+    for (const auto& x : ERRORS)
+        if (x.code == e) *s = x.name;
     return CUDA_SUCCESS_CODE;
 }

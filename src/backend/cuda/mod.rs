@@ -115,6 +115,27 @@ pub fn load_emulator() -> Result<()> {
         .map_err(Error::msg)
 }
 
+/// The CUDA devices, one line each ("name, sm_XY, N GiB"), or why there
+/// are none. Creates a context on each device; compiles nothing.
+pub fn list_devices() -> std::result::Result<Vec<String>, String> {
+    load_emulator().map_err(|e| e.message().to_string())?;
+    if !driver_present() {
+        return Err(NO_DRIVER.to_string());
+    }
+    let n = CudaContext::device_count().map_err(|e| format!("CUDA: {e}"))?;
+    (0..n.max(0) as usize)
+        .map(|i| {
+            let ctx = CudaContext::new(i).map_err(|e| format!("CUDA device {i}: {e}"))?;
+            let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
+            let cc = ctx
+                .compute_capability()
+                .map_err(|e| format!("CUDA device {i}: {e}"))?;
+            let total = ctx.total_mem().unwrap_or(0) as f64 / (1u64 << 30) as f64;
+            Ok(format!("{name}, sm_{}{}, {total:.1} GiB", cc.0, cc.1))
+        })
+        .collect()
+}
+
 /// How frozen weight matrices are held on the GPU.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WeightDtype {
