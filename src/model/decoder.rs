@@ -732,7 +732,7 @@ impl<B: Backend> Decoder<B> {
                 };
                 let cw = w.get_shaped(&format!("{}.weight", n.q), &[d, 3 * d])?;
                 let cb = w.get_shaped(&format!("{}.bias", n.q), &[3 * d])?;
-                let all_w = cw.to_f64_vec();
+                let all_w = cw.to_f32_vec();
                 let mut split = Vec::new();
                 for (i, term) in [BiasTerm::Q, BiasTerm::K, BiasTerm::V]
                     .into_iter()
@@ -755,7 +755,6 @@ impl<B: Backend> Decoder<B> {
                     // A 2-D tensor (not host values), so that the backend
                     // holds it as it holds every checkpoint matrix (bf16 on
                     // CUDA) and can stream it.
-                    let part: Vec<f32> = part.iter().map(|v| *v as f32).collect();
                     let name = format!("{}.weight[{}]", n.q, term.short());
                     split.push(Lin {
                         w: Src::View(TensorView::from_f32(&name, vec![d, d], &part)),
