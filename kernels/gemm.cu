@@ -134,7 +134,7 @@ __device__ __forceinline__ void gemm_ldsm_x4_trans(u32 addr, u32& r0, u32& r1, u
 // Two f32 -> packed bf16x2 (round to nearest even), `lo` in the low half.
 __device__ __forceinline__ u32 gemm_bf16x2(float lo, float hi) {
 #ifdef BEFT_CUDA_EMU
-    return emu_bf16x2(hi, lo);
+    return pack_bf16(f32_to_bf16(lo), f32_to_bf16(hi));
 #else
     u32 r;
     asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));

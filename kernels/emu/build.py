@@ -30,8 +30,6 @@ EMU = KERNELS / "emu"
 
 KERNEL_RE = re.compile(r'extern\s+"C"\s+__global__\s+void\s+(?:__launch_bounds__\s*\([^)]*\)\s*)?(\w+)\s*\(')
 DYN_SMEM_RE = re.compile(r"extern\s+__shared__\s+(?:__align__\s*\(\s*\d+\s*\)\s+)?([A-Za-z_][\w ]*?)\s+(\w+)\s*\[\s*\]")
-# The dynamic shared memory reserved per file: the largest opt-in of an H100.
-DYN_SMEM_CAP = 227 * 1024
 
 CXXFLAGS = [
     "-O3",
@@ -61,7 +59,7 @@ def unit(cu: Path) -> str:
     smem = "nullptr, 0"
     if dyn:
         (ty, name), = dyn
-        out.append(f"alignas(128) {ty} {name}[{DYN_SMEM_CAP} / sizeof({ty})];")
+        out.append(f"alignas(128) {ty} {name}[EMU_SMEM_OPTIN / sizeof({ty})];")
         smem = f"(void*){name}, sizeof({name})"
     out.append(f'#line 1 "{cu}"')
     out.append(re.sub(r"extern\s+__shared__", "extern", src))

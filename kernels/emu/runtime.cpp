@@ -33,11 +33,11 @@
 #include <sys/mman.h>
 #include <time.h>
 
+#include <algorithm>
 #include <cstdarg>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
-#include <algorithm>
 #include <cstring>
 #include <deque>
 #include <map>
@@ -61,7 +61,6 @@ enum {
     CUDA_ERROR_NOT_FOUND_CODE = 500,
     CUDA_ERROR_ILLEGAL_ADDRESS_CODE = 700,
     CUDA_ERROR_ILLEGAL_INSTRUCTION_CODE = 715,
-    CUDA_ERROR_NOT_SUPPORTED_CODE = 801,
 };
 
 emu_dim3 threadIdx, blockIdx, blockDim, gridDim;
@@ -136,8 +135,9 @@ struct Fiber {
     void* sp = nullptr;
     int state = DONE;
     // Warp collectives this lane has entered; the operands it offers to
-    // collective number r sit in slot (r & 1), so a lane that runs ahead into the next collective
-    // never overwrites what a slower lane still reads from the last one.
+    // collective number r sit in slot (r & 1), so a lane that runs ahead
+    // into the next collective never overwrites what a slower lane still
+    // reads from the last one.
     unsigned colls = 0;
     uint64_t val[2] = {0, 0};
     unsigned addr[2] = {0, 0};
@@ -318,6 +318,8 @@ static bool run_block() {
 
 extern "C" void emu_syncthreads() { wait_block(); }
 
+extern "C" int emu_lane_id() { return cur & 31; }
+
 // Lanes of the current thread's warp that exist and have not exited.
 static unsigned live_lanes(int me) {
     unsigned m = 0;
@@ -395,7 +397,7 @@ extern "C" void emu_cp_wait(int pending) {
 extern "C" void emu_ldmatrix_x4(unsigned addr, int trans, unsigned* r) {
     const int me = cur;
     if (addr % 16 != 0) fail(CUDA_ERROR_ILLEGAL_ADDRESS_CODE, "ldmatrix row address %u not 16-byte aligned", addr);
-    if (live_lanes(me) != 0xffffffffu)
+    if (warps[me >> 5].live != 32)
         fail(CUDA_ERROR_ILLEGAL_INSTRUCTION_CODE, "ldmatrix.sync.aligned without all 32 lanes");
     const unsigned round = fibers[me].colls++, slot = round & 1;
     fibers[me].addr[slot] = addr;
@@ -432,7 +434,7 @@ static inline float bf16_hi(unsigned r) { return __uint_as_float(r & 0xffff0000u
 
 extern "C" void emu_mma_16816_bf16(float* d, const unsigned* a, const unsigned* b) {
     const int me = cur;
-    if (live_lanes(me) != 0xffffffffu) fail(CUDA_ERROR_ILLEGAL_INSTRUCTION_CODE, "mma.sync without all 32 lanes");
+    if (warps[me >> 5].live != 32) fail(CUDA_ERROR_ILLEGAL_INSTRUCTION_CODE, "mma.sync without all 32 lanes");
     const unsigned round = fibers[me].colls++, slot = round & 1;
     fibers[me].a[slot] = a;
     fibers[me].b[slot] = b;
@@ -490,18 +492,13 @@ struct EmuStream {
     int unused = 0;
 };
 
-static const int SMEM_OPTIN = 227 * 1024;  // an H100's opt-in maximum
 static const size_t GUARD = 256;           // bytes checked after each allocation
 static const unsigned char GUARD_BYTE = 0xa5;
 
 static std::recursive_mutex api_lock;
 static int context_token = 1;  // the primary context handle points here
-static EmuStream default_stream_obj;
 
-struct Alloc {
-    size_t bytes;
-};
-static std::map<uintptr_t, Alloc> allocs;  // base -> size (without the guard)
+static std::map<uintptr_t, size_t> allocs;  // base -> size in bytes (without the guard)
 static size_t allocated = 0;
 
 static size_t total_memory() {
@@ -519,19 +516,18 @@ static double now_ms() {
     return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
 }
 
-// The allocation whose guard zone was overwritten, if any: reported as an
-// out-of-bounds write of the kernel that just ran.
-static bool check_guards() {
-    for (const auto& [base, a] : allocs) {
-        const unsigned char* g = (const unsigned char*)base + a.bytes;
+// A guard zone overwritten: reported as an out-of-bounds write of the
+// kernel that just ran.
+static void check_guards() {
+    for (const auto& [base, bytes] : allocs) {
+        const unsigned char* g = (const unsigned char*)base + bytes;
         for (size_t i = 0; i < GUARD; i++)
             if (g[i] != GUARD_BYTE) {
                 fail(CUDA_ERROR_ILLEGAL_ADDRESS_CODE,
-                     "wrote past the end of a %zu-byte device allocation (byte %zu after it)", a.bytes, i);
-                return false;
+                     "wrote past the end of a %zu-byte device allocation (byte %zu after it)", bytes, i);
+                return;
             }
     }
-    return true;
 }
 
 static CUresult mem_alloc(CUdeviceptr* p, size_t bytes) {
@@ -544,7 +540,7 @@ static CUresult mem_alloc(CUdeviceptr* p, size_t bytes) {
     if (m == nullptr) return CUDA_ERROR_OUT_OF_MEMORY_CODE;
     memset(m, 0xff, bytes);  // NaN as f32: unwritten values show
     memset((unsigned char*)m + bytes, GUARD_BYTE, GUARD);
-    allocs[(uintptr_t)m] = {bytes};
+    allocs[(uintptr_t)m] = bytes;
     allocated += bytes;
     *p = (CUdeviceptr)(uintptr_t)m;
     return CUDA_SUCCESS_CODE;
@@ -554,7 +550,7 @@ static CUresult mem_free(CUdeviceptr p) {
     std::lock_guard<std::recursive_mutex> l(api_lock);
     auto it = allocs.find((uintptr_t)p);
     if (it == allocs.end()) return CUDA_ERROR_INVALID_VALUE_CODE;
-    allocated -= it->second.bytes;
+    allocated -= it->second;
     allocs.erase(it);
     free((void*)(uintptr_t)p);
     return CUDA_SUCCESS_CODE;
@@ -565,7 +561,7 @@ static bool in_device(CUdeviceptr p, size_t bytes) {
     auto it = allocs.upper_bound((uintptr_t)p);
     if (it == allocs.begin()) return false;
     --it;
-    return (uintptr_t)p >= it->first && (uintptr_t)p + bytes <= it->first + it->second.bytes;
+    return (uintptr_t)p >= it->first && (uintptr_t)p + bytes <= it->first + it->second;
 }
 
 static CUresult bad_range(const char* what, CUdeviceptr p, size_t bytes) {
@@ -621,7 +617,7 @@ EXPORT CUresult cuDeviceGetAttribute(int* v, int attr, CUdevice) {
         case 75: *v = 9; break;                          // COMPUTE_CAPABILITY_MAJOR
         case 76: *v = 0; break;                          // COMPUTE_CAPABILITY_MINOR
         case 81: *v = 228 * 1024; break;                 // MAX_SHARED_MEMORY_PER_MULTIPROCESSOR
-        case 97: *v = SMEM_OPTIN; break;                 // MAX_SHARED_MEMORY_PER_BLOCK_OPTIN
+        case 97: *v = EMU_SMEM_OPTIN; break;                 // MAX_SHARED_MEMORY_PER_BLOCK_OPTIN
         case 115: *v = 1; break;                         // MEMORY_POOLS_SUPPORTED
         default: *v = 0; break;
     }
@@ -653,7 +649,7 @@ EXPORT CUresult cuStreamCreate(void** s, unsigned) {
 }
 EXPORT CUresult cuStreamCreateWithPriority(void** s, unsigned, int) { return cuStreamCreate(s, 0); }
 EXPORT CUresult cuStreamDestroy_v2(void* s) {
-    if (s != nullptr && s != &default_stream_obj) delete (EmuStream*)s;
+    delete (EmuStream*)s;
     return CUDA_SUCCESS_CODE;
 }
 EXPORT CUresult cuStreamSynchronize(void*) { return CUDA_SUCCESS_CODE; }
@@ -781,7 +777,7 @@ EXPORT CUresult cuModuleGetFunction(void** f, void* module, const char* name) {
 }
 EXPORT CUresult cuFuncSetAttribute(void* f, int attr, int value) {
     if (attr == 8) {  // MAX_DYNAMIC_SHARED_SIZE_BYTES
-        if (value < 0 || value > SMEM_OPTIN) return CUDA_ERROR_INVALID_VALUE_CODE;
+        if (value < 0 || value > EMU_SMEM_OPTIN) return CUDA_ERROR_INVALID_VALUE_CODE;
         ((EmuFunc*)f)->max_dyn_smem = value;
     }
     return CUDA_SUCCESS_CODE;
