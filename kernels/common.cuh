@@ -114,3 +114,99 @@ __device__ __forceinline__ double block_sum_d(double v, double* scratch) {
 // Grid-stride loop over `n` elements (64-bit index).
 #define GRID_LOOP(i, n) \
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < (i64)(n); i += (i64)blockDim.x * gridDim.x)
+
+// ---- the tiled tensor-core GEMMs (gemm.cu, gemm_sm90.cu) -----------------------
+// Asynchronous global -> shared copies (cp.async, sm_80+), bf16 packing and
+// the block raster. Inline PTX; under the CPU emulator (kernels/emu) each
+// has an emulated twin.
+
+// Generic pointer -> address in the shared window.
+__device__ __forceinline__ u32 smem_addr(const void* p) {
+#ifdef BEFT_CUDA_EMU
+    return emu_cvta_shared(p);
+#else
+    u32 r;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(r) : "l"(p));
+    return r;
+#endif
+}
+
+// 16 bytes global -> shared, asynchronously; `ok` false: 16 zero bytes (the
+// source is not read).
+__device__ __forceinline__ void cp_async16(u32 dst, const void* src, bool ok) {
+#ifdef BEFT_CUDA_EMU
+    emu_cp_async(dst, src, 16, ok ? 16 : 0);
+#else
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(ok ? 16 : 0)
+                 : "memory");
+#endif
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+#ifdef BEFT_CUDA_EMU
+    emu_cp_commit();
+#else
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+
+// Wait until at most N of this thread's committed groups are pending.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#ifdef BEFT_CUDA_EMU
+    emu_cp_wait(N);
+#else
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
+
+// Two f32 -> packed bf16x2 (round to nearest even), `lo` in the low half.
+__device__ __forceinline__ u32 bf16x2_rn(float lo, float hi) {
+#ifdef BEFT_CUDA_EMU
+    return pack_bf16(f32_to_bf16(lo), f32_to_bf16(hi));
+#else
+    u32 r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+#endif
+}
+
+// Origin (bm, bn) of this block's output tile of TM x TN elements. Block
+// raster: groups of 8 block rows, column-major inside a group (the blocks
+// running at once share b's column tiles and a's row tiles in L2). The
+// special registers are read with volatile asm, so that the compiler
+// recomputes what derives from them instead of keeping it live (or
+// spilling it) through a k loop.
+template <int TM, int TN>
+__device__ __forceinline__ void raster_origin(int& bm, int& bn) {
+    const int GROUP = 8;
+    u32 bx, by, gx, gy;
+#ifdef BEFT_CUDA_EMU
+    bx = blockIdx.x, by = blockIdx.y, gx = gridDim.x, gy = gridDim.y;
+#else
+    asm volatile("mov.u32 %0, %%ctaid.x;\n" : "=r"(bx));
+    asm volatile("mov.u32 %0, %%ctaid.y;\n" : "=r"(by));
+    asm volatile("mov.u32 %0, %%nctaid.x;\n" : "=r"(gx));
+    asm volatile("mov.u32 %0, %%nctaid.y;\n" : "=r"(gy));
+#endif
+    const int gm = (int)gy, gn = (int)gx;
+    const int pid = (int)by * gn + (int)bx;
+    const int per_group = GROUP * gn;
+    const int first_m = (pid / per_group) * GROUP;
+    const int gsize = gm - first_m < GROUP ? gm - first_m : GROUP;
+    const int tile_m = first_m + (pid % per_group) % gsize;
+    const int tile_n = (pid % per_group) / gsize;
+    bm = tile_m * TM;
+    bn = tile_n * TN;
+}
+
+// This thread's index in the block (x), read afresh (see raster_origin).
+__device__ __forceinline__ int tid_x() {
+#ifdef BEFT_CUDA_EMU
+    return (int)threadIdx.x;
+#else
+    u32 r;
+    asm volatile("mov.u32 %0, %%tid.x;\n" : "=r"(r));
+    return (int)r;
+#endif
+}

@@ -64,48 +64,9 @@
 #define GBN 128
 #define GBK 32
 #define GSTAGES 3
-#define GGROUP 8
 #define GA_STAGE (GBM * GBK)  // floats of one a stage (16 KB)
 #define GB_STAGE (GBN * GBK)  // bf16 of one b stage (8 KB)
 #define GEMM_SMEM_BYTES (GSTAGES * (GA_STAGE * 4 + GB_STAGE * 2))  // 73728
-
-__device__ __forceinline__ u32 gemm_smem_addr(const void* p) {
-#ifdef BEFT_CUDA_EMU
-    return emu_cvta_shared(p);
-#else
-    u32 r;
-    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(r) : "l"(p));
-    return r;
-#endif
-}
-
-// 16 bytes global -> shared, asynchronously; `ok` false: 16 zero bytes (the
-// source is not read).
-__device__ __forceinline__ void gemm_cp16(u32 dst, const void* src, bool ok) {
-#ifdef BEFT_CUDA_EMU
-    emu_cp_async(dst, src, 16, ok ? 16 : 0);
-#else
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(ok ? 16 : 0)
-                 : "memory");
-#endif
-}
-
-__device__ __forceinline__ void gemm_commit() {
-#ifdef BEFT_CUDA_EMU
-    emu_cp_commit();
-#else
-    asm volatile("cp.async.commit_group;\n" ::: "memory");
-#endif
-}
-
-template <int N>
-__device__ __forceinline__ void gemm_wait() {
-#ifdef BEFT_CUDA_EMU
-    emu_cp_wait(N);
-#else
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-#endif
-}
 
 __device__ __forceinline__ void gemm_ldsm_x4(u32 addr, u32& r0, u32& r1, u32& r2, u32& r3) {
 #ifdef BEFT_CUDA_EMU
@@ -128,17 +89,6 @@ __device__ __forceinline__ void gemm_ldsm_x4_trans(u32 addr, u32& r0, u32& r1, u
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                  : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
                  : "r"(addr));
-#endif
-}
-
-// Two f32 -> packed bf16x2 (round to nearest even), `lo` in the low half.
-__device__ __forceinline__ u32 gemm_bf16x2(float lo, float hi) {
-#ifdef BEFT_CUDA_EMU
-    return pack_bf16(f32_to_bf16(lo), f32_to_bf16(hi));
-#else
-    u32 r;
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
-    return r;
 #endif
 }
 
@@ -171,57 +121,20 @@ __device__ __forceinline__ int gemm_a_off(int row, int col) {
     return row * GBK + (((col >> 2) ^ gemm_a_sw(row)) << 2) + (col & 3);
 }
 
-// Special registers read with volatile asm, so that the compiler recomputes
-// what derives from them instead of keeping it live (or spilling it) through
-// the k loop.
-__device__ __forceinline__ int gemm_tid() {
-#ifdef BEFT_CUDA_EMU
-    return (int)threadIdx.x;
-#else
-    u32 r;
-    asm volatile("mov.u32 %0, %%tid.x;\n" : "=r"(r));
-    return (int)r;
-#endif
-}
-
-// Origin (bm, bn) of this block's output tile. Block raster: groups of
-// GGROUP block rows, column-major inside a group (the blocks running at once
-// share b's column tiles and a's row tiles in L2).
-__device__ __forceinline__ void gemm_block_origin(int& bm, int& bn) {
-    u32 bx, by, gx, gy;
-#ifdef BEFT_CUDA_EMU
-    bx = blockIdx.x, by = blockIdx.y, gx = gridDim.x, gy = gridDim.y;
-#else
-    asm volatile("mov.u32 %0, %%ctaid.x;\n" : "=r"(bx));
-    asm volatile("mov.u32 %0, %%ctaid.y;\n" : "=r"(by));
-    asm volatile("mov.u32 %0, %%nctaid.x;\n" : "=r"(gx));
-    asm volatile("mov.u32 %0, %%nctaid.y;\n" : "=r"(gy));
-#endif
-    const int gm = (int)gy, gn = (int)gx;
-    const int pid = (int)by * gn + (int)bx;
-    const int per_group = GGROUP * gn;
-    const int first_m = (pid / per_group) * GGROUP;
-    const int gsize = gm - first_m < GGROUP ? gm - first_m : GGROUP;
-    const int tile_m = first_m + (pid % per_group) % gsize;
-    const int tile_n = (pid % per_group) / gsize;
-    bm = tile_m * GBM;
-    bn = tile_n * GBN;
-}
-
 template <bool NN, bool SPLIT>
 __device__ __forceinline__ void gemm_body(float* c, const float* a, const bf16_t* b, int m, int n, int k, int lda,
                                           int ldb, int ldc, int accumulate) {
     extern __shared__ __align__(16) unsigned char gemm_smem[];
     // Slots: a at [0, GSTAGES * GA_STAGE * 4) bytes ([GSTAGES][GBM][GBK] f32),
     // b after it ([GSTAGES][GB_STAGE] bf16).
-    const u32 as_base = gemm_smem_addr(gemm_smem);
+    const u32 as_base = smem_addr(gemm_smem);
     const u32 bs_base = as_base + GSTAGES * GA_STAGE * 4;
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int g = lane >> 2, t = lane & 3;
     const int wm = (warp >> 1) * 32, wn = (warp & 1) * 64;
     int bm, bn;
-    gemm_block_origin(bm, bn);
+    raster_origin<GBM, GBN>(bm, bn);
 
     // Per-thread copy roles (each 16-byte chunk: one cp.async).
     //   a: GBM rows x 8 chunks; rows a_row + 64 l, chunks a_ch + 4 h (l, h in {0, 1});
@@ -251,7 +164,7 @@ __device__ __forceinline__ void gemm_body(float* c, const float* a, const bf16_t
             for (int h = 0; h < 2; h++) {
                 const bool ok = 64 * l < a_rows_left && k0 + a_ch * 4 + 16 * h < k;
                 const float* src = ok ? a_ld + ((i64)l * 64 * lda + k0 + 16 * h) : a;
-                gemm_cp16(as + ((a_dst ^ (64u * h)) + 8192u * l), src, ok);
+                cp_async16(as + ((a_dst ^ (64u * h)) + 8192u * l), src, ok);
             }
         const u32 bs = bs_base + (u32)s * (GB_STAGE * 2u);
 #pragma unroll
@@ -268,7 +181,7 @@ __device__ __forceinline__ void gemm_body(float* c, const float* a, const bf16_t
                 src = ok ? b_ld + ((i64)k0 * ldb + 64 * h) : b;
                 dst = b_dst + 128u * h;
             }
-            gemm_cp16(bs + dst, src, ok);
+            cp_async16(bs + dst, src, ok);
         }
     };
 
@@ -285,7 +198,7 @@ __device__ __forceinline__ void gemm_body(float* c, const float* a, const bf16_t
 #pragma unroll
     for (int s = 0; s < GSTAGES - 1; s++) {
         if (s * GBK < k) load_tile(s, s * GBK);
-        gemm_commit();
+        cp_async_commit();
     }
 
     // Fragment read offsets (bytes inside a slot), fixed for the whole k loop.
@@ -314,10 +227,10 @@ __device__ __forceinline__ void gemm_body(float* c, const float* a, const bf16_t
 
     int rs = 0;  // slot read this iteration; slot (rs - 1) mod GSTAGES is written
     for (int k0 = 0; k0 < k; k0 += GBK) {
-        gemm_wait<GSTAGES - 2>();  // tile k0 has landed (this thread's copies)
+        cp_async_wait<GSTAGES - 2>();  // tile k0 has landed (this thread's copies)
         __syncthreads();           // ... everyone's; and the slot read last iteration is free
         if (k0 + (GSTAGES - 1) * GBK < k) load_tile(rs == 0 ? GSTAGES - 1 : rs - 1, k0 + (GSTAGES - 1) * GBK);
-        gemm_commit();
+        cp_async_commit();
         const unsigned char* Ast = gemm_smem + rs * (GA_STAGE * 4);
         const u32 bst = bs_base + (u32)rs * (GB_STAGE * 2u);
 #pragma unroll
@@ -348,14 +261,14 @@ __device__ __forceinline__ void gemm_body(float* c, const float* a, const bf16_t
                 x[3] = *(const float2*)(p1 + 1024);
                 u32 ahi[4];
 #pragma unroll
-                for (int q = 0; q < 4; q++) ahi[q] = gemm_bf16x2(x[q].x, x[q].y);
+                for (int q = 0; q < 4; q++) ahi[q] = bf16x2_rn(x[q].x, x[q].y);
 #pragma unroll
                 for (int nt = 0; nt < 8; nt++) gemm_mma(acc[mt][nt], ahi, bf[nt]);
                 if (SPLIT) {
                     u32 alo[4];
 #pragma unroll
                     for (int q = 0; q < 4; q++)
-                        alo[q] = gemm_bf16x2(x[q].x - __uint_as_float(ahi[q] << 16),
+                        alo[q] = bf16x2_rn(x[q].x - __uint_as_float(ahi[q] << 16),
                                              x[q].y - __uint_as_float(ahi[q] & 0xffff0000u));
 #pragma unroll
                     for (int nt = 0; nt < 8; nt++) gemm_mma(acc[mt][nt], alo, bf[nt]);
@@ -364,14 +277,14 @@ __device__ __forceinline__ void gemm_body(float* c, const float* a, const bf16_t
         }
         rs = rs == GSTAGES - 1 ? 0 : rs + 1;
     }
-    gemm_wait<0>();
+    cp_async_wait<0>();
 
     // Accumulator layout of m16n8: c0, c1 at (g, 2t), (g, 2t+1); c2, c3 at row
     // g+8. The output origin is computed afresh (cheaper than keeping it in a
     // register through the k loop).
     int om, on;
-    gemm_block_origin(om, on);
-    const int ltid = gemm_tid();
+    raster_origin<GBM, GBN>(om, on);
+    const int ltid = tid_x();
     om += ((ltid >> 6) * 32) + ((ltid & 31) >> 2);
     on += (((ltid >> 5) & 1) * 64) + 2 * (ltid & 3);
 #pragma unroll
