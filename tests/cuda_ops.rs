@@ -172,11 +172,12 @@ const MATMUL_SHAPES: &[(usize, usize, usize)] = &[
     (200, 64, 1536),
 ];
 
-/// The tiled GEMM (kernels/gemm.cu) against the f64 product, on the shapes
-/// it takes (activations k-contiguous, k and n multiples of 8; ragged m, n
-/// and k against its 128×128×32 tiles; more than 8 block rows), for both
-/// weight layouts, with and without accumulation; the simple kernel on the
-/// same inputs beside it.
+/// The tiled GEMMs (kernels/gemm.cu, and kernels/gemm_sm90.cu on compute
+/// capability 9.0) against the f64 product, on the shapes they take
+/// (activations k-contiguous, k and n multiples of 8; ragged m, n and k
+/// against their 128×128×32 and 128×256×64 tiles, odd and even k-tile
+/// counts; more than 8 block rows), for both weight layouts, with and
+/// without accumulation; the simple kernel on the same inputs beside them.
 #[test]
 fn tiled_gemm_matches_cpu_and_the_simple_kernel() {
     let Some(mut g) = gpu(WeightDtype::Bf16) else {
@@ -189,6 +190,7 @@ fn tiled_gemm_matches_cpu_and_the_simple_kernel() {
         (129, 8, 8),
         (5, 392, 40),
         (1100, 64, 96),
+        (70, 520, 136),
         (256, 768, 768),
     ] {
         for tb in [true, false] {
@@ -204,10 +206,15 @@ fn tiled_gemm_matches_cpu_and_the_simple_kernel() {
                     (Gemm::Tiled, &a, 2e-5),
                     // Activations rounded to bf16: the reference rounds them too.
                     (Gemm::Bf16, &a16, 2e-5),
+                    (Gemm::Wgmma, &a, 2e-5),
+                    (Gemm::WgmmaBf16, &a16, 2e-5),
                 ] {
                     g.set_gemm(mode);
                     if g.gemm() != mode {
-                        eprintln!("skipped {mode:?}: too little shared memory for the tiled GEMM");
+                        eprintln!(
+                            "skipped {mode:?}: not on this GPU (the tiled kernels need their shared \
+                             memory, the wgmma ones compute capability 9.0)"
+                        );
                         continue;
                     }
                     let (ga, gb) = (g.upload(&a), g.weight(&bw).unwrap());

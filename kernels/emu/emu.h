@@ -10,9 +10,9 @@
 // BEFT_CUDA_EMU to the library). What it checks and what it cannot:
 // docs/cuda-emulator.md.
 //
-// The kernels stay plain CUDA: only the inline-PTX helpers of gemm.cu and
-// matmul.cu carry an `#ifdef BEFT_CUDA_EMU` branch that calls the
-// emulations below.
+// The kernels stay plain CUDA: only the inline-PTX helpers (common.cuh,
+// gemm.cu, gemm_sm90.cu, matmul.cu) carry an `#ifdef BEFT_CUDA_EMU` branch
+// that calls the emulations below.
 #pragma once
 
 #include <cmath>
@@ -91,6 +91,16 @@ void emu_cp_wait(int pending);
 void emu_ldmatrix_x4(unsigned addr, int trans, unsigned* r);
 // mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32: d += a . b.
 void emu_mma_16816_bf16(float* d, const unsigned* a, const unsigned* b);
+// Hopper's warpgroup MMA (sm_90a): wgmma.fence, commit_group, wait_group,
+// and wgmma.mma_async.m64nNk16.f32.bf16.bf16 with A in registers and B in
+// shared memory through a matrix descriptor (scale-d, imm-trans-b). Queued
+// per warp and computed at the wait that retires its group, reading B then.
+void emu_wgmma_fence();
+void emu_wgmma_commit();
+void emu_wgmma_wait(int pending);
+void emu_wgmma_bf16(float* d, int n, const unsigned* a, unsigned long long desc, int scale_d, int trans_b);
+// fence.proxy.async: nothing to do on the CPU (one memory, one proxy).
+inline void emu_fence_proxy_async() {}
 }
 
 inline void __syncthreads() { emu_syncthreads(); }

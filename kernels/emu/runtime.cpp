@@ -7,7 +7,8 @@
 // Execution model. One launch at a time (a process-wide lock); blocks run
 // one after the other in launch order; inside a block every thread is a
 // fiber on the calling CPU thread, run until it reaches __syncthreads or a
-// warp-collective instruction (shuffle, ldmatrix, mma), where it yields.
+// warp-collective instruction (shuffle, ldmatrix, mma, the wgmma family),
+// where it yields.
 // A warp is released when all of its live lanes wait at the same kind of
 // collective; the block when all of its live threads wait at
 // __syncthreads; a released warp runs on first, as far as it can, before
@@ -16,13 +17,14 @@
 // values). Anything else that leaves no thread runnable is reported as a
 // deadlock. Memory operations are executed in program order per
 // thread; cp.async copies are held back until the wait that retires their
-// group.
+// group, and wgmma products until the wgmma.wait_group that retires theirs.
 //
 // Checks, reported as a launch error (CUDA_ERROR_ILLEGAL_ADDRESS or
 // CUDA_ERROR_ILLEGAL_INSTRUCTION) with the kernel, block and thread on
 // stderr: shared-window addresses outside the launch's dynamic shared
 // memory, misaligned ldmatrix rows and cp.async addresses, a shuffle whose
-// mask names an exited or missing lane, divergent warp collectives,
+// mask names an exited or missing lane, divergent warp collectives, wgmma
+// without a wgmma.fence or never waited for, or outside whole warpgroups,
 // barrier deadlocks, writes past the end of a device allocation (a guard
 // zone after each one, checked after every launch), launches beyond the
 // function's dynamic shared-memory limit (48 KiB unless raised with
@@ -110,7 +112,7 @@ emu_switch:
 enum State { RUN, WARP_WAIT, BLOCK_WAIT, DONE };
 
 // Which warp collective a lane waits at (a warp's lanes must agree).
-enum Kind { K_NONE, K_SHFL, K_LDSM, K_MMA };
+enum Kind { K_NONE, K_SHFL, K_LDSM, K_MMA, K_WGFENCE, K_WGMMA, K_WGCOMMIT, K_WGWAIT };
 
 static const char* kind_name(int k) {
     switch (k) {
@@ -120,6 +122,14 @@ static const char* kind_name(int k) {
             return "ldmatrix";
         case K_MMA:
             return "mma";
+        case K_WGFENCE:
+            return "wgmma.fence";
+        case K_WGMMA:
+            return "wgmma.mma_async";
+        case K_WGCOMMIT:
+            return "wgmma.commit_group";
+        case K_WGWAIT:
+            return "wgmma.wait_group";
         default:
             return "?";
     }
@@ -143,18 +153,33 @@ struct Fiber {
     unsigned addr[2] = {0, 0};
     const unsigned* a[2] = {nullptr, nullptr};
     const unsigned* b[2] = {nullptr, nullptr};
+    float* d[2] = {nullptr, nullptr};  // wgmma: the accumulator registers
     // cp.async: queued copies, and the end of each committed group in `cp`.
     std::vector<CpOp> cp;
     std::vector<size_t> groups;
 };
 
-// Per warp: arrivals at the current collective, and the results of the
-// last ldmatrix/mma, computed once for all lanes by the first lane resumed.
+// One wgmma.mma_async of a warp (its 16 rows of the warpgroup's 64), as
+// issued: every lane's A registers (copied: the instruction has read them)
+// and where its accumulators live (written when the op is retired).
+struct WgOp {
+    int n, scale_d, trans_b;
+    uint64_t desc;
+    unsigned a[32][4];
+    float* d[32];
+};
+
+// Per warp: arrivals at the current collective, the results of the last
+// ldmatrix/mma, computed once for all lanes by the first lane resumed, and
+// the wgmma ops in flight.
 struct Warp {
     int live = 0, waiting = 0, kind = K_NONE;
     unsigned done_round = ~0u;  // the collective count whose results are in `out`
     unsigned out[32][4];  // ldmatrix: each lane's registers
     float acc[16][8];     // mma: the 16 x 8 product a . b
+    std::vector<WgOp> wg_ops;     // issued, not yet retired, in order
+    std::vector<size_t> wg_groups;  // end (in wg_ops) of each committed group
+    bool wg_fenced = false;         // a wgmma.fence since the last wait
 };
 
 static const size_t STACK_BYTES = 256 * 1024;
@@ -302,7 +327,17 @@ static bool run_block() {
         set_thread(i);
         emu_switch(&sched_sp, fibers[i].sp);
     }
-    if (block_live == 0) return true;
+    if (block_live == 0) {
+        for (int w = 0; w < nwarps; w++)
+            if (!warps[w].wg_ops.empty()) {
+                cur = w * 32;
+                fail(CUDA_ERROR_ILLEGAL_INSTRUCTION_CODE,
+                     "warp %d exits with %zu wgmma.mma_async never retired by a wgmma.wait_group", w,
+                     warps[w].wg_ops.size());
+                return false;
+            }
+        return true;
+    }
     int at_warp = -1;
     for (int i = 0; i < nthreads && at_warp < 0; i++)
         if (fibers[i].state == WARP_WAIT) at_warp = i;
@@ -470,6 +505,162 @@ extern "C" void emu_mma_16816_bf16(float* d, const unsigned* a, const unsigned* 
     }
     const int g = (me & 31) >> 2, t = me & 3;
     for (int r = 0; r < 4; r++) d[r] += w.acc[g + 8 * (r >> 1)][2 * t + (r & 1)];
+}
+
+// ---- wgmma (sm_90a) -----------------------------------------------------------
+// Each warp's share of a warpgroup MMA (its 16 rows) depends only on its own
+// A registers and the shared B, so the emulation runs per warp: every
+// wgmma instruction is a warp collective, queued at issue (with the A
+// registers it read) and computed at the wgmma.wait_group that retires its
+// group, reading B from shared memory then, the latest moment the
+// instruction may read it: a kernel that overwrites a B tile before the
+// wait that retires its readers computes with the new data and fails its
+// checks.
+
+// Shared-window address of B(k, col) of a bf16 operand under descriptor
+// `desc` (the canonical layouts of the PTX ISA, swizzled modes only).
+static bool wg_b_addr(uint64_t desc, int trans_b, int k, int col, unsigned* out) {
+    const unsigned start = (unsigned)(desc & 0x3fff) << 4;
+    const unsigned lbo = (unsigned)((desc >> 16) & 0x3fff) << 4;
+    const unsigned sbo = (unsigned)((desc >> 32) & 0x3fff) << 4;
+    const unsigned base_off = (unsigned)((desc >> 49) & 7);
+    const unsigned mode = (unsigned)(desc >> 62);
+    if (mode == 0 || base_off != 0) {
+        fail(CUDA_ERROR_ILLEGAL_INSTRUCTION_CODE,
+             "wgmma descriptor %016llx: swizzle mode %u, base offset %u not emulated (swizzled modes with base "
+             "offset 0 only)",
+             (unsigned long long)desc, mode, base_off);
+        return false;
+    }
+    const unsigned width = 128u >> (mode - 1);  // bytes of a swizzle row: 128, 64, 32
+    unsigned addr;
+    if (!trans_b) {
+        // K-major: rows of `width` bytes along k, 8-row groups `sbo` apart.
+        addr = start + (unsigned)(col & 7) * width + (unsigned)(col >> 3) * sbo + (unsigned)k * 2;
+    } else {
+        // N-major: atoms of width / 2 columns x 8 k rows; atoms `lbo` apart
+        // along n, 8-row groups of k `sbo` apart.
+        const unsigned e = width / 2;
+        addr = start + ((unsigned)col % e) * 2 + ((unsigned)col / e) * lbo + (unsigned)(k & 7) * width +
+               (unsigned)(k >> 3) * sbo;
+    }
+    // The swizzle acts on the address itself: 16-byte chunk bits [4, 4 + b)
+    // ^= bits [7, 7 + b), b = log2(width / 16).
+    *out = addr ^ (((addr >> 7) & (width / 16 - 1)) << 4);
+    return true;
+}
+
+static void wg_execute(const WgOp& op) {
+    // A (16 x 16): the mma.m16n8k16 A layout, per warp.
+    float A[16][16];
+    for (int row = 0; row < 16; row++)
+        for (int k = 0; k < 16; k++) {
+            const unsigned reg = op.a[(row & 7) * 4 + ((k & 7) >> 1)][(row >> 3) + 2 * (k >> 3)];
+            A[row][k] = (k & 1) ? bf16_hi(reg) : bf16_lo(reg);
+        }
+    static float B[16][256];
+    for (int k = 0; k < 16; k++)
+        for (int col = 0; col < op.n; col++) {
+            unsigned addr;
+            if (!wg_b_addr(op.desc, op.trans_b, k, col, &addr)) return;
+            B[k][col] = bf16_lo(*(const unsigned short*)emu_shared_ptr(addr, 2));
+        }
+    for (int lane = 0; lane < 32; lane++) {
+        const int g = lane >> 2, t = lane & 3;
+        float* d = op.d[lane];
+        for (int i = 0; i < op.n / 8; i++)
+            for (int r = 0; r < 4; r++) {
+                const int row = g + 8 * (r >> 1), col = 8 * i + 2 * t + (r & 1);
+                float s = 0;
+                for (int k = 0; k < 16; k++) s += A[row][k] * B[k][col];
+                d[4 * i + r] = op.scale_d ? d[4 * i + r] + s : s;
+            }
+    }
+}
+
+// The warpgroup instructions must find every warp of a whole warpgroup.
+static void wg_check(int me, const char* what) {
+    if (warps[me >> 5].live != 32) fail(CUDA_ERROR_ILLEGAL_INSTRUCTION_CODE, "%s without all 32 lanes", what);
+    if (nthreads % 128 != 0)
+        fail(CUDA_ERROR_ILLEGAL_INSTRUCTION_CODE, "%s in a block of %d threads (not whole warpgroups of 128)", what,
+             nthreads);
+}
+
+extern "C" void emu_wgmma_fence() {
+    const int me = cur;
+    wg_check(me, "wgmma.fence");
+    const unsigned round = fibers[me].colls++;
+    wait_warp(K_WGFENCE);
+    Warp& w = warps[me >> 5];
+    if (w.done_round != round) {
+        w.done_round = round;
+        w.wg_fenced = true;
+    }
+}
+
+extern "C" void emu_wgmma_bf16(float* d, int n, const unsigned* a, unsigned long long desc, int scale_d,
+                               int trans_b) {
+    const int me = cur;
+    wg_check(me, "wgmma.mma_async");
+    if (n < 8 || n > 256 || n % 8 != 0) fail(CUDA_ERROR_ILLEGAL_INSTRUCTION_CODE, "wgmma n = %d", n);
+    const unsigned round = fibers[me].colls++, slot = round & 1;
+    Fiber& f = fibers[me];
+    f.a[slot] = a;
+    f.d[slot] = d;
+    f.val[slot] = desc;
+    f.addr[slot] = (unsigned)n | (unsigned)(scale_d != 0) << 16 | (unsigned)(trans_b != 0) << 17;
+    wait_warp(K_WGMMA);
+    const int w0 = me & ~31;
+    Warp& w = warps[me >> 5];
+    if (w.done_round == round) return;
+    w.done_round = round;
+    if (!w.wg_fenced)
+        fail(CUDA_ERROR_ILLEGAL_INSTRUCTION_CODE,
+             "wgmma.mma_async without a wgmma.fence since the last wgmma.wait_group (warp %d)", me >> 5);
+    for (int l = 1; l < 32; l++)
+        if (fibers[w0 + l].val[slot] != f.val[slot] || fibers[w0 + l].addr[slot] != f.addr[slot])
+            fail(CUDA_ERROR_ILLEGAL_INSTRUCTION_CODE, "wgmma.mma_async operands differ across the lanes of warp %d",
+                 me >> 5);
+    WgOp op;
+    op.n = n;
+    op.scale_d = scale_d != 0;
+    op.trans_b = trans_b != 0;
+    op.desc = desc;
+    for (int l = 0; l < 32; l++) {
+        for (int q = 0; q < 4; q++) op.a[l][q] = fibers[w0 + l].a[slot][q];
+        op.d[l] = fibers[w0 + l].d[slot];
+    }
+    w.wg_ops.push_back(op);
+}
+
+extern "C" void emu_wgmma_commit() {
+    const int me = cur;
+    wg_check(me, "wgmma.commit_group");
+    const unsigned round = fibers[me].colls++;
+    wait_warp(K_WGCOMMIT);
+    Warp& w = warps[me >> 5];
+    if (w.done_round != round) {
+        w.done_round = round;
+        w.wg_groups.push_back(w.wg_ops.size());
+    }
+}
+
+extern "C" void emu_wgmma_wait(int pending) {
+    const int me = cur;
+    wg_check(me, "wgmma.wait_group");
+    const unsigned round = fibers[me].colls++;
+    wait_warp(K_WGWAIT);
+    Warp& w = warps[me >> 5];
+    if (w.done_round == round) return;
+    w.done_round = round;
+    w.wg_fenced = false;
+    const int done = (int)w.wg_groups.size() - pending;
+    if (done <= 0) return;
+    const size_t end = w.wg_groups[done - 1];
+    for (size_t i = 0; i < end; i++) wg_execute(w.wg_ops[i]);
+    w.wg_ops.erase(w.wg_ops.begin(), w.wg_ops.begin() + end);
+    w.wg_groups.erase(w.wg_groups.begin(), w.wg_groups.begin() + done);
+    for (size_t& g : w.wg_groups) g -= end;
 }
 
 // ---- the driver API ------------------------------------------------------------

@@ -234,9 +234,11 @@ unsafe impl DeviceRepr for AttnArgs {}
 
 /// The kernel for products of f32 activations and bf16 weights
 /// (`BEFT_CUDA_GEMM`). `Tiled` and `Bf16` run `kernels/gemm.cu` (128×128
-/// tiles, a three-stage `cp.async` pipeline, `ldmatrix`) on the shapes it
-/// takes — activations k-contiguous, k and n multiples of 8: the forward
-/// `x·Wᵀ` and input-gradient `dy·W` products of every supported model — and
+/// tiles, a three-stage `cp.async` pipeline, `ldmatrix`, `mma.sync`), `Wgmma`
+/// and `WgmmaBf16` run `kernels/gemm_sm90.cu` (128×256 tiles, Hopper's
+/// `wgmma`; compute capability 9.0 only), on the shapes they take —
+/// activations k-contiguous, k and n multiples of 8: the forward `x·Wᵀ` and
+/// input-gradient `dy·W` products of every supported model — and
 /// `kernels/matmul.cu` on the rest.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Gemm {
@@ -249,34 +251,55 @@ pub enum Gemm {
     /// bf16 autocast does): half the tensor-core work, about 3 significant
     /// digits per product.
     Bf16,
+    /// `Tiled`'s numerics (activations split in two bf16 halves) on the
+    /// Hopper kernel. Elsewhere it falls back to `Tiled`.
+    Wgmma,
+    /// `Bf16`'s numerics on the Hopper kernel. Elsewhere: `Bf16`.
+    WgmmaBf16,
 }
 
 impl Gemm {
-    /// From `BEFT_CUDA_GEMM` (`tiled`, `bf16` or `simple`; default `tiled`).
+    /// From `BEFT_CUDA_GEMM` (`tiled`, `bf16`, `wgmma`, `wgmma-bf16` or
+    /// `simple`; default `tiled`).
     pub fn from_env() -> Result<Self> {
         match std::env::var("BEFT_CUDA_GEMM").as_deref() {
             Err(_) | Ok("") | Ok("tiled") => Ok(Gemm::Tiled),
             Ok("bf16") => Ok(Gemm::Bf16),
+            Ok("wgmma") => Ok(Gemm::Wgmma),
+            Ok("wgmma-bf16") => Ok(Gemm::WgmmaBf16),
             Ok("simple") => Ok(Gemm::Simple),
             Ok(v) => Err(Error::msg(format!(
-                "BEFT_CUDA_GEMM={v}: expected tiled, bf16 or simple"
+                "BEFT_CUDA_GEMM={v}: expected tiled, bf16, wgmma, wgmma-bf16 or simple"
             ))),
         }
     }
 
-    /// `self`, or `Simple` where the device's shared memory per block
-    /// (`smem_optin`) is too small for the tiled kernel.
-    fn fitting(self, smem_optin: usize) -> Self {
-        if smem_optin < GEMM_SMEM {
-            Gemm::Simple
-        } else {
-            self
+    /// `self`, or the nearest kernel the device runs: the Hopper kernels
+    /// need compute capability 9.0 (`sm90`) and `W_SMEM` bytes of shared
+    /// memory per block (`smem_optin`), the tiled ones `GEMM_SMEM`.
+    fn fitting(self, smem_optin: usize, sm90: bool) -> Self {
+        let g = match self {
+            Gemm::Wgmma if !sm90 || smem_optin < W_SMEM => Gemm::Tiled,
+            Gemm::WgmmaBf16 if !sm90 || smem_optin < W_SMEM => Gemm::Bf16,
+            g => g,
+        };
+        match g {
+            Gemm::Tiled | Gemm::Bf16 if smem_optin < GEMM_SMEM => Gemm::Simple,
+            g => g,
         }
+    }
+
+    /// Whether activations are split into two bf16 halves (else rounded once).
+    fn split(self) -> bool {
+        matches!(self, Gemm::Simple | Gemm::Tiled | Gemm::Wgmma)
     }
 }
 
 /// Dynamic shared memory of the tiled GEMM: 3 stages × (128×32 f32 + 128×32 bf16).
 const GEMM_SMEM: usize = 3 * (128 * 32 * 4 + 128 * 32 * 2);
+/// Dynamic shared memory of the Hopper GEMM: 3 stages × (128×64 f32 +
+/// 256×64 bf16), plus 1 KiB to align the stages to 1024 bytes.
+const W_SMEM: usize = 3 * (128 * 64 * 4 + 256 * 64 * 2) + 1024;
 
 /// Largest head dimension the attention kernels take (8 registers per lane).
 pub const MAX_HEAD_DIM: usize = 256;
@@ -291,6 +314,8 @@ pub struct CudaBackend {
     weights: WeightDtype,
     name: String,
     smem_optin: usize,
+    /// Whether the Hopper kernels (`kernels/*_sm90.cu`) are loaded.
+    sm90: bool,
     /// `BEFT_MAX_DEVICE_MEMORY`, and the free device memory when the
     /// backend was created (what the cap is measured from).
     cap: Option<u64>,
@@ -369,6 +394,15 @@ pub const KERNELS: &[(&str, &[&str])] = &[
             "gemm_nn_f32_bf16_split",
             "gemm_nt_f32_bf16",
             "gemm_nn_f32_bf16",
+        ],
+    ),
+    (
+        "gemm_sm90.cu",
+        &[
+            "gemm_sm90_nt_f32_bf16_split",
+            "gemm_sm90_nn_f32_bf16_split",
+            "gemm_sm90_nt_f32_bf16",
+            "gemm_sm90_nn_f32_bf16",
         ],
     ),
     (
@@ -516,18 +550,26 @@ impl CudaBackend {
         // The tiled GEMM's three-stage pipeline takes 72 KiB of shared
         // memory: allowed whenever the GPU has it, whichever kernel the
         // environment picks (`set_gemm` may switch to the tiled one later).
-        let gemm = Gemm::from_env()?.fitting(smem_optin);
-        if Gemm::Tiled.fitting(smem_optin) != Gemm::Simple {
+        // The Hopper GEMM (compute capability 9.0 alone) takes 193 KiB.
+        let sm90 = funcs.contains_key("gemm_sm90_nt_f32_bf16");
+        let gemm = Gemm::from_env()?.fitting(smem_optin, sm90);
+        for (file, bytes, probe) in [
+            ("gemm.cu", GEMM_SMEM, Gemm::Tiled),
+            ("gemm_sm90.cu", W_SMEM, Gemm::Wgmma),
+        ] {
+            if probe.fitting(smem_optin, sm90) != probe {
+                continue;
+            }
             for name in KERNELS
                 .iter()
-                .find(|(f, _)| *f == "gemm.cu")
+                .find(|(f, _)| *f == file)
                 .map(|(_, n)| *n)
                 .unwrap_or(&[])
             {
                 funcs[name]
                     .set_attribute(
                         CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                        GEMM_SMEM as i32,
+                        bytes as i32,
                     )
                     .map_err(dev_err)?;
             }
@@ -545,6 +587,8 @@ impl CudaBackend {
                 (WeightDtype::F32, _) => "",
                 (_, Gemm::Tiled) => ", tiled GEMM",
                 (_, Gemm::Bf16) => ", tiled GEMM on bf16-rounded activations",
+                (_, Gemm::Wgmma) => ", wgmma GEMM",
+                (_, Gemm::WgmmaBf16) => ", wgmma GEMM on bf16-rounded activations",
                 (_, Gemm::Simple) => ", simple GEMM",
             }
         );
@@ -557,6 +601,7 @@ impl CudaBackend {
             weights,
             name,
             smem_optin,
+            sm90,
             cap,
             free_at_start,
             peak: std::sync::atomic::AtomicU64::new(0),
@@ -567,7 +612,7 @@ impl CudaBackend {
 
     /// The kernel for f32 × bf16 products (tests compare them).
     pub fn set_gemm(&mut self, gemm: Gemm) {
-        self.gemm = gemm.fitting(self.smem_optin);
+        self.gemm = gemm.fitting(self.smem_optin, self.sm90);
     }
 
     /// The kernel in use for f32 × bf16 products.
@@ -1073,17 +1118,27 @@ impl Backend for CudaBackend {
                     && m.div_ceil(128) <= 65_535 =>
             {
                 // lda = k, ldb = k (NT: b is [n][k]) or n (NN: b is [k][n]), ldc = n.
-                let kernel = match (tb, self.gemm) {
-                    (true, Gemm::Tiled) => "gemm_nt_f32_bf16_split",
-                    (false, Gemm::Tiled) => "gemm_nn_f32_bf16_split",
-                    (true, _) => "gemm_nt_f32_bf16",
-                    (false, _) => "gemm_nn_f32_bf16",
+                let hopper = matches!(self.gemm, Gemm::Wgmma | Gemm::WgmmaBf16);
+                let kernel = match (hopper, tb, self.gemm.split()) {
+                    (false, true, true) => "gemm_nt_f32_bf16_split",
+                    (false, false, true) => "gemm_nn_f32_bf16_split",
+                    (false, true, false) => "gemm_nt_f32_bf16",
+                    (false, false, false) => "gemm_nn_f32_bf16",
+                    (true, true, true) => "gemm_sm90_nt_f32_bf16_split",
+                    (true, false, true) => "gemm_sm90_nn_f32_bf16_split",
+                    (true, true, false) => "gemm_sm90_nt_f32_bf16",
+                    (true, false, false) => "gemm_sm90_nn_f32_bf16",
                 };
                 let ldb = if tb { ki } else { ni };
+                let (tile_n, smem) = if hopper {
+                    (256, W_SMEM)
+                } else {
+                    (128, GEMM_SMEM)
+                };
                 let cfg = LaunchConfig {
-                    grid_dim: (n.div_ceil(128) as u32, m.div_ceil(128) as u32, 1),
+                    grid_dim: (n.div_ceil(tile_n) as u32, m.div_ceil(128) as u32, 1),
                     block_dim: (256, 1, 1),
-                    shared_mem_bytes: GEMM_SMEM as u32,
+                    shared_mem_bytes: smem as u32,
                 };
                 self.launch(kernel, cfg, |l| {
                     l.arg(c)

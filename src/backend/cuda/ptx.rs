@@ -38,6 +38,10 @@ pub const SOURCES: &[(&str, &str)] = &[
         include_str!("../../../kernels/embedding.cu"),
     ),
     ("gemm.cu", include_str!("../../../kernels/gemm.cu")),
+    (
+        "gemm_sm90.cu",
+        include_str!("../../../kernels/gemm_sm90.cu"),
+    ),
     ("loss.cu", include_str!("../../../kernels/loss.cu")),
     ("matmul.cu", include_str!("../../../kernels/matmul.cu")),
     ("norm.cu", include_str!("../../../kernels/norm.cu")),
@@ -364,6 +368,19 @@ mod nvrtc_lib {
     }
 }
 
+/// The virtual architecture kernel file `file` is compiled for on a device
+/// of compute capability `cc`, or `None` when the file does not run there:
+/// files named `*_sm90.cu` use Hopper's arch-specific instructions (wgmma)
+/// and exist for compute capability 9.0 alone, as `compute_90a` (the same
+/// rule as `scripts/compile_kernels.py`).
+pub fn arch_for(file: &str, cc: (i32, i32)) -> Option<String> {
+    if file.ends_with("_sm90.cu") {
+        (cc == (9, 0)).then(|| "compute_90a".to_string())
+    } else {
+        Some(format!("compute_{}{}", cc.0, cc.1))
+    }
+}
+
 /// NVRTC's options for virtual architecture `arch` (`compute_90`, …).
 fn options(arch: &str) -> Vec<String> {
     let mut opts: Vec<String> = NVRTC_OPTS.iter().map(|s| s.to_string()).collect();
@@ -371,18 +388,21 @@ fn options(arch: &str) -> Vec<String> {
     opts
 }
 
-/// The PTX of every kernel file for compute capability `cc` (e.g. (9, 0)),
-/// from the cache or compiled now. Returns `(file, ptx)` pairs.
+/// The PTX of every kernel file that runs on compute capability `cc` (e.g.
+/// (9, 0); see [`arch_for`]), from the cache or compiled now. Returns
+/// `(file, ptx)` pairs.
 pub fn load_all(cc: (i32, i32)) -> Result<Vec<(&'static str, Ptx)>> {
     let nvrtc = nvrtc_lib::get();
     let version = match nvrtc {
         Some(l) => Some(l.version().map_err(|e| Error::msg(format!("NVRTC: {e}")))?),
         None => None,
     };
-    let arch = format!("compute_{}{}", cc.0, cc.1);
     let dir = cache_dir();
     let mut out = Vec::with_capacity(SOURCES.len());
     for (file, src) in SOURCES {
+        let Some(arch) = arch_for(file, cc) else {
+            continue;
+        };
         let unit = unit_source(file, src);
         let opts = options(&arch);
         let stem = file.trim_end_matches(".cu");
@@ -464,8 +484,12 @@ mod tests {
         assert!(major >= 11, "NVRTC {major}");
         let opts = options("compute_80");
         for (file, src) in SOURCES {
+            // sm_80 for the portable files, sm_90a for the Hopper-only ones.
+            let arch = arch_for(file, (8, 0))
+                .or_else(|| arch_for(file, (9, 0)))
+                .unwrap();
             let ptx = lib
-                .compile_ptx(&unit_source(file, src), file, &opts)
+                .compile_ptx(&unit_source(file, src), file, &options(&arch))
                 .unwrap_or_else(|e| panic!("{file}: {e}"));
             let names = super::super::KERNELS
                 .iter()
@@ -486,6 +510,18 @@ mod tests {
             err.contains("nvrtcCompileProgram") && err.contains("undeclared"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn hopper_only_files_load_on_sm90_alone() {
+        assert_eq!(arch_for("gemm.cu", (8, 6)).as_deref(), Some("compute_86"));
+        assert_eq!(arch_for("gemm.cu", (9, 0)).as_deref(), Some("compute_90"));
+        assert_eq!(
+            arch_for("gemm_sm90.cu", (9, 0)).as_deref(),
+            Some("compute_90a")
+        );
+        assert_eq!(arch_for("gemm_sm90.cu", (8, 0)), None);
+        assert_eq!(arch_for("gemm_sm90.cu", (10, 0)), None);
     }
 
     #[test]
