@@ -5,8 +5,9 @@
 #   # device tool, carry [".gpu"], two calls (each well under the 10-minute limit):
 #   scripts/gpu_run.sh check big            # correctness, then OPT-6.7B memory (~7 min)
 #   scripts/gpu_run.sh perf sanitize        # speed against ceilings and PyTorch (~8 min)
-#   scripts/gpu_run.sh local                # here, no GPU: the perf and big plumbing at
-#                                           # tiny shapes on --device cpu
+#   scripts/gpu_run.sh wgmma                # Hopper's wgmma GEMM: op table and PyTorch (~8 min)
+#   scripts/gpu_run.sh local                # here, no GPU: the perf, big and wgmma plumbing
+#                                           # at tiny shapes on --device cpu
 #
 # Phases run in the order given, sharing one time budget:
 # check: tests/cuda_ops.rs in full (per-op max errors), tests/wgpu_ops.rs on the GPU through
@@ -18,6 +19,10 @@
 # big: OPT-6.7B at 4x1024: training vs forward-only peak, resident vs streamed, kept vs
 #   recomputed activations, the streamed step against the upload bound.
 # sanitize: compute-sanitizer memcheck over the op tests, in the time left.
+# wgmma (H100/H200 only): the matmul rows of the op table with the mma.sync GEMM
+#   (BEFT_CUDA_GEMM=bf16) and the wgmma one (wgmma-bf16) side by side against cuBLAS, then
+#   beft (wgmma-bf16) vs PyTorch eager and torch.compile at the perf phase's configs.
+#   (Its correctness is in check: tests/cuda_ops.rs runs both wgmma modes on sm_90.)
 #
 # Everything goes to $OUT (at most 8 files come back: check + big make 8): summary.md (each
 # step, exit code, seconds), env.txt and one log per step group; perf and big add results.tgz (every JSON,
@@ -29,8 +34,8 @@ cd "$(dirname "$0")/.."
 PHASES=$*
 [ -n "$PHASES" ] || PHASES=none
 for p in $PHASES; do
-    case "$p" in check | perf | big | sanitize | local) ;; *)
-        echo "usage: scripts/gpu_run.sh PHASE... (check, perf, big, sanitize; or local alone)" >&2
+    case "$p" in check | perf | big | sanitize | wgmma | local) ;; *)
+        echo "usage: scripts/gpu_run.sh PHASE... (check, perf, big, sanitize, wgmma; or local alone)" >&2
         exit 2
         ;;
     esac
@@ -190,13 +195,15 @@ if [ "$PHASE" = local ]; then
     modes=eager
     big=opt-tiny
     big_cfg="--batch 2 --seq 64"
-    PHASES="perf big"
+    wg_shapes=$shapes
+    PHASES="perf big wgmma"
 else
     shapes=bert-base,opt-1.3b,opt-6.7b
     cfgs="bert-base:32:512 opt-1.3b:8:1024"
     modes=eager,compile
     big=opt-6.7b
     big_cfg="--batch 4 --seq 1024"
+    wg_shapes=bert-base,opt-1.3b
 fi
 write_model() { # SHAPE LOGFILE
     [ -f "$M/$1/model.safetensors" ] && return 0
@@ -255,7 +262,38 @@ for f in sorted(glob.glob(os.path.join(p, "mem*.json"))):
 EOF
 fi
 
-if has perf || has big; then
+if has wgmma; then
+    for g in bf16 wgmma-bf16; do
+        step "op table, BEFT_CUDA_GEMM=$g ($wg_shapes)" 120 "$OUT/wgmma.log" \
+            env BEFT_CUDA_GEMM=$g "$BIN/beft" bench --device "$DEV" --shapes "$wg_shapes" --quiet \
+            --json "$P/bench-ops-$g.json" --plot "$P/bench-ops-$g.png"
+    done
+    "$PY" - "$P" >> "$SUMMARY" 2>&1 <<'EOF' || true
+import json, os, sys
+p = sys.argv[1]
+runs = {}
+for g in ("bf16", "wgmma-bf16"):
+    f = os.path.join(p, f"bench-ops-{g}.json")
+    if os.path.exists(f):
+        ops = json.load(open(f))["ops"]
+        runs[g] = {(o["model_shape"], o["op"], o["shape"]): o for o in ops if o["op"].startswith("matmul")}
+if len(runs) == 2:
+    print("\n| model | matmul | m x n x k | mma.sync TFLOP/s | % of cuBLAS | wgmma TFLOP/s | % of cuBLAS |")
+    print("|---|---|---|---:|---:|---:|---:|")
+    for key, a in runs["bf16"].items():
+        b = runs["wgmma-bf16"].get(key, {})
+        t = lambda o: f"{o['tflops']:.3g}" if o.get("tflops") else "-"
+        c = lambda o: f"{o['pct_of_ceiling']:.0f} %" if o.get("pct_of_ceiling") else "-"
+        print(f"| {key[0]} | {key[1]} | {key[2]} | {t(a)} | {c(a)} | {t(b)} | {c(b)} |")
+EOF
+    for c in $cfgs; do write_model "${c%%:*}" "$OUT/wgmma.log"; done
+    step "beft (wgmma-bf16) vs PyTorch ($modes): $cfgs" 330 "$OUT/wgmma.log" \
+        env BEFT_CUDA_GEMM=wgmma-bf16 BEFT="$BIN/beft" PYTHON="$PY" benches/compare/compare_gpu.sh \
+        --models "$M" --configs "$cfgs" --modes "$modes" --device "$DEV" --out "$P/compare-wgmma"
+    [ -f "$P/compare-wgmma/results.md" ] && cat "$P/compare-wgmma/results.md" >> "$SUMMARY"
+fi
+
+if has perf || has big || has wgmma; then
     tar -C "$W" -czf "$OUT/results.tgz" results 2> /dev/null
 fi
 
