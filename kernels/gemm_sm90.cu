@@ -120,15 +120,6 @@ __device__ __forceinline__ u64 wdesc(u32 start, u32 lbo, u32 sbo) {
            ((u64)((sbo & 0x3ffff) >> 4) << 32) | (1ull << 62);
 }
 
-// `v`, computed here: a volatile asm keeps its place among the other
-// volatile asms (the wgmma fence), so the computation cannot sink past it.
-__device__ __forceinline__ u64 pin_u64(u64 v) {
-#ifndef BEFT_CUDA_EMU
-    asm volatile("mov.b64 %0, %0;\n" : "+l"(v));
-#endif
-    return v;
-}
-
 // d (64 x 256 per warpgroup, f32) += a (64 x 16 bf16, registers) . b (16 x
 // 256 bf16, descriptor). TRANS: b is N-major.
 template <int TRANS>
@@ -277,18 +268,12 @@ __device__ __forceinline__ void gemm_sm90_body(float* c, const float* a, const b
                                           x[q].y - __uint_as_float(ahi[j][q] & 0xffff0000u));
             }
         }
-        // The descriptors are made before the fence: ptxas serializes the
-        // wgmmas when any of their input registers is defined between the
-        // fence and the wgmma.
-        u64 desc[4];
-#pragma unroll
-        for (int j = 0; j < 4; j++)
-            desc[j] = pin_u64(NN ? wdesc(bst + 2048u * j, 8192u, 1024u) : wdesc(bst + 32u * j, 16u, 1024u));
         wgmma_fence();
 #pragma unroll
         for (int j = 0; j < 4; j++) {
-            wgmma_256<NN ? 1 : 0>(acc, ahi[j], desc[j]);
-            if (SPLIT) wgmma_256<NN ? 1 : 0>(acc, alo[j], desc[j]);
+            const u64 desc = NN ? wdesc(bst + 2048u * j, 8192u, 1024u) : wdesc(bst + 32u * j, 16u, 1024u);
+            wgmma_256<NN ? 1 : 0>(acc, ahi[j], desc);
+            if (SPLIT) wgmma_256<NN ? 1 : 0>(acc, alo[j], desc);
         }
         wgmma_commit();
         // This warpgroup's previous tile is done; after the barrier, every
