@@ -210,6 +210,12 @@ fn tiled_gemm_matches_cpu_and_the_simple_kernel() {
                     (Gemm::WgmmaBf16, &a16, 2e-5),
                 ] {
                     g.set_gemm(mode);
+                    let hopper = matches!(mode, Gemm::Wgmma | Gemm::WgmmaBf16);
+                    assert!(
+                        !(hopper && g.gemm() != mode && g.name().contains(", sm_90,")),
+                        "{mode:?}: the wgmma kernels did not load on this sm_90 device (see the \
+                         warning above)"
+                    );
                     if g.gemm() != mode {
                         eprintln!(
                             "skipped {mode:?}: not on this GPU (the tiled kernels need their shared \

@@ -514,23 +514,36 @@ impl CudaBackend {
             .map_err(dev_err)? as usize;
         let mut funcs = HashMap::new();
         for (file, ptx) in ptx::load_all(cc)? {
-            let module = ctx.load_module(ptx).map_err(|e| {
-                Error::msg(format!(
-                    "CUDA device {ordinal}: loading the PTX of kernels/{file} failed: {e} \
-                     (CUDA_ERROR_UNSUPPORTED_PTX_VERSION means NVRTC is newer than the driver: \
-                     update the driver or use an older NVRTC)"
-                ))
-            })?;
             let names = KERNELS
                 .iter()
                 .find(|(f, _)| *f == file)
                 .map(|(_, n)| *n)
                 .unwrap_or(&[]);
-            for name in names {
-                let f = module.load_function(name).map_err(|e| {
-                    Error::msg(format!("kernels/{file}: kernel {name} not found: {e}"))
-                })?;
-                funcs.insert(*name, f);
+            let loaded = ctx
+                .load_module(ptx)
+                .map_err(|e| {
+                    Error::msg(format!(
+                        "CUDA device {ordinal}: loading the PTX of kernels/{file} failed: {e} \
+                         (CUDA_ERROR_UNSUPPORTED_PTX_VERSION means NVRTC is newer than the \
+                         driver: update the driver or use an older NVRTC)"
+                    ))
+                })
+                .and_then(|module| {
+                    names
+                        .iter()
+                        .map(|name| {
+                            module.load_function(name).map(|f| (*name, f)).map_err(|e| {
+                                Error::msg(format!("kernels/{file}: kernel {name} not found: {e}"))
+                            })
+                        })
+                        .collect::<Result<Vec<_>>>()
+                });
+            match loaded {
+                Ok(fs) => funcs.extend(fs),
+                // The Hopper kernels have portable twins: without them the
+                // backend still runs (BEFT_CUDA_GEMM=wgmma falls back).
+                Err(e) if ptx::optional(file) => eprintln!("warning: {e}; not loaded"),
+                Err(e) => return Err(e),
             }
         }
         // The attention kernels size their shared memory by head dimension;

@@ -381,6 +381,13 @@ pub fn arch_for(file: &str, cc: (i32, i32)) -> Option<String> {
     }
 }
 
+/// Whether the backend can do without kernel file `file` (the Hopper-only
+/// ones, each with a portable twin): it is skipped with a warning when it
+/// fails to compile or load, instead of failing the backend.
+pub fn optional(file: &str) -> bool {
+    file.ends_with("_sm90.cu")
+}
+
 /// NVRTC's options for virtual architecture `arch` (`compute_90`, …).
 fn options(arch: &str) -> Vec<String> {
     let mut opts: Vec<String> = NVRTC_OPTS.iter().map(|s| s.to_string()).collect();
@@ -425,9 +432,20 @@ pub fn load_all(cc: (i32, i32)) -> Result<Vec<(&'static str, Ptx)>> {
                  to the path of its libnvrtc.so.12",
             ));
         };
-        let text = nvrtc
-            .compile_ptx(&unit, file, &opts)
-            .map_err(|e| Error::msg(format!("kernels/{file}: NVRTC failed for {arch}: {e}")))?;
+        let text = match nvrtc.compile_ptx(&unit, file, &opts) {
+            Ok(t) => t,
+            // An optional kernel file that does not compile costs its kernels
+            // only (the backend falls back to the portable ones).
+            Err(e) if optional(file) => {
+                eprintln!("warning: kernels/{file}: NVRTC failed for {arch}, not loaded: {e}");
+                continue;
+            }
+            Err(e) => {
+                return Err(Error::msg(format!(
+                    "kernels/{file}: NVRTC failed for {arch}: {e}"
+                )))
+            }
+        };
         if let Some(p) = &path {
             // Best effort: a read-only cache only costs a recompile. Write to
             // a temporary name unique to this process and call (threads of
