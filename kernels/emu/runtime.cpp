@@ -467,6 +467,18 @@ extern "C" void emu_ldmatrix_x4(unsigned addr, int trans, unsigned* r) {
 static inline float bf16_lo(unsigned r) { return __uint_as_float(r << 16); }
 static inline float bf16_hi(unsigned r) { return __uint_as_float(r & 0xffff0000u); }
 
+// The 16 x 16 bf16 A operand of mma.m16n8k16 (and of each warp's 16 rows of
+// wgmma.m64nNk16, the same layout) from the four registers of each lane:
+// element (row, k) is register (row >= 8) + 2 (k >= 8) of lane
+// (row % 8) * 4 + (k % 8) / 2, half k % 2.
+static void unpack_a16x16(const unsigned* const regs[32], float A[16][16]) {
+    for (int row = 0; row < 16; row++)
+        for (int k = 0; k < 16; k++) {
+            const unsigned reg = regs[(row & 7) * 4 + ((k & 7) >> 1)][(row >> 3) + 2 * (k >> 3)];
+            A[row][k] = (k & 1) ? bf16_hi(reg) : bf16_lo(reg);
+        }
+}
+
 extern "C" void emu_mma_16816_bf16(float* d, const unsigned* a, const unsigned* b) {
     const int me = cur;
     if (warps[me >> 5].live != 32) fail(CUDA_ERROR_ILLEGAL_INSTRUCTION_CODE, "mma.sync without all 32 lanes");
@@ -478,15 +490,12 @@ extern "C" void emu_mma_16816_bf16(float* d, const unsigned* a, const unsigned* 
     Warp& w = warps[me >> 5];
     if (w.done_round != round) {
         w.done_round = round;
-        // A (16 x 16, row): register (row >= 8) + 2 (k >= 8) of lane
-        // (row % 8) * 4 + (k % 8) / 2, half k % 2. B (16 x 8, col):
-        // register (k >= 8) of lane n * 4 + (k % 8) / 2, half k % 2.
+        // A: unpack_a16x16. B (16 x 8, col): register (k >= 8) of lane
+        // n * 4 + (k % 8) / 2, half k % 2.
         float A[16][16], B[16][8];
-        for (int row = 0; row < 16; row++)
-            for (int k = 0; k < 16; k++) {
-                const unsigned reg = fibers[w0 + (row & 7) * 4 + ((k & 7) >> 1)].a[slot][(row >> 3) + 2 * (k >> 3)];
-                A[row][k] = (k & 1) ? bf16_hi(reg) : bf16_lo(reg);
-            }
+        const unsigned* regs[32];
+        for (int l = 0; l < 32; l++) regs[l] = fibers[w0 + l].a[slot];
+        unpack_a16x16(regs, A);
         for (int k = 0; k < 16; k++)
             for (int n = 0; n < 8; n++) {
                 const unsigned reg = fibers[w0 + n * 4 + ((k & 7) >> 1)].b[slot][k >> 3];
@@ -517,54 +526,62 @@ extern "C" void emu_mma_16816_bf16(float* d, const unsigned* a, const unsigned* 
 // wait that retires its readers computes with the new data and fails its
 // checks.
 
-// Shared-window address of B(k, col) of a bf16 operand under descriptor
-// `desc` (the canonical layouts of the PTX ISA, swizzled modes only).
-static bool wg_b_addr(uint64_t desc, int trans_b, int k, int col, unsigned* out) {
-    const unsigned start = (unsigned)(desc & 0x3fff) << 4;
-    const unsigned lbo = (unsigned)((desc >> 16) & 0x3fff) << 4;
-    const unsigned sbo = (unsigned)((desc >> 32) & 0x3fff) << 4;
-    const unsigned base_off = (unsigned)((desc >> 49) & 7);
-    const unsigned mode = (unsigned)(desc >> 62);
-    if (mode == 0 || base_off != 0) {
-        fail(CUDA_ERROR_ILLEGAL_INSTRUCTION_CODE,
-             "wgmma descriptor %016llx: swizzle mode %u, base offset %u not emulated (swizzled modes with base "
-             "offset 0 only)",
-             (unsigned long long)desc, mode, base_off);
-        return false;
+// A bf16 shared-memory operand's matrix descriptor, decoded (the canonical
+// layouts of the PTX ISA; the swizzled modes with base offset 0 only).
+struct WgDesc {
+    unsigned start, lbo, sbo;
+    unsigned width;  // bytes of a swizzle row: 128, 64, 32
+    bool trans;      // N-major (imm-trans-b 1), else K-major
+
+    // false (and the launch failed) for a mode the emulator does not know.
+    bool decode(uint64_t desc, int trans_b) {
+        start = (unsigned)(desc & 0x3fff) << 4;
+        lbo = (unsigned)((desc >> 16) & 0x3fff) << 4;
+        sbo = (unsigned)((desc >> 32) & 0x3fff) << 4;
+        trans = trans_b != 0;
+        const unsigned base_off = (unsigned)((desc >> 49) & 7);
+        const unsigned mode = (unsigned)(desc >> 62);
+        if (mode == 0 || base_off != 0) {
+            fail(CUDA_ERROR_ILLEGAL_INSTRUCTION_CODE,
+                 "wgmma descriptor %016llx: swizzle mode %u, base offset %u not emulated (swizzled modes with base "
+                 "offset 0 only)",
+                 (unsigned long long)desc, mode, base_off);
+            return false;
+        }
+        width = 128u >> (mode - 1);
+        return true;
     }
-    const unsigned width = 128u >> (mode - 1);  // bytes of a swizzle row: 128, 64, 32
-    unsigned addr;
-    if (!trans_b) {
-        // K-major: rows of `width` bytes along k, 8-row groups `sbo` apart.
-        addr = start + (unsigned)(col & 7) * width + (unsigned)(col >> 3) * sbo + (unsigned)k * 2;
-    } else {
-        // N-major: atoms of width / 2 columns x 8 k rows; atoms `lbo` apart
-        // along n, 8-row groups of k `sbo` apart.
-        const unsigned e = width / 2;
-        addr = start + ((unsigned)col % e) * 2 + ((unsigned)col / e) * lbo + (unsigned)(k & 7) * width +
-               (unsigned)(k >> 3) * sbo;
+
+    // Shared-window address of B(k, col).
+    unsigned addr(int k, int col) const {
+        unsigned a;
+        if (!trans) {
+            // K-major: rows of `width` bytes along k, 8-row groups `sbo` apart.
+            a = start + (unsigned)(col & 7) * width + (unsigned)(col >> 3) * sbo + (unsigned)k * 2;
+        } else {
+            // N-major: atoms of width / 2 columns x 8 k rows; atoms `lbo`
+            // apart along n, 8-row groups of k `sbo` apart.
+            const unsigned e = width / 2;
+            a = start + ((unsigned)col % e) * 2 + ((unsigned)col / e) * lbo + (unsigned)(k & 7) * width +
+                (unsigned)(k >> 3) * sbo;
+        }
+        // The swizzle acts on the address itself: 16-byte chunk bits
+        // [4, 4 + b) ^= bits [7, 7 + b), b = log2(width / 16).
+        return a ^ (((a >> 7) & (width / 16 - 1)) << 4);
     }
-    // The swizzle acts on the address itself: 16-byte chunk bits [4, 4 + b)
-    // ^= bits [7, 7 + b), b = log2(width / 16).
-    *out = addr ^ (((addr >> 7) & (width / 16 - 1)) << 4);
-    return true;
-}
+};
 
 static void wg_execute(const WgOp& op) {
-    // A (16 x 16): the mma.m16n8k16 A layout, per warp.
     float A[16][16];
-    for (int row = 0; row < 16; row++)
-        for (int k = 0; k < 16; k++) {
-            const unsigned reg = op.a[(row & 7) * 4 + ((k & 7) >> 1)][(row >> 3) + 2 * (k >> 3)];
-            A[row][k] = (k & 1) ? bf16_hi(reg) : bf16_lo(reg);
-        }
+    const unsigned* regs[32];
+    for (int l = 0; l < 32; l++) regs[l] = op.a[l];
+    unpack_a16x16(regs, A);
+    WgDesc desc;
+    if (!desc.decode(op.desc, op.trans_b)) return;
     static float B[16][256];
     for (int k = 0; k < 16; k++)
-        for (int col = 0; col < op.n; col++) {
-            unsigned addr;
-            if (!wg_b_addr(op.desc, op.trans_b, k, col, &addr)) return;
-            B[k][col] = bf16_lo(*(const unsigned short*)emu_shared_ptr(addr, 2));
-        }
+        for (int col = 0; col < op.n; col++)
+            B[k][col] = bf16_lo(*(const unsigned short*)emu_shared_ptr(desc.addr(k, col), 2));
     for (int lane = 0; lane < 32; lane++) {
         const int g = lane >> 2, t = lane & 3;
         float* d = op.d[lane];
@@ -579,29 +596,36 @@ static void wg_execute(const WgOp& op) {
 }
 
 // The warpgroup instructions must find every warp of a whole warpgroup.
-static void wg_check(int me, const char* what) {
-    if (warps[me >> 5].live != 32) fail(CUDA_ERROR_ILLEGAL_INSTRUCTION_CODE, "%s without all 32 lanes", what);
+static void wg_check(int me, int kind) {
+    if (warps[me >> 5].live != 32)
+        fail(CUDA_ERROR_ILLEGAL_INSTRUCTION_CODE, "%s without all 32 lanes", kind_name(kind));
     if (nthreads % 128 != 0)
-        fail(CUDA_ERROR_ILLEGAL_INSTRUCTION_CODE, "%s in a block of %d threads (not whole warpgroups of 128)", what,
-             nthreads);
+        fail(CUDA_ERROR_ILLEGAL_INSTRUCTION_CODE, "%s in a block of %d threads (not whole warpgroups of 128)",
+             kind_name(kind), nthreads);
+}
+
+// Enter the operand-free warpgroup collective `kind` (fence, commit, wait):
+// its warp, for the one lane that does the warp's work (the first resumed),
+// else null.
+static Warp* wg_enter(int kind) {
+    const int me = cur;
+    wg_check(me, kind);
+    const unsigned round = fibers[me].colls++;
+    wait_warp(kind);
+    Warp& w = warps[me >> 5];
+    if (w.done_round == round) return nullptr;
+    w.done_round = round;
+    return &w;
 }
 
 extern "C" void emu_wgmma_fence() {
-    const int me = cur;
-    wg_check(me, "wgmma.fence");
-    const unsigned round = fibers[me].colls++;
-    wait_warp(K_WGFENCE);
-    Warp& w = warps[me >> 5];
-    if (w.done_round != round) {
-        w.done_round = round;
-        w.wg_fenced = true;
-    }
+    if (Warp* w = wg_enter(K_WGFENCE)) w->wg_fenced = true;
 }
 
 extern "C" void emu_wgmma_bf16(float* d, int n, const unsigned* a, unsigned long long desc, int scale_d,
                                int trans_b) {
     const int me = cur;
-    wg_check(me, "wgmma.mma_async");
+    wg_check(me, K_WGMMA);
     if (n < 8 || n > 256 || n % 8 != 0) fail(CUDA_ERROR_ILLEGAL_INSTRUCTION_CODE, "wgmma n = %d", n);
     const unsigned round = fibers[me].colls++, slot = round & 1;
     Fiber& f = fibers[me];
@@ -634,33 +658,20 @@ extern "C" void emu_wgmma_bf16(float* d, int n, const unsigned* a, unsigned long
 }
 
 extern "C" void emu_wgmma_commit() {
-    const int me = cur;
-    wg_check(me, "wgmma.commit_group");
-    const unsigned round = fibers[me].colls++;
-    wait_warp(K_WGCOMMIT);
-    Warp& w = warps[me >> 5];
-    if (w.done_round != round) {
-        w.done_round = round;
-        w.wg_groups.push_back(w.wg_ops.size());
-    }
+    if (Warp* w = wg_enter(K_WGCOMMIT)) w->wg_groups.push_back(w->wg_ops.size());
 }
 
 extern "C" void emu_wgmma_wait(int pending) {
-    const int me = cur;
-    wg_check(me, "wgmma.wait_group");
-    const unsigned round = fibers[me].colls++;
-    wait_warp(K_WGWAIT);
-    Warp& w = warps[me >> 5];
-    if (w.done_round == round) return;
-    w.done_round = round;
-    w.wg_fenced = false;
-    const int done = (int)w.wg_groups.size() - pending;
+    Warp* w = wg_enter(K_WGWAIT);
+    if (w == nullptr) return;
+    w->wg_fenced = false;
+    const int done = (int)w->wg_groups.size() - pending;
     if (done <= 0) return;
-    const size_t end = w.wg_groups[done - 1];
-    for (size_t i = 0; i < end; i++) wg_execute(w.wg_ops[i]);
-    w.wg_ops.erase(w.wg_ops.begin(), w.wg_ops.begin() + end);
-    w.wg_groups.erase(w.wg_groups.begin(), w.wg_groups.begin() + done);
-    for (size_t& g : w.wg_groups) g -= end;
+    const size_t end = w->wg_groups[done - 1];
+    for (size_t i = 0; i < end; i++) wg_execute(w->wg_ops[i]);
+    w->wg_ops.erase(w->wg_ops.begin(), w->wg_ops.begin() + end);
+    w->wg_groups.erase(w->wg_groups.begin(), w->wg_groups.begin() + done);
+    for (size_t& g : w->wg_groups) g -= end;
 }
 
 // ---- the driver API ------------------------------------------------------------
