@@ -5,8 +5,9 @@ Each file is compiled exactly as the CUDA backend compiles it at run time
 (src/backend/cuda/ptx.rs): the text of kernels/common.cuh replaces the file's
 `#include "common.cuh"` line, and NVRTC (libnvrtc.so.12 from the PyPI wheel
 `nvidia-cuda-nvrtc-cu12`, loaded with ctypes) turns it into PTX for sm_80 and
-sm_90 (files named *_sm90.cu, which use Hopper's wgmma: for sm_90a alone). `ptxas -v` (from the wheel `nvidia-cuda-nvcc-cu12`, which has ptxas but
-no nvcc driver) then assembles the PTX for the same architecture and reports
+sm_90 (files named *_sm90.cu, which use Hopper's wgmma: for sm_90a alone).
+`ptxas -v` (from the wheel `nvidia-cuda-nvcc-cu12`, which has ptxas but no
+nvcc driver) then assembles the PTX for the same architecture and reports
 each kernel's registers, spills and shared memory. The kernels include no
 CUDA headers, so no include path (and no `nvidia-cuda-runtime-cu12`) is
 needed.
