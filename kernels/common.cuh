@@ -200,6 +200,24 @@ __device__ __forceinline__ void raster_origin(int& bm, int& bn) {
     bn = tile_n * TN;
 }
 
+// The epilogue of the tiled GEMMs: the accumulator pair (x, y) into
+// c(gi, gj), c(gi, gj + 1), added to what is there when `accumulate`;
+// nothing outside the m x n output (n even, so a pair is wholly in or out).
+__device__ __forceinline__ void store_pair(float* c, int ldc, int m, int n, int gi, int gj, float x, float y,
+                                           int accumulate) {
+    if (gi >= m || gj >= n) return;
+    float2* p = (float2*)(c + ((i64)gi * ldc + gj));
+    float2 v;
+    v.x = x;
+    v.y = y;
+    if (accumulate) {
+        const float2 o = *p;
+        v.x = o.x + v.x;
+        v.y = o.y + v.y;
+    }
+    *p = v;
+}
+
 // This thread's index in the block (x), read afresh (see raster_origin).
 __device__ __forceinline__ int tid_x() {
 #ifdef BEFT_CUDA_EMU

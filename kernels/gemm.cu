@@ -292,22 +292,9 @@ __device__ __forceinline__ void gemm_body(float* c, const float* a, const bf16_t
 #pragma unroll
         for (int nt = 0; nt < 8; nt++)
 #pragma unroll
-            for (int h = 0; h < 2; h++) {
-                const int gi = om + mt * 16 + 8 * h;
-                const int gj = on + nt * 8;
-                if (gi < m && gj < n) {
-                    float2* p = (float2*)(c + ((i64)gi * ldc + gj));
-                    float2 v;
-                    v.x = acc[mt][nt][2 * h];
-                    v.y = acc[mt][nt][2 * h + 1];
-                    if (accumulate) {
-                        const float2 o = *p;
-                        v.x = o.x + v.x;
-                        v.y = o.y + v.y;
-                    }
-                    *p = v;
-                }
-            }
+            for (int h = 0; h < 2; h++)
+                store_pair(c, ldc, m, n, om + mt * 16 + 8 * h, on + nt * 8, acc[mt][nt][2 * h],
+                           acc[mt][nt][2 * h + 1], accumulate);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 2)

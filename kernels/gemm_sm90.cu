@@ -303,21 +303,8 @@ __device__ __forceinline__ void gemm_sm90_body(float* c, const float* a, const b
 #pragma unroll
     for (int i = 0; i < 32; i++)
 #pragma unroll
-        for (int h = 0; h < 2; h++) {
-            const int gi = om + 8 * h, gj = on + 8 * i;
-            if (gi < m && gj < n) {
-                float2* p = (float2*)(c + ((i64)gi * ldc + gj));
-                float2 v;
-                v.x = acc[4 * i + 2 * h];
-                v.y = acc[4 * i + 2 * h + 1];
-                if (accumulate) {
-                    const float2 o = *p;
-                    v.x = o.x + v.x;
-                    v.y = o.y + v.y;
-                }
-                *p = v;
-            }
-        }
+        for (int h = 0; h < 2; h++)
+            store_pair(c, ldc, m, n, om + 8 * h, on + 8 * i, acc[4 * i + 2 * h], acc[4 * i + 2 * h + 1], accumulate);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 1)
