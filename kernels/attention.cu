@@ -20,6 +20,9 @@
 // memory from Dh.
 #include "common.cuh"
 
+// Every kernel's dynamic shared memory (sized by the host).
+extern __shared__ __align__(16) float smem[];
+
 #define QPB 16  // queries per block (forward and dq): 4 warps x 4 queries
 #define QPW 4
 #define KPW 2   // keys per warp (dk/dv): 4 warps x 2 keys
@@ -66,7 +69,6 @@ __device__ __forceinline__ void load_rows(float* dst, int ds, const float* base,
 extern "C" __global__ void __launch_bounds__(128)
     attention_fwd_f32(float* out, float* lse, const float* q, const float* k, const float* v, const float* mask,
                       AttnArgs a, int kt) {
-    extern __shared__ float smem[];
     const int dh = a.head_dim, ds = dh | 1;
     float* Ks = smem;
     float* Vs = Ks + kt * ds;
@@ -162,7 +164,6 @@ extern "C" __global__ void attention_bwd_prep_f32(float* dsum, const float* dout
 extern "C" __global__ void __launch_bounds__(128)
     attention_bwd_dq_f32(float* dq, const float* dout, const float* q, const float* k, const float* v,
                          const float* lse, const float* dsum, const float* mask, AttnArgs a, int kt) {
-    extern __shared__ float smem[];
     const int dh = a.head_dim, ds = dh | 1;
     float* Ks = smem;
     float* Vs = Ks + kt * ds;
@@ -237,7 +238,6 @@ extern "C" __global__ void __launch_bounds__(128)
 extern "C" __global__ void __launch_bounds__(128)
     attention_bwd_dkv_f32(float* dk, float* dv, const float* dout, const float* q, const float* k, const float* v,
                           const float* lse, const float* dsum, const float* mask, AttnArgs a, int qt) {
-    extern __shared__ float smem[];
     const int dh = a.head_dim, ds = dh | 1;
     float* Kb = smem;
     float* Vb = Kb + KPB * ds;
@@ -320,4 +320,505 @@ extern "C" __global__ void __launch_bounds__(128)
             }
         }
     }
+}
+
+// ==== tensor cores: FlashAttention-2's work split on mma.sync (bf16) ============
+//
+// The same three products as above with q, k, v and dO rounded to bf16 (as
+// PyTorch's bf16 autocast feeds SDPA), the probabilities and dS rounded to
+// bf16 for their products, every sum in f32: mma.sync.m16n8k16 (bf16 in, f32
+// accumulate), head dimension DH in {32, 64, 128}. The inputs arrive already
+// converted (attention_cast_bf16, one pass over q/k/v/dO: each element is
+// then read T/64 times as 2 bytes instead of 4); outputs, lse and dsum are
+// f32 with the f32 kernels' meaning (lse in natural-log units), so the two
+// families can be mixed. The softmax runs in base 2: scores are scaled by
+// scale * log2(e) and exponentiated with exp2f.
+//
+// Work split (4 warps, 128 threads):
+//   forward, dq: a block owns 64 queries of one (b, h), 16 per warp (the
+//     rows of the warp's m16 tiles), and streams 64-key tiles of k and v
+//     through shared memory (two stages, cp.async);
+//   dk/dv: a block owns 64 keys of one (b, kv head), 16 per warp, and
+//     streams tiles of BQ queries (q, dO, their lse and dsum) of every
+//     query head of its group: no two blocks write the same dk/dv row, and
+//     dq has its own kernel, so nothing is atomic (deterministic).
+// Shared tiles are [rows][DH + 8] bf16: the 16-byte pad shifts consecutive
+// rows by 4 banks, so the 8 row addresses of each ldmatrix phase hit
+// distinct bank groups for any DH that is a multiple of 8.
+// Fragments (g = lane / 4, t = lane % 4): an m16n8 accumulator holds rows
+// g and g + 8, columns 2t and 2t + 1; two adjacent n8 accumulators of a
+// score tile are exactly the A fragment of the next product (no shuffle).
+
+#define ABQ 64  // queries per block (forward, dq)
+#define ABK 64  // keys per tile (forward, dq) and per block (dk/dv)
+#define LOG2E 1.4426950408889634f
+#define LN2 0.6931471805599453f
+
+template <int DH>
+struct AttnTile {
+    static constexpr int RS = DH + 8;       // shared row stride (bf16 elements)
+    static constexpr int CH = DH / 8;       // 16-byte chunks per row
+    static constexpr int KS = DH / 16;      // k steps of a product over the head dimension
+    static constexpr int DT = DH / 8;       // n8 tiles of a head-dimension-wide accumulator
+};
+
+// Rows [r0, r0 + rows) of a bf16 [.., row_stride] tensor into a shared tile
+// (row stride DH + 8), asynchronously; rows at or beyond `limit` become
+// zeros (nothing is read for them).
+template <int DH>
+__device__ __forceinline__ void attn_rows_async(bf16_t* dst, const bf16_t* base, i64 row_stride, int r0, int rows,
+                                                int limit) {
+    typedef AttnTile<DH> L;
+    for (int e = threadIdx.x; e < rows * L::CH; e += blockDim.x) {
+        int r = e / L::CH, c = e % L::CH;
+        bool ok = r0 + r < limit;
+        const bf16_t* src = ok ? base + (i64)(r0 + r) * row_stride + c * 8 : base;
+        cp_async16(smem_addr(dst + r * L::RS + c * 8), src, ok);
+    }
+}
+
+// A fragment (16 rows x 16 columns starting at row r0, column 16 * ks) of a
+// shared tile, rows as the product's m.
+template <int DH>
+__device__ __forceinline__ void attn_frag_a(u32* f, const bf16_t* tile, int r0, int ks, int lane) {
+    int row = r0 + ((lane >> 3) & 1) * 8 + (lane & 7), chunk = 2 * ks + (lane >> 4);
+    ldsm_x4(smem_addr(tile + row * AttnTile<DH>::RS + chunk * 8), f[0], f[1], f[2], f[3]);
+}
+
+// B fragments of two adjacent n8 tiles where the tile's rows are the
+// product's n (rows r0..r0+15) and its columns the k (16 * ks..): b0, b1
+// for rows r0..r0+7 and b2, b3 for rows r0+8..r0+15.
+template <int DH>
+__device__ __forceinline__ void attn_frag_b_rows_n(u32* f, const bf16_t* tile, int r0, int ks, int lane) {
+    int row = r0 + ((lane >> 4) & 1) * 8 + (lane & 7), chunk = 2 * ks + ((lane >> 3) & 1);
+    ldsm_x4(smem_addr(tile + row * AttnTile<DH>::RS + chunk * 8), f[0], f[1], f[2], f[3]);
+}
+
+// B fragments of two adjacent n8 tiles where the tile's rows are the
+// product's k (rows r0..r0+15) and its columns the n (16 * np..): b0, b1 for
+// columns 16np..16np+7, b2, b3 for the next 8 (ldmatrix .trans).
+template <int DH>
+__device__ __forceinline__ void attn_frag_b_rows_k(u32* f, const bf16_t* tile, int r0, int np, int lane) {
+    int row = r0 + ((lane >> 3) & 1) * 8 + (lane & 7), chunk = 2 * np + (lane >> 4);
+    ldsm_x4_trans(smem_addr(tile + row * AttnTile<DH>::RS + chunk * 8), f[0], f[1], f[2], f[3]);
+}
+
+// The A fragment of columns 16 ks.. of a row block held as n8 accumulators
+// (c[2ks], c[2ks+1]), rounded to bf16.
+__device__ __forceinline__ void attn_acc_to_a(u32* f, const float (*c)[4], int ks) {
+    f[0] = bf16x2_rn(c[2 * ks][0], c[2 * ks][1]);
+    f[1] = bf16x2_rn(c[2 * ks][2], c[2 * ks][3]);
+    f[2] = bf16x2_rn(c[2 * ks + 1][0], c[2 * ks + 1][1]);
+    f[3] = bf16x2_rn(c[2 * ks + 1][2], c[2 * ks + 1][3]);
+}
+
+// acc[16 x DH] += a-rows (as n8 accumulators over KN columns) . tile rows
+// r0..r0+KN-1 (k) x DH (n), the shared tile read with .trans.
+template <int DH, int KN>
+__device__ __forceinline__ void attn_acc_times_tile(float (*acc)[4], const float (*c)[4], const bf16_t* tile, int r0,
+                                                    int lane) {
+#pragma unroll
+    for (int ks = 0; ks < KN / 16; ks++) {
+        u32 af[4];
+        attn_acc_to_a(af, c, ks);
+#pragma unroll
+        for (int np = 0; np < DH / 16; np++) {
+            u32 bf[4];
+            attn_frag_b_rows_k<DH>(bf, tile, r0 + 16 * ks, np, lane);
+            mma_16816(acc[2 * np], af, bf);
+            mma_16816(acc[2 * np + 1], af, bf + 2);
+        }
+    }
+}
+
+// s[16 x N] = rows r0.. of tile `a` (16 x DH) . rows of tile `b` (N x DH)^T.
+template <int DH, int N>
+__device__ __forceinline__ void attn_scores(float (*s)[4], const bf16_t* ta, int ra, const bf16_t* tb, int lane) {
+#pragma unroll
+    for (int nt = 0; nt < N / 8; nt++) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+#pragma unroll
+    for (int ks = 0; ks < DH / 16; ks++) {
+        u32 af[4];
+        attn_frag_a<DH>(af, ta, ra, ks, lane);
+#pragma unroll
+        for (int np = 0; np < N / 16; np++) {
+            u32 bf[4];
+            attn_frag_b_rows_n<DH>(bf, tb, 16 * np, ks, lane);
+            mma_16816(s[2 * np], af, bf);
+            mma_16816(s[2 * np + 1], af, bf + 2);
+        }
+    }
+}
+
+// Store a 16 x DH accumulator block (rows row0 + g, row0 + g + 8) to f32
+// rows of `base` (row r at base + r * stride), rows at or beyond `limit`
+// skipped, each row scaled by mul[0] / mul[1].
+template <int DH>
+__device__ __forceinline__ void attn_store_rows(float* base, i64 stride, int row0, int limit, const float (*acc)[4],
+                                                const float* mul, int lane) {
+    const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int hr = 0; hr < 2; hr++) {
+        int r = row0 + g + 8 * hr;
+        if (r >= limit) continue;
+        float* row = base + (i64)r * stride + 2 * t;
+#pragma unroll
+        for (int dt = 0; dt < DH / 8; dt++) {
+            float2 v;
+            v.x = acc[dt][2 * hr] * mul[hr];
+            v.y = acc[dt][2 * hr + 1] * mul[hr];
+            *(float2*)(row + dt * 8) = v;
+        }
+    }
+}
+
+// dst (bf16) = src (f32) rounded to nearest even, for an even count n2 * 2.
+extern "C" __global__ void attention_cast_bf16(bf16_t* dst, const float* src, i64 n2) {
+    GRID_LOOP(i, n2) {
+        float2 v = ((const float2*)src)[i];
+        ((u32*)dst)[i] = bf16x2_rn(v.x, v.y);
+    }
+}
+
+// ---- forward ------------------------------------------------------------------
+// Grid (ceil(T / 64), H, B), 128 threads. Shared: k and v tiles [2][64][RS],
+// the block's queries [64][RS], the key tiles' visibility flags [2][64].
+template <int DH>
+__device__ __forceinline__ void attn_fwd_mma(float* out, float* lse, const bf16_t* q, const bf16_t* k,
+                                             const bf16_t* v, const float* mask, const AttnArgs& a) {
+    typedef AttnTile<DH> L;
+    bf16_t* Ks = (bf16_t*)smem;
+    bf16_t* Vs = Ks + 2 * ABK * L::RS;
+    bf16_t* Qs = Vs + 2 * ABK * L::RS;
+    float* Ms = (float*)(Qs + ABQ * L::RS);
+    const int b = blockIdx.z, h = blockIdx.y, kh = h / (a.heads / a.kv_heads);
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+    const int q0 = blockIdx.x * ABQ, qw = q0 + 16 * warp;  // this warp's first query
+    const i64 qstride = (i64)a.heads * DH, kstride = (i64)a.kv_heads * DH;
+    const bf16_t* kb = k + (i64)b * a.kv_seq * kstride + (i64)kh * DH;
+    const bf16_t* vb = v + (i64)b * a.kv_seq * kstride + (i64)kh * DH;
+    const float* mb = mask + (i64)b * a.kv_seq;
+    const int last_q = min(q0 + ABQ, a.seq) - 1;
+    const int kv_end = a.causal ? min(a.kv_seq, a.q_start + last_q + 1) : a.kv_seq;
+    const int tiles = (kv_end + ABK - 1) / ABK;
+    const float sl2 = a.scale * LOG2E;
+
+    // Group 0: the queries and key tile 0; then one group per tile.
+    attn_rows_async<DH>(Qs, q + (i64)b * a.seq * qstride + (i64)h * DH, qstride, q0, ABQ, a.seq);
+    auto load_tile = [&](int it) {
+        int j0 = it * ABK, st = it & 1;
+        attn_rows_async<DH>(Ks + st * ABK * L::RS, kb, kstride, j0, ABK, a.kv_seq);
+        attn_rows_async<DH>(Vs + st * ABK * L::RS, vb, kstride, j0, ABK, a.kv_seq);
+        if (tid < ABK) Ms[st * ABK + tid] = (j0 + tid < a.kv_seq && mb[j0 + tid] > 0.0f) ? 1.0f : 0.0f;
+    };
+    if (tiles > 0) load_tile(0);
+    cp_async_commit();
+
+    float o[L::DT][4], m[2] = {BEFT_NEG_INF, BEFT_NEG_INF}, l[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int dt = 0; dt < L::DT; dt++) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.0f;
+    // Warp-uniform: does the warp have a real query, and the last one it sees.
+    const bool warp_live = qw < a.seq;
+    const int warp_kv_last = a.causal ? a.q_start + min(qw + 15, a.seq - 1) : a.kv_seq - 1;
+
+    for (int it = 0; it < tiles; it++) {
+        if (it + 1 < tiles) load_tile(it + 1);
+        cp_async_commit();
+        cp_async_wait<1>();
+        __syncthreads();
+        const int j0 = it * ABK, st = it & 1;
+        const bf16_t* Kt = Ks + st * ABK * L::RS;
+        const bf16_t* Vt = Vs + st * ABK * L::RS;
+        const float* Mt = Ms + st * ABK;
+        if (warp_live && j0 <= warp_kv_last) {
+            float s[ABK / 8][4];
+            attn_scores<DH, ABK>(s, Qs, 16 * warp, Kt, lane);
+#pragma unroll
+            for (int hr = 0; hr < 2; hr++) {
+                const int i = qw + g + 8 * hr;
+                float mx = m[hr];
+#pragma unroll
+                for (int nt = 0; nt < ABK / 8; nt++)
+#pragma unroll
+                    for (int c = 0; c < 2; c++) {
+                        int jl = nt * 8 + 2 * t + c, j = j0 + jl;
+                        bool vis = Mt[jl] > 0.0f && (!a.causal || j <= a.q_start + i);
+                        float x = vis ? s[nt][2 * hr + c] * sl2 : BEFT_NEG_INF;
+                        s[nt][2 * hr + c] = x;
+                        mx = fmaxf(mx, x);
+                    }
+                mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 1));
+                mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 2));
+                const float mu = mx == BEFT_NEG_INF ? 0.0f : mx;  // no visible key yet: p = 0
+                const float alpha = exp2f(m[hr] - mu);
+                m[hr] = mx;
+                l[hr] *= alpha;
+#pragma unroll
+                for (int dt = 0; dt < L::DT; dt++) o[dt][2 * hr] *= alpha, o[dt][2 * hr + 1] *= alpha;
+#pragma unroll
+                for (int nt = 0; nt < ABK / 8; nt++)
+#pragma unroll
+                    for (int c = 0; c < 2; c++) {
+                        float p = exp2f(s[nt][2 * hr + c] - mu);
+                        l[hr] += p;
+                        s[nt][2 * hr + c] = p * attn_drop(a, b, h, i, j0 + nt * 8 + 2 * t + c);
+                    }
+            }
+            attn_acc_times_tile<DH, ABK>(o, s, Vt, 0, lane);
+        }
+        __syncthreads();
+    }
+    cp_async_wait<0>();
+
+    float inv[2];
+#pragma unroll
+    for (int hr = 0; hr < 2; hr++) {
+        l[hr] += __shfl_xor_sync(FULL_MASK, l[hr], 1);
+        l[hr] += __shfl_xor_sync(FULL_MASK, l[hr], 2);
+        inv[hr] = l[hr] > 0.0f ? 1.0f / l[hr] : 0.0f;
+        const int i = qw + g + 8 * hr;
+        if (t == 0 && i < a.seq)
+            lse[((i64)b * a.heads + h) * a.seq + i] = l[hr] > 0.0f ? (m[hr] + log2f(l[hr])) * LN2 : BEFT_NEG_INF;
+    }
+    attn_store_rows<DH>(out + (i64)b * a.seq * qstride + (i64)h * DH, qstride, qw, a.seq, o, inv, lane);
+}
+
+// ---- dq -------------------------------------------------------------------------
+// Grid (ceil(T / 64), H, B), 128 threads. Shared: k and v tiles [2][64][RS],
+// the block's q and dO rows [64][RS] each, the key tiles' flags [2][64].
+template <int DH>
+__device__ __forceinline__ void attn_dq_mma(float* dq, const bf16_t* dout, const bf16_t* q, const bf16_t* k,
+                                            const bf16_t* v, const float* lse, const float* dsum, const float* mask,
+                                            const AttnArgs& a) {
+    typedef AttnTile<DH> L;
+    bf16_t* Ks = (bf16_t*)smem;
+    bf16_t* Vs = Ks + 2 * ABK * L::RS;
+    bf16_t* Qs = Vs + 2 * ABK * L::RS;
+    bf16_t* Gs = Qs + ABQ * L::RS;
+    float* Ms = (float*)(Gs + ABQ * L::RS);
+    const int b = blockIdx.z, h = blockIdx.y, kh = h / (a.heads / a.kv_heads);
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+    const int q0 = blockIdx.x * ABQ, qw = q0 + 16 * warp;
+    const i64 qstride = (i64)a.heads * DH, kstride = (i64)a.kv_heads * DH;
+    const bf16_t* kb = k + (i64)b * a.kv_seq * kstride + (i64)kh * DH;
+    const bf16_t* vb = v + (i64)b * a.kv_seq * kstride + (i64)kh * DH;
+    const float* mb = mask + (i64)b * a.kv_seq;
+    const int last_q = min(q0 + ABQ, a.seq) - 1;
+    const int kv_end = a.causal ? min(a.kv_seq, a.q_start + last_q + 1) : a.kv_seq;
+    const int tiles = (kv_end + ABK - 1) / ABK;
+    const float sl2 = a.scale * LOG2E;
+
+    attn_rows_async<DH>(Qs, q + (i64)b * a.seq * qstride + (i64)h * DH, qstride, q0, ABQ, a.seq);
+    attn_rows_async<DH>(Gs, dout + (i64)b * a.seq * qstride + (i64)h * DH, qstride, q0, ABQ, a.seq);
+    auto load_tile = [&](int it) {
+        int j0 = it * ABK, st = it & 1;
+        attn_rows_async<DH>(Ks + st * ABK * L::RS, kb, kstride, j0, ABK, a.kv_seq);
+        attn_rows_async<DH>(Vs + st * ABK * L::RS, vb, kstride, j0, ABK, a.kv_seq);
+        if (tid < ABK) Ms[st * ABK + tid] = (j0 + tid < a.kv_seq && mb[j0 + tid] > 0.0f) ? 1.0f : 0.0f;
+    };
+    if (tiles > 0) load_tile(0);
+    cp_async_commit();
+
+    // This thread's two rows: lse in base 2 (-inf: the row sees no key, or
+    // is past the end) and dsum.
+    float l2[2], dd[2];
+#pragma unroll
+    for (int hr = 0; hr < 2; hr++) {
+        int i = qw + g + 8 * hr;
+        i64 x = ((i64)b * a.heads + h) * a.seq + i;
+        l2[hr] = i < a.seq ? lse[x] * LOG2E : BEFT_NEG_INF;
+        dd[hr] = i < a.seq ? dsum[x] : 0.0f;
+    }
+    float acc[L::DT][4];
+#pragma unroll
+    for (int dt = 0; dt < L::DT; dt++) acc[dt][0] = acc[dt][1] = acc[dt][2] = acc[dt][3] = 0.0f;
+    const bool warp_live = qw < a.seq;
+    const int warp_kv_last = a.causal ? a.q_start + min(qw + 15, a.seq - 1) : a.kv_seq - 1;
+
+    for (int it = 0; it < tiles; it++) {
+        if (it + 1 < tiles) load_tile(it + 1);
+        cp_async_commit();
+        cp_async_wait<1>();
+        __syncthreads();
+        const int j0 = it * ABK, st = it & 1;
+        const bf16_t* Kt = Ks + st * ABK * L::RS;
+        const bf16_t* Vt = Vs + st * ABK * L::RS;
+        const float* Mt = Ms + st * ABK;
+        if (warp_live && j0 <= warp_kv_last) {
+            float s[ABK / 8][4], dp[ABK / 8][4];
+            attn_scores<DH, ABK>(s, Qs, 16 * warp, Kt, lane);
+            attn_scores<DH, ABK>(dp, Gs, 16 * warp, Vt, lane);
+#pragma unroll
+            for (int nt = 0; nt < ABK / 8; nt++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int hr = e >> 1, i = qw + g + 8 * hr, jl = nt * 8 + 2 * t + (e & 1), j = j0 + jl;
+                    const bool vis =
+                        l2[hr] != BEFT_NEG_INF && Mt[jl] > 0.0f && (!a.causal || j <= a.q_start + i);
+                    float ds = 0.0f;
+                    if (vis) {
+                        float p = exp2f(s[nt][e] * sl2 - l2[hr]);
+                        ds = p * (dp[nt][e] * attn_drop(a, b, h, i, j) - dd[hr]) * a.scale;
+                    }
+                    s[nt][e] = ds;
+                }
+            attn_acc_times_tile<DH, ABK>(acc, s, Kt, 0, lane);
+        }
+        __syncthreads();
+    }
+    cp_async_wait<0>();
+    const float one[2] = {1.0f, 1.0f};
+    attn_store_rows<DH>(dq + (i64)b * a.seq * qstride + (i64)h * DH, qstride, qw, a.seq, acc, one, lane);
+}
+
+// ---- dk, dv ---------------------------------------------------------------------
+// Grid (ceil(Tk / 64), Hkv, B), 128 threads. Shared: the block's k and v
+// rows [64][RS] each, query tiles of q and dO [2][BQ][RS] each, and the
+// tiles' lse (base 2) and dsum [2][BQ] each. BQ = 32 at DH = 128 keeps the
+// dk and dv accumulators (2 x 64 registers) and the two score blocks in
+// registers.
+template <int DH, int BQ>
+__device__ __forceinline__ void attn_dkv_mma(float* dk, float* dv, const bf16_t* dout, const bf16_t* q,
+                                             const bf16_t* k, const bf16_t* v, const float* lse, const float* dsum,
+                                             const float* mask, const AttnArgs& a) {
+    typedef AttnTile<DH> L;
+    bf16_t* Kb = (bf16_t*)smem;
+    bf16_t* Vb = Kb + ABK * L::RS;
+    bf16_t* Qs = Vb + ABK * L::RS;
+    bf16_t* Gs = Qs + 2 * BQ * L::RS;
+    float* Ls = (float*)(Gs + 2 * BQ * L::RS);
+    float* Ds = Ls + 2 * BQ;
+    const int b = blockIdx.z, kh = blockIdx.y, group = a.heads / a.kv_heads;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+    const int j0 = blockIdx.x * ABK, jw = j0 + 16 * warp;  // this warp's first key
+    const i64 qstride = (i64)a.heads * DH, kstride = (i64)a.kv_heads * DH;
+    const float sl2 = a.scale * LOG2E;
+    attn_rows_async<DH>(Kb, k + (i64)b * a.kv_seq * kstride + (i64)kh * DH, kstride, j0, ABK, a.kv_seq);
+    attn_rows_async<DH>(Vb, v + (i64)b * a.kv_seq * kstride + (i64)kh * DH, kstride, j0, ABK, a.kv_seq);
+
+    // Queries before i_begin see none of this block's keys (causal); the
+    // tiles run over (head of the group, query tile) in one sequence.
+    const int i_begin = a.causal ? max(0, j0 - a.q_start) : 0;
+    const int qtiles = i_begin < a.seq ? (a.seq - i_begin + BQ - 1) / BQ : 0;
+    const int tiles = group * qtiles;
+    auto load_tile = [&](int it) {
+        const int h = kh * group + it / qtiles, i0 = i_begin + (it % qtiles) * BQ, st = it & 1;
+        attn_rows_async<DH>(Qs + st * BQ * L::RS, q + (i64)b * a.seq * qstride + (i64)h * DH, qstride, i0, BQ,
+                            a.seq);
+        attn_rows_async<DH>(Gs + st * BQ * L::RS, dout + (i64)b * a.seq * qstride + (i64)h * DH, qstride, i0, BQ,
+                            a.seq);
+        if (tid < BQ) {
+            const int i = i0 + tid;
+            const i64 x = ((i64)b * a.heads + h) * a.seq + i;
+            Ls[st * BQ + tid] = i < a.seq ? lse[x] * LOG2E : BEFT_NEG_INF;
+            Ds[st * BQ + tid] = i < a.seq ? dsum[x] : 0.0f;
+        }
+    };
+    if (tiles > 0) load_tile(0);
+    cp_async_commit();
+
+    // This thread's two keys: visible at all (real token, inside Tk)?
+    bool kvis[2];
+#pragma unroll
+    for (int hr = 0; hr < 2; hr++) {
+        const int j = jw + g + 8 * hr;
+        kvis[hr] = j < a.kv_seq && mask[(i64)b * a.kv_seq + j] > 0.0f;
+    }
+    float gk[L::DT][4], gv[L::DT][4];
+#pragma unroll
+    for (int dt = 0; dt < L::DT; dt++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) gk[dt][e] = gv[dt][e] = 0.0f;
+    const bool warp_live = jw < a.kv_seq;
+
+    for (int it = 0; it < tiles; it++) {
+        if (it + 1 < tiles) load_tile(it + 1);
+        cp_async_commit();
+        cp_async_wait<1>();
+        __syncthreads();
+        const int h = kh * group + it / qtiles, i0 = i_begin + (it % qtiles) * BQ, st = it & 1;
+        const bf16_t* Qt = Qs + st * BQ * L::RS;
+        const bf16_t* Gt = Gs + st * BQ * L::RS;
+        const float* Lt = Ls + st * BQ;
+        const float* Dt = Ds + st * BQ;
+        // Causal: the tile's last query sees keys up to q_start + i0 + BQ - 1.
+        if (warp_live && (!a.causal || jw <= a.q_start + i0 + BQ - 1)) {
+            // Transposed blocks: rows are this warp's 16 keys, columns the tile's queries.
+            float s[BQ / 8][4], dp[BQ / 8][4];
+            attn_scores<DH, BQ>(s, Kb, 16 * warp, Qt, lane);
+            attn_scores<DH, BQ>(dp, Vb, 16 * warp, Gt, lane);
+#pragma unroll
+            for (int nt = 0; nt < BQ / 8; nt++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int hr = e >> 1, j = jw + g + 8 * hr, il = nt * 8 + 2 * t + (e & 1), i = i0 + il;
+                    const bool vis =
+                        kvis[hr] && Lt[il] != BEFT_NEG_INF && (!a.causal || j <= a.q_start + i);
+                    float pw = 0.0f, ds = 0.0f;
+                    if (vis) {
+                        const float p = exp2f(s[nt][e] * sl2 - Lt[il]);
+                        const float w = attn_drop(a, b, h, i, j);
+                        pw = p * w;
+                        ds = p * (dp[nt][e] * w - Dt[il]) * a.scale;
+                    }
+                    s[nt][e] = pw;
+                    dp[nt][e] = ds;
+                }
+            attn_acc_times_tile<DH, BQ>(gv, s, Gt, 0, lane);
+            attn_acc_times_tile<DH, BQ>(gk, dp, Qt, 0, lane);
+        }
+        __syncthreads();
+    }
+    cp_async_wait<0>();
+    const float one[2] = {1.0f, 1.0f};
+    const i64 ko = (i64)b * a.kv_seq * kstride + (i64)kh * DH;
+    attn_store_rows<DH>(dk + ko, kstride, jw, a.kv_seq, gk, one, lane);
+    attn_store_rows<DH>(dv + ko, kstride, jw, a.kv_seq, gv, one, lane);
+}
+
+// The kernels, one per head dimension (names end in _d<DH>).
+extern "C" __global__ void __launch_bounds__(128)
+    attention_fwd_bf16_d32(float* out, float* lse, const bf16_t* q, const bf16_t* k, const bf16_t* v,
+                            const float* mask, AttnArgs a) {
+    attn_fwd_mma<32>(out, lse, q, k, v, mask, a);
+}
+extern "C" __global__ void __launch_bounds__(128)
+    attention_bwd_dq_bf16_d32(float* dq, const bf16_t* dout, const bf16_t* q, const bf16_t* k, const bf16_t* v,
+                               const float* lse, const float* dsum, const float* mask, AttnArgs a) {
+    attn_dq_mma<32>(dq, dout, q, k, v, lse, dsum, mask, a);
+}
+extern "C" __global__ void __launch_bounds__(128)
+    attention_bwd_dkv_bf16_d32(float* dk, float* dv, const bf16_t* dout, const bf16_t* q, const bf16_t* k,
+                                const bf16_t* v, const float* lse, const float* dsum, const float* mask, AttnArgs a) {
+    attn_dkv_mma<32, 64>(dk, dv, dout, q, k, v, lse, dsum, mask, a);
+}
+extern "C" __global__ void __launch_bounds__(128)
+    attention_fwd_bf16_d64(float* out, float* lse, const bf16_t* q, const bf16_t* k, const bf16_t* v,
+                            const float* mask, AttnArgs a) {
+    attn_fwd_mma<64>(out, lse, q, k, v, mask, a);
+}
+extern "C" __global__ void __launch_bounds__(128)
+    attention_bwd_dq_bf16_d64(float* dq, const bf16_t* dout, const bf16_t* q, const bf16_t* k, const bf16_t* v,
+                               const float* lse, const float* dsum, const float* mask, AttnArgs a) {
+    attn_dq_mma<64>(dq, dout, q, k, v, lse, dsum, mask, a);
+}
+extern "C" __global__ void __launch_bounds__(128)
+    attention_bwd_dkv_bf16_d64(float* dk, float* dv, const bf16_t* dout, const bf16_t* q, const bf16_t* k,
+                                const bf16_t* v, const float* lse, const float* dsum, const float* mask, AttnArgs a) {
+    attn_dkv_mma<64, 64>(dk, dv, dout, q, k, v, lse, dsum, mask, a);
+}
+extern "C" __global__ void __launch_bounds__(128)
+    attention_fwd_bf16_d128(float* out, float* lse, const bf16_t* q, const bf16_t* k, const bf16_t* v,
+                            const float* mask, AttnArgs a) {
+    attn_fwd_mma<128>(out, lse, q, k, v, mask, a);
+}
+extern "C" __global__ void __launch_bounds__(128)
+    attention_bwd_dq_bf16_d128(float* dq, const bf16_t* dout, const bf16_t* q, const bf16_t* k, const bf16_t* v,
+                               const float* lse, const float* dsum, const float* mask, AttnArgs a) {
+    attn_dq_mma<128>(dq, dout, q, k, v, lse, dsum, mask, a);
+}
+extern "C" __global__ void __launch_bounds__(128)
+    attention_bwd_dkv_bf16_d128(float* dk, float* dv, const bf16_t* dout, const bf16_t* q, const bf16_t* k,
+                                const bf16_t* v, const float* lse, const float* dsum, const float* mask, AttnArgs a) {
+    attn_dkv_mma<128, 32>(dk, dv, dout, q, k, v, lse, dsum, mask, a);
 }

@@ -160,6 +160,46 @@ __device__ __forceinline__ void cp_async_wait() {
 #endif
 }
 
+// ldmatrix.x4: lanes 8q..8q+7 give the row addresses of 8x8 b16 matrix q;
+// register q of lane l receives row l/4, columns 2(l%4), 2(l%4)+1 of matrix
+// q (.trans: rows 2(l%4), 2(l%4)+1 of column l/4).
+__device__ __forceinline__ void ldsm_x4(u32 addr, u32& r0, u32& r1, u32& r2, u32& r3) {
+#ifdef BEFT_CUDA_EMU
+    u32 r[4];
+    emu_ldmatrix_x4(addr, 0, r);
+    r0 = r[0], r1 = r[1], r2 = r[2], r3 = r[3];
+#else
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+                 : "r"(addr));
+#endif
+}
+
+__device__ __forceinline__ void ldsm_x4_trans(u32 addr, u32& r0, u32& r1, u32& r2, u32& r3) {
+#ifdef BEFT_CUDA_EMU
+    u32 r[4];
+    emu_ldmatrix_x4(addr, 1, r);
+    r0 = r[0], r1 = r[1], r2 = r[2], r3 = r[3];
+#else
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+                 : "r"(addr));
+#endif
+}
+
+// d += a . b for one m16n8k16 tile (bf16 in, f32 accumulate).
+__device__ __forceinline__ void mma_16816(float* d, const u32* a, const u32* b) {
+#ifdef BEFT_CUDA_EMU
+    emu_mma_16816_bf16(d, a, b);
+#else
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
+}
+
 // Two f32 -> packed bf16x2 (round to nearest even), `lo` in the low half.
 __device__ __forceinline__ u32 bf16x2_rn(float lo, float hi) {
 #ifdef BEFT_CUDA_EMU

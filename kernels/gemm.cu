@@ -68,43 +68,6 @@
 #define GB_STAGE (GBN * GBK)  // bf16 of one b stage (8 KB)
 #define GEMM_SMEM_BYTES (GSTAGES * (GA_STAGE * 4 + GB_STAGE * 2))  // 73728
 
-__device__ __forceinline__ void gemm_ldsm_x4(u32 addr, u32& r0, u32& r1, u32& r2, u32& r3) {
-#ifdef BEFT_CUDA_EMU
-    u32 r[4];
-    emu_ldmatrix_x4(addr, 0, r);
-    r0 = r[0], r1 = r[1], r2 = r[2], r3 = r[3];
-#else
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
-                 : "r"(addr));
-#endif
-}
-
-__device__ __forceinline__ void gemm_ldsm_x4_trans(u32 addr, u32& r0, u32& r1, u32& r2, u32& r3) {
-#ifdef BEFT_CUDA_EMU
-    u32 r[4];
-    emu_ldmatrix_x4(addr, 1, r);
-    r0 = r[0], r1 = r[1], r2 = r[2], r3 = r[3];
-#else
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
-                 : "r"(addr));
-#endif
-}
-
-// d += a . b for one m16n8k16 tile (bf16 in, f32 accumulate).
-__device__ __forceinline__ void gemm_mma(float* d, const u32* a, const u32* b) {
-#ifdef BEFT_CUDA_EMU
-    emu_mma_16816_bf16(d, a, b);
-#else
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-#endif
-}
-
 // Shared-memory layouts (16-byte chunks XOR-swizzled within a row, so that
 // both the cp.async writes and the fragment reads hit distinct banks):
 //   a slot: [GBM][GBK] f32, 8 chunks a row, chunk c of row r stored at
@@ -241,10 +204,10 @@ __device__ __forceinline__ void gemm_body(float* c, const float* a, const bf16_t
 #pragma unroll
             for (int jp = 0; jp < 4; jp++) {
                 if (!NN) {
-                    gemm_ldsm_x4(bst + (b_frag ^ (32u * (kk >> 4))) + jp * 1024u, bf[2 * jp][0], bf[2 * jp][1],
+                    ldsm_x4(bst + (b_frag ^ (32u * (kk >> 4))) + jp * 1024u, bf[2 * jp][0], bf[2 * jp][1],
                                  bf[2 * jp + 1][0], bf[2 * jp + 1][1]);
                 } else {
-                    gemm_ldsm_x4_trans(bst + (b_frag ^ (32u * jp)) + kk * 256u, bf[2 * jp][0], bf[2 * jp][1],
+                    ldsm_x4_trans(bst + (b_frag ^ (32u * jp)) + kk * 256u, bf[2 * jp][0], bf[2 * jp][1],
                                        bf[2 * jp + 1][0], bf[2 * jp + 1][1]);
                 }
             }
@@ -263,7 +226,7 @@ __device__ __forceinline__ void gemm_body(float* c, const float* a, const bf16_t
 #pragma unroll
                 for (int q = 0; q < 4; q++) ahi[q] = bf16x2_rn(x[q].x, x[q].y);
 #pragma unroll
-                for (int nt = 0; nt < 8; nt++) gemm_mma(acc[mt][nt], ahi, bf[nt]);
+                for (int nt = 0; nt < 8; nt++) mma_16816(acc[mt][nt], ahi, bf[nt]);
                 if (SPLIT) {
                     u32 alo[4];
 #pragma unroll
@@ -271,7 +234,7 @@ __device__ __forceinline__ void gemm_body(float* c, const float* a, const bf16_t
                         alo[q] = bf16x2_rn(x[q].x - __uint_as_float(ahi[q] << 16),
                                              x[q].y - __uint_as_float(ahi[q] & 0xffff0000u));
 #pragma unroll
-                    for (int nt = 0; nt < 8; nt++) gemm_mma(acc[mt][nt], alo, bf[nt]);
+                    for (int nt = 0; nt < 8; nt++) mma_16816(acc[mt][nt], alo, bf[nt]);
                 }
             }
         }

@@ -98,19 +98,6 @@ extern "C" __global__ void __launch_bounds__(256) matmul_f32(float* c, const flo
 #define TBK 32
 #define TPAD 8  // row stride 40 halves = 20 words: fragment loads hit 32 distinct banks
 
-// d += a . b for one m16n8k16 tile (bf16 in, f32 accumulate).
-__device__ __forceinline__ void mma_bf16_16816(float* d, const u32* a, const u32* b) {
-#ifdef BEFT_CUDA_EMU
-    emu_mma_16816_bf16(d, a, b);
-#else
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-#endif
-}
-
 // Split one element of a into its bf16 hi and lo parts.
 __device__ __forceinline__ void split_bf16(float v, bf16_t& hi, bf16_t& lo) {
     hi = f32_to_bf16(v);
@@ -190,14 +177,14 @@ __device__ void matmul_mma(float* c, const TA* a, const bf16_t* b, int m, int n,
                 af[2] = *(const u32*)&Ahi[row][kk + 8 + 2 * t];
                 af[3] = *(const u32*)&Ahi[row + 8][kk + 8 + 2 * t];
 #pragma unroll
-                for (int nt = 0; nt < 4; nt++) mma_bf16_16816(acc[mt][nt], af, bf[nt]);
+                for (int nt = 0; nt < 4; nt++) mma_16816(acc[mt][nt], af, bf[nt]);
                 if (SPLIT) {
                     af[0] = *(const u32*)&Alo[row][kk + 2 * t];
                     af[1] = *(const u32*)&Alo[row + 8][kk + 2 * t];
                     af[2] = *(const u32*)&Alo[row][kk + 8 + 2 * t];
                     af[3] = *(const u32*)&Alo[row + 8][kk + 8 + 2 * t];
 #pragma unroll
-                    for (int nt = 0; nt < 4; nt++) mma_bf16_16816(acc[mt][nt], af, bf[nt]);
+                    for (int nt = 0; nt < 4; nt++) mma_16816(acc[mt][nt], af, bf[nt]);
                 }
             }
         }

@@ -5,7 +5,7 @@
 #   # device tool, carry [".gpu"], two calls (each well under the 10-minute limit):
 #   scripts/gpu_run.sh check big            # correctness, then OPT-6.7B memory (~7 min)
 #   scripts/gpu_run.sh perf sanitize        # speed against ceilings and PyTorch (~8 min)
-#   scripts/gpu_run.sh wgmma                # Hopper's wgmma GEMM: op table and PyTorch (~8 min)
+#   scripts/gpu_run.sh wgmma                # wgmma GEMM + tensor-core attention vs PyTorch (~8 min)
 #   scripts/gpu_run.sh local                # here, no GPU: the perf, big and wgmma plumbing
 #                                           # at tiny shapes on --device cpu
 #
@@ -19,10 +19,12 @@
 # big: OPT-6.7B at 4x1024: training vs forward-only peak, resident vs streamed, kept vs
 #   recomputed activations, the streamed step against the upload bound.
 # sanitize: compute-sanitizer memcheck over the op tests, in the time left.
-# wgmma (H100/H200 only): the matmul rows of the op table with the mma.sync GEMM
-#   (BEFT_CUDA_GEMM=bf16) and the wgmma one (wgmma-bf16) side by side against cuBLAS, then
-#   beft (wgmma-bf16) vs PyTorch eager and torch.compile at the perf phase's configs.
-#   (Its correctness is in check: tests/cuda_ops.rs runs both wgmma modes on sm_90.)
+# wgmma (H100/H200 only): the matmul and attention rows of the op table with the mma.sync
+#   GEMM and f32 attention (BEFT_CUDA_GEMM=bf16) and with the wgmma GEMM and tensor-core
+#   attention (wgmma-bf16, BEFT_CUDA_ATTN=bf16) side by side against cuBLAS, then beft
+#   with the latter (PyTorch bf16 autocast's numerics) vs PyTorch eager and torch.compile
+#   at the perf phase's configs. (Correctness is in check: tests/cuda_ops.rs runs both
+#   wgmma modes on sm_90 and both attention kernel families.)
 #
 # Everything goes to $OUT (at most 8 files come back: check + big make 8): summary.md (each
 # step, exit code, seconds), env.txt and one log per step group; perf and big add results.tgz (every JSON,
@@ -263,10 +265,14 @@ EOF
 fi
 
 if has wgmma; then
+    # Two op tables: mma.sync GEMM + f32 attention (BEFT_CUDA_GEMM=bf16), and the
+    # Hopper GEMM + tensor-core attention (wgmma-bf16, BEFT_CUDA_ATTN=bf16).
     for g in bf16 wgmma-bf16; do
-        step "op table, BEFT_CUDA_GEMM=$g ($wg_shapes)" 120 "$OUT/wgmma.log" \
-            env BEFT_CUDA_GEMM=$g "$BIN/beft" bench --device "$DEV" --shapes "$wg_shapes" --quiet \
-            --json "$P/bench-ops-$g.json" --plot "$P/bench-ops-$g.png"
+        a=f32
+        [ "$g" = wgmma-bf16 ] && a=bf16
+        step "op table, BEFT_CUDA_GEMM=$g BEFT_CUDA_ATTN=$a ($wg_shapes)" 120 "$OUT/wgmma.log" \
+            env BEFT_CUDA_GEMM=$g BEFT_CUDA_ATTN=$a "$BIN/beft" bench --device "$DEV" \
+            --shapes "$wg_shapes" --quiet --json "$P/bench-ops-$g.json" --plot "$P/bench-ops-$g.png"
     done
     "$PY" - "$P" >> "$SUMMARY" 2>&1 <<'EOF' || true
 import json, os, sys
@@ -276,9 +282,9 @@ for g in ("bf16", "wgmma-bf16"):
     f = os.path.join(p, f"bench-ops-{g}.json")
     if os.path.exists(f):
         ops = json.load(open(f))["ops"]
-        runs[g] = {(o["model_shape"], o["op"], o["shape"]): o for o in ops if o["op"].startswith("matmul")}
+        runs[g] = {(o["model_shape"], o["op"], o["shape"]): o for o in ops if o["op"].startswith(("matmul", "attention"))}
 if len(runs) == 2:
-    print("\n| model | matmul | m x n x k | mma.sync TFLOP/s | % of cuBLAS | wgmma TFLOP/s | % of cuBLAS |")
+    print("\n| model | op | shape | mma.sync GEMM, f32 attention: TFLOP/s | % of cuBLAS | wgmma GEMM, tensor-core attention: TFLOP/s | % of cuBLAS |")
     print("|---|---|---|---:|---:|---:|---:|")
     for key, a in runs["bf16"].items():
         b = runs["wgmma-bf16"].get(key, {})
@@ -287,9 +293,10 @@ if len(runs) == 2:
         print(f"| {key[0]} | {key[1]} | {key[2]} | {t(a)} | {c(a)} | {t(b)} | {c(b)} |")
 EOF
     for c in $cfgs; do write_model "${c%%:*}" "$OUT/wgmma.log"; done
-    step "beft (wgmma-bf16) vs PyTorch ($modes): $cfgs" 330 "$OUT/wgmma.log" \
-        env BEFT_CUDA_GEMM=wgmma-bf16 BEFT="$BIN/beft" PYTHON="$PY" benches/compare/compare_gpu.sh \
-        --models "$M" --configs "$cfgs" --modes "$modes" --device "$DEV" --out "$P/compare-wgmma"
+    step "beft (wgmma-bf16, bf16 attention) vs PyTorch ($modes): $cfgs" 330 "$OUT/wgmma.log" \
+        env BEFT_CUDA_GEMM=wgmma-bf16 BEFT_CUDA_ATTN=bf16 BEFT="$BIN/beft" PYTHON="$PY" \
+        benches/compare/compare_gpu.sh --models "$M" --configs "$cfgs" --modes "$modes" \
+        --device "$DEV" --out "$P/compare-wgmma"
     [ -f "$P/compare-wgmma/results.md" ] && cat "$P/compare-wgmma/results.md" >> "$SUMMARY"
 fi
 

@@ -22,7 +22,9 @@ mod common;
 use std::path::PathBuf;
 
 use beft::backend::cpu::{attn_dropout_index, CpuBackend, CpuBuf};
-use beft::backend::cuda::{driver_present, CudaBackend, CudaBuf, Gemm, WeightDtype, NO_DRIVER};
+use beft::backend::cuda::{
+    driver_present, Attn, CudaBackend, CudaBuf, Gemm, WeightDtype, NO_DRIVER,
+};
 use beft::backend::fault::{catch_device_fault, DeviceFault};
 use beft::backend::{
     dropout_keep, Act, AdamW, AttnDims, Backend, CandidateIndex, Dropout, PoolKind,
@@ -748,174 +750,247 @@ fn attn_mask(dims: &AttnDims, lens: &[usize]) -> Vec<f32> {
     m
 }
 
+/// Tolerances of an attention output under `mode`: (atol, rtol) for the
+/// f32 kernels; for the tensor-core kernels, whose products take the
+/// probabilities (or dS) rounded to bf16 (relative error <= 2^-9 each, on
+/// inputs the reference also rounds), 1 % of the tensor's largest value
+/// plus 1 % of each element (a wrong index or a lost tile is off by the
+/// order of the largest value).
+fn attn_tol(mode: Attn, want: &[f32], atol: f32, rtol: f32) -> (f32, f32) {
+    match mode {
+        Attn::F32 => (atol, rtol),
+        Attn::Bf16 => {
+            let big = want
+                .iter()
+                .filter(|x| x.is_finite())
+                .fold(0f32, |m, x| m.max(x.abs()));
+            (1e-2 * big, 1e-2)
+        }
+    }
+}
+
+/// The head dimensions the tensor-core kernels take (else they fall back).
+fn attn_mma_dim(dh: usize) -> bool {
+    matches!(dh, 32 | 64 | 128)
+}
+
 #[test]
 fn attention_forward_and_backward() {
-    let Some(g) = gpu(WeightDtype::Bf16) else {
+    let Some(mut g) = gpu(WeightDtype::Bf16) else {
         return;
     };
     let cpu = Cpu::new();
     let mut rng = Rng::new(5);
-    for c in attn_cases() {
-        let dm = c.dims;
-        let qn = dm.batch * dm.seq * dm.heads * dm.head_dim;
-        let kn = dm.batch * dm.kv_seq * dm.kv_heads * dm.head_dim;
-        let ln = dm.batch * dm.heads * dm.seq;
-        let (q, k, v) = (
-            rand_vec(&mut rng, qn, 1.0),
-            rand_vec(&mut rng, kn, 1.0),
-            rand_vec(&mut rng, kn, 1.0),
-        );
-        let mask = attn_mask(&dm, &c.lens);
-        let tag = format!(
-            "b{} t{} h{}/{} dh{} causal={} dropout={}",
-            dm.batch,
-            dm.seq,
-            dm.heads,
-            dm.kv_heads,
-            dm.head_dim,
-            dm.causal,
-            c.dropout.is_some()
-        );
-        let (gq, gk, gv, gm) = (g.upload(&q), g.upload(&k), g.upload(&v), g.upload(&mask));
-        let (cq, ck, cvv, cm) = (
-            cpu.upload(&q),
-            cpu.upload(&k),
-            cpu.upload(&v),
-            cpu.upload(&mask),
-        );
-        let (mut go, mut gl) = (nan(&g, qn), nan(&g, ln));
-        let (mut co, mut cl) = (cpu.zeros(qn), cpu.zeros(ln));
-        g.attention_fwd(&mut go, &mut gl, &gq, &gk, &gv, &gm, dm, c.dropout);
-        cpu.attention_fwd(&mut co, &mut cl, &cq, &ck, &cvv, &cm, dm, c.dropout);
+    let drop = Some(Dropout {
+        p: 0.1,
+        seed: 0x1234_5678_9abc_def0,
+    });
+    // The tensor-core kernels' own edges: 64-query/64-key tiles crossed
+    // raggedly, a fully padded example, causal GQA across several tiles,
+    // the 32-query dk/dv tiles of head dimension 128.
+    let mut cases = attn_cases();
+    cases.extend([
+        AttnCase {
+            dims: AttnDims::self_attn(3, 130, 2, 2, 64, false),
+            lens: vec![130, 70, 0],
+            dropout: drop,
+        },
+        AttnCase {
+            dims: AttnDims::self_attn(2, 100, 6, 2, 128, true),
+            lens: vec![100, 61],
+            dropout: None,
+        },
+        AttnCase {
+            dims: AttnDims::self_attn(1, 70, 6, 2, 32, true),
+            lens: vec![70],
+            dropout: drop,
+        },
+    ]);
+    for mode in [Attn::F32, Attn::Bf16] {
+        g.set_attn(mode);
+        for c in &cases {
+            if mode == Attn::Bf16 && !attn_mma_dim(c.dims.head_dim) {
+                continue;
+            }
+            check_attention(&g, &cpu, c, mode, &mut rng);
+        }
+    }
+}
+
+/// One attention case on the GPU (kernels `mode`) against the CPU, forward
+/// and backward. For the tensor-core kernels the CPU gets q, k, v and dO
+/// rounded to bf16, as the kernels see them.
+fn check_attention(g: &CudaBackend, cpu: &Cpu, c: &AttnCase, mode: Attn, rng: &mut Rng) {
+    let dm = c.dims;
+    let qn = dm.batch * dm.seq * dm.heads * dm.head_dim;
+    let kn = dm.batch * dm.kv_seq * dm.kv_heads * dm.head_dim;
+    let ln = dm.batch * dm.heads * dm.seq;
+    let round = |v: Vec<f32>| match mode {
+        Attn::F32 => v,
+        Attn::Bf16 => bf16_round(&v),
+    };
+    let (q, k, v) = (
+        round(rand_vec(rng, qn, 1.0)),
+        round(rand_vec(rng, kn, 1.0)),
+        round(rand_vec(rng, kn, 1.0)),
+    );
+    let mask = attn_mask(&dm, &c.lens);
+    let tag = format!(
+        "{mode:?} b{} t{} h{}/{} dh{} causal={} dropout={}",
+        dm.batch,
+        dm.seq,
+        dm.heads,
+        dm.kv_heads,
+        dm.head_dim,
+        dm.causal,
+        c.dropout.is_some()
+    );
+    let (gq, gk, gv, gm) = (g.upload(&q), g.upload(&k), g.upload(&v), g.upload(&mask));
+    let (cq, ck, cvv, cm) = (
+        cpu.upload(&q),
+        cpu.upload(&k),
+        cpu.upload(&v),
+        cpu.upload(&mask),
+    );
+    let (mut go, mut gl) = (nan(g, qn), nan(g, ln));
+    let (mut co, mut cl) = (cpu.zeros(qn), cpu.zeros(ln));
+    g.attention_fwd(&mut go, &mut gl, &gq, &gk, &gv, &gm, dm, c.dropout);
+    cpu.attention_fwd(&mut co, &mut cl, &cq, &ck, &cvv, &cm, dm, c.dropout);
+    let want = cv(&co);
+    let (atol, rtol) = attn_tol(mode, &want, 1e-5, 1e-4);
+    close(
+        &format!("attention_fwd out {tag}"),
+        &g.download(&go),
+        &want,
+        atol,
+        rtol,
+    );
+    // The scores are exact products of the (rounded) inputs in both modes.
+    close(
+        &format!("attention_fwd lse {tag}"),
+        &g.download(&gl),
+        &cv(&cl),
+        1e-5,
+        1e-5,
+    );
+    // Backward from the CPU's saved tensors (the same inputs on both).
+    let dout = round(rand_vec(rng, qn, 1.0));
+    let (gdo, gout, glse) = (g.upload(&dout), g.upload(&cv(&co)), g.upload(&cv(&cl)));
+    let (mut gdq, mut gdk, mut gdv) = (nan(g, qn), nan(g, kn), nan(g, kn));
+    let (mut cdq, mut cdk, mut cdv) = (cpu.zeros(qn), cpu.zeros(kn), cpu.zeros(kn));
+    g.attention_bwd(
+        &mut gdq, &mut gdk, &mut gdv, &gdo, &gq, &gk, &gv, &gout, &glse, &gm, dm, c.dropout,
+    );
+    cpu.attention_bwd(
+        &mut cdq,
+        &mut cdk,
+        &mut cdv,
+        &cpu.upload(&dout),
+        &cq,
+        &ck,
+        &cvv,
+        &co,
+        &cl,
+        &cm,
+        dm,
+        c.dropout,
+    );
+    for (what, got, want) in [("dq", &gdq, &cdq), ("dk", &gdk, &cdk), ("dv", &gdv, &cdv)] {
+        let want = cv(want);
+        let (atol, rtol) = attn_tol(mode, &want, 1e-4, 1e-4);
         close(
-            &format!("attention_fwd out {tag}"),
-            &g.download(&go),
-            &cv(&co),
-            1e-5,
-            1e-4,
-        );
-        close(
-            &format!("attention_fwd lse {tag}"),
-            &g.download(&gl),
-            &cv(&cl),
-            1e-5,
-            1e-5,
-        );
-        // Backward from the CPU's saved tensors (the same inputs on both).
-        let dout = rand_vec(&mut rng, qn, 1.0);
-        let (gdo, gout, glse) = (g.upload(&dout), g.upload(&cv(&co)), g.upload(&cv(&cl)));
-        let (mut gdq, mut gdk, mut gdv) = (nan(&g, qn), nan(&g, kn), nan(&g, kn));
-        let (mut cdq, mut cdk, mut cdv) = (cpu.zeros(qn), cpu.zeros(kn), cpu.zeros(kn));
-        g.attention_bwd(
-            &mut gdq, &mut gdk, &mut gdv, &gdo, &gq, &gk, &gv, &gout, &glse, &gm, dm, c.dropout,
-        );
-        cpu.attention_bwd(
-            &mut cdq,
-            &mut cdk,
-            &mut cdv,
-            &cpu.upload(&dout),
-            &cq,
-            &ck,
-            &cvv,
-            &co,
-            &cl,
-            &cm,
-            dm,
-            c.dropout,
-        );
-        close(
-            &format!("attention_bwd dq {tag}"),
-            &g.download(&gdq),
-            &cv(&cdq),
-            1e-4,
-            1e-4,
-        );
-        close(
-            &format!("attention_bwd dk {tag}"),
-            &g.download(&gdk),
-            &cv(&cdk),
-            1e-4,
-            1e-4,
-        );
-        close(
-            &format!("attention_bwd dv {tag}"),
-            &g.download(&gdv),
-            &cv(&cdv),
-            1e-4,
-            1e-4,
+            &format!("attention_bwd {what} {tag}"),
+            &g.download(got),
+            &want,
+            atol,
+            rtol,
         );
     }
 }
 
 #[test]
 fn attention_kv_cache_shape() {
-    let Some(g) = gpu(WeightDtype::Bf16) else {
+    let Some(mut g) = gpu(WeightDtype::Bf16) else {
         return;
     };
     let cpu = Cpu::new();
     let mut rng = Rng::new(6);
     // New queries at positions q_start.. against every cached key.
-    for &(b, seq, kv_seq, q_start, h, kvh, dh) in &[
-        (1usize, 1usize, 20usize, 19usize, 4usize, 2usize, 16usize),
-        (2, 3, 40, 37, 6, 3, 64),
-        (2, 5, 70, 10, 2, 1, 33), // queries before the end of the cache
-    ] {
-        let dm = AttnDims {
-            batch: b,
-            seq,
-            kv_seq,
-            q_start,
-            heads: h,
-            kv_heads: kvh,
-            head_dim: dh,
-            scale: 1.0 / (dh as f64).sqrt(),
-            causal: true,
-        };
-        let qn = b * seq * h * dh;
-        let kn = b * kv_seq * kvh * dh;
-        let (q, k, v) = (
-            rand_vec(&mut rng, qn, 1.0),
-            rand_vec(&mut rng, kn, 1.0),
-            rand_vec(&mut rng, kn, 1.0),
-        );
-        let mask = attn_mask(&dm, &vec![kv_seq; b]);
-        let (mut go, mut gl) = (nan(&g, qn), nan(&g, b * h * seq));
-        let (mut co, mut cl) = (cpu.zeros(qn), cpu.zeros(b * h * seq));
-        g.attention_fwd(
-            &mut go,
-            &mut gl,
-            &g.upload(&q),
-            &g.upload(&k),
-            &g.upload(&v),
-            &g.upload(&mask),
-            dm,
-            None,
-        );
-        cpu.attention_fwd(
-            &mut co,
-            &mut cl,
-            &cpu.upload(&q),
-            &cpu.upload(&k),
-            &cpu.upload(&v),
-            &cpu.upload(&mask),
-            dm,
-            None,
-        );
-        let tag = format!("kv-cache b{b} seq{seq} kv{kv_seq} start{q_start}");
-        close(
-            &format!("attention_fwd out {tag}"),
-            &g.download(&go),
-            &cv(&co),
-            1e-5,
-            1e-4,
-        );
-        close(
-            &format!("attention_fwd lse {tag}"),
-            &g.download(&gl),
-            &cv(&cl),
-            1e-5,
-            1e-5,
-        );
+    for mode in [Attn::F32, Attn::Bf16] {
+        g.set_attn(mode);
+        for &(b, seq, kv_seq, q_start, h, kvh, dh) in &[
+            (1usize, 1usize, 20usize, 19usize, 4usize, 2usize, 16usize),
+            (2, 3, 40, 37, 6, 3, 64),
+            (2, 5, 70, 10, 2, 1, 33), // queries before the end of the cache
+            (1, 70, 140, 70, 4, 2, 128),
+            (2, 1, 75, 74, 2, 2, 32),
+        ] {
+            if mode == Attn::Bf16 && !attn_mma_dim(dh) {
+                continue;
+            }
+            let dm = AttnDims {
+                batch: b,
+                seq,
+                kv_seq,
+                q_start,
+                heads: h,
+                kv_heads: kvh,
+                head_dim: dh,
+                scale: 1.0 / (dh as f64).sqrt(),
+                causal: true,
+            };
+            let qn = b * seq * h * dh;
+            let kn = b * kv_seq * kvh * dh;
+            let round = |v: Vec<f32>| match mode {
+                Attn::F32 => v,
+                Attn::Bf16 => bf16_round(&v),
+            };
+            let (q, k, v) = (
+                round(rand_vec(&mut rng, qn, 1.0)),
+                round(rand_vec(&mut rng, kn, 1.0)),
+                round(rand_vec(&mut rng, kn, 1.0)),
+            );
+            let mask = attn_mask(&dm, &vec![kv_seq; b]);
+            let (mut go, mut gl) = (nan(&g, qn), nan(&g, b * h * seq));
+            let (mut co, mut cl) = (cpu.zeros(qn), cpu.zeros(b * h * seq));
+            g.attention_fwd(
+                &mut go,
+                &mut gl,
+                &g.upload(&q),
+                &g.upload(&k),
+                &g.upload(&v),
+                &g.upload(&mask),
+                dm,
+                None,
+            );
+            cpu.attention_fwd(
+                &mut co,
+                &mut cl,
+                &cpu.upload(&q),
+                &cpu.upload(&k),
+                &cpu.upload(&v),
+                &cpu.upload(&mask),
+                dm,
+                None,
+            );
+            let tag = format!("{mode:?} kv-cache b{b} seq{seq} kv{kv_seq} start{q_start} dh{dh}");
+            let want = cv(&co);
+            let (atol, rtol) = attn_tol(mode, &want, 1e-5, 1e-4);
+            close(
+                &format!("attention_fwd out {tag}"),
+                &g.download(&go),
+                &want,
+                atol,
+                rtol,
+            );
+            close(
+                &format!("attention_fwd lse {tag}"),
+                &g.download(&gl),
+                &cv(&cl),
+                1e-5,
+                1e-5,
+            );
+        }
     }
     // The dropout index is the CPU's.
     let dm = AttnDims::self_attn(2, 3, 2, 2, 4, false);
@@ -1496,9 +1571,22 @@ fn training_step_on_minilm_matches_cpu() {
     let c = step(&cpu, &mdr, &opts, &batch, Some(42));
     compare_steps(
         "all-MiniLM-L6-v2 bias=v (bf16 weights)",
-        c,
+        c.clone(),
         step(&g16, &md, &opts, &batch, Some(42)),
         2e-3,
+    );
+    // The tensor-core attention kernels (head dimension 32) in the whole
+    // step: q, k, v, dO and the probabilities rounded to bf16 in each of the
+    // six layers, so a looser bound (bf16's 2^-8 relative, compounded
+    // through the layers; measured 3.2e-3 on the emulator); a kernel or
+    // wiring error is off by the order of the gradients themselves.
+    let mut g16 = g16;
+    g16.set_attn(Attn::Bf16);
+    compare_steps(
+        "all-MiniLM-L6-v2 bias=v (bf16 weights, tensor-core attention)",
+        c,
+        step(&g16, &md, &opts, &batch, Some(42)),
+        1e-2,
     );
 }
 

@@ -295,6 +295,51 @@ impl Gemm {
     }
 }
 
+/// The attention kernels (`BEFT_CUDA_ATTN`), both in `kernels/attention.cu`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attn {
+    /// f32 kernels on the CUDA cores, any head dimension up to
+    /// [`MAX_HEAD_DIM`]. Default.
+    F32,
+    /// FlashAttention-2-style kernels on the tensor cores (`mma.sync`): q, k,
+    /// v, dO, the probabilities and dS rounded to bf16, every sum in f32 (the
+    /// numerics of PyTorch's SDPA under bf16 autocast). Head dimensions 32,
+    /// 64 and 128; others run `F32`.
+    Bf16,
+}
+
+impl Attn {
+    /// From `BEFT_CUDA_ATTN` (`f32` or `bf16`; default `f32`).
+    pub fn from_env() -> Result<Self> {
+        match std::env::var("BEFT_CUDA_ATTN").as_deref() {
+            Err(_) | Ok("") | Ok("f32") => Ok(Attn::F32),
+            Ok("bf16") => Ok(Attn::Bf16),
+            Ok(v) => Err(Error::msg(format!(
+                "BEFT_CUDA_ATTN={v}: expected f32 or bf16"
+            ))),
+        }
+    }
+}
+
+/// Head dimensions of the tensor-core attention kernels, with the query
+/// tile of their dk/dv kernel (`attention_*_bf16_d<DH>`).
+const ATTN_MMA_DIMS: [(usize, usize); 3] = [(32, 64), (64, 64), (128, 32)];
+/// Queries per block (forward, dq) and keys per tile or block of the
+/// tensor-core attention kernels.
+const ATTN_MMA_ROWS: usize = 64;
+
+/// Dynamic shared memory of the tensor-core attention kernels at head
+/// dimension `dh` (dk/dv query tile `bq`): (forward, dq, dk/dv) bytes.
+/// Tiles are bf16 rows of `dh + 8`; the flags, lse and dsum rows f32.
+fn attn_mma_smem(dh: usize, bq: usize) -> (usize, usize, usize) {
+    let (row, t) = ((dh + 8) * 2, ATTN_MMA_ROWS);
+    (
+        (4 * t + t) * row + 2 * t * 4,
+        (4 * t + 2 * t) * row + 2 * t * 4,
+        (2 * t + 4 * bq) * row + 4 * bq * 4,
+    )
+}
+
 /// Dynamic shared memory of the tiled GEMM: 3 stages × (128×32 f32 + 128×32 bf16).
 const GEMM_SMEM: usize = 3 * (128 * 32 * 4 + 128 * 32 * 2);
 /// Dynamic shared memory of the Hopper GEMM: 3 stages × (128×64 f32 +
@@ -324,6 +369,8 @@ pub struct CudaBackend {
     peak: std::sync::atomic::AtomicU64,
     /// Which kernel multiplies f32 activations by bf16 weights (`BEFT_CUDA_GEMM`).
     gemm: Gemm,
+    /// Which attention kernels run (`BEFT_CUDA_ATTN`).
+    attn: Attn,
     /// Side stream and pinned staging for streamed layer uploads
     /// ([`stream`]), made on first use.
     streamer: std::sync::OnceLock<stream::Streamer>,
@@ -355,6 +402,16 @@ pub const KERNELS: &[(&str, &[&str])] = &[
             "attention_bwd_prep_f32",
             "attention_bwd_dq_f32",
             "attention_bwd_dkv_f32",
+            "attention_cast_bf16",
+            "attention_fwd_bf16_d32",
+            "attention_bwd_dq_bf16_d32",
+            "attention_bwd_dkv_bf16_d32",
+            "attention_fwd_bf16_d64",
+            "attention_bwd_dq_bf16_d64",
+            "attention_bwd_dkv_bf16_d64",
+            "attention_fwd_bf16_d128",
+            "attention_bwd_dq_bf16_d128",
+            "attention_bwd_dkv_bf16_d128",
         ],
     ),
     (
@@ -548,11 +605,14 @@ impl CudaBackend {
         }
         // The attention kernels size their shared memory by head dimension;
         // allow them the device's opt-in maximum.
-        for name in [
-            "attention_fwd_f32",
-            "attention_bwd_dq_f32",
-            "attention_bwd_dkv_f32",
-        ] {
+        for name in KERNELS
+            .iter()
+            .find(|(f, _)| *f == "attention.cu")
+            .map(|(_, n)| *n)
+            .unwrap_or(&[])
+            .iter()
+            .filter(|n| n.contains("_fwd_") || n.contains("_dq_") || n.contains("_dkv_"))
+        {
             funcs[name]
                 .set_attribute(
                     CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
@@ -587,9 +647,10 @@ impl CudaBackend {
                     .map_err(dev_err)?;
             }
         }
+        let attn = Attn::from_env()?;
         let dev_name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
         let name = format!(
-            "cuda:{ordinal} ({dev_name}, sm_{}{}, f32 activations, {} weights{})",
+            "cuda:{ordinal} ({dev_name}, sm_{}{}, f32 activations, {} weights{}{})",
             cc.0,
             cc.1,
             match weights {
@@ -603,6 +664,10 @@ impl CudaBackend {
                 (_, Gemm::Wgmma) => ", wgmma GEMM",
                 (_, Gemm::WgmmaBf16) => ", wgmma GEMM on bf16-rounded activations",
                 (_, Gemm::Simple) => ", simple GEMM",
+            },
+            match attn {
+                Attn::F32 => "",
+                Attn::Bf16 => ", tensor-core attention",
             }
         );
         let cap = max_device_memory()?;
@@ -619,6 +684,7 @@ impl CudaBackend {
             free_at_start,
             peak: std::sync::atomic::AtomicU64::new(0),
             gemm,
+            attn,
             streamer: std::sync::OnceLock::new(),
         })
     }
@@ -631,6 +697,46 @@ impl CudaBackend {
     /// The kernel in use for f32 × bf16 products.
     pub fn gemm(&self) -> Gemm {
         self.gemm
+    }
+
+    /// The attention kernels (tests compare them).
+    pub fn set_attn(&mut self, attn: Attn) {
+        self.attn = attn;
+    }
+
+    /// The attention kernels in use.
+    pub fn attn(&self) -> Attn {
+        self.attn
+    }
+
+    /// The dk/dv query tile of the tensor-core attention kernels, when they
+    /// run at head dimension `dh` (`Attn::Bf16`, a dimension they were
+    /// written for, enough shared memory).
+    fn attn_mma(&self, dh: usize) -> Option<usize> {
+        if self.attn != Attn::Bf16 {
+            return None;
+        }
+        let &(_, bq) = ATTN_MMA_DIMS.iter().find(|(d, _)| *d == dh)?;
+        let (f, q, kv) = attn_mma_smem(dh, bq);
+        (f.max(q).max(kv) <= self.smem_optin).then_some(bq)
+    }
+
+    /// A bf16 copy (round to nearest even) of the first `n` (even) values
+    /// of `x`, for the tensor-core attention kernels.
+    fn bf16_copy(&self, x: &CudaSlice<f32>, n: usize) -> CudaSlice<u16> {
+        // SAFETY: device memory that the cast kernel writes in full before
+        // anything reads it.
+        let mut out = self.alloc_by(n, |s, n| unsafe { s.alloc::<u16>(n) });
+        let n2 = (n / 2) as i64;
+        let cfg = LaunchConfig {
+            grid_dim: ((n / 2).div_ceil(256).clamp(1, 8192) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        self.launch("attention_cast_bf16", cfg, |b| {
+            b.arg(&mut out).arg(x).arg(&n2);
+        });
+        out
     }
 
     /// The CUDA context (for tests and tools).
@@ -1420,14 +1526,37 @@ impl Backend for CudaBackend {
         if qn == 0 {
             return;
         }
-        let ds = attn_ds(dims.head_dim);
-        let (smem, kt) = self.attn_tile("attention_fwd", |kt| (2 * kt + ATTN_QPB) * ds * 4);
         let (q, k, v, mask) = (
             self.f32_in(q),
             self.f32_in(k),
             self.f32_in(v),
             self.f32_in(mask),
         );
+        if let Some(bq) = self.attn_mma(dims.head_dim) {
+            let (q16, k16, v16) = (
+                self.bf16_copy(&q, qn),
+                self.bf16_copy(&k, kn),
+                self.bf16_copy(&v, kn),
+            );
+            let cfg = LaunchConfig {
+                grid_dim: (
+                    dims.seq.div_ceil(ATTN_MMA_ROWS) as u32,
+                    dims.heads as u32,
+                    dims.batch as u32,
+                ),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: attn_mma_smem(dims.head_dim, bq).0 as u32,
+            };
+            let (out, lse) = (out.f32_mut(), lse.f32_mut());
+            let name = format!("attention_fwd_bf16_d{}", dims.head_dim);
+            self.launch(&name, cfg, |b| {
+                b.arg(out).arg(lse).arg(&q16).arg(&k16).arg(&v16);
+                b.arg(&*mask).arg(&a);
+            });
+            return;
+        }
+        let ds = attn_ds(dims.head_dim);
+        let (smem, kt) = self.attn_tile("attention_fwd", |kt| (2 * kt + ATTN_QPB) * ds * 4);
         let cfg = LaunchConfig {
             grid_dim: (
                 dims.seq.div_ceil(ATTN_QPB) as u32,
@@ -1511,6 +1640,46 @@ impl Backend for CudaBackend {
         self.launch("attention_bwd_prep_f32", cfg, |b| {
             b.arg(&mut dsum).arg(&*dout).arg(&*out).arg(&a);
         });
+        if let Some(bq) = self.attn_mma(dims.head_dim) {
+            let (do16, q16, k16, v16) = (
+                self.bf16_copy(&dout, qn),
+                self.bf16_copy(&q, qn),
+                self.bf16_copy(&k, kn),
+                self.bf16_copy(&v, kn),
+            );
+            let (_, smem_dq, smem_kv) = attn_mma_smem(dims.head_dim, bq);
+            let cfg = LaunchConfig {
+                grid_dim: (
+                    dims.seq.div_ceil(ATTN_MMA_ROWS) as u32,
+                    dims.heads as u32,
+                    dims.batch as u32,
+                ),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: smem_dq as u32,
+            };
+            let dq = dq.f32_mut();
+            let name = format!("attention_bwd_dq_bf16_d{}", dims.head_dim);
+            self.launch(&name, cfg, |b| {
+                b.arg(dq).arg(&do16).arg(&q16).arg(&k16).arg(&v16);
+                b.arg(&*lse).arg(&dsum).arg(&*mask).arg(&a);
+            });
+            let cfg = LaunchConfig {
+                grid_dim: (
+                    dims.kv_seq.div_ceil(ATTN_MMA_ROWS) as u32,
+                    dims.kv_heads as u32,
+                    dims.batch as u32,
+                ),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: smem_kv as u32,
+            };
+            let (dk, dv) = (dk.f32_mut(), dv.f32_mut());
+            let name = format!("attention_bwd_dkv_bf16_d{}", dims.head_dim);
+            self.launch(&name, cfg, |b| {
+                b.arg(dk).arg(dv).arg(&do16).arg(&q16).arg(&k16).arg(&v16);
+                b.arg(&*lse).arg(&dsum).arg(&*mask).arg(&a);
+            });
+            return;
+        }
         let ds = attn_ds(dims.head_dim);
         let (smem, kt) =
             self.attn_tile("attention_bwd (dq)", |kt| (2 * kt + 2 * ATTN_QPB) * ds * 4);
