@@ -327,12 +327,14 @@ extern "C" __global__ void __launch_bounds__(128)
 // The same three products as above with q, k, v and dO rounded to bf16 (as
 // PyTorch's bf16 autocast feeds SDPA), the probabilities and dS rounded to
 // bf16 for their products, every sum in f32: mma.sync.m16n8k16 (bf16 in, f32
-// accumulate), head dimension DH in {32, 64, 128}. The inputs arrive already
-// converted (attention_cast_bf16, one pass over q/k/v/dO: each element is
-// then read T/64 times as 2 bytes instead of 4); outputs, lse and dsum are
-// f32 with the f32 kernels' meaning (lse in natural-log units), so the two
-// families can be mixed. The softmax runs in base 2: scores are scaled by
-// scale * log2(e) and exponentiated with exp2f.
+// accumulate), head dimension DH in {32, 64, 128}. The inputs that every
+// block re-reads (k, v; in the backward also q, dO) arrive converted
+// (attention_cast_bf16, one pass: each element is then read T/64 times as 2
+// bytes instead of 4); the forward's q, read once, is converted while it is
+// staged. Outputs, lse and dsum are f32 with the f32 kernels' meaning (lse
+// in natural-log units), so the two families can be mixed. The softmax
+// runs in base 2: scores are scaled by scale * log2(e) and exponentiated
+// with exp2f.
 //
 // Work split (4 warps, 128 threads):
 //   forward, dq: a block owns 64 queries of one (b, h), 16 per warp (the
@@ -374,6 +376,22 @@ __device__ __forceinline__ void attn_rows_async(bf16_t* dst, const bf16_t* base,
         bool ok = r0 + r < limit;
         const bf16_t* src = ok ? base + (i64)(r0 + r) * row_stride + c * 8 : base;
         cp_async16(smem_addr(dst + r * L::RS + c * 8), src, ok);
+    }
+}
+
+// Rows [r0, r0 + rows) of an f32 [.., row_stride] tensor into a shared bf16
+// tile (row stride DH + 8), converted on the way (synchronous loads: for
+// tiles read once per block); rows at or beyond `limit` become zeros.
+template <int DH>
+__device__ __forceinline__ void attn_rows_cvt(bf16_t* dst, const float* base, i64 row_stride, int r0, int rows,
+                                              int limit) {
+    typedef AttnTile<DH> L;
+    for (int e = threadIdx.x; e < rows * (DH / 2); e += blockDim.x) {
+        int r = e / (DH / 2), c = 2 * (e % (DH / 2));
+        float2 v;
+        v.x = v.y = 0.0f;
+        if (r0 + r < limit) v = *(const float2*)(base + (i64)(r0 + r) * row_stride + c);
+        *(u32*)(dst + r * L::RS + c) = bf16x2_rn(v.x, v.y);
     }
 }
 
@@ -481,10 +499,11 @@ extern "C" __global__ void attention_cast_bf16(bf16_t* dst, const float* src, i6
 }
 
 // ---- forward ------------------------------------------------------------------
-// Grid (ceil(T / 64), H, B), 128 threads. Shared: k and v tiles [2][64][RS],
-// the block's queries [64][RS], the key tiles' visibility flags [2][64].
+// Grid (ceil(T / 64), H, B), 128 threads; q is f32 (converted while it is
+// staged), k and v bf16. Shared: k and v tiles [2][64][RS], the block's
+// queries [64][RS], the key tiles' visibility flags [2][64].
 template <int DH>
-__device__ __forceinline__ void attn_fwd_mma(float* out, float* lse, const bf16_t* q, const bf16_t* k,
+__device__ __forceinline__ void attn_fwd_mma(float* out, float* lse, const float* q, const bf16_t* k,
                                              const bf16_t* v, const float* mask, const AttnArgs& a) {
     typedef AttnTile<DH> L;
     bf16_t* Ks = (bf16_t*)smem;
@@ -503,8 +522,9 @@ __device__ __forceinline__ void attn_fwd_mma(float* out, float* lse, const bf16_
     const int tiles = (kv_end + ABK - 1) / ABK;
     const float sl2 = a.scale * LOG2E;
 
-    // Group 0: the queries and key tile 0; then one group per tile.
-    attn_rows_async<DH>(Qs, q + (i64)b * a.seq * qstride + (i64)h * DH, qstride, q0, ABQ, a.seq);
+    // The queries (f32, converted here: read once), then key tile 0 as
+    // group 0 and one group per tile after it.
+    attn_rows_cvt<DH>(Qs, q + (i64)b * a.seq * qstride + (i64)h * DH, qstride, q0, ABQ, a.seq);
     auto load_tile = [&](int it) {
         int j0 = it * ABK, st = it & 1;
         attn_rows_async<DH>(Ks + st * ABK * L::RS, kb, kstride, j0, ABK, a.kv_seq);
@@ -778,7 +798,7 @@ __device__ __forceinline__ void attn_dkv_mma(float* dk, float* dv, const bf16_t*
 
 // The kernels, one per head dimension (names end in _d<DH>).
 extern "C" __global__ void __launch_bounds__(128)
-    attention_fwd_bf16_d32(float* out, float* lse, const bf16_t* q, const bf16_t* k, const bf16_t* v,
+    attention_fwd_bf16_d32(float* out, float* lse, const float* q, const bf16_t* k, const bf16_t* v,
                             const float* mask, AttnArgs a) {
     attn_fwd_mma<32>(out, lse, q, k, v, mask, a);
 }
@@ -793,7 +813,7 @@ extern "C" __global__ void __launch_bounds__(128)
     attn_dkv_mma<32, 64>(dk, dv, dout, q, k, v, lse, dsum, mask, a);
 }
 extern "C" __global__ void __launch_bounds__(128)
-    attention_fwd_bf16_d64(float* out, float* lse, const bf16_t* q, const bf16_t* k, const bf16_t* v,
+    attention_fwd_bf16_d64(float* out, float* lse, const float* q, const bf16_t* k, const bf16_t* v,
                             const float* mask, AttnArgs a) {
     attn_fwd_mma<64>(out, lse, q, k, v, mask, a);
 }
@@ -808,7 +828,7 @@ extern "C" __global__ void __launch_bounds__(128)
     attn_dkv_mma<64, 64>(dk, dv, dout, q, k, v, lse, dsum, mask, a);
 }
 extern "C" __global__ void __launch_bounds__(128)
-    attention_fwd_bf16_d128(float* out, float* lse, const bf16_t* q, const bf16_t* k, const bf16_t* v,
+    attention_fwd_bf16_d128(float* out, float* lse, const float* q, const bf16_t* k, const bf16_t* v,
                             const float* mask, AttnArgs a) {
     attn_fwd_mma<128>(out, lse, q, k, v, mask, a);
 }

@@ -1533,11 +1533,8 @@ impl Backend for CudaBackend {
             self.f32_in(mask),
         );
         if let Some(bq) = self.attn_mma(dims.head_dim) {
-            let (q16, k16, v16) = (
-                self.bf16_copy(&q, qn),
-                self.bf16_copy(&k, kn),
-                self.bf16_copy(&v, kn),
-            );
+            // q is read once per block: the kernel converts it itself.
+            let (k16, v16) = (self.bf16_copy(&k, kn), self.bf16_copy(&v, kn));
             let cfg = LaunchConfig {
                 grid_dim: (
                     dims.seq.div_ceil(ATTN_MMA_ROWS) as u32,
@@ -1550,7 +1547,7 @@ impl Backend for CudaBackend {
             let (out, lse) = (out.f32_mut(), lse.f32_mut());
             let name = format!("attention_fwd_bf16_d{}", dims.head_dim);
             self.launch(&name, cfg, |b| {
-                b.arg(out).arg(lse).arg(&q16).arg(&k16).arg(&v16);
+                b.arg(out).arg(lse).arg(&*q).arg(&k16).arg(&v16);
                 b.arg(&*mask).arg(&a);
             });
             return;
