@@ -336,11 +336,11 @@ extern "C" __global__ void __launch_bounds__(128)
 // runs in base 2: scores are scaled by scale * log2(e) and exponentiated
 // with exp2f.
 //
-// Work split (4 warps, 128 threads):
-//   forward, dq: a block owns 64 queries of one (b, h), 16 per warp (the
-//     rows of the warp's m16 tiles), and streams 64-key tiles of k and v
-//     through shared memory (two stages, cp.async);
-//   dk/dv: a block owns 64 keys of one (b, kv head), 16 per warp, and
+// Work split:
+//   forward (8 warps), dq (4 warps): a block owns 128 or 64 queries of one
+//     (b, h), 16 per warp (the rows of the warp's m16 tiles), and streams
+//     64-key tiles of k and v through shared memory (two stages, cp.async);
+//   dk/dv (4 warps): a block owns 64 keys of one (b, kv head), 16 per warp, and
 //     streams tiles of BQ queries (q, dO, their lse and dsum) of every
 //     query head of its group: no two blocks write the same dk/dv row, and
 //     dq has its own kernel, so nothing is atomic (deterministic).
@@ -351,7 +351,7 @@ extern "C" __global__ void __launch_bounds__(128)
 // g and g + 8, columns 2t and 2t + 1; two adjacent n8 accumulators of a
 // score tile are exactly the A fragment of the next product (no shuffle).
 
-#define ABQ 64  // queries per block (forward, dq)
+#define ABQ 64  // queries per block (dq)
 #define ABK 64  // keys per tile (forward, dq) and per block (dk/dv)
 #define LOG2E 1.4426950408889634f
 #define LN2 0.6931471805599453f
@@ -499,32 +499,35 @@ extern "C" __global__ void attention_cast_bf16(bf16_t* dst, const float* src, i6
 }
 
 // ---- forward ------------------------------------------------------------------
-// Grid (ceil(T / 64), H, B), 128 threads; q is f32 (converted while it is
-// staged), k and v bf16. Shared: k and v tiles [2][64][RS], the block's
-// queries [64][RS], the key tiles' visibility flags [2][64].
-template <int DH>
+// Grid (ceil(T / (16 NW)), H, B), 32 NW threads; q is f32 (converted while
+// it is staged), k and v bf16. Shared: k and v tiles [2][64][RS], the
+// block's queries [16 NW][RS], the key tiles' visibility flags [2][64].
+// NW = 8 (128 queries a block, as FlashAttention-2's forward): each k/v
+// tile brought in from L2 serves twice the queries of a 4-warp block.
+template <int DH, int NW>
 __device__ __forceinline__ void attn_fwd_mma(float* out, float* lse, const float* q, const bf16_t* k,
                                              const bf16_t* v, const float* mask, const AttnArgs& a) {
     typedef AttnTile<DH> L;
     bf16_t* Ks = (bf16_t*)smem;
     bf16_t* Vs = Ks + 2 * ABK * L::RS;
     bf16_t* Qs = Vs + 2 * ABK * L::RS;
-    float* Ms = (float*)(Qs + ABQ * L::RS);
+    constexpr int BQF = 16 * NW;  // queries per block
+    float* Ms = (float*)(Qs + BQF * L::RS);
     const int b = blockIdx.z, h = blockIdx.y, kh = h / (a.heads / a.kv_heads);
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
-    const int q0 = blockIdx.x * ABQ, qw = q0 + 16 * warp;  // this warp's first query
+    const int q0 = blockIdx.x * BQF, qw = q0 + 16 * warp;  // this warp's first query
     const i64 qstride = (i64)a.heads * DH, kstride = (i64)a.kv_heads * DH;
     const bf16_t* kb = k + (i64)b * a.kv_seq * kstride + (i64)kh * DH;
     const bf16_t* vb = v + (i64)b * a.kv_seq * kstride + (i64)kh * DH;
     const float* mb = mask + (i64)b * a.kv_seq;
-    const int last_q = min(q0 + ABQ, a.seq) - 1;
+    const int last_q = min(q0 + BQF, a.seq) - 1;
     const int kv_end = a.causal ? min(a.kv_seq, a.q_start + last_q + 1) : a.kv_seq;
     const int tiles = (kv_end + ABK - 1) / ABK;
     const float sl2 = a.scale * LOG2E;
 
     // The queries (f32, converted here: read once), then key tile 0 as
     // group 0 and one group per tile after it.
-    attn_rows_cvt<DH>(Qs, q + (i64)b * a.seq * qstride + (i64)h * DH, qstride, q0, ABQ, a.seq);
+    attn_rows_cvt<DH>(Qs, q + (i64)b * a.seq * qstride + (i64)h * DH, qstride, q0, BQF, a.seq);
     auto load_tile = [&](int it) {
         int j0 = it * ABK, st = it & 1;
         attn_rows_async<DH>(Ks + st * ABK * L::RS, kb, kstride, j0, ABK, a.kv_seq);
@@ -797,10 +800,10 @@ __device__ __forceinline__ void attn_dkv_mma(float* dk, float* dv, const bf16_t*
 }
 
 // The kernels, one per head dimension (names end in _d<DH>).
-extern "C" __global__ void __launch_bounds__(128)
+extern "C" __global__ void __launch_bounds__(256)
     attention_fwd_bf16_d32(float* out, float* lse, const float* q, const bf16_t* k, const bf16_t* v,
                             const float* mask, AttnArgs a) {
-    attn_fwd_mma<32>(out, lse, q, k, v, mask, a);
+    attn_fwd_mma<32, 8>(out, lse, q, k, v, mask, a);
 }
 extern "C" __global__ void __launch_bounds__(128)
     attention_bwd_dq_bf16_d32(float* dq, const bf16_t* dout, const bf16_t* q, const bf16_t* k, const bf16_t* v,
@@ -812,10 +815,10 @@ extern "C" __global__ void __launch_bounds__(128)
                                 const bf16_t* v, const float* lse, const float* dsum, const float* mask, AttnArgs a) {
     attn_dkv_mma<32, 64>(dk, dv, dout, q, k, v, lse, dsum, mask, a);
 }
-extern "C" __global__ void __launch_bounds__(128)
+extern "C" __global__ void __launch_bounds__(256)
     attention_fwd_bf16_d64(float* out, float* lse, const float* q, const bf16_t* k, const bf16_t* v,
                             const float* mask, AttnArgs a) {
-    attn_fwd_mma<64>(out, lse, q, k, v, mask, a);
+    attn_fwd_mma<64, 8>(out, lse, q, k, v, mask, a);
 }
 extern "C" __global__ void __launch_bounds__(128)
     attention_bwd_dq_bf16_d64(float* dq, const bf16_t* dout, const bf16_t* q, const bf16_t* k, const bf16_t* v,
@@ -827,10 +830,10 @@ extern "C" __global__ void __launch_bounds__(128)
                                 const bf16_t* v, const float* lse, const float* dsum, const float* mask, AttnArgs a) {
     attn_dkv_mma<64, 64>(dk, dv, dout, q, k, v, lse, dsum, mask, a);
 }
-extern "C" __global__ void __launch_bounds__(128)
+extern "C" __global__ void __launch_bounds__(256)
     attention_fwd_bf16_d128(float* out, float* lse, const float* q, const bf16_t* k, const bf16_t* v,
                             const float* mask, AttnArgs a) {
-    attn_fwd_mma<128>(out, lse, q, k, v, mask, a);
+    attn_fwd_mma<128, 8>(out, lse, q, k, v, mask, a);
 }
 extern "C" __global__ void __launch_bounds__(128)
     attention_bwd_dq_bf16_d128(float* dq, const bf16_t* dout, const bf16_t* q, const bf16_t* k, const bf16_t* v,

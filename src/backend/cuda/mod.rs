@@ -324,9 +324,11 @@ impl Attn {
 /// Head dimensions of the tensor-core attention kernels, with the query
 /// tile of their dk/dv kernel (`attention_*_bf16_d<DH>`).
 const ATTN_MMA_DIMS: [(usize, usize); 3] = [(32, 64), (64, 64), (128, 32)];
-/// Queries per block (forward, dq) and keys per tile or block of the
+/// Queries per block of the dq kernel and keys per tile or block of the
 /// tensor-core attention kernels.
 const ATTN_MMA_ROWS: usize = 64;
+/// Queries per block (8 warps) of the tensor-core forward.
+const ATTN_MMA_FWD_ROWS: usize = 128;
 
 /// Dynamic shared memory of the tensor-core attention kernels at head
 /// dimension `dh` (dk/dv query tile `bq`): (forward, dq, dk/dv) bytes.
@@ -334,7 +336,7 @@ const ATTN_MMA_ROWS: usize = 64;
 fn attn_mma_smem(dh: usize, bq: usize) -> (usize, usize, usize) {
     let (row, t) = ((dh + 8) * 2, ATTN_MMA_ROWS);
     (
-        (4 * t + t) * row + 2 * t * 4,
+        (4 * t + ATTN_MMA_FWD_ROWS) * row + 2 * t * 4,
         (4 * t + 2 * t) * row + 2 * t * 4,
         (2 * t + 4 * bq) * row + 4 * bq * 4,
     )
@@ -1537,11 +1539,11 @@ impl Backend for CudaBackend {
             let (k16, v16) = (self.bf16_copy(&k, kn), self.bf16_copy(&v, kn));
             let cfg = LaunchConfig {
                 grid_dim: (
-                    dims.seq.div_ceil(ATTN_MMA_ROWS) as u32,
+                    dims.seq.div_ceil(ATTN_MMA_FWD_ROWS) as u32,
                     dims.heads as u32,
                     dims.batch as u32,
                 ),
-                block_dim: (128, 1, 1),
+                block_dim: (256, 1, 1),
                 shared_mem_bytes: attn_mma_smem(dims.head_dim, bq).0 as u32,
             };
             let (out, lse) = (out.f32_mut(), lse.f32_mut());
