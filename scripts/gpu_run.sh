@@ -21,7 +21,8 @@
 # sanitize: compute-sanitizer memcheck over the op tests, in the time left.
 # wgmma (H100/H200 only): the matmul and attention rows of the op table with the mma.sync
 #   GEMM and f32 attention (BEFT_CUDA_GEMM=bf16) and with the wgmma GEMM and tensor-core
-#   attention (wgmma-bf16, BEFT_CUDA_ATTN=bf16) side by side against cuBLAS, then beft
+#   attention (wgmma-bf16, BEFT_CUDA_ATTN=bf16) side by side against cuBLAS (and the
+#   attention rows at OPT-6.7B's head dimension 128), then beft
 #   with the latter (PyTorch bf16 autocast's numerics) vs PyTorch eager and torch.compile
 #   at the perf phase's configs. (Correctness is in check: tests/cuda_ops.rs runs both
 #   wgmma modes on sm_90 and both attention kernel families.)
@@ -198,6 +199,7 @@ if [ "$PHASE" = local ]; then
     big=opt-tiny
     big_cfg="--batch 2 --seq 64"
     wg_shapes=$shapes
+    wg_attn=opt-tiny
     PHASES="perf big wgmma"
 else
     shapes=bert-base,opt-1.3b,opt-6.7b
@@ -206,6 +208,7 @@ else
     big=opt-6.7b
     big_cfg="--batch 4 --seq 1024"
     wg_shapes=bert-base,opt-1.3b
+    wg_attn=opt-6.7b
 fi
 write_model() { # SHAPE LOGFILE
     [ -f "$M/$1/model.safetensors" ] && return 0
@@ -273,16 +276,21 @@ if has wgmma; then
         step "op table, BEFT_CUDA_GEMM=$g BEFT_CUDA_ATTN=$a ($wg_shapes)" 120 "$OUT/wgmma.log" \
             env BEFT_CUDA_GEMM=$g BEFT_CUDA_ATTN=$a "$BIN/beft" bench --device "$DEV" \
             --shapes "$wg_shapes" --quiet --json "$P/bench-ops-$g.json" --plot "$P/bench-ops-$g.png"
+        # Head dimension 128: OPT-6.7B's attention rows alone.
+        step "attention rows, BEFT_CUDA_ATTN=$a ($wg_attn)" 60 "$OUT/wgmma.log" \
+            env BEFT_CUDA_GEMM=$g BEFT_CUDA_ATTN=$a "$BIN/beft" bench --device "$DEV" \
+            --shapes "$wg_attn" --ops attention --quiet --json "$P/bench-attn-$g.json"
     done
     "$PY" - "$P" >> "$SUMMARY" 2>&1 <<'EOF' || true
 import json, os, sys
 p = sys.argv[1]
 runs = {}
 for g in ("bf16", "wgmma-bf16"):
-    f = os.path.join(p, f"bench-ops-{g}.json")
-    if os.path.exists(f):
-        ops = json.load(open(f))["ops"]
-        runs[g] = {(o["model_shape"], o["op"], o["shape"]): o for o in ops if o["op"].startswith(("matmul", "attention"))}
+    for f in (os.path.join(p, f"bench-ops-{g}.json"), os.path.join(p, f"bench-attn-{g}.json")):
+        if os.path.exists(f):
+            ops = json.load(open(f))["ops"]
+            runs.setdefault(g, {}).update(
+                {(o["model_shape"], o["op"], o["shape"]): o for o in ops if o["op"].startswith(("matmul", "attention"))})
 if len(runs) == 2:
     print("\n| model | op | shape | mma.sync GEMM, f32 attention: TFLOP/s | % of cuBLAS | wgmma GEMM, tensor-core attention: TFLOP/s | % of cuBLAS |")
     print("|---|---|---|---:|---:|---:|---:|")

@@ -201,6 +201,39 @@ pub struct Report {
     pub notes: Vec<String>,
 }
 
+/// The op families of the op table, as `beft bench --ops` names them.
+pub const OP_FAMILIES: &[&str] = &[
+    "matmul",
+    "bias",
+    "activation",
+    "norm",
+    "attention",
+    "embedding",
+    "cross_entropy",
+    "adamw",
+];
+
+/// `--ops`: a comma list of [`OP_FAMILIES`].
+pub fn parse_op_families(list: &str) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for f in list.split(',').map(str::trim).filter(|f| !f.is_empty()) {
+        if !OP_FAMILIES.contains(&f) {
+            return Err(Error::msg(format!(
+                "--ops: unknown op family '{f}' (expected a comma list of {})",
+                OP_FAMILIES.join(", ")
+            )));
+        }
+        out.push(f.to_string());
+    }
+    if out.is_empty() {
+        return Err(Error::msg(format!(
+            "--ops: no op family given (expected a comma list of {})",
+            OP_FAMILIES.join(", ")
+        )));
+    }
+    Ok(out)
+}
+
 /// What `beft bench` should do.
 #[derive(Clone, Debug)]
 pub struct BenchArgs {
@@ -211,6 +244,8 @@ pub struct BenchArgs {
     pub shapes: Vec<Shape>,
     /// Run the op table.
     pub ops: bool,
+    /// Only these op families of the table ([`OP_FAMILIES`]; `None`: all).
+    pub op_families: Option<Vec<String>>,
     pub reps: usize,
     pub warmup: usize,
     /// Tiny sizes everywhere (for tests).

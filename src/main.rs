@@ -82,6 +82,10 @@ struct BenchCli {
     /// Skip the op table.
     #[arg(long)]
     no_ops: bool,
+    /// Only these op families of the table, a comma list of matmul, bias, activation,
+    /// norm, attention, embedding, cross_entropy, adamw [default: all].
+    #[arg(long, value_name = "FAMILIES")]
+    ops: Option<String>,
     /// The model shape of --step or --write-model (see --shapes).
     #[arg(long)]
     shape: Option<String>,
@@ -696,6 +700,7 @@ fn run_bench(b: BenchCli) -> beft::Result<()> {
         tokens: b.tokens,
         shapes,
         ops: !b.no_ops && (!b.step || b.shapes.is_some()),
+        op_families: b.ops.as_deref().map(bench::parse_op_families).transpose()?,
         reps,
         warmup,
         quick: b.quick,

@@ -184,7 +184,47 @@ fn step_timing_for_a_decoder_and_an_encoder() {
 }
 
 #[test]
+fn ops_filter_times_only_the_named_families() {
+    let tmp = TempDir::new().unwrap();
+    let json = tmp.path().join("attn.json");
+    let o = beft(&[
+        "bench",
+        "--quick",
+        "--ops",
+        "attention,adamw",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(
+        o.status.success(),
+        "beft bench --ops failed: {}",
+        stderr(&o)
+    );
+    let r = read_json(&json);
+    let ops: Vec<&str> = r["ops"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["op"].as_str().unwrap())
+        .collect();
+    // Forward and backward, causal and padded; one AdamW row.
+    assert_eq!(
+        ops.iter().filter(|o| o.starts_with("attention_")).count(),
+        4,
+        "{ops:?}"
+    );
+    assert_eq!(ops.iter().filter(|o| **o == "adamw").count(), 1, "{ops:?}");
+    assert_eq!(ops.len(), 5, "only the named families: {ops:?}");
+}
+
+#[test]
 fn bad_input_is_an_error_naming_the_value() {
+    let o = beft(&["bench", "--quick", "--ops", "attention,attn"]);
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(e.contains("--ops") && e.contains("'attn'"), "{e}");
+    assert!(!e.contains("panicked"), "{e}");
+
     let o = beft(&["bench", "--quick", "--shapes", "bert-base,gpt-9"]);
     assert!(!o.status.success());
     let e = stderr(&o);

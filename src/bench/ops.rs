@@ -41,6 +41,8 @@ pub(super) struct Env<'a, B: Backend> {
     weight_bytes: usize,
     /// A repetition lasts at least this long (short ops are repeated).
     min_rep_s: f64,
+    /// The op families to time (`None`: all).
+    families: Option<Vec<String>>,
     pool: Vec<f32>,
     rng: RefCell<Rng>,
 }
@@ -73,9 +75,17 @@ impl<'a, B: Backend> Env<'a, B> {
             },
             weight_bytes,
             min_rep_s: if args.quick { 1e-4 } else { 1e-3 },
+            families: args.op_families.clone(),
             pool,
             rng: RefCell::new(rng),
         }
+    }
+
+    /// Whether the op family `f` (one of [`super::OP_FAMILIES`]) is timed.
+    fn wants(&self, f: &str) -> bool {
+        self.families
+            .as_ref()
+            .is_none_or(|fs| fs.iter().any(|x| x == f))
     }
 
     /// Values `pool[start..]` cycled to length `n`, scaled.
@@ -220,13 +230,20 @@ impl<'a, B: Backend> Env<'a, B> {
         tokens: usize,
         c: &Ceilings,
     ) -> Result<Vec<OpRow>> {
-        let pb = if self.progress {
-            indicatif::ProgressBar::new(OPS_PER_SHAPE * shapes.len() as u64)
-        } else {
-            indicatif::ProgressBar::hidden()
+        // The whole table's length is known; a filtered one (--ops) counts up.
+        let (pb, template) = match (self.progress, &self.families) {
+            (false, _) => (indicatif::ProgressBar::hidden(), ""),
+            (true, None) => (
+                indicatif::ProgressBar::new(OPS_PER_SHAPE * shapes.len() as u64),
+                "{spinner} ops [{bar:30}] {pos}/{len} {msg}",
+            ),
+            (true, Some(_)) => (
+                indicatif::ProgressBar::new_spinner(),
+                "{spinner} ops {pos} {msg}",
+            ),
         };
         pb.set_style(
-            indicatif::ProgressStyle::with_template("{spinner} ops [{bar:30}] {pos}/{len} {msg}")
+            indicatif::ProgressStyle::with_template(template)
                 .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
                 .progress_chars("=> "),
         );
@@ -257,131 +274,73 @@ impl<'a, B: Backend> Env<'a, B> {
 
         // Products: forward y = x·Wᵀ (W stored [out, in]) and the input
         // gradient dx = dy·W, at the q/k/v/o, fc1 and fc2 sizes.
-        for (label, n_out, n_in) in [("qkvo", d, d), ("ffn_up", f, d), ("ffn_down", d, f)] {
-            let flops = Some(2.0 * n as f64 * n_out as f64 * n_in as f64);
-            {
-                let k = self.sets((n * n_in + n * n_out) * 4 + n_out * n_in * wb);
-                let mut s = Vec::with_capacity(k);
-                for _ in 0..k {
-                    s.push((
-                        self.rand(n * n_in),
-                        self.weight(n_out, n_in)?,
-                        be.zeros(n * n_out),
+        if self.wants("matmul") {
+            for (label, n_out, n_in) in [("qkvo", d, d), ("ffn_up", f, d), ("ffn_down", d, f)] {
+                let flops = Some(2.0 * n as f64 * n_out as f64 * n_in as f64);
+                {
+                    let k = self.sets((n * n_in + n * n_out) * 4 + n_out * n_in * wb);
+                    let mut s = Vec::with_capacity(k);
+                    for _ in 0..k {
+                        s.push((
+                            self.rand(n * n_in),
+                            self.weight(n_out, n_in)?,
+                            be.zeros(n * n_out),
+                        ));
+                    }
+                    let t = self.time(k, &mut |i| {
+                        let (x, w, y) = &mut s[i % k];
+                        be.matmul(y, x, w, n, n_out, n_in, false, true, false)
+                    });
+                    push(self.row(
+                        shape,
+                        "matmul_fwd x·Wᵀ",
+                        format!("{label} {n}x{n_out}x{n_in} (m x n x k)"),
+                        t,
+                        flops,
+                        None,
+                        c,
                     ));
                 }
-                let t = self.time(k, &mut |i| {
-                    let (x, w, y) = &mut s[i % k];
-                    be.matmul(y, x, w, n, n_out, n_in, false, true, false)
-                });
-                push(self.row(
-                    shape,
-                    "matmul_fwd x·Wᵀ",
-                    format!("{label} {n}x{n_out}x{n_in} (m x n x k)"),
-                    t,
-                    flops,
-                    None,
-                    c,
-                ));
-            }
-            {
-                let k = self.sets((n * n_in + n * n_out) * 4 + n_out * n_in * wb);
-                let mut s = Vec::with_capacity(k);
-                for _ in 0..k {
-                    s.push((
-                        self.rand(n * n_out),
-                        self.weight(n_out, n_in)?,
-                        be.zeros(n * n_in),
+                {
+                    let k = self.sets((n * n_in + n * n_out) * 4 + n_out * n_in * wb);
+                    let mut s = Vec::with_capacity(k);
+                    for _ in 0..k {
+                        s.push((
+                            self.rand(n * n_out),
+                            self.weight(n_out, n_in)?,
+                            be.zeros(n * n_in),
+                        ));
+                    }
+                    let t = self.time(k, &mut |i| {
+                        let (dy, w, dx) = &mut s[i % k];
+                        be.matmul(dx, dy, w, n, n_in, n_out, false, false, false)
+                    });
+                    push(self.row(
+                        shape,
+                        "matmul_bwd dy·W",
+                        format!("{label} {n}x{n_in}x{n_out} (m x n x k)"),
+                        t,
+                        flops,
+                        None,
+                        c,
                     ));
                 }
-                let t = self.time(k, &mut |i| {
-                    let (dy, w, dx) = &mut s[i % k];
-                    be.matmul(dx, dy, w, n, n_in, n_out, false, false, false)
-                });
-                push(self.row(
-                    shape,
-                    "matmul_bwd dy·W",
-                    format!("{label} {n}x{n_in}x{n_out} (m x n x k)"),
-                    t,
-                    flops,
-                    None,
-                    c,
-                ));
             }
         }
 
         // Bias add and bias gradient at the MLP width; the residual add.
-        {
-            let k = self.sets(n * f * 4);
-            let mut s: Vec<_> = (0..k).map(|_| (self.rand(n * f), self.rand(f))).collect();
-            let t = self.time(k, &mut |i| {
-                let (y, b) = &mut s[i % k];
-                be.bias_add(y, b, 0, n, f)
-            });
-            let bytes = (8 * n * f + 4 * f) as f64;
-            push(self.row(
-                shape,
-                "bias_add",
-                format!("{n}x{f}"),
-                t,
-                None,
-                Some(bytes),
-                c,
-            ));
-        }
-        {
-            let k = self.sets(n * f * 4);
-            let mut s: Vec<_> = (0..k).map(|_| (be.zeros(f), self.rand(n * f))).collect();
-            let t = self.time(k, &mut |i| {
-                let (db, dy) = &mut s[i % k];
-                be.bias_grad(db, 0, dy, n, f)
-            });
-            let bytes = (4 * n * f + 8 * f) as f64;
-            push(self.row(
-                shape,
-                "bias_grad",
-                format!("{n}x{f}"),
-                t,
-                None,
-                Some(bytes),
-                c,
-            ));
-        }
-        {
-            let k = self.sets(n * d * 8);
-            let mut s: Vec<_> = (0..k)
-                .map(|_| (self.rand(n * d), self.rand(n * d)))
-                .collect();
-            let t = self.time(k, &mut |i| {
-                let (y, x) = &mut s[i % k];
-                be.add(y, x, n * d)
-            });
-            let bytes = (12 * n * d) as f64;
-            push(self.row(
-                shape,
-                "add (residual)",
-                format!("{n}x{d}"),
-                t,
-                None,
-                Some(bytes),
-                c,
-            ));
-        }
-
-        // Activations at the MLP width.
-        for (act, name) in [(Act::Gelu, "gelu"), (Act::Relu, "relu")] {
+        if self.wants("bias") {
             {
-                let k = self.sets(n * f * 8);
-                let mut s: Vec<_> = (0..k)
-                    .map(|_| (be.zeros(n * f), self.rand(n * f)))
-                    .collect();
+                let k = self.sets(n * f * 4);
+                let mut s: Vec<_> = (0..k).map(|_| (self.rand(n * f), self.rand(f))).collect();
                 let t = self.time(k, &mut |i| {
-                    let (y, x) = &mut s[i % k];
-                    be.act_fwd(act, y, x, n * f)
+                    let (y, b) = &mut s[i % k];
+                    be.bias_add(y, b, 0, n, f)
                 });
-                let bytes = (8 * n * f) as f64;
+                let bytes = (8 * n * f + 4 * f) as f64;
                 push(self.row(
                     shape,
-                    &format!("act_fwd {name}"),
+                    "bias_add",
                     format!("{n}x{f}"),
                     t,
                     None,
@@ -390,160 +349,228 @@ impl<'a, B: Backend> Env<'a, B> {
                 ));
             }
             {
-                let k = self.sets(n * f * 12);
-                let mut s: Vec<_> = (0..k)
-                    .map(|_| (be.zeros(n * f), self.rand(n * f), self.rand(n * f)))
-                    .collect();
+                let k = self.sets(n * f * 4);
+                let mut s: Vec<_> = (0..k).map(|_| (be.zeros(f), self.rand(n * f))).collect();
                 let t = self.time(k, &mut |i| {
-                    let (dx, x, dy) = &mut s[i % k];
-                    be.act_bwd(act, dx, x, dy, n * f)
+                    let (db, dy) = &mut s[i % k];
+                    be.bias_grad(db, 0, dy, n, f)
                 });
-                let bytes = (12 * n * f) as f64;
+                let bytes = (4 * n * f + 8 * f) as f64;
                 push(self.row(
                     shape,
-                    &format!("act_bwd {name}"),
+                    "bias_grad",
                     format!("{n}x{f}"),
                     t,
                     None,
                     Some(bytes),
                     c,
                 ));
+            }
+            {
+                let k = self.sets(n * d * 8);
+                let mut s: Vec<_> = (0..k)
+                    .map(|_| (self.rand(n * d), self.rand(n * d)))
+                    .collect();
+                let t = self.time(k, &mut |i| {
+                    let (y, x) = &mut s[i % k];
+                    be.add(y, x, n * d)
+                });
+                let bytes = (12 * n * d) as f64;
+                push(self.row(
+                    shape,
+                    "add (residual)",
+                    format!("{n}x{d}"),
+                    t,
+                    None,
+                    Some(bytes),
+                    c,
+                ));
+            }
+        }
+
+        // Activations at the MLP width.
+        if self.wants("activation") {
+            for (act, name) in [(Act::Gelu, "gelu"), (Act::Relu, "relu")] {
+                {
+                    let k = self.sets(n * f * 8);
+                    let mut s: Vec<_> = (0..k)
+                        .map(|_| (be.zeros(n * f), self.rand(n * f)))
+                        .collect();
+                    let t = self.time(k, &mut |i| {
+                        let (y, x) = &mut s[i % k];
+                        be.act_fwd(act, y, x, n * f)
+                    });
+                    let bytes = (8 * n * f) as f64;
+                    push(self.row(
+                        shape,
+                        &format!("act_fwd {name}"),
+                        format!("{n}x{f}"),
+                        t,
+                        None,
+                        Some(bytes),
+                        c,
+                    ));
+                }
+                {
+                    let k = self.sets(n * f * 12);
+                    let mut s: Vec<_> = (0..k)
+                        .map(|_| (be.zeros(n * f), self.rand(n * f), self.rand(n * f)))
+                        .collect();
+                    let t = self.time(k, &mut |i| {
+                        let (dx, x, dy) = &mut s[i % k];
+                        be.act_bwd(act, dx, x, dy, n * f)
+                    });
+                    let bytes = (12 * n * f) as f64;
+                    push(self.row(
+                        shape,
+                        &format!("act_bwd {name}"),
+                        format!("{n}x{f}"),
+                        t,
+                        None,
+                        Some(bytes),
+                        c,
+                    ));
+                }
             }
         }
 
         // Normalisation over rows of the hidden width.
-        let norm_bytes = (12 * n * d + 4 * n + 8 * d) as f64;
-        for rms in [false, true] {
-            let name = if rms { "rmsnorm" } else { "layernorm" };
-            {
-                let k = self.sets(n * d * 12);
-                let mut s: Vec<_> = (0..k)
-                    .map(|_| {
-                        (
-                            be.zeros(n * d),
-                            be.zeros(n * d),
-                            be.zeros(n),
-                            self.rand(n * d),
-                            self.rand(d),
-                            self.rand(d),
-                        )
-                    })
-                    .collect();
-                let t = self.time(k, &mut |i| {
-                    let (y, xhat, rstd, x, g, b) = &mut s[i % k];
-                    if rms {
-                        be.rmsnorm_fwd(y, xhat, rstd, x, g, n, d, 1e-5)
-                    } else {
-                        be.layernorm_fwd(y, xhat, rstd, x, g, b, 0, n, d, 1e-5)
-                    }
-                });
-                push(self.row(
-                    shape,
-                    &format!("{name}_fwd"),
-                    format!("{n}x{d}"),
-                    t,
-                    None,
-                    Some(norm_bytes),
-                    c,
-                ));
-            }
-            {
-                let k = self.sets(n * d * 12);
-                let mut s: Vec<_> = (0..k)
-                    .map(|_| {
-                        (
-                            be.zeros(n * d),
-                            self.rand(n * d),
-                            self.rand(n * d),
-                            self.rand(n),
-                            self.rand(d),
-                        )
-                    })
-                    .collect();
-                let t = self.time(k, &mut |i| {
-                    let (dx, dy, xhat, rstd, g) = &mut s[i % k];
-                    if rms {
-                        be.rmsnorm_bwd(dx, dy, xhat, rstd, g, n, d)
-                    } else {
-                        be.layernorm_bwd(dx, dy, xhat, rstd, g, n, d)
-                    }
-                });
-                push(self.row(
-                    shape,
-                    &format!("{name}_bwd"),
-                    format!("{n}x{d}"),
-                    t,
-                    None,
-                    Some(norm_bytes),
-                    c,
-                ));
+        if self.wants("norm") {
+            let norm_bytes = (12 * n * d + 4 * n + 8 * d) as f64;
+            for rms in [false, true] {
+                let name = if rms { "rmsnorm" } else { "layernorm" };
+                {
+                    let k = self.sets(n * d * 12);
+                    let mut s: Vec<_> = (0..k)
+                        .map(|_| {
+                            (
+                                be.zeros(n * d),
+                                be.zeros(n * d),
+                                be.zeros(n),
+                                self.rand(n * d),
+                                self.rand(d),
+                                self.rand(d),
+                            )
+                        })
+                        .collect();
+                    let t = self.time(k, &mut |i| {
+                        let (y, xhat, rstd, x, g, b) = &mut s[i % k];
+                        if rms {
+                            be.rmsnorm_fwd(y, xhat, rstd, x, g, n, d, 1e-5)
+                        } else {
+                            be.layernorm_fwd(y, xhat, rstd, x, g, b, 0, n, d, 1e-5)
+                        }
+                    });
+                    push(self.row(
+                        shape,
+                        &format!("{name}_fwd"),
+                        format!("{n}x{d}"),
+                        t,
+                        None,
+                        Some(norm_bytes),
+                        c,
+                    ));
+                }
+                {
+                    let k = self.sets(n * d * 12);
+                    let mut s: Vec<_> = (0..k)
+                        .map(|_| {
+                            (
+                                be.zeros(n * d),
+                                self.rand(n * d),
+                                self.rand(n * d),
+                                self.rand(n),
+                                self.rand(d),
+                            )
+                        })
+                        .collect();
+                    let t = self.time(k, &mut |i| {
+                        let (dx, dy, xhat, rstd, g) = &mut s[i % k];
+                        if rms {
+                            be.rmsnorm_bwd(dx, dy, xhat, rstd, g, n, d)
+                        } else {
+                            be.layernorm_bwd(dx, dy, xhat, rstd, g, n, d)
+                        }
+                    });
+                    push(self.row(
+                        shape,
+                        &format!("{name}_bwd"),
+                        format!("{n}x{d}"),
+                        t,
+                        None,
+                        Some(norm_bytes),
+                        c,
+                    ));
+                }
             }
         }
 
         // Attention: a causal batch, and an encoder batch with 25 % padding.
-        let t_len = n.min(2048);
-        let b = (n / t_len).max(1);
-        let qn = b * t_len * h * hd;
-        for causal in [true, false] {
-            let real = if causal {
-                t_len
-            } else {
-                (t_len - t_len / 4).max(1)
-            };
-            let mask_host: Vec<B::T> = (0..b * t_len)
-                .map(|i| B::T::from_f32(if i % t_len < real { 1.0 } else { 0.0 }))
-                .collect();
-            let mask = be.upload(&mask_host);
-            let dims = AttnDims::self_attn(b, t_len, h, h, hd, causal);
-            let mut fwd = 4.0 * (b * h) as f64 * t_len as f64 * real as f64 * hd as f64;
-            if causal {
-                fwd *= 0.5;
-            }
-            let kind = if causal { "causal" } else { "padded 25%" };
-            let desc = format!("{kind}, {b}x{t_len} tokens, {h} heads x {hd}");
-            {
-                let k = self.sets(qn * 16);
-                let mut s: Vec<_> = (0..k)
-                    .map(|_| {
-                        (
-                            be.zeros(qn),
-                            be.zeros(b * h * t_len),
-                            self.rand(qn),
-                            self.rand(qn),
-                            self.rand(qn),
-                        )
-                    })
+        if self.wants("attention") {
+            let t_len = n.min(2048);
+            let b = (n / t_len).max(1);
+            let qn = b * t_len * h * hd;
+            for causal in [true, false] {
+                let real = if causal {
+                    t_len
+                } else {
+                    (t_len - t_len / 4).max(1)
+                };
+                let mask_host: Vec<B::T> = (0..b * t_len)
+                    .map(|i| B::T::from_f32(if i % t_len < real { 1.0 } else { 0.0 }))
                     .collect();
-                let t = self.time(k, &mut |i| {
-                    let (out, lse, q, kk, v) = &mut s[i % k];
-                    be.attention_fwd(out, lse, q, kk, v, &mask, dims, None)
-                });
-                push(self.row(shape, "attention_fwd", desc.clone(), t, Some(fwd), None, c));
-            }
-            {
-                let k = self.sets(qn * 36);
-                let mut s = Vec::with_capacity(k);
-                for _ in 0..k {
-                    let (q, kk, v) = (self.rand(qn), self.rand(qn), self.rand(qn));
-                    let (mut out, mut lse) = (be.zeros(qn), be.zeros(b * h * t_len));
-                    be.attention_fwd(&mut out, &mut lse, &q, &kk, &v, &mask, dims, None);
-                    s.push((
-                        be.zeros(qn),
-                        be.zeros(qn),
-                        be.zeros(qn),
-                        self.rand(qn),
-                        q,
-                        kk,
-                        v,
-                        out,
-                        lse,
-                    ));
+                let mask = be.upload(&mask_host);
+                let dims = AttnDims::self_attn(b, t_len, h, h, hd, causal);
+                let mut fwd = 4.0 * (b * h) as f64 * t_len as f64 * real as f64 * hd as f64;
+                if causal {
+                    fwd *= 0.5;
                 }
-                let t = self.time(k, &mut |i| {
-                    let (dq, dk, dv, dout, q, kk, v, out, lse) = &mut s[i % k];
-                    be.attention_bwd(dq, dk, dv, dout, q, kk, v, out, lse, &mask, dims, None)
-                });
-                push(self.row(shape, "attention_bwd", desc, t, Some(2.5 * fwd), None, c));
+                let kind = if causal { "causal" } else { "padded 25%" };
+                let desc = format!("{kind}, {b}x{t_len} tokens, {h} heads x {hd}");
+                {
+                    let k = self.sets(qn * 16);
+                    let mut s: Vec<_> = (0..k)
+                        .map(|_| {
+                            (
+                                be.zeros(qn),
+                                be.zeros(b * h * t_len),
+                                self.rand(qn),
+                                self.rand(qn),
+                                self.rand(qn),
+                            )
+                        })
+                        .collect();
+                    let t = self.time(k, &mut |i| {
+                        let (out, lse, q, kk, v) = &mut s[i % k];
+                        be.attention_fwd(out, lse, q, kk, v, &mask, dims, None)
+                    });
+                    push(self.row(shape, "attention_fwd", desc.clone(), t, Some(fwd), None, c));
+                }
+                {
+                    let k = self.sets(qn * 36);
+                    let mut s = Vec::with_capacity(k);
+                    for _ in 0..k {
+                        let (q, kk, v) = (self.rand(qn), self.rand(qn), self.rand(qn));
+                        let (mut out, mut lse) = (be.zeros(qn), be.zeros(b * h * t_len));
+                        be.attention_fwd(&mut out, &mut lse, &q, &kk, &v, &mask, dims, None);
+                        s.push((
+                            be.zeros(qn),
+                            be.zeros(qn),
+                            be.zeros(qn),
+                            self.rand(qn),
+                            q,
+                            kk,
+                            v,
+                            out,
+                            lse,
+                        ));
+                    }
+                    let t = self.time(k, &mut |i| {
+                        let (dq, dk, dv, dout, q, kk, v, out, lse) = &mut s[i % k];
+                        be.attention_bwd(dq, dk, dv, dout, q, kk, v, out, lse, &mask, dims, None)
+                    });
+                    push(self.row(shape, "attention_bwd", desc, t, Some(2.5 * fwd), None, c));
+                }
             }
         }
 
@@ -551,7 +578,7 @@ impl<'a, B: Backend> Env<'a, B> {
         // to keep memory modest: a gather's traffic does not depend on it).
         let tiny = shape.name().ends_with("-tiny");
         let vocab = if tiny { 1000 } else { VOCAB };
-        {
+        if self.wants("embedding") {
             let rows_t = if self.gpu || tiny {
                 vocab
             } else {
@@ -579,7 +606,7 @@ impl<'a, B: Backend> Env<'a, B> {
         }
 
         // Softmax cross-entropy over the vocabulary.
-        {
+        if self.wants("cross_entropy") {
             let r = n.min(if self.gpu { 4096 } else { 256 });
             let k = self.sets(r * vocab * 8);
             let mut s: Vec<_> = (0..k)
@@ -609,7 +636,7 @@ impl<'a, B: Backend> Env<'a, B> {
         }
 
         // AdamW over a slab of rows × hidden values.
-        {
+        if self.wants("adamw") {
             let m = n * d;
             let k = self.sets(m * 16);
             let mut s: Vec<_> = (0..k)
