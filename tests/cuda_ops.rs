@@ -812,15 +812,23 @@ fn attention_forward_and_backward() {
             if mode == Attn::Bf16 && !attn_mma_dim(c.dims.head_dim) {
                 continue;
             }
-            check_attention(&g, &cpu, c, mode, &mut rng);
+            check_attention(&g, &cpu, c, mode, &mut rng, true);
         }
     }
 }
 
-/// One attention case on the GPU (kernels `mode`) against the CPU, forward
-/// and backward. For the tensor-core kernels the CPU gets q, k, v and dO
-/// rounded to bf16, as the kernels see them.
-fn check_attention(g: &CudaBackend, cpu: &Cpu, c: &AttnCase, mode: Attn, rng: &mut Rng) {
+/// One attention case on the GPU (kernels `mode`) against the CPU: the
+/// forward, then (`backward`) the backward from the CPU's saved tensors.
+/// For the tensor-core kernels the CPU gets q, k, v and dO rounded to bf16,
+/// as the kernels see them.
+fn check_attention(
+    g: &CudaBackend,
+    cpu: &Cpu,
+    c: &AttnCase,
+    mode: Attn,
+    rng: &mut Rng,
+    backward: bool,
+) {
     let dm = c.dims;
     let qn = dm.batch * dm.seq * dm.heads * dm.head_dim;
     let kn = dm.batch * dm.kv_seq * dm.kv_heads * dm.head_dim;
@@ -836,9 +844,11 @@ fn check_attention(g: &CudaBackend, cpu: &Cpu, c: &AttnCase, mode: Attn, rng: &m
     );
     let mask = attn_mask(&dm, &c.lens);
     let tag = format!(
-        "{mode:?} b{} t{} h{}/{} dh{} causal={} dropout={}",
+        "{mode:?} b{} t{} (keys {}, from {}) h{}/{} dh{} causal={} dropout={}",
         dm.batch,
         dm.seq,
+        dm.kv_seq,
+        dm.q_start,
         dm.heads,
         dm.kv_heads,
         dm.head_dim,
@@ -873,6 +883,9 @@ fn check_attention(g: &CudaBackend, cpu: &Cpu, c: &AttnCase, mode: Attn, rng: &m
         1e-5,
         1e-5,
     );
+    if !backward {
+        return;
+    }
     // Backward from the CPU's saved tensors (the same inputs on both).
     let dout = round(rand_vec(rng, qn, 1.0));
     let (gdo, gout, glse) = (g.upload(&dout), g.upload(&cv(&co)), g.upload(&cv(&cl)));
@@ -915,7 +928,8 @@ fn attention_kv_cache_shape() {
     };
     let cpu = Cpu::new();
     let mut rng = Rng::new(6);
-    // New queries at positions q_start.. against every cached key.
+    // New queries at positions q_start.. against every cached key (the
+    // forward alone: the backward takes the training shape only).
     for mode in [Attn::F32, Attn::Bf16] {
         g.set_attn(mode);
         for &(b, seq, kv_seq, q_start, h, kvh, dh) in &[
@@ -928,68 +942,22 @@ fn attention_kv_cache_shape() {
             if mode == Attn::Bf16 && !attn_mma_dim(dh) {
                 continue;
             }
-            let dm = AttnDims {
-                batch: b,
-                seq,
-                kv_seq,
-                q_start,
-                heads: h,
-                kv_heads: kvh,
-                head_dim: dh,
-                scale: 1.0 / (dh as f64).sqrt(),
-                causal: true,
+            let c = AttnCase {
+                dims: AttnDims {
+                    batch: b,
+                    seq,
+                    kv_seq,
+                    q_start,
+                    heads: h,
+                    kv_heads: kvh,
+                    head_dim: dh,
+                    scale: 1.0 / (dh as f64).sqrt(),
+                    causal: true,
+                },
+                lens: vec![kv_seq; b],
+                dropout: None,
             };
-            let qn = b * seq * h * dh;
-            let kn = b * kv_seq * kvh * dh;
-            let round = |v: Vec<f32>| match mode {
-                Attn::F32 => v,
-                Attn::Bf16 => bf16_round(&v),
-            };
-            let (q, k, v) = (
-                round(rand_vec(&mut rng, qn, 1.0)),
-                round(rand_vec(&mut rng, kn, 1.0)),
-                round(rand_vec(&mut rng, kn, 1.0)),
-            );
-            let mask = attn_mask(&dm, &vec![kv_seq; b]);
-            let (mut go, mut gl) = (nan(&g, qn), nan(&g, b * h * seq));
-            let (mut co, mut cl) = (cpu.zeros(qn), cpu.zeros(b * h * seq));
-            g.attention_fwd(
-                &mut go,
-                &mut gl,
-                &g.upload(&q),
-                &g.upload(&k),
-                &g.upload(&v),
-                &g.upload(&mask),
-                dm,
-                None,
-            );
-            cpu.attention_fwd(
-                &mut co,
-                &mut cl,
-                &cpu.upload(&q),
-                &cpu.upload(&k),
-                &cpu.upload(&v),
-                &cpu.upload(&mask),
-                dm,
-                None,
-            );
-            let tag = format!("{mode:?} kv-cache b{b} seq{seq} kv{kv_seq} start{q_start} dh{dh}");
-            let want = cv(&co);
-            let (atol, rtol) = attn_tol(mode, &want, 1e-5, 1e-4);
-            close(
-                &format!("attention_fwd out {tag}"),
-                &g.download(&go),
-                &want,
-                atol,
-                rtol,
-            );
-            close(
-                &format!("attention_fwd lse {tag}"),
-                &g.download(&gl),
-                &cv(&cl),
-                1e-5,
-                1e-5,
-            );
+            check_attention(&g, &cpu, &c, mode, &mut rng, false);
         }
     }
     // The dropout index is the CPU's.
