@@ -1,8 +1,9 @@
 // LayerNorm and RMSNorm over rows, forward and backward. One warp per row
 // (4 rows per 128-thread block); each lane strides over the columns.
 // Statistics use two passes over the row (mean, then squared deviations) in
-// f32; the row is re-read from L1/L2, not kept in registers, so any width
-// works without spilling.
+// f32. These first four kernels re-read the row from L1/L2 for each pass
+// (any width, no spilling); the _w1024 / _w4096 ones below keep it in
+// registers and read it once.
 #include "common.cuh"
 
 // y = xhat * gamma + beta[beta_off..], saving xhat (rows x cols) and rstd (rows).
@@ -86,4 +87,200 @@ extern "C" __global__ void rmsnorm_bwd_f32(float* dx, const float* dy, const flo
     float mean_gx = warp_sum(sgx) / (float)cols;
     float rs = rstd[row];
     for (int c = lane; c < cols; c += WARP) dx[o + c] = rs * (dy[o + c] * gamma[c] - xhat[o + c] * mean_gx);
+}
+
+// ---- the row held in registers ---------------------------------------------------
+// The same four ops reading each row from global memory once (the kernels
+// above re-read it for each pass): WPR warps own a row (one warp for up to
+// 1024 columns, a 128-thread block for up to 4096), each lane holding up to
+// 32 of its values: value k of lane l of the row's warp p is column
+// 32 * (WPR * k + p) + l (coalesced loads, all independent). Launch: 128 threads a block, 4 / WPR rows a
+// block, grid ceil(rows / (4 / WPR)). Wider rows use the kernels above.
+
+#define NORM_NV 32  // values per lane
+
+// Sum over the WPR warps of this thread's row (every thread of the block
+// must call it: it holds barriers when WPR > 1). scratch: 4 floats shared.
+template <int WPR>
+__device__ __forceinline__ float norm_row_sum(float v, float* scratch) {
+    v = warp_sum(v);
+    if (WPR == 1) return v;
+    const int warp = threadIdx.x >> 5, first = (warp / WPR) * WPR;
+    __syncthreads();  // the previous sum's reads are done
+    if ((threadIdx.x & 31) == 0) scratch[warp] = v;
+    __syncthreads();
+    float s = 0.0f;
+#pragma unroll
+    for (int w = 0; w < WPR; w++) s += scratch[first + w];
+    return s;
+}
+
+// This thread's row, whether it exists, and the column of its value k.
+template <int WPR>
+struct NormLane {
+    int row, base;
+    bool live;
+    __device__ __forceinline__ NormLane(int rows) {
+        const int warp = threadIdx.x >> 5;
+        row = blockIdx.x * (4 / WPR) + warp / WPR;
+        base = (warp % WPR) * WARP + (threadIdx.x & 31);
+        live = row < rows;
+    }
+    __device__ __forceinline__ int col(int k) const { return base + k * WARP * WPR; }
+};
+
+template <int WPR>
+__device__ __forceinline__ void layernorm_fwd_reg(float* y, float* xhat, float* rstd, const float* x,
+                                                  const float* gamma, const float* beta, int beta_off, int rows,
+                                                  int cols, float eps) {
+    __shared__ float scratch[4];
+    const NormLane<WPR> ln(rows);
+    const i64 o = (i64)ln.row * cols;
+    float v[NORM_NV], s = 0.0f;
+#pragma unroll
+    for (int k = 0; k < NORM_NV; k++) {
+        const int c = ln.col(k);
+        v[k] = ln.live && c < cols ? x[o + c] : 0.0f;
+        s += v[k];
+    }
+    const float mean = norm_row_sum<WPR>(s, scratch) / (float)cols;
+    float q = 0.0f;
+#pragma unroll
+    for (int k = 0; k < NORM_NV; k++) {
+        const float d = ln.col(k) < cols ? v[k] - mean : 0.0f;
+        q += d * d;
+    }
+    const float rs = 1.0f / sqrtf(norm_row_sum<WPR>(q, scratch) / (float)cols + eps);
+    if (!ln.live) return;  // after the last barrier
+    if (ln.base == 0) rstd[ln.row] = rs;
+#pragma unroll
+    for (int k = 0; k < NORM_NV; k++) {
+        const int c = ln.col(k);
+        if (c < cols) {
+            const float h = (v[k] - mean) * rs;
+            xhat[o + c] = h;
+            y[o + c] = h * gamma[c] + beta[beta_off + c];
+        }
+    }
+}
+
+template <int WPR>
+__device__ __forceinline__ void layernorm_bwd_reg(float* dx, const float* dy, const float* xhat, const float* rstd,
+                                                  const float* gamma, int rows, int cols) {
+    __shared__ float scratch[4];
+    const NormLane<WPR> ln(rows);
+    const i64 o = (i64)ln.row * cols;
+    float g[NORM_NV], h[NORM_NV], sg = 0.0f, sgx = 0.0f;
+#pragma unroll
+    for (int k = 0; k < NORM_NV; k++) {
+        const int c = ln.col(k);
+        const bool in = ln.live && c < cols;
+        g[k] = in ? dy[o + c] * gamma[c] : 0.0f;
+        h[k] = in ? xhat[o + c] : 0.0f;
+        sg += g[k];
+        sgx += g[k] * h[k];
+    }
+    const float mean_g = norm_row_sum<WPR>(sg, scratch) / (float)cols;
+    const float mean_gx = norm_row_sum<WPR>(sgx, scratch) / (float)cols;
+    if (!ln.live) return;
+    const float rs = rstd[ln.row];
+#pragma unroll
+    for (int k = 0; k < NORM_NV; k++) {
+        const int c = ln.col(k);
+        if (c < cols) dx[o + c] = rs * (g[k] - mean_g - h[k] * mean_gx);
+    }
+}
+
+template <int WPR>
+__device__ __forceinline__ void rmsnorm_fwd_reg(float* y, float* xhat, float* rstd, const float* x,
+                                                const float* gamma, int rows, int cols, float eps) {
+    __shared__ float scratch[4];
+    const NormLane<WPR> ln(rows);
+    const i64 o = (i64)ln.row * cols;
+    float v[NORM_NV], s = 0.0f;
+#pragma unroll
+    for (int k = 0; k < NORM_NV; k++) {
+        const int c = ln.col(k);
+        v[k] = ln.live && c < cols ? x[o + c] : 0.0f;
+        s += v[k] * v[k];
+    }
+    const float rs = 1.0f / sqrtf(norm_row_sum<WPR>(s, scratch) / (float)cols + eps);
+    if (!ln.live) return;
+    if (ln.base == 0) rstd[ln.row] = rs;
+#pragma unroll
+    for (int k = 0; k < NORM_NV; k++) {
+        const int c = ln.col(k);
+        if (c < cols) {
+            const float h = v[k] * rs;
+            xhat[o + c] = h;
+            y[o + c] = h * gamma[c];
+        }
+    }
+}
+
+template <int WPR>
+__device__ __forceinline__ void rmsnorm_bwd_reg(float* dx, const float* dy, const float* xhat, const float* rstd,
+                                                const float* gamma, int rows, int cols) {
+    __shared__ float scratch[4];
+    const NormLane<WPR> ln(rows);
+    const i64 o = (i64)ln.row * cols;
+    float g[NORM_NV], h[NORM_NV], sgx = 0.0f;
+#pragma unroll
+    for (int k = 0; k < NORM_NV; k++) {
+        const int c = ln.col(k);
+        const bool in = ln.live && c < cols;
+        g[k] = in ? dy[o + c] * gamma[c] : 0.0f;
+        h[k] = in ? xhat[o + c] : 0.0f;
+        sgx += g[k] * h[k];
+    }
+    const float mean_gx = norm_row_sum<WPR>(sgx, scratch) / (float)cols;
+    if (!ln.live) return;
+    const float rs = rstd[ln.row];
+#pragma unroll
+    for (int k = 0; k < NORM_NV; k++) {
+        const int c = ln.col(k);
+        if (c < cols) dx[o + c] = rs * (g[k] - h[k] * mean_gx);
+    }
+}
+
+// The kernels: _w1024 one warp a row, _w4096 one block a row.
+extern "C" __global__ void __launch_bounds__(128)
+    layernorm_fwd_f32_w1024(float* y, float* xhat, float* rstd, const float* x, const float* gamma,
+                             const float* beta, int beta_off, int rows, int cols, float eps) {
+    layernorm_fwd_reg<1>(y, xhat, rstd, x, gamma, beta, beta_off, rows, cols, eps);
+}
+extern "C" __global__ void __launch_bounds__(128)
+    layernorm_bwd_f32_w1024(float* dx, const float* dy, const float* xhat, const float* rstd, const float* gamma,
+                             int rows, int cols) {
+    layernorm_bwd_reg<1>(dx, dy, xhat, rstd, gamma, rows, cols);
+}
+extern "C" __global__ void __launch_bounds__(128)
+    rmsnorm_fwd_f32_w1024(float* y, float* xhat, float* rstd, const float* x, const float* gamma, int rows,
+                           int cols, float eps) {
+    rmsnorm_fwd_reg<1>(y, xhat, rstd, x, gamma, rows, cols, eps);
+}
+extern "C" __global__ void __launch_bounds__(128)
+    rmsnorm_bwd_f32_w1024(float* dx, const float* dy, const float* xhat, const float* rstd, const float* gamma,
+                           int rows, int cols) {
+    rmsnorm_bwd_reg<1>(dx, dy, xhat, rstd, gamma, rows, cols);
+}
+extern "C" __global__ void __launch_bounds__(128)
+    layernorm_fwd_f32_w4096(float* y, float* xhat, float* rstd, const float* x, const float* gamma,
+                             const float* beta, int beta_off, int rows, int cols, float eps) {
+    layernorm_fwd_reg<4>(y, xhat, rstd, x, gamma, beta, beta_off, rows, cols, eps);
+}
+extern "C" __global__ void __launch_bounds__(128)
+    layernorm_bwd_f32_w4096(float* dx, const float* dy, const float* xhat, const float* rstd, const float* gamma,
+                             int rows, int cols) {
+    layernorm_bwd_reg<4>(dx, dy, xhat, rstd, gamma, rows, cols);
+}
+extern "C" __global__ void __launch_bounds__(128)
+    rmsnorm_fwd_f32_w4096(float* y, float* xhat, float* rstd, const float* x, const float* gamma, int rows,
+                           int cols, float eps) {
+    rmsnorm_fwd_reg<4>(y, xhat, rstd, x, gamma, rows, cols, eps);
+}
+extern "C" __global__ void __launch_bounds__(128)
+    rmsnorm_bwd_f32_w4096(float* dx, const float* dy, const float* xhat, const float* rstd, const float* gamma,
+                           int rows, int cols) {
+    rmsnorm_bwd_reg<4>(dx, dy, xhat, rstd, gamma, rows, cols);
 }

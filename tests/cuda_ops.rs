@@ -522,7 +522,19 @@ fn layernorm_and_rmsnorm() {
     };
     let cpu = Cpu::new();
     let mut rng = Rng::new(4);
-    for &(rows, cols) in &[(1, 1), (5, 8), (37, 33), (130, 384), (3, 4097)] {
+    // Each kernel family: a warp a row (up to 1024 columns, the edge
+    // included), a block a row (up to 4096), the re-reading kernels beyond.
+    for &(rows, cols) in &[
+        (1, 1),
+        (5, 8),
+        (37, 33),
+        (130, 384),
+        (9, 1024),
+        (6, 1025),
+        (7, 2050),
+        (2, 4096),
+        (3, 4097),
+    ] {
         let x: Vec<f32> = rand_vec(&mut rng, rows * cols, 2.0)
             .into_iter()
             .map(|v| v + 0.7)

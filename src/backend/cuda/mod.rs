@@ -485,6 +485,14 @@ pub const KERNELS: &[(&str, &[&str])] = &[
             "layernorm_bwd_f32",
             "rmsnorm_fwd_f32",
             "rmsnorm_bwd_f32",
+            "layernorm_fwd_f32_w1024",
+            "layernorm_bwd_f32_w1024",
+            "rmsnorm_fwd_f32_w1024",
+            "rmsnorm_bwd_f32_w1024",
+            "layernorm_fwd_f32_w4096",
+            "layernorm_bwd_f32_w4096",
+            "rmsnorm_fwd_f32_w4096",
+            "rmsnorm_bwd_f32_w4096",
         ],
     ),
     ("pool.cu", &["pool_fwd_f32", "pool_bwd_f32"]),
@@ -1478,9 +1486,9 @@ impl Backend for CudaBackend {
             i32_of("cols", cols),
             eps as f32,
         );
-        let cfg = rows_cfg(rows);
+        let (name, cfg) = norm_kernel("layernorm_fwd_f32", rows, cols);
         let (y, xh, rs) = (y.f32_mut(), xhat.f32_mut(), rstd.f32_mut());
-        self.launch("layernorm_fwd_f32", cfg, |b| {
+        self.launch(&name, cfg, |b| {
             b.arg(y).arg(xh).arg(rs).arg(&*x).arg(&*g).arg(&*bt);
             b.arg(&off).arg(&r).arg(&c).arg(&e);
         });
@@ -1742,9 +1750,9 @@ impl Backend for CudaBackend {
         }
         let (x, g) = (self.f32_in(x), self.f32_in(gamma));
         let (r, c, e) = (i32_of("rows", rows), i32_of("cols", cols), eps as f32);
-        let cfg = rows_cfg(rows);
+        let (name, cfg) = norm_kernel("rmsnorm_fwd_f32", rows, cols);
         let (y, xh, rs) = (y.f32_mut(), xhat.f32_mut(), rstd.f32_mut());
-        self.launch("rmsnorm_fwd_f32", cfg, |b| {
+        self.launch(&name, cfg, |b| {
             b.arg(y)
                 .arg(xh)
                 .arg(rs)
@@ -2136,13 +2144,22 @@ impl Backend for CudaBackend {
     }
 }
 
-/// One warp per row, 4 rows per 128-thread block (kernels/norm.cu).
-fn rows_cfg(rows: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (rows.div_ceil(4) as u32, 1, 1),
+/// The norm kernel `base` (`kernels/norm.cu`) for rows of `cols` values,
+/// with its launch shape: the register-resident variants where a row fits
+/// (`_w1024`: a warp a row, four rows a block; `_w4096`: a 128-thread block
+/// a row), which read each row once; else `base`, which re-reads it.
+fn norm_kernel(base: &str, rows: usize, cols: usize) -> (String, LaunchConfig) {
+    let (name, per_block) = match cols {
+        0..=1024 => (format!("{base}_w1024"), 4),
+        1025..=4096 => (format!("{base}_w4096"), 1),
+        _ => (base.to_string(), 4),
+    };
+    let cfg = LaunchConfig {
+        grid_dim: (rows.div_ceil(per_block) as u32, 1, 1),
         block_dim: (128, 1, 1),
         shared_mem_bytes: 0,
-    }
+    };
+    (name, cfg)
 }
 
 impl CudaBackend {
@@ -2187,7 +2204,8 @@ impl CudaBackend {
         );
         let (r, c) = (i32_of("rows", rows), i32_of("cols", cols));
         let dx = dx.f32_mut();
-        self.launch(kernel, rows_cfg(rows), |b| {
+        let (name, cfg) = norm_kernel(kernel, rows, cols);
+        self.launch(&name, cfg, |b| {
             b.arg(dx)
                 .arg(&*dy)
                 .arg(&*xh)
