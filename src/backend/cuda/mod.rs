@@ -1362,7 +1362,9 @@ impl Backend for CudaBackend {
             return;
         }
         cfg.grid_dim.1 = chunks as u32;
-        let mut part = self.alloc_zeroed::<f64>(chunks * cols);
+        // SAFETY: device memory; bias_grad_part_f32 writes every one of the
+        // chunks × cols partial sums before bias_grad_sum_f32 reads them.
+        let mut part = self.alloc_by(chunks * cols, |s, n| unsafe { s.alloc::<f64>(n) });
         let (ch, nch) = (i32_of("chunk", chunk), i32_of("chunks", chunks));
         self.launch("bias_grad_part_f32", cfg, |b| {
             b.arg(&mut part).arg(&*dy).arg(&r).arg(&c).arg(&ch);
