@@ -498,6 +498,59 @@ extern "C" __global__ void attention_cast_bf16(bf16_t* dst, const float* src, i6
     }
 }
 
+// Whether every query of this warp sees every key of the 64-key tile at j0
+// (all real tokens, none past the causal diagonal): then the per-score mask
+// is skipped (warp-uniform; every lane of the warp must call it). first_q:
+// the warp's first query.
+__device__ __forceinline__ bool attn_tile_full(const float* Mt, const AttnArgs& a, int j0, int first_q, int lane) {
+    float f = fminf(Mt[lane], Mt[lane + 32]);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) f = fminf(f, __shfl_xor_sync(FULL_MASK, f, o));
+    return f > 0.0f && (!a.causal || j0 + ABK - 1 <= a.q_start + first_q);
+}
+
+// One key tile's online-softmax update of a warp's rows i0 and i0 + 8 (this
+// thread's): scores s (raw, in) become the kept probabilities (out), the
+// running max m, sum l and output o are rescaled. MASKED: apply the mask
+// flags and the causal diagonal per score (else the tile is all visible).
+template <bool MASKED, int DH>
+__device__ __forceinline__ void attn_fwd_softmax(float (*s)[4], float* m, float* l, float (*o)[4], const float* Mt,
+                                                 const AttnArgs& a, int b, int h, int i0, int j0, int t) {
+    typedef AttnTile<DH> L;
+    const float sl2 = a.scale * LOG2E;
+#pragma unroll
+    for (int hr = 0; hr < 2; hr++) {
+        const int i = i0 + 8 * hr;
+        float mx = m[hr];
+#pragma unroll
+        for (int nt = 0; nt < ABK / 8; nt++)
+#pragma unroll
+            for (int c = 0; c < 2; c++) {
+                int jl = nt * 8 + 2 * t + c, j = j0 + jl;
+                const bool vis = !MASKED || (Mt[jl] > 0.0f && (!a.causal || j <= a.q_start + i));
+                float x = vis ? s[nt][2 * hr + c] * sl2 : BEFT_NEG_INF;
+                s[nt][2 * hr + c] = x;
+                mx = fmaxf(mx, x);
+            }
+        mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 2));
+        const float mu = mx == BEFT_NEG_INF ? 0.0f : mx;  // no visible key yet: p = 0
+        const float alpha = exp2f(m[hr] - mu);
+        m[hr] = mx;
+        l[hr] *= alpha;
+#pragma unroll
+        for (int dt = 0; dt < L::DT; dt++) o[dt][2 * hr] *= alpha, o[dt][2 * hr + 1] *= alpha;
+#pragma unroll
+        for (int nt = 0; nt < ABK / 8; nt++)
+#pragma unroll
+            for (int c = 0; c < 2; c++) {
+                float p = exp2f(s[nt][2 * hr + c] - mu);
+                l[hr] += p;
+                s[nt][2 * hr + c] = p * attn_drop(a, b, h, i, j0 + nt * 8 + 2 * t + c);
+            }
+    }
+}
+
 // ---- forward ------------------------------------------------------------------
 // Grid (ceil(T / (16 NW)), H, B), 32 NW threads; q is f32 (converted while
 // it is staged), k and v bf16. Shared: k and v tiles [2][64][RS], the
@@ -523,7 +576,6 @@ __device__ __forceinline__ void attn_fwd_mma(float* out, float* lse, const float
     const int last_q = min(q0 + BQF, a.seq) - 1;
     const int kv_end = a.causal ? min(a.kv_seq, a.q_start + last_q + 1) : a.kv_seq;
     const int tiles = (kv_end + ABK - 1) / ABK;
-    const float sl2 = a.scale * LOG2E;
 
     // The queries (f32, converted here: read once), then key tile 0 as
     // group 0 and one group per tile after it.
@@ -556,37 +608,10 @@ __device__ __forceinline__ void attn_fwd_mma(float* out, float* lse, const float
         if (warp_live && j0 <= warp_kv_last) {
             float s[ABK / 8][4];
             attn_scores<DH, ABK>(s, Qs, 16 * warp, Kt, lane);
-#pragma unroll
-            for (int hr = 0; hr < 2; hr++) {
-                const int i = qw + g + 8 * hr;
-                float mx = m[hr];
-#pragma unroll
-                for (int nt = 0; nt < ABK / 8; nt++)
-#pragma unroll
-                    for (int c = 0; c < 2; c++) {
-                        int jl = nt * 8 + 2 * t + c, j = j0 + jl;
-                        bool vis = Mt[jl] > 0.0f && (!a.causal || j <= a.q_start + i);
-                        float x = vis ? s[nt][2 * hr + c] * sl2 : BEFT_NEG_INF;
-                        s[nt][2 * hr + c] = x;
-                        mx = fmaxf(mx, x);
-                    }
-                mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 1));
-                mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 2));
-                const float mu = mx == BEFT_NEG_INF ? 0.0f : mx;  // no visible key yet: p = 0
-                const float alpha = exp2f(m[hr] - mu);
-                m[hr] = mx;
-                l[hr] *= alpha;
-#pragma unroll
-                for (int dt = 0; dt < L::DT; dt++) o[dt][2 * hr] *= alpha, o[dt][2 * hr + 1] *= alpha;
-#pragma unroll
-                for (int nt = 0; nt < ABK / 8; nt++)
-#pragma unroll
-                    for (int c = 0; c < 2; c++) {
-                        float p = exp2f(s[nt][2 * hr + c] - mu);
-                        l[hr] += p;
-                        s[nt][2 * hr + c] = p * attn_drop(a, b, h, i, j0 + nt * 8 + 2 * t + c);
-                    }
-            }
+            if (attn_tile_full(Mt, a, j0, qw, lane))
+                attn_fwd_softmax<false, DH>(s, m, l, o, Mt, a, b, h, qw + g, j0, t);
+            else
+                attn_fwd_softmax<true, DH>(s, m, l, o, Mt, a, b, h, qw + g, j0, t);
             attn_acc_times_tile<DH, ABK>(o, s, Vt, 0, lane);
         }
         __syncthreads();
@@ -604,6 +629,30 @@ __device__ __forceinline__ void attn_fwd_mma(float* out, float* lse, const float
             lse[((i64)b * a.heads + h) * a.seq + i] = l[hr] > 0.0f ? (m[hr] + log2f(l[hr])) * LN2 : BEFT_NEG_INF;
     }
     attn_store_rows<DH>(out + (i64)b * a.seq * qstride + (i64)h * DH, qstride, qw, a.seq, o, inv, lane);
+}
+
+// One key tile's dS = P * (dP * dropout - dsum) * scale for this thread's rows
+// i0 and i0 + 8 (lse l2 in base 2, dsum dd), written over s. MASKED: the
+// mask flags, the causal diagonal and rows without keys per score (else the
+// tile is all visible and every row of the warp has keys).
+template <bool MASKED>
+__device__ __forceinline__ void attn_dq_ds(float (*s)[4], const float (*dp)[4], const float* l2, const float* dd,
+                                           const float* Mt, const AttnArgs& a, int b, int h, int i0, int j0, int t) {
+    const float sl2 = a.scale * LOG2E;
+#pragma unroll
+    for (int nt = 0; nt < ABK / 8; nt++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            const int hr = e >> 1, i = i0 + 8 * hr, jl = nt * 8 + 2 * t + (e & 1), j = j0 + jl;
+            const bool vis =
+                !MASKED || (l2[hr] != BEFT_NEG_INF && Mt[jl] > 0.0f && (!a.causal || j <= a.q_start + i));
+            float ds = 0.0f;
+            if (vis) {
+                float p = exp2f(s[nt][e] * sl2 - l2[hr]);
+                ds = p * (dp[nt][e] * attn_drop(a, b, h, i, j) - dd[hr]) * a.scale;
+            }
+            s[nt][e] = ds;
+        }
 }
 
 // ---- dq -------------------------------------------------------------------------
@@ -629,7 +678,6 @@ __device__ __forceinline__ void attn_dq_mma(float* dq, const bf16_t* dout, const
     const int last_q = min(q0 + ABQ, a.seq) - 1;
     const int kv_end = a.causal ? min(a.kv_seq, a.q_start + last_q + 1) : a.kv_seq;
     const int tiles = (kv_end + ABK - 1) / ABK;
-    const float sl2 = a.scale * LOG2E;
 
     attn_rows_async<DH>(Qs, q + (i64)b * a.seq * qstride + (i64)h * DH, qstride, q0, ABQ, a.seq);
     attn_rows_async<DH>(Gs, dout + (i64)b * a.seq * qstride + (i64)h * DH, qstride, q0, ABQ, a.seq);
@@ -657,6 +705,11 @@ __device__ __forceinline__ void attn_dq_mma(float* dq, const bf16_t* dout, const
     for (int dt = 0; dt < L::DT; dt++) acc[dt][0] = acc[dt][1] = acc[dt][2] = acc[dt][3] = 0.0f;
     const bool warp_live = qw < a.seq;
     const int warp_kv_last = a.causal ? a.q_start + min(qw + 15, a.seq - 1) : a.kv_seq - 1;
+    // Every row of the warp real and seeing a key (lse finite): warp-uniform.
+    float ok = l2[0] != BEFT_NEG_INF && l2[1] != BEFT_NEG_INF ? 1.0f : 0.0f;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) ok = fminf(ok, __shfl_xor_sync(FULL_MASK, ok, o));
+    const bool rows_ok = ok > 0.0f;
 
     for (int it = 0; it < tiles; it++) {
         if (it + 1 < tiles) load_tile(it + 1);
@@ -671,20 +724,10 @@ __device__ __forceinline__ void attn_dq_mma(float* dq, const bf16_t* dout, const
             float s[ABK / 8][4], dp[ABK / 8][4];
             attn_scores<DH, ABK>(s, Qs, 16 * warp, Kt, lane);
             attn_scores<DH, ABK>(dp, Gs, 16 * warp, Vt, lane);
-#pragma unroll
-            for (int nt = 0; nt < ABK / 8; nt++)
-#pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    const int hr = e >> 1, i = qw + g + 8 * hr, jl = nt * 8 + 2 * t + (e & 1), j = j0 + jl;
-                    const bool vis =
-                        l2[hr] != BEFT_NEG_INF && Mt[jl] > 0.0f && (!a.causal || j <= a.q_start + i);
-                    float ds = 0.0f;
-                    if (vis) {
-                        float p = exp2f(s[nt][e] * sl2 - l2[hr]);
-                        ds = p * (dp[nt][e] * attn_drop(a, b, h, i, j) - dd[hr]) * a.scale;
-                    }
-                    s[nt][e] = ds;
-                }
+            if (rows_ok && attn_tile_full(Mt, a, j0, qw, lane))
+                attn_dq_ds<false>(s, dp, l2, dd, Mt, a, b, h, qw + g, j0, t);
+            else
+                attn_dq_ds<true>(s, dp, l2, dd, Mt, a, b, h, qw + g, j0, t);
             attn_acc_times_tile<DH, ABK>(acc, s, Kt, 0, lane);
         }
         __syncthreads();
