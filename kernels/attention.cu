@@ -737,6 +737,48 @@ __device__ __forceinline__ void attn_dq_mma(float* dq, const bf16_t* dout, const
     attn_store_rows<DH>(dq + (i64)b * a.seq * qstride + (i64)h * DH, qstride, qw, a.seq, acc, one, lane);
 }
 
+// Whether every query of the BQ-query tile at i0 is real, sees a key (lse
+// finite) and sees all 16 keys of the warp from jw (causal): then the
+// per-score mask of dk/dv is skipped (warp-uniform; every lane must call it).
+template <int BQ>
+__device__ __forceinline__ bool attn_qtile_full(const float* Lt, const AttnArgs& a, int jw, int i0, int lane) {
+    float f = 1.0f;
+#pragma unroll
+    for (int r = lane; r < BQ; r += 32) f = Lt[r] != BEFT_NEG_INF ? f : 0.0f;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) f = fminf(f, __shfl_xor_sync(FULL_MASK, f, o));
+    return f > 0.0f && (!a.causal || jw + 15 <= a.q_start + i0);
+}
+
+// One query tile's P * dropout (written over s) and dS = P * (dP * dropout -
+// dsum) * scale (over dp) for this thread's keys j and j + 8 (rows) and the
+// tile's queries from i0 (columns; their lse in base 2 in Lt, dsum in Dt).
+// MASKED: the keys' flags, rows without keys and the causal diagonal per
+// score (else every score of the warp's block is visible).
+template <bool MASKED, int BQ>
+__device__ __forceinline__ void attn_dkv_pds(float (*s)[4], float (*dp)[4], const bool* kvis, const float* Lt,
+                                             const float* Dt, const AttnArgs& a, int b, int h, int jr, int i0,
+                                             int t) {
+    const float sl2 = a.scale * LOG2E;
+#pragma unroll
+    for (int nt = 0; nt < BQ / 8; nt++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            const int hr = e >> 1, j = jr + 8 * hr, il = nt * 8 + 2 * t + (e & 1), i = i0 + il;
+            const bool vis =
+                !MASKED || (kvis[hr] && Lt[il] != BEFT_NEG_INF && (!a.causal || j <= a.q_start + i));
+            float pw = 0.0f, ds = 0.0f;
+            if (vis) {
+                const float p = exp2f(s[nt][e] * sl2 - Lt[il]);
+                const float w = attn_drop(a, b, h, i, j);
+                pw = p * w;
+                ds = p * (dp[nt][e] * w - Dt[il]) * a.scale;
+            }
+            s[nt][e] = pw;
+            dp[nt][e] = ds;
+        }
+}
+
 // ---- dk, dv ---------------------------------------------------------------------
 // Grid (ceil(Tk / 64), Hkv, B), 128 threads. Shared: the block's k and v
 // rows [64][RS] each, query tiles of q and dO [2][BQ][RS] each, and the
@@ -758,7 +800,6 @@ __device__ __forceinline__ void attn_dkv_mma(float* dk, float* dv, const bf16_t*
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
     const int j0 = blockIdx.x * ABK, jw = j0 + 16 * warp;  // this warp's first key
     const i64 qstride = (i64)a.heads * DH, kstride = (i64)a.kv_heads * DH;
-    const float sl2 = a.scale * LOG2E;
     attn_rows_async<DH>(Kb, k + (i64)b * a.kv_seq * kstride + (i64)kh * DH, kstride, j0, ABK, a.kv_seq);
     attn_rows_async<DH>(Vb, v + (i64)b * a.kv_seq * kstride + (i64)kh * DH, kstride, j0, ABK, a.kv_seq);
 
@@ -796,6 +837,11 @@ __device__ __forceinline__ void attn_dkv_mma(float* dk, float* dv, const bf16_t*
 #pragma unroll
         for (int e = 0; e < 4; e++) gk[dt][e] = gv[dt][e] = 0.0f;
     const bool warp_live = jw < a.kv_seq;
+    // Every key of the warp real (warp-uniform).
+    float kok = kvis[0] && kvis[1] ? 1.0f : 0.0f;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) kok = fminf(kok, __shfl_xor_sync(FULL_MASK, kok, o));
+    const bool keys_ok = kok > 0.0f;
 
     for (int it = 0; it < tiles; it++) {
         if (it + 1 < tiles) load_tile(it + 1);
@@ -813,23 +859,10 @@ __device__ __forceinline__ void attn_dkv_mma(float* dk, float* dv, const bf16_t*
             float s[BQ / 8][4], dp[BQ / 8][4];
             attn_scores<DH, BQ>(s, Kb, 16 * warp, Qt, lane);
             attn_scores<DH, BQ>(dp, Vb, 16 * warp, Gt, lane);
-#pragma unroll
-            for (int nt = 0; nt < BQ / 8; nt++)
-#pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    const int hr = e >> 1, j = jw + g + 8 * hr, il = nt * 8 + 2 * t + (e & 1), i = i0 + il;
-                    const bool vis =
-                        kvis[hr] && Lt[il] != BEFT_NEG_INF && (!a.causal || j <= a.q_start + i);
-                    float pw = 0.0f, ds = 0.0f;
-                    if (vis) {
-                        const float p = exp2f(s[nt][e] * sl2 - Lt[il]);
-                        const float w = attn_drop(a, b, h, i, j);
-                        pw = p * w;
-                        ds = p * (dp[nt][e] * w - Dt[il]) * a.scale;
-                    }
-                    s[nt][e] = pw;
-                    dp[nt][e] = ds;
-                }
+            if (keys_ok && attn_qtile_full<BQ>(Lt, a, jw, i0, lane))
+                attn_dkv_pds<false, BQ>(s, dp, kvis, Lt, Dt, a, b, h, jw + g, i0, t);
+            else
+                attn_dkv_pds<true, BQ>(s, dp, kvis, Lt, Dt, a, b, h, jw + g, i0, t);
             attn_acc_times_tile<DH, BQ>(gv, s, Gt, 0, lane);
             attn_acc_times_tile<DH, BQ>(gk, dp, Qt, 0, lane);
         }
