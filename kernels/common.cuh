@@ -258,6 +258,19 @@ __device__ __forceinline__ void store_pair(float* c, int ldc, int m, int n, int 
     *p = v;
 }
 
+// The epilogue's bias for output columns gj, gj + 1: bias[bias_off + gj],
+// [.. + 1] (zeros when bias_off < 0: no bias, the pointer is not read, or
+// when gj is past the n columns).
+__device__ __forceinline__ float2 bias_pair(const float* bias, int bias_off, int n, int gj) {
+    float2 v;
+    v.x = v.y = 0.0f;
+    if (bias_off >= 0 && gj < n) {
+        v.x = bias[bias_off + gj];
+        v.y = bias[bias_off + gj + 1];
+    }
+    return v;
+}
+
 // This thread's index in the block (x), read afresh (see raster_origin).
 __device__ __forceinline__ int tid_x() {
 #ifdef BEFT_CUDA_EMU

@@ -7,11 +7,14 @@
 //   NT: op(b)(p, j) = b[j*ldb + p]  (forward x . W^T, W stored [n][k])
 //   NN: op(b)(p, j) = b[p*ldb + j]  (input gradient dy . W, W stored [k][n])
 //
-// `accumulate` = 0 overwrites c without reading it.
+// `accumulate` = 0 overwrites c without reading it. With bias_off >= 0 the
+// epilogue adds bias[bias_off + j] to column j first (a linear layer's bias,
+// fused: no separate pass over c): c(i, j) (+)= (op(a) . op(b))(i, j) + bias;
+// bias_off < 0: no bias (the pointer is not read).
 //
 // Kernels (extern "C"), all with the signature
 //   (float* c, const float* a, const bf16_t* b, int m, int n, int k,
-//    int lda, int ldb, int ldc, int accumulate):
+//    int lda, int ldb, int ldc, int accumulate, const float* bias, int bias_off):
 //   gemm_nt_f32_bf16_split, gemm_nn_f32_bf16_split: every f32 value of a is
 //       split into hi = bf16(a) and lo = bf16(a - hi) and both are multiplied
 //       by the (exact) bf16 weight, as matmul_f32_bf16: only the weight's
@@ -86,7 +89,7 @@ __device__ __forceinline__ int gemm_a_off(int row, int col) {
 
 template <bool NN, bool SPLIT>
 __device__ __forceinline__ void gemm_body(float* c, const float* a, const bf16_t* b, int m, int n, int k, int lda,
-                                          int ldb, int ldc, int accumulate) {
+                                          int ldb, int ldc, int accumulate, const float* bias, int bias_off) {
     extern __shared__ __align__(16) unsigned char gemm_smem[];
     // Slots: a at [0, GSTAGES * GA_STAGE * 4) bytes ([GSTAGES][GBM][GBK] f32),
     // b after it ([GSTAGES][GB_STAGE] bf16).
@@ -251,35 +254,37 @@ __device__ __forceinline__ void gemm_body(float* c, const float* a, const bf16_t
     om += ((ltid >> 6) * 32) + ((ltid & 31) >> 2);
     on += (((ltid >> 5) & 1) * 64) + 2 * (ltid & 3);
 #pragma unroll
-    for (int mt = 0; mt < 2; mt++)
+    for (int nt = 0; nt < 8; nt++) {
+        const float2 bb = bias_pair(bias, bias_off, n, on + nt * 8);
 #pragma unroll
-        for (int nt = 0; nt < 8; nt++)
+        for (int mt = 0; mt < 2; mt++)
 #pragma unroll
             for (int h = 0; h < 2; h++)
-                store_pair(c, ldc, m, n, om + mt * 16 + 8 * h, on + nt * 8, acc[mt][nt][2 * h],
-                           acc[mt][nt][2 * h + 1], accumulate);
+                store_pair(c, ldc, m, n, om + mt * 16 + 8 * h, on + nt * 8, acc[mt][nt][2 * h] + bb.x,
+                           acc[mt][nt][2 * h + 1] + bb.y, accumulate);
+    }
 }
 
 extern "C" __global__ void __launch_bounds__(256, 2)
     gemm_nt_f32_bf16_split(float* c, const float* a, const bf16_t* b, int m, int n, int k, int lda, int ldb, int ldc,
-                           int accumulate) {
-    gemm_body<false, true>(c, a, b, m, n, k, lda, ldb, ldc, accumulate);
+                           int accumulate, const float* bias, int bias_off) {
+    gemm_body<false, true>(c, a, b, m, n, k, lda, ldb, ldc, accumulate, bias, bias_off);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 2)
     gemm_nn_f32_bf16_split(float* c, const float* a, const bf16_t* b, int m, int n, int k, int lda, int ldb, int ldc,
-                           int accumulate) {
-    gemm_body<true, true>(c, a, b, m, n, k, lda, ldb, ldc, accumulate);
+                           int accumulate, const float* bias, int bias_off) {
+    gemm_body<true, true>(c, a, b, m, n, k, lda, ldb, ldc, accumulate, bias, bias_off);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 2)
     gemm_nt_f32_bf16(float* c, const float* a, const bf16_t* b, int m, int n, int k, int lda, int ldb, int ldc,
-                     int accumulate) {
-    gemm_body<false, false>(c, a, b, m, n, k, lda, ldb, ldc, accumulate);
+                     int accumulate, const float* bias, int bias_off) {
+    gemm_body<false, false>(c, a, b, m, n, k, lda, ldb, ldc, accumulate, bias, bias_off);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 2)
     gemm_nn_f32_bf16(float* c, const float* a, const bf16_t* b, int m, int n, int k, int lda, int ldb, int ldc,
-                     int accumulate) {
-    gemm_body<true, false>(c, a, b, m, n, k, lda, ldb, ldc, accumulate);
+                     int accumulate, const float* bias, int bias_off) {
+    gemm_body<true, false>(c, a, b, m, n, k, lda, ldb, ldc, accumulate, bias, bias_off);
 }

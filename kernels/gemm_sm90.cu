@@ -8,7 +8,8 @@
 //   NN: op(b)(p, j) = b[p*ldb + j]  (input gradient dy . W, W stored [k][n])
 //
 // Kernels (extern "C"), signature (float* c, const float* a, const bf16_t* b,
-// int m, int n, int k, int lda, int ldb, int ldc, int accumulate):
+// int m, int n, int k, int lda, int ldb, int ldc, int accumulate,
+// const float* bias, int bias_off) (bias as in kernels/gemm.cu):
 //   gemm_sm90_nt_f32_bf16_split, gemm_sm90_nn_f32_bf16_split: a split into
 //       bf16 hi + lo, both multiplied (only the weights' rounding remains);
 //   gemm_sm90_nt_f32_bf16, gemm_sm90_nn_f32_bf16: a rounded to bf16 once.
@@ -161,7 +162,8 @@ __device__ __forceinline__ void wgmma_256(float* d, const u32* a, u64 desc) {
 
 template <bool NN, bool SPLIT>
 __device__ __forceinline__ void gemm_sm90_body(float* c, const float* a, const bf16_t* b, int m, int n, int k,
-                                               int lda, int ldb, int ldc, int accumulate) {
+                                               int lda, int ldb, int ldc, int accumulate, const float* bias,
+                                               int bias_off) {
     extern __shared__ __align__(16) unsigned char gemm_sm90_smem[];
     // Stages in the shared window, 1024-byte aligned: a slots first
     // ([WSTAGES][32 KB]), then b slots.
@@ -301,32 +303,35 @@ __device__ __forceinline__ void gemm_sm90_body(float* c, const float* a, const b
     om += (ltid >> 5) * 16 + ((ltid & 31) >> 2);
     on += 2 * (ltid & 3);
 #pragma unroll
-    for (int i = 0; i < 32; i++)
+    for (int i = 0; i < 32; i++) {
+        const float2 bb = bias_pair(bias, bias_off, n, on + 8 * i);
 #pragma unroll
         for (int h = 0; h < 2; h++)
-            store_pair(c, ldc, m, n, om + 8 * h, on + 8 * i, acc[4 * i + 2 * h], acc[4 * i + 2 * h + 1], accumulate);
+            store_pair(c, ldc, m, n, om + 8 * h, on + 8 * i, acc[4 * i + 2 * h] + bb.x, acc[4 * i + 2 * h + 1] + bb.y,
+                       accumulate);
+    }
 }
 
 extern "C" __global__ void __launch_bounds__(256, 1)
     gemm_sm90_nt_f32_bf16_split(float* c, const float* a, const bf16_t* b, int m, int n, int k, int lda, int ldb,
-                                int ldc, int accumulate) {
-    gemm_sm90_body<false, true>(c, a, b, m, n, k, lda, ldb, ldc, accumulate);
+                                int ldc, int accumulate, const float* bias, int bias_off) {
+    gemm_sm90_body<false, true>(c, a, b, m, n, k, lda, ldb, ldc, accumulate, bias, bias_off);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 1)
     gemm_sm90_nn_f32_bf16_split(float* c, const float* a, const bf16_t* b, int m, int n, int k, int lda, int ldb,
-                                int ldc, int accumulate) {
-    gemm_sm90_body<true, true>(c, a, b, m, n, k, lda, ldb, ldc, accumulate);
+                                int ldc, int accumulate, const float* bias, int bias_off) {
+    gemm_sm90_body<true, true>(c, a, b, m, n, k, lda, ldb, ldc, accumulate, bias, bias_off);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 1)
     gemm_sm90_nt_f32_bf16(float* c, const float* a, const bf16_t* b, int m, int n, int k, int lda, int ldb, int ldc,
-                          int accumulate) {
-    gemm_sm90_body<false, false>(c, a, b, m, n, k, lda, ldb, ldc, accumulate);
+                          int accumulate, const float* bias, int bias_off) {
+    gemm_sm90_body<false, false>(c, a, b, m, n, k, lda, ldb, ldc, accumulate, bias, bias_off);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 1)
     gemm_sm90_nn_f32_bf16(float* c, const float* a, const bf16_t* b, int m, int n, int k, int lda, int ldb, int ldc,
-                          int accumulate) {
-    gemm_sm90_body<true, false>(c, a, b, m, n, k, lda, ldb, ldc, accumulate);
+                          int accumulate, const float* bias, int bias_off) {
+    gemm_sm90_body<true, false>(c, a, b, m, n, k, lda, ldb, ldc, accumulate, bias, bias_off);
 }

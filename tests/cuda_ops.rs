@@ -209,7 +209,11 @@ fn tiled_gemm_matches_cpu_and_the_simple_kernel() {
                 naive_matmul(&a, &b16, m, n, k, false, tb),
                 naive_matmul(&a16, &b16, m, n, k, false, tb),
             ];
-            for acc in [false, true] {
+            // The bias slab: this product's bias at offset 3 of it.
+            let slab = rand_vec(&mut rng, n + 5, 1.0);
+            let gslab = g.upload(&slab);
+            // Epilogues: overwrite, accumulate, and the fused bias (matmul_bias).
+            for (acc, bias) in [(false, false), (true, false), (false, true)] {
                 for (mode, rounded, rel) in [
                     (Gemm::Simple, false, 2e-5),
                     (Gemm::Tiled, false, 2e-5),
@@ -232,7 +236,11 @@ fn tiled_gemm_matches_cpu_and_the_simple_kernel() {
                         continue;
                     }
                     let mut c = if acc { g.upload(&c0) } else { nan(&g, m * n) };
-                    g.matmul(&mut c, &ga, &gb, m, n, k, false, tb, acc);
+                    if bias {
+                        g.matmul_bias(&mut c, &ga, &gb, (&gslab, 3), m, n, k, false, tb);
+                    } else {
+                        g.matmul(&mut c, &ga, &gb, m, n, k, false, tb, acc);
+                    }
                     let (want, bound) = &refs[rounded as usize];
                     let mut want = want.clone();
                     if acc {
@@ -240,7 +248,12 @@ fn tiled_gemm_matches_cpu_and_the_simple_kernel() {
                             *w += *c as f64;
                         }
                     }
-                    let tag = format!("gemm {mode:?} {m}x{n}x{k} tb={tb} acc={acc}");
+                    if bias {
+                        for (i, w) in want.iter_mut().enumerate() {
+                            *w += slab[3 + i % n] as f64;
+                        }
+                    }
+                    let tag = format!("gemm {mode:?} {m}x{n}x{k} tb={tb} acc={acc} bias={bias}");
                     check_product(&tag, &g.download(&c), &want, bound, rel);
                 }
             }

@@ -289,6 +289,27 @@ pub trait Backend {
         tb: bool,
         accumulate: bool,
     );
+    /// A linear layer's output: `c[m×n] = op(a)·op(b) + bias[bias_off..][..n]`
+    /// on every row (the bias added to the product in f32, as
+    /// [`Backend::matmul`] then [`Backend::bias_add`] compute it, which is
+    /// the default). A backend may fuse the bias into the product's
+    /// epilogue (CUDA does): one pass over `c` instead of two.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_bias(
+        &self,
+        c: &mut Self::Buf,
+        a: &Self::Buf,
+        b: &Self::Buf,
+        bias: (&Self::Buf, usize),
+        m: usize,
+        n: usize,
+        k: usize,
+        ta: bool,
+        tb: bool,
+    ) {
+        self.matmul(c, a, b, m, n, k, ta, tb, false);
+        self.bias_add(c, bias.0, bias.1, m, n);
+    }
     /// `y[r, c] += bias[bias_off + c]` for a `rows × cols` matrix.
     fn bias_add(
         &self,

@@ -203,6 +203,31 @@ impl<B: Backend> Backend for SimDevice<B> {
         )
     }
 
+    fn matmul_bias(
+        &self,
+        c: &mut Self::Buf,
+        a: &Self::Buf,
+        b: &Self::Buf,
+        bias: (&Self::Buf, usize),
+        m: usize,
+        n: usize,
+        k: usize,
+        ta: bool,
+        tb: bool,
+    ) {
+        self.inner.matmul_bias(
+            &mut c.inner,
+            &a.inner,
+            &b.inner,
+            (&bias.0.inner, bias.1),
+            m,
+            n,
+            k,
+            ta,
+            tb,
+        )
+    }
+
     fn bias_add(&self, y: &mut Self::Buf, bias: &Self::Buf, off: usize, rows: usize, cols: usize) {
         self.inner
             .bias_add(&mut y.inner, &bias.inner, off, rows, cols)

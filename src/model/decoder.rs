@@ -1081,19 +1081,10 @@ impl<B: Backend> Decoder<B> {
         params: &B::Buf,
     ) -> B::Buf {
         let mut y = be.output(rows * lin.n_out);
-        be.matmul(
-            &mut y,
-            x,
-            &lin.w,
-            rows,
-            lin.n_out,
-            lin.n_in,
-            false,
-            !lin.in_out,
-            false,
-        );
-        if let Some((b, o)) = self.bref(&lin.b, params) {
-            be.bias_add(&mut y, b, o, rows, lin.n_out);
+        let (m, n, k, tb) = (rows, lin.n_out, lin.n_in, !lin.in_out);
+        match self.bref(&lin.b, params) {
+            Some(b) => be.matmul_bias(&mut y, x, &lin.w, b, m, n, k, false, tb),
+            None => be.matmul(&mut y, x, &lin.w, m, n, k, false, tb, false),
         }
         y
     }

@@ -468,8 +468,7 @@ impl<B: Backend> Encoder<B> {
         n_out: usize,
     ) -> B::Buf {
         let mut y = be.output(rows * n_out);
-        be.matmul(&mut y, x, w, rows, n_out, n_in, false, true, false);
-        be.bias_add(&mut y, b.0, b.1, rows, n_out);
+        be.matmul_bias(&mut y, x, w, b, rows, n_out, n_in, false, true);
         y
     }
 

@@ -805,6 +805,69 @@ impl CudaBackend {
         });
     }
 
+    /// Whether the tiled tensor-core GEMMs (gemm.cu / gemm_sm90.cu) take
+    /// `op(a)·op(b)` of f32 activations and bf16 weights at this shape.
+    fn tiled_fits(&self, m: usize, n: usize, k: usize, ta: bool) -> bool {
+        self.gemm != Gemm::Simple
+            && !ta
+            && k.is_multiple_of(8)
+            && n.is_multiple_of(8)
+            && m.div_ceil(128) <= 65_535
+    }
+
+    /// `c (+)= a·op(b) (+ bias)` on the tiled GEMMs (the caller checked
+    /// [`Self::tiled_fits`]): `dims` = (m, n, k); `bias`: the bias slab and
+    /// the offset of this layer's bias in it, added in the epilogue.
+    fn tiled_gemm(
+        &self,
+        c: &mut CudaSlice<f32>,
+        (a, b): (&CudaSlice<f32>, &CudaSlice<u16>),
+        [mi, ni, ki]: [i32; 3],
+        tb: bool,
+        acc: i32,
+        bias: Option<(&CudaSlice<f32>, i32)>,
+    ) {
+        // lda = k, ldb = k (NT: b is [n][k]) or n (NN: b is [k][n]), ldc = n.
+        let hopper = matches!(self.gemm, Gemm::Wgmma | Gemm::WgmmaBf16);
+        let kernel = match (hopper, tb, self.gemm.split()) {
+            (false, true, true) => "gemm_nt_f32_bf16_split",
+            (false, false, true) => "gemm_nn_f32_bf16_split",
+            (false, true, false) => "gemm_nt_f32_bf16",
+            (false, false, false) => "gemm_nn_f32_bf16",
+            (true, true, true) => "gemm_sm90_nt_f32_bf16_split",
+            (true, false, true) => "gemm_sm90_nn_f32_bf16_split",
+            (true, true, false) => "gemm_sm90_nt_f32_bf16",
+            (true, false, false) => "gemm_sm90_nn_f32_bf16",
+        };
+        let ldb = if tb { ki } else { ni };
+        let (tile_n, smem) = if hopper {
+            (256, W_SMEM)
+        } else {
+            (128, GEMM_SMEM)
+        };
+        let cfg = LaunchConfig {
+            grid_dim: ((ni as u32).div_ceil(tile_n), (mi as u32).div_ceil(128), 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        // No bias: offset -1 and any valid pointer (the kernel reads none).
+        let (bias, bias_off) = bias.unwrap_or((a, -1));
+        self.launch(kernel, cfg, |l| {
+            l.arg(c)
+                .arg(a)
+                .arg(b)
+                .arg(&mi)
+                .arg(&ni)
+                .arg(&ki)
+                .arg(&ki)
+                .arg(&ldb)
+                .arg(&ni)
+                .arg(&acc)
+                .arg(bias)
+                .arg(&bias_off);
+        });
+    }
+
     /// Device bytes in use since the backend was made (free memory at
     /// creation minus free memory now: other processes' use shows too).
     fn used_bytes(&self) -> u64 {
@@ -1239,48 +1302,8 @@ impl Backend for CudaBackend {
                 [sam, sak, sbk, sbn, scm, scn],
                 acc,
             ),
-            (CudaBuf::F32(a, _), CudaBuf::Bf16(b, _))
-                if self.gemm != Gemm::Simple
-                    && !ta
-                    && k.is_multiple_of(8)
-                    && n.is_multiple_of(8)
-                    && m.div_ceil(128) <= 65_535 =>
-            {
-                // lda = k, ldb = k (NT: b is [n][k]) or n (NN: b is [k][n]), ldc = n.
-                let hopper = matches!(self.gemm, Gemm::Wgmma | Gemm::WgmmaBf16);
-                let kernel = match (hopper, tb, self.gemm.split()) {
-                    (false, true, true) => "gemm_nt_f32_bf16_split",
-                    (false, false, true) => "gemm_nn_f32_bf16_split",
-                    (false, true, false) => "gemm_nt_f32_bf16",
-                    (false, false, false) => "gemm_nn_f32_bf16",
-                    (true, true, true) => "gemm_sm90_nt_f32_bf16_split",
-                    (true, false, true) => "gemm_sm90_nn_f32_bf16_split",
-                    (true, true, false) => "gemm_sm90_nt_f32_bf16",
-                    (true, false, false) => "gemm_sm90_nn_f32_bf16",
-                };
-                let ldb = if tb { ki } else { ni };
-                let (tile_n, smem) = if hopper {
-                    (256, W_SMEM)
-                } else {
-                    (128, GEMM_SMEM)
-                };
-                let cfg = LaunchConfig {
-                    grid_dim: (n.div_ceil(tile_n) as u32, m.div_ceil(128) as u32, 1),
-                    block_dim: (256, 1, 1),
-                    shared_mem_bytes: smem as u32,
-                };
-                self.launch(kernel, cfg, |l| {
-                    l.arg(c)
-                        .arg(a)
-                        .arg(b)
-                        .arg(&mi)
-                        .arg(&ni)
-                        .arg(&ki)
-                        .arg(&ki)
-                        .arg(&ldb)
-                        .arg(&ni)
-                        .arg(&acc);
-                });
+            (CudaBuf::F32(a, _), CudaBuf::Bf16(b, _)) if self.tiled_fits(m, n, k, ta) => {
+                self.tiled_gemm(c, (a, b), [mi, ni, ki], tb, acc, None)
             }
             (CudaBuf::F32(a, _), CudaBuf::Bf16(b, _)) => self.matmul_launch(
                 "matmul_f32_bf16",
@@ -1311,6 +1334,40 @@ impl Backend for CudaBackend {
                 [sbn, sbk, sak, sam, scn, scm],
                 acc,
             ),
+        }
+    }
+
+    fn matmul_bias(
+        &self,
+        c: &mut CudaBuf,
+        a: &CudaBuf,
+        b: &CudaBuf,
+        (bias, bias_off): (&CudaBuf, usize),
+        m: usize,
+        n: usize,
+        k: usize,
+        ta: bool,
+        tb: bool,
+    ) {
+        // The tiled GEMMs add the bias in their epilogue (every real
+        // model's linear layers: f32 activations, bf16 weights); any other
+        // case is the product, then the bias pass.
+        match (a, b, bias) {
+            (CudaBuf::F32(a32, _), CudaBuf::Bf16(b16, _), CudaBuf::F32(bias32, _))
+                if m > 0 && n > 0 && k > 0 && self.tiled_fits(m, n, k, ta) =>
+            {
+                self.need("matmul a", a.len(), m * k);
+                self.need("matmul b", b.len(), k * n);
+                self.need("matmul c", c.len(), m * n);
+                self.need("matmul bias", bias.len(), bias_off + n);
+                let dims = [i32_of("m", m), i32_of("n", n), i32_of("k", k)];
+                let off = i32_of("bias_off", bias_off);
+                self.tiled_gemm(c.f32_mut(), (a32, b16), dims, tb, 0, Some((bias32, off)));
+            }
+            _ => {
+                self.matmul(c, a, b, m, n, k, ta, tb, false);
+                self.bias_add(c, bias, bias_off, m, n);
+            }
         }
     }
 
