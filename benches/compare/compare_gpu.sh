@@ -12,7 +12,8 @@
 # bf16 — OPT-6.7B is 13.3 GB — BERT in f32); PyTorch builds a random model of the
 # same shape (benches/compare/pytorch_gpu.py). Both train only the same biases
 # (--bias v: every value-projection bias; encoders also the classifier head and
-# the pooler bias) with dropout on, clipping at 1.0 and AdamW, and report the
+# the pooler bias) with dropout on for encoders (off for decoders: beft's have
+# none), clipping at 1.0 and AdamW, and report the
 # median step time after the warm-up and their peak device memory
 # (beft: its own device-memory count; PyTorch: torch.cuda.max_memory_allocated).
 #

@@ -5,7 +5,8 @@ The same work as beft's bias-only training step, in Hugging Face transformers
 with random weights of the same shapes:
 
 * decoders (OPTForCausalLM from an OPTConfig): causal-LM loss on every next
-  token (`labels = input_ids`), dropout 0.1 as in OPT's config;
+  token (`labels = input_ids`), no dropout (beft's decoders train without it;
+  OPT's config has 0.1, which would add work beft does not do);
 * encoders (BertForSequenceClassification, 2 labels, CLS pooler head): the
   classification loss, dropout 0.1.
 
@@ -110,7 +111,7 @@ def build(name, device, param_dtype):
         cfg = transformers.OPTConfig(
             vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
             num_attention_heads=heads, ffn_dim=ffn, max_position_embeddings=maxpos,
-            word_embed_proj_dim=hidden, do_layer_norm_before=True, dropout=0.1,
+            word_embed_proj_dim=hidden, do_layer_norm_before=True, dropout=0.0,
             attention_dropout=0.0, activation_function="relu", enable_bias=True,
             pad_token_id=1, bos_token_id=2, eos_token_id=2,
         )
