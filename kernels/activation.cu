@@ -86,3 +86,17 @@ extern "C" __global__ void swiglu_bwd_f32(float* dgate, float* dup, const float*
 extern "C" __global__ void dropout_f32(float* y, int n, float p, float scale, u32 seed_lo, u32 seed_hi) {
     GRID_LOOP(i, n) y[i] = dropout_keep(seed_lo, seed_hi, (u32)i, p) ? y[i] * scale : 0.0f;
 }
+
+// The same dropout fused with its neighbour pass (one read and write of y
+// instead of two): y = dropout(y) + x (a residual connection after a
+// dropped-out sublayer), and y = dropout(x) (out of place: a copy and the
+// mask in one).
+extern "C" __global__ void dropout_add_f32(float* y, const float* x, int n, float p, float scale, u32 seed_lo,
+                                           u32 seed_hi) {
+    GRID_LOOP(i, n) y[i] = (dropout_keep(seed_lo, seed_hi, (u32)i, p) ? y[i] * scale : 0.0f) + x[i];
+}
+
+extern "C" __global__ void dropout_from_f32(float* y, const float* x, int n, float p, float scale, u32 seed_lo,
+                                            u32 seed_hi) {
+    GRID_LOOP(i, n) y[i] = dropout_keep(seed_lo, seed_hi, (u32)i, p) ? x[i] * scale : 0.0f;
+}

@@ -524,6 +524,22 @@ fn activations_swiglu_and_dropout() {
                 );
             }
             close(&format!("dropout p={p} n={n}"), &got, &cv(&cy), 0.0, 1e-6);
+            // The fused forms: y = dropout(y) + r and y = dropout(r), against
+            // the CPU's two passes; outputs poisoned for the out-of-place one.
+            let r = rand_vec(&mut rng, n, 1.0);
+            let (gr, cr) = (g.upload(&r), cpu.upload(&r));
+            let (mut gy, mut cy) = (g.upload(&x), cpu.upload(&x));
+            g.dropout_add(&mut gy, &gr, n, p, seed);
+            cpu.dropout(&mut cy, n, p, seed);
+            cpu.add(&mut cy, &cr, n);
+            let tag = format!("dropout_add p={p} n={n}");
+            close(&tag, &g.download(&gy), &cv(&cy), 0.0, 1e-6);
+            let mut gy = nan(&g, n);
+            g.dropout_from(&mut gy, &gr, n, p, seed);
+            let mut cy = cpu.upload(&r);
+            cpu.dropout(&mut cy, n, p, seed);
+            let tag = format!("dropout_from p={p} n={n}");
+            close(&tag, &g.download(&gy), &cv(&cy), 0.0, 1e-6);
         }
     }
 }

@@ -345,6 +345,19 @@ pub trait Backend {
     /// `keep` from [`dropout_keep`]. The backward pass is the same call on the
     /// gradient with the same seed.
     fn dropout(&self, y: &mut Self::Buf, n: usize, p: f32, seed: u64);
+    /// `y = dropout(y) + x` on the first `n` elements (a residual connection
+    /// after a dropped-out sublayer; the same mask as [`Backend::dropout`]).
+    /// Default: the two passes; a backend may fuse them.
+    fn dropout_add(&self, y: &mut Self::Buf, x: &Self::Buf, n: usize, p: f32, seed: u64) {
+        self.dropout(y, n, p, seed);
+        self.add(y, x, n);
+    }
+    /// `y = dropout(x)` on the first `n` elements, out of place (the same
+    /// mask as [`Backend::dropout`]). Default: copy, then the mask.
+    fn dropout_from(&self, y: &mut Self::Buf, x: &Self::Buf, n: usize, p: f32, seed: u64) {
+        self.copy(y, 0, x, 0, n);
+        self.dropout(y, n, p, seed);
+    }
 
     // ---- normalisation ----------------------------------------------------
     /// LayerNorm over rows: `y = xhat·gamma + beta`, saving `xhat` (rows×cols)

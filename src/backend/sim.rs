@@ -263,6 +263,14 @@ impl<B: Backend> Backend for SimDevice<B> {
         self.inner.dropout(&mut y.inner, n, p, seed)
     }
 
+    fn dropout_add(&self, y: &mut Self::Buf, x: &Self::Buf, n: usize, p: f32, seed: u64) {
+        self.inner.dropout_add(&mut y.inner, &x.inner, n, p, seed)
+    }
+
+    fn dropout_from(&self, y: &mut Self::Buf, x: &Self::Buf, n: usize, p: f32, seed: u64) {
+        self.inner.dropout_from(&mut y.inner, &x.inner, n, p, seed)
+    }
+
     fn layernorm_fwd(
         &self,
         y: &mut Self::Buf,

@@ -525,10 +525,10 @@ impl<B: Backend> Encoder<B> {
             });
             be.attention_fwd(&mut ctx, &mut lse, &q, &k, &v, &x.mask, dims, attn_drop);
             let mut a = self.linear(be, &ctx, &layer.wo, bias(BiasTerm::O), n, d, d);
-            if let Some(dr) = drop {
-                be.dropout(&mut a, n * d, dr.hidden, dr.site(l, 2));
+            match drop {
+                Some(dr) => be.dropout_add(&mut a, &h, n * d, dr.hidden, dr.site(l, 2)),
+                None => be.add(&mut a, &h, n * d),
             }
-            be.add(&mut a, &h, n * d);
             let mut h1 = be.output(n * d);
             let (mut xhat1, mut rstd1) = (be.output(n * d), be.output(n));
             let (b1, o1) = bias(BiasTerm::Ln1);
@@ -548,10 +548,10 @@ impl<B: Backend> Encoder<B> {
             let mut g = be.output(n * ff);
             be.act_fwd(cfg.hidden_act, &mut g, &f, n * ff);
             let mut m = self.linear(be, &g, &layer.w2, bias(BiasTerm::MlpOut), n, ff, d);
-            if let Some(dr) = drop {
-                be.dropout(&mut m, n * d, dr.hidden, dr.site(l, 3));
+            match drop {
+                Some(dr) => be.dropout_add(&mut m, &h1, n * d, dr.hidden, dr.site(l, 3)),
+                None => be.add(&mut m, &h1, n * d),
             }
-            be.add(&mut m, &h1, n * d);
             let mut out = be.output(n * d);
             let (mut xhat2, mut rstd2) = (be.output(n * d), be.output(n));
             let (b2, o2) = bias(BiasTerm::Ln2);
@@ -752,17 +752,18 @@ impl<B: Backend> Encoder<B> {
             if let Some(off) = slab_off(l, BiasTerm::Ln2) {
                 be.bias_grad(grads, off, &dh, n, d);
             }
-            // m = drop(act(f)·W2ᵀ + b2)
-            let mut dm = be.output(n * d);
-            be.copy(&mut dm, 0, &r2, 0, n * d);
-            if let Some(dr) = drop {
-                be.dropout(&mut dm, n * d, dr.hidden, dr.site(l, 3));
-            }
+            // m = drop(act(f)·W2ᵀ + b2): its gradient is r2 itself without dropout.
+            let dm_dropped = drop.map(|dr| {
+                let mut t = be.output(n * d);
+                be.dropout_from(&mut t, &r2, n * d, dr.hidden, dr.site(l, 3));
+                t
+            });
+            let dm = dm_dropped.as_ref().unwrap_or(&r2);
             if let Some(off) = slab_off(l, BiasTerm::MlpOut) {
-                be.bias_grad(grads, off, &dm, n, d);
+                be.bias_grad(grads, off, dm, n, d);
             }
             let mut dg = be.output(n * ff);
-            be.matmul(&mut dg, &dm, &layer.w2, n, ff, d, false, false, false);
+            be.matmul(&mut dg, dm, &layer.w2, n, ff, d, false, false, false);
             let mut df = be.output(n * ff);
             be.act_bwd(cfg.hidden_act, &mut df, &s.f, &dg, n * ff);
             if let Some(off) = slab_off(l, BiasTerm::MlpIn) {
@@ -777,14 +778,15 @@ impl<B: Backend> Encoder<B> {
             if let Some(off) = slab_off(l, BiasTerm::Ln1) {
                 be.bias_grad(grads, off, &dh1, n, d);
             }
-            // a = drop(ctx·Woᵀ + bo)
-            let mut da = be.output(n * d);
-            be.copy(&mut da, 0, &r1, 0, n * d);
-            if let Some(dr) = drop {
-                be.dropout(&mut da, n * d, dr.hidden, dr.site(l, 2));
-            }
+            // a = drop(ctx·Woᵀ + bo): its gradient is r1 itself without dropout.
+            let da_dropped = drop.map(|dr| {
+                let mut t = be.output(n * d);
+                be.dropout_from(&mut t, &r1, n * d, dr.hidden, dr.site(l, 2));
+                t
+            });
+            let da = da_dropped.as_ref().unwrap_or(&r1);
             if let Some(off) = slab_off(l, BiasTerm::O) {
-                be.bias_grad(grads, off, &da, n, d);
+                be.bias_grad(grads, off, da, n, d);
             }
             let needs_qkv = need_dx
                 || [BiasTerm::Q, BiasTerm::K, BiasTerm::V]
@@ -794,7 +796,7 @@ impl<B: Backend> Encoder<B> {
                 continue;
             }
             let mut dctx = be.output(n * d);
-            be.matmul(&mut dctx, &da, &layer.wo, n, d, d, false, false, false);
+            be.matmul(&mut dctx, da, &layer.wo, n, d, d, false, false, false);
             let (mut dq, mut dk, mut dv) = (be.output(n * d), be.output(n * d), be.output(n * d));
             let attn_drop = drop.filter(|dr| dr.attn > 0.0).map(|dr| Dropout {
                 p: dr.attn,

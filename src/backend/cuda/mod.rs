@@ -394,6 +394,8 @@ pub const KERNELS: &[(&str, &[&str])] = &[
             "swiglu_fwd_f32",
             "swiglu_bwd_f32",
             "dropout_f32",
+            "dropout_add_f32",
+            "dropout_from_f32",
         ],
     ),
     ("adamw.cu", &["adamw_f32"]),
@@ -865,6 +867,36 @@ impl CudaBackend {
                 .arg(&acc)
                 .arg(bias)
                 .arg(&bias_off);
+        });
+    }
+
+    /// The fused dropouts (`dropout_add_f32`, `dropout_from_f32`): y and x
+    /// f32, the mask of `dropout_f32`; p = 0 is the plain add or copy.
+    fn dropout_pair(
+        &self,
+        kernel: &str,
+        y: &mut CudaBuf,
+        x: &CudaBuf,
+        n: usize,
+        p: f32,
+        seed: u64,
+    ) {
+        self.need("dropout y", y.len(), n);
+        self.need("dropout x", x.len(), n);
+        let Some(cfg) = cfg_1d(n) else { return };
+        let x = self.f32_in(x);
+        let scale = (1.0 / (1.0 - p as f64)) as f32;
+        let (lo, hi) = seed_halves(seed);
+        let nn = i32_of("n", n);
+        let y = y.f32_mut();
+        self.launch(kernel, cfg, |b| {
+            b.arg(y)
+                .arg(&*x)
+                .arg(&nn)
+                .arg(&p)
+                .arg(&scale)
+                .arg(&lo)
+                .arg(&hi);
         });
     }
 
@@ -1510,6 +1542,14 @@ impl Backend for CudaBackend {
         self.launch("dropout_f32", cfg, |b| {
             b.arg(y).arg(&nn).arg(&p).arg(&scale).arg(&lo).arg(&hi);
         });
+    }
+
+    fn dropout_add(&self, y: &mut CudaBuf, x: &CudaBuf, n: usize, p: f32, seed: u64) {
+        self.dropout_pair("dropout_add_f32", y, x, n, p, seed);
+    }
+
+    fn dropout_from(&self, y: &mut CudaBuf, x: &CudaBuf, n: usize, p: f32, seed: u64) {
+        self.dropout_pair("dropout_from_f32", y, x, n, p, seed);
     }
 
     fn layernorm_fwd(
