@@ -290,7 +290,7 @@ for g in ("bf16", "wgmma-bf16"):
         if os.path.exists(f):
             ops = json.load(open(f))["ops"]
             runs.setdefault(g, {}).update(
-                {(o["model_shape"], o["op"], o["shape"]): o for o in ops if o["op"].startswith(("matmul", "attention"))})
+                {(o["model_shape"], o["op"], o["shape"]): o for o in ops if o["op"].startswith(("matmul", "linear", "attention"))})
 if len(runs) == 2:
     print("\n| model | op | shape | mma.sync GEMM, f32 attention: TFLOP/s | % of cuBLAS | wgmma GEMM, tensor-core attention: TFLOP/s | % of cuBLAS |")
     print("|---|---|---|---:|---:|---:|---:|")

@@ -4,8 +4,9 @@
 //!
 //! - **Ops** ([`ops`]): every op of the [`Backend`](crate::backend::Backend)
 //!   vocabulary that a training step spends its time in, at the sizes of
-//!   real model shapes ([`Shape`]): matmul forward (x·Wᵀ) and input gradient
-//!   (dy·W) at the q/k/v/o, ffn-up and ffn-down sizes; bias_add, bias_grad,
+//!   real model shapes ([`Shape`]): matmul forward (x·Wᵀ, and with the bias
+//!   as a linear layer runs it) and input gradient (dy·W) at the q/k/v/o,
+//!   ffn-up and ffn-down sizes; bias_add, bias_grad,
 //!   the residual add; GELU/ReLU forward and backward; LayerNorm and RMSNorm
 //!   forward and backward; attention forward and backward (causal, and a
 //!   padded encoder batch); embedding gather; cross-entropy over a 50,272-word

@@ -85,6 +85,7 @@ fn quick_op_table_on_cpu_writes_positive_times_and_rates() {
     let names: Vec<&str> = ops.iter().map(|o| o["op"].as_str().unwrap()).collect();
     for want in [
         "matmul_fwd x·Wᵀ",
+        "linear_fwd x·Wᵀ + b",
         "matmul_bwd dy·W",
         "bias_add",
         "bias_grad",
@@ -478,7 +479,7 @@ fn wgpu_bench_counts_device_memory() {
             .contains("unavailable"));
         assert!(num(&r["ceilings"], "copy_gbs") > 0.0);
         let ops = r["ops"].as_array().unwrap();
-        assert_eq!(ops.len(), 24);
+        assert_eq!(ops.len(), 27); // 9 product rows (3 sizes x fwd, linear, bwd) + 18 others
         for o in ops {
             assert!(num(o, "median_s") > 0.0, "{o}");
         }

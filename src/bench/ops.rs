@@ -300,6 +300,22 @@ impl<'a, B: Backend> Env<'a, B> {
                         None,
                         c,
                     ));
+                    // What a linear layer runs: the same product with its bias
+                    // (fused into the epilogue where the backend can).
+                    let bias = self.rand(n_out);
+                    let t = self.time(k, &mut |i| {
+                        let (x, w, y) = &mut s[i % k];
+                        be.matmul_bias(y, x, w, (&bias, 0), n, n_out, n_in, false, true)
+                    });
+                    push(self.row(
+                        shape,
+                        "linear_fwd x·Wᵀ + b",
+                        format!("{label} {n}x{n_out}x{n_in} (m x n x k)"),
+                        t,
+                        flops,
+                        None,
+                        c,
+                    ));
                 }
                 {
                     let k = self.sets((n * n_in + n * n_out) * 4 + n_out * n_in * wb);
