@@ -739,15 +739,12 @@ impl CudaBackend {
         // SAFETY: device memory that the cast kernel writes in full before
         // anything reads it.
         let mut out = self.alloc_by(n, |s, n| unsafe { s.alloc::<u16>(n) });
-        let n2 = (n / 2) as i64;
-        let cfg = LaunchConfig {
-            grid_dim: ((n / 2).div_ceil(256).clamp(1, 8192) as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        self.launch("attention_cast_bf16", cfg, |b| {
-            b.arg(&mut out).arg(x).arg(&n2);
-        });
+        if let Some(cfg) = cfg_1d(n / 2) {
+            let n2 = (n / 2) as i64;
+            self.launch("attention_cast_bf16", cfg, |b| {
+                b.arg(&mut out).arg(x).arg(&n2);
+            });
+        }
         out
     }
 
@@ -868,6 +865,99 @@ impl CudaBackend {
                 .arg(bias)
                 .arg(&bias_off);
         });
+    }
+
+    /// `c (+)= op(a)·op(b)` (see [`Backend::matmul`]), with `bias` added
+    /// in the epilogue where the tiled GEMMs run: returns whether it was
+    /// (else the caller adds it).
+    #[allow(clippy::too_many_arguments)]
+    fn product(
+        &self,
+        c: &mut CudaBuf,
+        a: &CudaBuf,
+        b: &CudaBuf,
+        m: usize,
+        n: usize,
+        k: usize,
+        ta: bool,
+        tb: bool,
+        accumulate: bool,
+        bias: Option<(&CudaBuf, usize)>,
+    ) -> bool {
+        self.need("matmul a", a.len(), m * k);
+        self.need("matmul b", b.len(), k * n);
+        self.need("matmul c", c.len(), m * n);
+        if let Some((bias, off)) = bias {
+            self.need("matmul bias", bias.len(), off + n);
+        }
+        if m == 0 || n == 0 {
+            return false;
+        }
+        if k == 0 {
+            if !accumulate {
+                self.fill_prefix(c, m * n);
+            }
+            return false;
+        }
+        let (mi, ni, ki) = (i32_of("m", m), i32_of("n", n), i32_of("k", k));
+        // Strides of op(a) (m x k), op(b) (k x n) and c.
+        let (sam, sak) = if ta { (1, mi) } else { (ki, 1) };
+        let (sbk, sbn) = if tb { (1, ki) } else { (ni, 1) };
+        let (scm, scn) = (ni, 1);
+        let acc = accumulate as i32;
+        // The (bf16, f32) case computes cᵀ = op(b)ᵀ·op(a)ᵀ so that the bf16
+        // operand is the kernel's b.
+        let c = c.f32_mut();
+        match (a, b) {
+            (CudaBuf::F32(a, _), CudaBuf::F32(b, _)) => self.matmul_launch(
+                "matmul_f32",
+                256,
+                c,
+                (a, b),
+                [mi, ni, ki],
+                [sam, sak, sbk, sbn, scm, scn],
+                acc,
+            ),
+            (CudaBuf::F32(a, _), CudaBuf::Bf16(b, _)) if self.tiled_fits(m, n, k, ta) => {
+                // The bias (always f32: rank-1 tensors stay f32) in the epilogue.
+                let fused = match bias {
+                    Some((CudaBuf::F32(s, _), off)) => Some((s, i32_of("bias_off", off))),
+                    _ => None,
+                };
+                self.tiled_gemm(c, (a, b), [mi, ni, ki], tb, acc, fused);
+                return fused.is_some();
+            }
+            (CudaBuf::F32(a, _), CudaBuf::Bf16(b, _)) => self.matmul_launch(
+                "matmul_f32_bf16",
+                128,
+                c,
+                (a, b),
+                [mi, ni, ki],
+                [sam, sak, sbk, sbn, scm, scn],
+                acc,
+            ),
+            (CudaBuf::Bf16(a, _), CudaBuf::Bf16(b, _)) => self.matmul_launch(
+                "matmul_bf16_bf16",
+                128,
+                c,
+                (a, b),
+                [mi, ni, ki],
+                [sam, sak, sbk, sbn, scm, scn],
+                acc,
+            ),
+            // cᵀ (n x m) = op(b)ᵀ (n x k) · op(a)ᵀ (k x m), stored into c:
+            // a'(i, p) = op(b)(p, i); b'(p, j) = op(a)(j, p); c'(i, j) = c(j, i).
+            (CudaBuf::Bf16(a, _), CudaBuf::F32(b, _)) => self.matmul_launch(
+                "matmul_f32_bf16",
+                128,
+                c,
+                (b, a),
+                [ni, mi, ki],
+                [sbn, sbk, sak, sam, scn, scm],
+                acc,
+            ),
+        }
+        false
     }
 
     /// The fused dropouts (`dropout_add_f32`, `dropout_from_f32`): y and x
@@ -1303,70 +1393,7 @@ impl Backend for CudaBackend {
         tb: bool,
         accumulate: bool,
     ) {
-        self.need("matmul a", a.len(), m * k);
-        self.need("matmul b", b.len(), k * n);
-        self.need("matmul c", c.len(), m * n);
-        if m == 0 || n == 0 {
-            return;
-        }
-        if k == 0 {
-            if !accumulate {
-                self.fill_prefix(c, m * n);
-            }
-            return;
-        }
-        let (mi, ni, ki) = (i32_of("m", m), i32_of("n", n), i32_of("k", k));
-        // Strides of op(a) (m x k), op(b) (k x n) and c.
-        let (sam, sak) = if ta { (1, mi) } else { (ki, 1) };
-        let (sbk, sbn) = if tb { (1, ki) } else { (ni, 1) };
-        let (scm, scn) = (ni, 1);
-        let acc = accumulate as i32;
-        // The (bf16, f32) case computes cᵀ = op(b)ᵀ·op(a)ᵀ so that the bf16
-        // operand is the kernel's b.
-        let c = c.f32_mut();
-        match (a, b) {
-            (CudaBuf::F32(a, _), CudaBuf::F32(b, _)) => self.matmul_launch(
-                "matmul_f32",
-                256,
-                c,
-                (a, b),
-                [mi, ni, ki],
-                [sam, sak, sbk, sbn, scm, scn],
-                acc,
-            ),
-            (CudaBuf::F32(a, _), CudaBuf::Bf16(b, _)) if self.tiled_fits(m, n, k, ta) => {
-                self.tiled_gemm(c, (a, b), [mi, ni, ki], tb, acc, None)
-            }
-            (CudaBuf::F32(a, _), CudaBuf::Bf16(b, _)) => self.matmul_launch(
-                "matmul_f32_bf16",
-                128,
-                c,
-                (a, b),
-                [mi, ni, ki],
-                [sam, sak, sbk, sbn, scm, scn],
-                acc,
-            ),
-            (CudaBuf::Bf16(a, _), CudaBuf::Bf16(b, _)) => self.matmul_launch(
-                "matmul_bf16_bf16",
-                128,
-                c,
-                (a, b),
-                [mi, ni, ki],
-                [sam, sak, sbk, sbn, scm, scn],
-                acc,
-            ),
-            // cᵀ (n x m) = op(b)ᵀ (n x k) · op(a)ᵀ (k x m), stored into c:
-            // a'(i, p) = op(b)(p, i); b'(p, j) = op(a)(j, p); c'(i, j) = c(j, i).
-            (CudaBuf::Bf16(a, _), CudaBuf::F32(b, _)) => self.matmul_launch(
-                "matmul_f32_bf16",
-                128,
-                c,
-                (b, a),
-                [ni, mi, ki],
-                [sbn, sbk, sak, sam, scn, scm],
-                acc,
-            ),
-        }
+        self.product(c, a, b, m, n, k, ta, tb, accumulate, None);
     }
 
     fn matmul_bias(
@@ -1374,7 +1401,7 @@ impl Backend for CudaBackend {
         c: &mut CudaBuf,
         a: &CudaBuf,
         b: &CudaBuf,
-        (bias, bias_off): (&CudaBuf, usize),
+        bias: (&CudaBuf, usize),
         m: usize,
         n: usize,
         k: usize,
@@ -1384,22 +1411,8 @@ impl Backend for CudaBackend {
         // The tiled GEMMs add the bias in their epilogue (every real
         // model's linear layers: f32 activations, bf16 weights); any other
         // case is the product, then the bias pass.
-        match (a, b, bias) {
-            (CudaBuf::F32(a32, _), CudaBuf::Bf16(b16, _), CudaBuf::F32(bias32, _))
-                if m > 0 && n > 0 && k > 0 && self.tiled_fits(m, n, k, ta) =>
-            {
-                self.need("matmul a", a.len(), m * k);
-                self.need("matmul b", b.len(), k * n);
-                self.need("matmul c", c.len(), m * n);
-                self.need("matmul bias", bias.len(), bias_off + n);
-                let dims = [i32_of("m", m), i32_of("n", n), i32_of("k", k)];
-                let off = i32_of("bias_off", bias_off);
-                self.tiled_gemm(c.f32_mut(), (a32, b16), dims, tb, 0, Some((bias32, off)));
-            }
-            _ => {
-                self.matmul(c, a, b, m, n, k, ta, tb, false);
-                self.bias_add(c, bias, bias_off, m, n);
-            }
+        if !self.product(c, a, b, m, n, k, ta, tb, false, Some(bias)) {
+            self.bias_add(c, bias.0, bias.1, m, n);
         }
     }
 
