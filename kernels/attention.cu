@@ -360,7 +360,6 @@ template <int DH>
 struct AttnTile {
     static constexpr int RS = DH + 8;       // shared row stride (bf16 elements)
     static constexpr int CH = DH / 8;       // 16-byte chunks per row
-    static constexpr int KS = DH / 16;      // k steps of a product over the head dimension
     static constexpr int DT = DH / 8;       // n8 tiles of a head-dimension-wide accumulator
 };
 
@@ -393,6 +392,19 @@ __device__ __forceinline__ void attn_rows_cvt(bf16_t* dst, const float* base, i6
         if (r0 + r < limit) v = *(const float2*)(base + (i64)(r0 + r) * row_stride + c);
         *(u32*)(dst + r * L::RS + c) = bf16x2_rn(v.x, v.y);
     }
+}
+
+// Key tile `it` (keys 64 it ..) into stage it & 1 of the shared k and v
+// tiles (asynchronously) and of the keys' flags Ms (1: a real key inside
+// kv_seq; threads 0..63). kb, vb, mb: this (batch, kv head)'s k, v and mask.
+template <int DH>
+__device__ __forceinline__ void attn_kv_tile(bf16_t* Ks, bf16_t* Vs, float* Ms, const bf16_t* kb, const bf16_t* vb,
+                                             const float* mb, i64 kstride, int kv_seq, int it) {
+    typedef AttnTile<DH> L;
+    const int j0 = it * ABK, st = it & 1, tid = threadIdx.x;
+    attn_rows_async<DH>(Ks + st * ABK * L::RS, kb, kstride, j0, ABK, kv_seq);
+    attn_rows_async<DH>(Vs + st * ABK * L::RS, vb, kstride, j0, ABK, kv_seq);
+    if (tid < ABK) Ms[st * ABK + tid] = (j0 + tid < kv_seq && mb[j0 + tid] > 0.0f) ? 1.0f : 0.0f;
 }
 
 // A fragment (16 rows x 16 columns starting at row r0, column 16 * ks) of a
@@ -580,12 +592,7 @@ __device__ __forceinline__ void attn_fwd_mma(float* out, float* lse, const float
     // The queries (f32, converted here: read once), then key tile 0 as
     // group 0 and one group per tile after it.
     attn_rows_cvt<DH>(Qs, q + (i64)b * a.seq * qstride + (i64)h * DH, qstride, q0, BQF, a.seq);
-    auto load_tile = [&](int it) {
-        int j0 = it * ABK, st = it & 1;
-        attn_rows_async<DH>(Ks + st * ABK * L::RS, kb, kstride, j0, ABK, a.kv_seq);
-        attn_rows_async<DH>(Vs + st * ABK * L::RS, vb, kstride, j0, ABK, a.kv_seq);
-        if (tid < ABK) Ms[st * ABK + tid] = (j0 + tid < a.kv_seq && mb[j0 + tid] > 0.0f) ? 1.0f : 0.0f;
-    };
+    auto load_tile = [&](int it) { attn_kv_tile<DH>(Ks, Vs, Ms, kb, vb, mb, kstride, a.kv_seq, it); };
     if (tiles > 0) load_tile(0);
     cp_async_commit();
 
@@ -681,12 +688,7 @@ __device__ __forceinline__ void attn_dq_mma(float* dq, const bf16_t* dout, const
 
     attn_rows_async<DH>(Qs, q + (i64)b * a.seq * qstride + (i64)h * DH, qstride, q0, ABQ, a.seq);
     attn_rows_async<DH>(Gs, dout + (i64)b * a.seq * qstride + (i64)h * DH, qstride, q0, ABQ, a.seq);
-    auto load_tile = [&](int it) {
-        int j0 = it * ABK, st = it & 1;
-        attn_rows_async<DH>(Ks + st * ABK * L::RS, kb, kstride, j0, ABK, a.kv_seq);
-        attn_rows_async<DH>(Vs + st * ABK * L::RS, vb, kstride, j0, ABK, a.kv_seq);
-        if (tid < ABK) Ms[st * ABK + tid] = (j0 + tid < a.kv_seq && mb[j0 + tid] > 0.0f) ? 1.0f : 0.0f;
-    };
+    auto load_tile = [&](int it) { attn_kv_tile<DH>(Ks, Vs, Ms, kb, vb, mb, kstride, a.kv_seq, it); };
     if (tiles > 0) load_tile(0);
     cp_async_commit();
 

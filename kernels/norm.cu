@@ -129,10 +129,12 @@ struct NormLane {
     __device__ __forceinline__ int col(int k) const { return base + k * WARP * WPR; }
 };
 
-template <int WPR>
-__device__ __forceinline__ void layernorm_fwd_reg(float* y, float* xhat, float* rstd, const float* x,
-                                                  const float* gamma, const float* beta, int beta_off, int rows,
-                                                  int cols, float eps) {
+// Forward of a row held in registers. CENTER: LayerNorm (the mean taken
+// out, then y = xhat * gamma + beta[beta_off..]); else RMSNorm (no mean, y =
+// xhat * gamma; beta is not read).
+template <int WPR, bool CENTER>
+__device__ __forceinline__ void norm_fwd_reg(float* y, float* xhat, float* rstd, const float* x, const float* gamma,
+                                             const float* beta, int beta_off, int rows, int cols, float eps) {
     __shared__ float scratch[4];
     const NormLane<WPR> ln(rows);
     const i64 o = (i64)ln.row * cols;
@@ -141,14 +143,17 @@ __device__ __forceinline__ void layernorm_fwd_reg(float* y, float* xhat, float* 
     for (int k = 0; k < NORM_NV; k++) {
         const int c = ln.col(k);
         v[k] = ln.live && c < cols ? x[o + c] : 0.0f;
-        s += v[k];
+        s += CENTER ? v[k] : v[k] * v[k];
     }
-    const float mean = norm_row_sum<WPR>(s, scratch) / (float)cols;
-    float q = 0.0f;
+    float mean = 0.0f, q = s;
+    if (CENTER) {
+        mean = norm_row_sum<WPR>(s, scratch) / (float)cols;
+        q = 0.0f;
 #pragma unroll
-    for (int k = 0; k < NORM_NV; k++) {
-        const float d = ln.col(k) < cols ? v[k] - mean : 0.0f;
-        q += d * d;
+        for (int k = 0; k < NORM_NV; k++) {
+            const float d = ln.col(k) < cols ? v[k] - mean : 0.0f;
+            q += d * d;
+        }
     }
     const float rs = 1.0f / sqrtf(norm_row_sum<WPR>(q, scratch) / (float)cols + eps);
     if (!ln.live) return;  // after the last barrier
@@ -157,16 +162,18 @@ __device__ __forceinline__ void layernorm_fwd_reg(float* y, float* xhat, float* 
     for (int k = 0; k < NORM_NV; k++) {
         const int c = ln.col(k);
         if (c < cols) {
-            const float h = (v[k] - mean) * rs;
+            const float h = (CENTER ? v[k] - mean : v[k]) * rs;
             xhat[o + c] = h;
-            y[o + c] = h * gamma[c] + beta[beta_off + c];
+            y[o + c] = CENTER ? h * gamma[c] + beta[beta_off + c] : h * gamma[c];
         }
     }
 }
 
-template <int WPR>
-__device__ __forceinline__ void layernorm_bwd_reg(float* dx, const float* dy, const float* xhat, const float* rstd,
-                                                  const float* gamma, int rows, int cols) {
+// Backward of a row held in registers: dx = rstd * (g - mean(g) - xhat *
+// mean(g * xhat)) with g = dy * gamma; RMSNorm (!CENTER) has no mean(g).
+template <int WPR, bool CENTER>
+__device__ __forceinline__ void norm_bwd_reg(float* dx, const float* dy, const float* xhat, const float* rstd,
+                                             const float* gamma, int rows, int cols) {
     __shared__ float scratch[4];
     const NormLane<WPR> ln(rows);
     const i64 o = (i64)ln.row * cols;
@@ -180,66 +187,14 @@ __device__ __forceinline__ void layernorm_bwd_reg(float* dx, const float* dy, co
         sg += g[k];
         sgx += g[k] * h[k];
     }
-    const float mean_g = norm_row_sum<WPR>(sg, scratch) / (float)cols;
+    const float mean_g = CENTER ? norm_row_sum<WPR>(sg, scratch) / (float)cols : 0.0f;
     const float mean_gx = norm_row_sum<WPR>(sgx, scratch) / (float)cols;
     if (!ln.live) return;
     const float rs = rstd[ln.row];
 #pragma unroll
     for (int k = 0; k < NORM_NV; k++) {
         const int c = ln.col(k);
-        if (c < cols) dx[o + c] = rs * (g[k] - mean_g - h[k] * mean_gx);
-    }
-}
-
-template <int WPR>
-__device__ __forceinline__ void rmsnorm_fwd_reg(float* y, float* xhat, float* rstd, const float* x,
-                                                const float* gamma, int rows, int cols, float eps) {
-    __shared__ float scratch[4];
-    const NormLane<WPR> ln(rows);
-    const i64 o = (i64)ln.row * cols;
-    float v[NORM_NV], s = 0.0f;
-#pragma unroll
-    for (int k = 0; k < NORM_NV; k++) {
-        const int c = ln.col(k);
-        v[k] = ln.live && c < cols ? x[o + c] : 0.0f;
-        s += v[k] * v[k];
-    }
-    const float rs = 1.0f / sqrtf(norm_row_sum<WPR>(s, scratch) / (float)cols + eps);
-    if (!ln.live) return;
-    if (ln.base == 0) rstd[ln.row] = rs;
-#pragma unroll
-    for (int k = 0; k < NORM_NV; k++) {
-        const int c = ln.col(k);
-        if (c < cols) {
-            const float h = v[k] * rs;
-            xhat[o + c] = h;
-            y[o + c] = h * gamma[c];
-        }
-    }
-}
-
-template <int WPR>
-__device__ __forceinline__ void rmsnorm_bwd_reg(float* dx, const float* dy, const float* xhat, const float* rstd,
-                                                const float* gamma, int rows, int cols) {
-    __shared__ float scratch[4];
-    const NormLane<WPR> ln(rows);
-    const i64 o = (i64)ln.row * cols;
-    float g[NORM_NV], h[NORM_NV], sgx = 0.0f;
-#pragma unroll
-    for (int k = 0; k < NORM_NV; k++) {
-        const int c = ln.col(k);
-        const bool in = ln.live && c < cols;
-        g[k] = in ? dy[o + c] * gamma[c] : 0.0f;
-        h[k] = in ? xhat[o + c] : 0.0f;
-        sgx += g[k] * h[k];
-    }
-    const float mean_gx = norm_row_sum<WPR>(sgx, scratch) / (float)cols;
-    if (!ln.live) return;
-    const float rs = rstd[ln.row];
-#pragma unroll
-    for (int k = 0; k < NORM_NV; k++) {
-        const int c = ln.col(k);
-        if (c < cols) dx[o + c] = rs * (g[k] - h[k] * mean_gx);
+        if (c < cols) dx[o + c] = rs * (CENTER ? g[k] - mean_g - h[k] * mean_gx : g[k] - h[k] * mean_gx);
     }
 }
 
@@ -247,40 +202,40 @@ __device__ __forceinline__ void rmsnorm_bwd_reg(float* dx, const float* dy, cons
 extern "C" __global__ void __launch_bounds__(128)
     layernorm_fwd_f32_w1024(float* y, float* xhat, float* rstd, const float* x, const float* gamma,
                              const float* beta, int beta_off, int rows, int cols, float eps) {
-    layernorm_fwd_reg<1>(y, xhat, rstd, x, gamma, beta, beta_off, rows, cols, eps);
+    norm_fwd_reg<1, true>(y, xhat, rstd, x, gamma, beta, beta_off, rows, cols, eps);
 }
 extern "C" __global__ void __launch_bounds__(128)
     layernorm_bwd_f32_w1024(float* dx, const float* dy, const float* xhat, const float* rstd, const float* gamma,
                              int rows, int cols) {
-    layernorm_bwd_reg<1>(dx, dy, xhat, rstd, gamma, rows, cols);
+    norm_bwd_reg<1, true>(dx, dy, xhat, rstd, gamma, rows, cols);
 }
 extern "C" __global__ void __launch_bounds__(128)
     rmsnorm_fwd_f32_w1024(float* y, float* xhat, float* rstd, const float* x, const float* gamma, int rows,
                            int cols, float eps) {
-    rmsnorm_fwd_reg<1>(y, xhat, rstd, x, gamma, rows, cols, eps);
+    norm_fwd_reg<1, false>(y, xhat, rstd, x, gamma, nullptr, 0, rows, cols, eps);
 }
 extern "C" __global__ void __launch_bounds__(128)
     rmsnorm_bwd_f32_w1024(float* dx, const float* dy, const float* xhat, const float* rstd, const float* gamma,
                            int rows, int cols) {
-    rmsnorm_bwd_reg<1>(dx, dy, xhat, rstd, gamma, rows, cols);
+    norm_bwd_reg<1, false>(dx, dy, xhat, rstd, gamma, rows, cols);
 }
 extern "C" __global__ void __launch_bounds__(128)
     layernorm_fwd_f32_w4096(float* y, float* xhat, float* rstd, const float* x, const float* gamma,
                              const float* beta, int beta_off, int rows, int cols, float eps) {
-    layernorm_fwd_reg<4>(y, xhat, rstd, x, gamma, beta, beta_off, rows, cols, eps);
+    norm_fwd_reg<4, true>(y, xhat, rstd, x, gamma, beta, beta_off, rows, cols, eps);
 }
 extern "C" __global__ void __launch_bounds__(128)
     layernorm_bwd_f32_w4096(float* dx, const float* dy, const float* xhat, const float* rstd, const float* gamma,
                              int rows, int cols) {
-    layernorm_bwd_reg<4>(dx, dy, xhat, rstd, gamma, rows, cols);
+    norm_bwd_reg<4, true>(dx, dy, xhat, rstd, gamma, rows, cols);
 }
 extern "C" __global__ void __launch_bounds__(128)
     rmsnorm_fwd_f32_w4096(float* y, float* xhat, float* rstd, const float* x, const float* gamma, int rows,
                            int cols, float eps) {
-    rmsnorm_fwd_reg<4>(y, xhat, rstd, x, gamma, rows, cols, eps);
+    norm_fwd_reg<4, false>(y, xhat, rstd, x, gamma, nullptr, 0, rows, cols, eps);
 }
 extern "C" __global__ void __launch_bounds__(128)
     rmsnorm_bwd_f32_w4096(float* dx, const float* dy, const float* xhat, const float* rstd, const float* gamma,
                            int rows, int cols) {
-    rmsnorm_bwd_reg<4>(dx, dy, xhat, rstd, gamma, rows, cols);
+    norm_bwd_reg<4, false>(dx, dy, xhat, rstd, gamma, rows, cols);
 }
