@@ -511,6 +511,12 @@ impl<B: Backend> Encoder<B> {
             be.dropout(&mut h, n * d, dr.hidden, dr.site(0, 0));
         }
 
+        // y = drop(y) + x: a dropped-out sublayer output y and its residual x
+        // (dropout site `site` of layer l).
+        let residual = |y: &mut B::Buf, x: &B::Buf, l: usize, site: u64| match drop {
+            Some(dr) => be.dropout_add(y, x, n * d, dr.hidden, dr.site(l, site)),
+            None => be.add(y, x, n * d),
+        };
         let mut saved = Vec::with_capacity(self.layers.len());
         for (l, layer) in self.layers.iter().enumerate() {
             let bias = |t: BiasTerm| self.bias_ref(&layer.biases[term_index(t)], params);
@@ -525,10 +531,7 @@ impl<B: Backend> Encoder<B> {
             });
             be.attention_fwd(&mut ctx, &mut lse, &q, &k, &v, &x.mask, dims, attn_drop);
             let mut a = self.linear(be, &ctx, &layer.wo, bias(BiasTerm::O), n, d, d);
-            match drop {
-                Some(dr) => be.dropout_add(&mut a, &h, n * d, dr.hidden, dr.site(l, 2)),
-                None => be.add(&mut a, &h, n * d),
-            }
+            residual(&mut a, &h, l, 2);
             let mut h1 = be.output(n * d);
             let (mut xhat1, mut rstd1) = (be.output(n * d), be.output(n));
             let (b1, o1) = bias(BiasTerm::Ln1);
@@ -548,10 +551,7 @@ impl<B: Backend> Encoder<B> {
             let mut g = be.output(n * ff);
             be.act_fwd(cfg.hidden_act, &mut g, &f, n * ff);
             let mut m = self.linear(be, &g, &layer.w2, bias(BiasTerm::MlpOut), n, ff, d);
-            match drop {
-                Some(dr) => be.dropout_add(&mut m, &h1, n * d, dr.hidden, dr.site(l, 3)),
-                None => be.add(&mut m, &h1, n * d),
-            }
+            residual(&mut m, &h1, l, 3);
             let mut out = be.output(n * d);
             let (mut xhat2, mut rstd2) = (be.output(n * d), be.output(n));
             let (b2, o2) = bias(BiasTerm::Ln2);
@@ -740,6 +740,16 @@ impl<B: Backend> Encoder<B> {
             BiasSrc::Slab(off) => Some(off),
             BiasSrc::Frozen(_) => None,
         };
+        // The gradient of a dropped-out sublayer output from that of the
+        // sum it feeds (dropout site `site` of layer l); `None` without
+        // dropout: the gradient is the same tensor.
+        let undrop = |g: &B::Buf, l: usize, site: u64| {
+            drop.map(|dr| {
+                let mut t = be.output(n * d);
+                be.dropout_from(&mut t, g, n * d, dr.hidden, dr.site(l, site));
+                t
+            })
+        };
         for l in (self.lowest..top).rev() {
             let layer = &self.layers[l];
             let s = saved[l]
@@ -753,11 +763,7 @@ impl<B: Backend> Encoder<B> {
                 be.bias_grad(grads, off, &dh, n, d);
             }
             // m = drop(act(f)·W2ᵀ + b2): its gradient is r2 itself without dropout.
-            let dm_dropped = drop.map(|dr| {
-                let mut t = be.output(n * d);
-                be.dropout_from(&mut t, &r2, n * d, dr.hidden, dr.site(l, 3));
-                t
-            });
+            let dm_dropped = undrop(&r2, l, 3);
             let dm = dm_dropped.as_ref().unwrap_or(&r2);
             if let Some(off) = slab_off(l, BiasTerm::MlpOut) {
                 be.bias_grad(grads, off, dm, n, d);
@@ -779,11 +785,7 @@ impl<B: Backend> Encoder<B> {
                 be.bias_grad(grads, off, &dh1, n, d);
             }
             // a = drop(ctx·Woᵀ + bo): its gradient is r1 itself without dropout.
-            let da_dropped = drop.map(|dr| {
-                let mut t = be.output(n * d);
-                be.dropout_from(&mut t, &r1, n * d, dr.hidden, dr.site(l, 2));
-                t
-            });
+            let da_dropped = undrop(&r1, l, 2);
             let da = da_dropped.as_ref().unwrap_or(&r1);
             if let Some(off) = slab_off(l, BiasTerm::O) {
                 be.bias_grad(grads, off, da, n, d);
