@@ -24,7 +24,7 @@ pub mod wgpu;
 
 use std::fmt;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::float::Float;
 use crate::weights::TensorView;
 
@@ -609,6 +609,17 @@ pub fn hash32(mut x: u32) -> u32 {
     x = x.wrapping_mul(0x846c_a68b);
     x ^= x >> 16;
     x
+}
+
+/// Whether the environment variable `var` picks bf16 over the default f32
+/// (`f32` or unset/empty: false; `bf16`: true; anything else an error
+/// naming the variable). The CPU and CUDA kernel switches read theirs so.
+pub fn env_bf16(var: &str) -> Result<bool> {
+    match std::env::var(var).as_deref() {
+        Err(_) | Ok("") | Ok("f32") => Ok(false),
+        Ok("bf16") => Ok(true),
+        Ok(v) => Err(Error::msg(format!("{var}={v}: expected f32 or bf16"))),
+    }
 }
 
 /// Derive a sub-seed (per step, per layer, per dropout site) from a seed.

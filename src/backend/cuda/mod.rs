@@ -311,13 +311,11 @@ pub enum Attn {
 impl Attn {
     /// From `BEFT_CUDA_ATTN` (`f32` or `bf16`; default `f32`).
     pub fn from_env() -> Result<Self> {
-        match std::env::var("BEFT_CUDA_ATTN").as_deref() {
-            Err(_) | Ok("") | Ok("f32") => Ok(Attn::F32),
-            Ok("bf16") => Ok(Attn::Bf16),
-            Ok(v) => Err(Error::msg(format!(
-                "BEFT_CUDA_ATTN={v}: expected f32 or bf16"
-            ))),
-        }
+        Ok(if super::env_bf16("BEFT_CUDA_ATTN")? {
+            Attn::Bf16
+        } else {
+            Attn::F32
+        })
     }
 }
 

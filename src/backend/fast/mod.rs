@@ -238,13 +238,11 @@ pub const BF16_MIN_ROWS: usize = 32;
 impl CpuGemm {
     /// From `BEFT_CPU_GEMM` (`f32` or `bf16`; default `f32`).
     pub fn from_env() -> Result<Self> {
-        match std::env::var("BEFT_CPU_GEMM").as_deref() {
-            Err(_) | Ok("") | Ok("f32") => Ok(CpuGemm::F32),
-            Ok("bf16") => Ok(CpuGemm::Bf16),
-            Ok(v) => Err(Error::msg(format!(
-                "BEFT_CPU_GEMM={v}: expected f32 or bf16"
-            ))),
-        }
+        Ok(if super::env_bf16("BEFT_CPU_GEMM")? {
+            CpuGemm::Bf16
+        } else {
+            CpuGemm::F32
+        })
     }
 }
 
