@@ -240,6 +240,61 @@ __device__ __forceinline__ void raster_origin(int& bm, int& bn) {
     bn = tile_n * TN;
 }
 
+// Activations, shared by activation.cu and the GEMM epilogues. Formulas
+// mirror src/backend/cpu/mod.rs (`act_value`, `act_grad`) in f32; `act`
+// codes: 0 GELU (erf), 1 GELU (tanh approximation), 2 ReLU, 3 tanh, 4 SiLU
+// (the order of `Act` in src/backend/mod.rs).
+#define ACT_GELU 0
+#define ACT_GELU_TANH 1
+#define ACT_RELU 2
+#define ACT_TANH 3
+#define ACT_SILU 4
+
+#define GELU_C 0.7978845608028654f   // sqrt(2/pi)
+#define GELU_A 0.044715f
+#define INV_SQRT2 0.7071067811865476f
+#define INV_SQRT_2PI 0.3989422804014327f
+
+__device__ __forceinline__ float sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+__device__ __forceinline__ float act_value(int act, float x) {
+    switch (act) {
+        case ACT_GELU: return 0.5f * x * (1.0f + erff(x * INV_SQRT2));
+        case ACT_GELU_TANH: {
+            float inner = GELU_C * (x + GELU_A * x * x * x);
+            return 0.5f * x * (1.0f + tanhf(inner));
+        }
+        case ACT_RELU: return x > 0.0f ? x : 0.0f;
+        case ACT_TANH: return tanhf(x);
+        default: return x * sigmoidf(x);
+    }
+}
+
+__device__ __forceinline__ float act_grad(int act, float x) {
+    switch (act) {
+        case ACT_GELU: {
+            float cdf = 0.5f * (1.0f + erff(x * INV_SQRT2));
+            float pdf = expf(-0.5f * x * x) * INV_SQRT_2PI;
+            return cdf + x * pdf;
+        }
+        case ACT_GELU_TANH: {
+            float inner = GELU_C * (x + GELU_A * x * x * x);
+            float t = tanhf(inner);
+            float dinner = GELU_C * (1.0f + 3.0f * GELU_A * x * x);
+            return 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * dinner;
+        }
+        case ACT_RELU: return x > 0.0f ? 1.0f : 0.0f;
+        case ACT_TANH: {
+            float t = tanhf(x);
+            return 1.0f - t * t;
+        }
+        default: {
+            float s = sigmoidf(x);
+            return s * (1.0f + x * (1.0f - s));
+        }
+    }
+}
+
 // The epilogue of the tiled GEMMs: the accumulator pair (x, y) into
 // c(gi, gj), c(gi, gj + 1), added to what is there when `accumulate`;
 // nothing outside the m x n output (n even, so a pair is wholly in or out).
@@ -269,6 +324,39 @@ __device__ __forceinline__ float2 bias_pair(const float* bias, int bias_off, int
         v.y = bias[bias_off + gj + 1];
     }
     return v;
+}
+
+// The fused epilogue of the tiled GEMMs (gemm.cu, gemm_sm90.cu), `epi`:
+//   EPI_NONE        c = product (+ bias)
+//   EPI_FWD + act   c = pre = product (+ bias), aux = act(pre): a linear
+//                   layer and its activation, one pass (aux: c's shape)
+//   EPI_GRAD + act  c = product * act'(aux): the gradient at an activation's
+//                   input, aux holding its saved input (pre)
+// (accumulate then adds c's old value, as without an epilogue.)
+#define EPI_NONE 0
+#define EPI_FWD 16
+#define EPI_GRAD 32
+
+// c(gi, gj), c(gi, gj + 1) from the product pair (x, y) (bias added) through
+// the epilogue `epi` (above); nothing outside the m x n output.
+__device__ __forceinline__ void epi_pair(float* c, float* aux, int epi, int ldc, int m, int n, int gi, int gj, float x,
+                                         float y, int accumulate) {
+    if (gi >= m || gj >= n) return;
+    if (epi != EPI_NONE) {
+        const int act = epi & 15;
+        float2* q = (float2*)(aux + ((i64)gi * ldc + gj));
+        if (epi & EPI_GRAD) {
+            const float2 pre = *q;
+            x *= act_grad(act, pre.x);
+            y *= act_grad(act, pre.y);
+        } else {
+            float2 o;
+            o.x = act_value(act, x);
+            o.y = act_value(act, y);
+            *q = o;
+        }
+    }
+    store_pair(c, ldc, m, n, gi, gj, x, y, accumulate);
 }
 
 // This thread's index in the block (x), read afresh (see raster_origin).

@@ -10,11 +10,17 @@
 // `accumulate` = 0 overwrites c without reading it. With bias_off >= 0 the
 // epilogue adds bias[bias_off + j] to column j first (a linear layer's bias,
 // fused: no separate pass over c): c(i, j) (+)= (op(a) . op(b))(i, j) + bias;
-// bias_off < 0: no bias (the pointer is not read).
+// bias_off < 0: no bias (the pointer is not read). `epi` (common.cuh) fuses
+// an activation: EPI_FWD + act also writes aux = act(c) (the layer's
+// activation, no pass of its own), EPI_GRAD + act multiplies the product by
+// act'(aux) (the gradient at the activation's input from the product that
+// gives the one at its output); aux has c's shape and stride (ldc) and is
+// not read with EPI_NONE.
 //
 // Kernels (extern "C"), all with the signature
 //   (float* c, const float* a, const bf16_t* b, int m, int n, int k,
-//    int lda, int ldb, int ldc, int accumulate, const float* bias, int bias_off):
+//    int lda, int ldb, int ldc, int accumulate, const float* bias, int bias_off,
+//    int epi, float* aux):
 //   gemm_nt_f32_bf16_split, gemm_nn_f32_bf16_split: every f32 value of a is
 //       split into hi = bf16(a) and lo = bf16(a - hi) and both are multiplied
 //       by the (exact) bf16 weight, as matmul_f32_bf16: only the weight's
@@ -89,7 +95,8 @@ __device__ __forceinline__ int gemm_a_off(int row, int col) {
 
 template <bool NN, bool SPLIT>
 __device__ __forceinline__ void gemm_body(float* c, const float* a, const bf16_t* b, int m, int n, int k, int lda,
-                                          int ldb, int ldc, int accumulate, const float* bias, int bias_off) {
+                                          int ldb, int ldc, int accumulate, const float* bias, int bias_off,
+                                          int epi, float* aux) {
     extern __shared__ __align__(16) unsigned char gemm_smem[];
     // Slots: a at [0, GSTAGES * GA_STAGE * 4) bytes ([GSTAGES][GBM][GBK] f32),
     // b after it ([GSTAGES][GB_STAGE] bf16).
@@ -260,31 +267,31 @@ __device__ __forceinline__ void gemm_body(float* c, const float* a, const bf16_t
         for (int mt = 0; mt < 2; mt++)
 #pragma unroll
             for (int h = 0; h < 2; h++)
-                store_pair(c, ldc, m, n, om + mt * 16 + 8 * h, on + nt * 8, acc[mt][nt][2 * h] + bb.x,
-                           acc[mt][nt][2 * h + 1] + bb.y, accumulate);
+                epi_pair(c, aux, epi, ldc, m, n, om + mt * 16 + 8 * h, on + nt * 8, acc[mt][nt][2 * h] + bb.x,
+                         acc[mt][nt][2 * h + 1] + bb.y, accumulate);
     }
 }
 
 extern "C" __global__ void __launch_bounds__(256, 2)
     gemm_nt_f32_bf16_split(float* c, const float* a, const bf16_t* b, int m, int n, int k, int lda, int ldb, int ldc,
-                           int accumulate, const float* bias, int bias_off) {
-    gemm_body<false, true>(c, a, b, m, n, k, lda, ldb, ldc, accumulate, bias, bias_off);
+                           int accumulate, const float* bias, int bias_off, int epi, float* aux) {
+    gemm_body<false, true>(c, a, b, m, n, k, lda, ldb, ldc, accumulate, bias, bias_off, epi, aux);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 2)
     gemm_nn_f32_bf16_split(float* c, const float* a, const bf16_t* b, int m, int n, int k, int lda, int ldb, int ldc,
-                           int accumulate, const float* bias, int bias_off) {
-    gemm_body<true, true>(c, a, b, m, n, k, lda, ldb, ldc, accumulate, bias, bias_off);
+                           int accumulate, const float* bias, int bias_off, int epi, float* aux) {
+    gemm_body<true, true>(c, a, b, m, n, k, lda, ldb, ldc, accumulate, bias, bias_off, epi, aux);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 2)
     gemm_nt_f32_bf16(float* c, const float* a, const bf16_t* b, int m, int n, int k, int lda, int ldb, int ldc,
-                     int accumulate, const float* bias, int bias_off) {
-    gemm_body<false, false>(c, a, b, m, n, k, lda, ldb, ldc, accumulate, bias, bias_off);
+                     int accumulate, const float* bias, int bias_off, int epi, float* aux) {
+    gemm_body<false, false>(c, a, b, m, n, k, lda, ldb, ldc, accumulate, bias, bias_off, epi, aux);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 2)
     gemm_nn_f32_bf16(float* c, const float* a, const bf16_t* b, int m, int n, int k, int lda, int ldb, int ldc,
-                     int accumulate, const float* bias, int bias_off) {
-    gemm_body<true, false>(c, a, b, m, n, k, lda, ldb, ldc, accumulate, bias, bias_off);
+                     int accumulate, const float* bias, int bias_off, int epi, float* aux) {
+    gemm_body<true, false>(c, a, b, m, n, k, lda, ldb, ldc, accumulate, bias, bias_off, epi, aux);
 }

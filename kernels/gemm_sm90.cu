@@ -9,7 +9,8 @@
 //
 // Kernels (extern "C"), signature (float* c, const float* a, const bf16_t* b,
 // int m, int n, int k, int lda, int ldb, int ldc, int accumulate,
-// const float* bias, int bias_off) (bias as in kernels/gemm.cu):
+// const float* bias, int bias_off, int epi, float* aux) (bias and epilogue as
+// in kernels/gemm.cu):
 //   gemm_sm90_nt_f32_bf16_split, gemm_sm90_nn_f32_bf16_split: a split into
 //       bf16 hi + lo, both multiplied (only the weights' rounding remains);
 //   gemm_sm90_nt_f32_bf16, gemm_sm90_nn_f32_bf16: a rounded to bf16 once.
@@ -163,7 +164,7 @@ __device__ __forceinline__ void wgmma_256(float* d, const u32* a, u64 desc) {
 template <bool NN, bool SPLIT>
 __device__ __forceinline__ void gemm_sm90_body(float* c, const float* a, const bf16_t* b, int m, int n, int k,
                                                int lda, int ldb, int ldc, int accumulate, const float* bias,
-                                               int bias_off) {
+                                               int bias_off, int epi, float* aux) {
     extern __shared__ __align__(16) unsigned char gemm_sm90_smem[];
     // Stages in the shared window, 1024-byte aligned: a slots first
     // ([WSTAGES][32 KB]), then b slots.
@@ -307,31 +308,31 @@ __device__ __forceinline__ void gemm_sm90_body(float* c, const float* a, const b
         const float2 bb = bias_pair(bias, bias_off, n, on + 8 * i);
 #pragma unroll
         for (int h = 0; h < 2; h++)
-            store_pair(c, ldc, m, n, om + 8 * h, on + 8 * i, acc[4 * i + 2 * h] + bb.x, acc[4 * i + 2 * h + 1] + bb.y,
-                       accumulate);
+            epi_pair(c, aux, epi, ldc, m, n, om + 8 * h, on + 8 * i, acc[4 * i + 2 * h] + bb.x,
+                     acc[4 * i + 2 * h + 1] + bb.y, accumulate);
     }
 }
 
 extern "C" __global__ void __launch_bounds__(256, 1)
     gemm_sm90_nt_f32_bf16_split(float* c, const float* a, const bf16_t* b, int m, int n, int k, int lda, int ldb,
-                                int ldc, int accumulate, const float* bias, int bias_off) {
-    gemm_sm90_body<false, true>(c, a, b, m, n, k, lda, ldb, ldc, accumulate, bias, bias_off);
+                                int ldc, int accumulate, const float* bias, int bias_off, int epi, float* aux) {
+    gemm_sm90_body<false, true>(c, a, b, m, n, k, lda, ldb, ldc, accumulate, bias, bias_off, epi, aux);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 1)
     gemm_sm90_nn_f32_bf16_split(float* c, const float* a, const bf16_t* b, int m, int n, int k, int lda, int ldb,
-                                int ldc, int accumulate, const float* bias, int bias_off) {
-    gemm_sm90_body<true, true>(c, a, b, m, n, k, lda, ldb, ldc, accumulate, bias, bias_off);
+                                int ldc, int accumulate, const float* bias, int bias_off, int epi, float* aux) {
+    gemm_sm90_body<true, true>(c, a, b, m, n, k, lda, ldb, ldc, accumulate, bias, bias_off, epi, aux);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 1)
     gemm_sm90_nt_f32_bf16(float* c, const float* a, const bf16_t* b, int m, int n, int k, int lda, int ldb, int ldc,
-                          int accumulate, const float* bias, int bias_off) {
-    gemm_sm90_body<false, false>(c, a, b, m, n, k, lda, ldb, ldc, accumulate, bias, bias_off);
+                          int accumulate, const float* bias, int bias_off, int epi, float* aux) {
+    gemm_sm90_body<false, false>(c, a, b, m, n, k, lda, ldb, ldc, accumulate, bias, bias_off, epi, aux);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 1)
     gemm_sm90_nn_f32_bf16(float* c, const float* a, const bf16_t* b, int m, int n, int k, int lda, int ldb, int ldc,
-                          int accumulate, const float* bias, int bias_off) {
-    gemm_sm90_body<true, false>(c, a, b, m, n, k, lda, ldb, ldc, accumulate, bias, bias_off);
+                          int accumulate, const float* bias, int bias_off, int epi, float* aux) {
+    gemm_sm90_body<true, false>(c, a, b, m, n, k, lda, ldb, ldc, accumulate, bias, bias_off, epi, aux);
 }

@@ -87,6 +87,8 @@ fn quick_op_table_on_cpu_writes_positive_times_and_rates() {
         "matmul_fwd x·Wᵀ",
         "linear_fwd x·Wᵀ + b",
         "matmul_bwd dy·W",
+        "linear_act_fwd gelu(x·Wᵀ + b)",
+        "matmul_act_grad gelu'(f)·(dy·W)",
         "bias_add",
         "bias_grad",
         "act_fwd gelu",
@@ -103,7 +105,8 @@ fn quick_op_table_on_cpu_writes_positive_times_and_rates() {
     ] {
         assert!(names.contains(&want), "op {want} missing from {names:?}");
     }
-    assert_eq!(names.iter().filter(|n| n.starts_with("matmul")).count(), 6);
+    // fwd and bwd at 3 sizes, the fused activation gradient at ffn_down.
+    assert_eq!(names.iter().filter(|n| n.starts_with("matmul")).count(), 7);
     assert_eq!(
         names.iter().filter(|n| n.starts_with("attention")).count(),
         4
@@ -479,7 +482,9 @@ fn wgpu_bench_counts_device_memory() {
             .contains("unavailable"));
         assert!(num(&r["ceilings"], "copy_gbs") > 0.0);
         let ops = r["ops"].as_array().unwrap();
-        assert_eq!(ops.len(), 27); // 9 product rows (3 sizes x fwd, linear, bwd) + 18 others
+        // 11 product rows (3 sizes x fwd, linear, bwd; the FFN's fused
+        // activation forward and backward) + 18 others
+        assert_eq!(ops.len(), 29);
         for o in ops {
             assert!(num(o, "median_s") > 0.0, "{o}");
         }

@@ -262,6 +262,96 @@ fn tiled_gemm_matches_cpu_and_the_simple_kernel() {
     g.set_gemm(Gemm::Tiled);
 }
 
+/// The tiled GEMMs' fused activation epilogues: `linear_act` (the product
+/// plus bias, `pre`, and `act(pre)` in one pass) and `matmul_act_grad` (act'(pre) applied
+/// to the product), every activation, both weight layouts, with and without
+/// a bias, on ragged shapes, in every GEMM mode this GPU runs (the simple
+/// mode and odd shapes take the unfused fallback). `pre` against the f64
+/// product; the activation against the CPU oracle's `act_fwd` of the GPU's
+/// own `pre`; the gradient against the CPU oracle's `act_bwd` of the same
+/// GPU's bare product. Outputs poisoned.
+#[test]
+fn fused_activation_epilogues_match_the_unfused_ops() {
+    let Some(mut g) = gpu(WeightDtype::Bf16) else {
+        return;
+    };
+    let cpu = Cpu::new();
+    let mut rng = Rng::new(13);
+    let acts = [Act::Gelu, Act::GeluTanh, Act::Relu, Act::Tanh, Act::Silu];
+    for (case, &(m, n, k)) in [(77, 136, 200), (300, 264, 64), (130, 24, 36), (9, 30, 7)]
+        .iter()
+        .enumerate()
+    {
+        for tb in [true, false] {
+            let a = rand_vec(&mut rng, m * k, 1.0);
+            let b = rand_vec(&mut rng, k * n, 0.3);
+            let pre_in = rand_vec(&mut rng, m * n, 2.0);
+            let b16 = bf16_round(&b);
+            let shape = if tb { vec![n, k] } else { vec![k, n] };
+            let (ga, gb) = (
+                g.upload(&a),
+                g.weight(&TensorView::from_f32("w", shape, &b)).unwrap(),
+            );
+            let slab = rand_vec(&mut rng, n + 5, 1.0);
+            let (gslab, gpre_in) = (g.upload(&slab), g.upload(&pre_in));
+            for mode in [
+                Gemm::Simple,
+                Gemm::Tiled,
+                Gemm::Bf16,
+                Gemm::Wgmma,
+                Gemm::WgmmaBf16,
+            ] {
+                g.set_gemm(mode);
+                if g.gemm() != mode {
+                    continue; // not on this GPU (see the tiled GEMM test)
+                }
+                // The bf16 modes round the activations where the tiled
+                // kernels run (k, n multiples of 8); other shapes fall back.
+                let tiled = k % 8 == 0 && n % 8 == 0;
+                let rounded = tiled && matches!(mode, Gemm::Bf16 | Gemm::WgmmaBf16);
+                let a_seen = if rounded { bf16_round(&a) } else { a.clone() };
+                let (want, bound) = naive_matmul(&a_seen, &b16, m, n, k, false, tb);
+                let act = acts[(case + tb as usize) % acts.len()];
+                for bias in [false, true] {
+                    let tag =
+                        format!("linear_act {act:?} {mode:?} {m}x{n}x{k} tb={tb} bias={bias}");
+                    let (mut pre, mut out) = (nan(&g, m * n), nan(&g, m * n));
+                    let bias_ref = bias.then_some((&gslab, 3));
+                    g.linear_act(&mut pre, &mut out, act, &ga, &gb, bias_ref, m, n, k, tb);
+                    let pre_got = g.download(&pre);
+                    let mut want = want.clone();
+                    if bias {
+                        for (i, w) in want.iter_mut().enumerate() {
+                            *w += slab[3 + i % n] as f64;
+                        }
+                    }
+                    check_product(&format!("{tag} pre"), &pre_got, &want, &bound, 2e-5);
+                    let mut cout = cpu.zeros(m * n);
+                    cpu.act_fwd(act, &mut cout, &cpu.upload(&pre_got), m * n);
+                    close(
+                        &format!("{tag} out"),
+                        &g.download(&out),
+                        &cv(&cout),
+                        1e-6,
+                        1e-5,
+                    );
+                }
+                // The gradient: the bare product on this GPU, then the oracle's act_bwd.
+                let mut prod = nan(&g, m * n);
+                g.matmul(&mut prod, &ga, &gb, m, n, k, false, tb, false);
+                let mut cdx = cpu.zeros(m * n);
+                let (cpre, cprod) = (cpu.upload(&pre_in), cpu.upload(&g.download(&prod)));
+                cpu.act_bwd(act, &mut cdx, &cpre, &cprod, m * n);
+                let mut dx = nan(&g, m * n);
+                g.matmul_act_grad(&mut dx, act, &gpre_in, &ga, &gb, m, n, k, tb);
+                let tag = format!("matmul_act_grad {act:?} {mode:?} {m}x{n}x{k} tb={tb}");
+                close(&tag, &g.download(&dx), &cv(&cdx), 1e-6, 1e-5);
+            }
+        }
+    }
+    g.set_gemm(Gemm::Tiled);
+}
+
 /// (kind, backend, a, b, a as the GPU sees it, b likewise, relative bound)
 type MatmulCase<'a> = (
     &'a str,

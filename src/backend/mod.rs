@@ -310,6 +310,54 @@ pub trait Backend {
         self.matmul(c, a, b, m, n, k, ta, tb, false);
         self.bias_add(c, bias.0, bias.1, m, n);
     }
+    /// A linear layer and its activation: `pre[m×n] = a·op(b) (+ bias)` (as
+    /// [`Backend::matmul`] and [`Backend::bias_add`]) and `out = act(pre)`
+    /// (as [`Backend::act_fwd`]); `pre` is what the backward pass keeps.
+    /// The default is those ops in turn; a backend may write `out` in the
+    /// product's epilogue (CUDA does): no pass of its own over `pre`.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_act(
+        &self,
+        pre: &mut Self::Buf,
+        out: &mut Self::Buf,
+        act: Act,
+        a: &Self::Buf,
+        b: &Self::Buf,
+        bias: Option<(&Self::Buf, usize)>,
+        m: usize,
+        n: usize,
+        k: usize,
+        tb: bool,
+    ) {
+        match bias {
+            Some(bias) => self.matmul_bias(pre, a, b, bias, m, n, k, false, tb),
+            None => self.matmul(pre, a, b, m, n, k, false, tb, false),
+        }
+        self.act_fwd(act, out, pre, m * n);
+    }
+    /// The gradient at an activation's input from the product that gives
+    /// the gradient at its output: `dx[m×n] = act'(pre) ⊙ (a·op(b))`, `pre`
+    /// the activation's saved input (as [`Backend::matmul`] into a
+    /// temporary, then [`Backend::act_bwd`], the default). A backend may
+    /// apply `act'` in the product's epilogue (CUDA does): no temporary and
+    /// no pass of its own.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_act_grad(
+        &self,
+        dx: &mut Self::Buf,
+        act: Act,
+        pre: &Self::Buf,
+        a: &Self::Buf,
+        b: &Self::Buf,
+        m: usize,
+        n: usize,
+        k: usize,
+        tb: bool,
+    ) {
+        let mut t = self.output(m * n);
+        self.matmul(&mut t, a, b, m, n, k, false, tb, false);
+        self.act_bwd(act, dx, pre, &t, m * n);
+    }
     /// `y[r, c] += bias[bias_off + c]` for a `rows × cols` matrix.
     fn bias_add(
         &self,

@@ -228,6 +228,35 @@ impl<B: Backend> Backend for SimDevice<B> {
         )
     }
 
+    // `matmul_act_grad` keeps the trait's default (product into a metered
+    // temporary, then act_bwd): a conservative count of the peak.
+    fn linear_act(
+        &self,
+        pre: &mut Self::Buf,
+        out: &mut Self::Buf,
+        act: Act,
+        a: &Self::Buf,
+        b: &Self::Buf,
+        bias: Option<(&Self::Buf, usize)>,
+        m: usize,
+        n: usize,
+        k: usize,
+        tb: bool,
+    ) {
+        self.inner.linear_act(
+            &mut pre.inner,
+            &mut out.inner,
+            act,
+            &a.inner,
+            &b.inner,
+            bias.map(|(buf, off)| (&buf.inner, off)),
+            m,
+            n,
+            k,
+            tb,
+        )
+    }
+
     fn bias_add(&self, y: &mut Self::Buf, bias: &Self::Buf, off: usize, rows: usize, cols: usize) {
         self.inner
             .bias_add(&mut y.inner, &bias.inner, off, rows, cols)

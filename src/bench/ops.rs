@@ -316,6 +316,25 @@ impl<'a, B: Backend> Env<'a, B> {
                         None,
                         c,
                     ));
+                    // The FFN's first layer: the same with its GELU (fused
+                    // into the epilogue where the backend can).
+                    if label == "ffn_up" {
+                        let mut outs: Vec<_> = (0..k).map(|_| be.zeros(n * n_out)).collect();
+                        let t = self.time(k, &mut |i| {
+                            let (x, w, y) = &mut s[i % k];
+                            let (b, g) = (Some((&bias, 0)), &mut outs[i % k]);
+                            be.linear_act(y, g, Act::Gelu, x, w, b, n, n_out, n_in, true)
+                        });
+                        push(self.row(
+                            shape,
+                            "linear_act_fwd gelu(x·Wᵀ + b)",
+                            format!("{label} {n}x{n_out}x{n_in} (m x n x k)"),
+                            t,
+                            flops,
+                            None,
+                            c,
+                        ));
+                    }
                 }
                 {
                     let k = self.sets((n * n_in + n * n_out) * 4 + n_out * n_in * wb);
@@ -340,6 +359,25 @@ impl<'a, B: Backend> Env<'a, B> {
                         None,
                         c,
                     ));
+                    // The gradient at the FFN's GELU input: the same product
+                    // times gelu' of the saved pre-activation.
+                    if label == "ffn_down" {
+                        let pres: Vec<_> = (0..k).map(|_| self.rand(n * n_in)).collect();
+                        let t = self.time(k, &mut |i| {
+                            let (dy, w, dx) = &mut s[i % k];
+                            let pre = &pres[i % k];
+                            be.matmul_act_grad(dx, Act::Gelu, pre, dy, w, n, n_in, n_out, false)
+                        });
+                        push(self.row(
+                            shape,
+                            "matmul_act_grad gelu'(f)·(dy·W)",
+                            format!("{label} {n}x{n_in}x{n_out} (m x n x k)"),
+                            t,
+                            flops,
+                            None,
+                            c,
+                        ));
+                    }
                 }
             }
         }

@@ -1361,9 +1361,12 @@ impl<B: Backend> Decoder<B> {
                     (m, gt, Some(up))
                 }
                 None => {
-                    let f = self.lin_fwd(be, &layer.up, inp, n, params);
-                    let mut g = be.output(n * ff);
-                    be.act_fwd(c.hidden_act, &mut g, &f, n * ff);
+                    // f (kept) and g = act(f), one op (CUDA: one pass).
+                    let up = &layer.up;
+                    let (mut f, mut g) = (be.output(n * ff), be.output(n * ff));
+                    let b = self.bref(&up.b, params);
+                    let (k, tb) = (up.n_in, !up.in_out);
+                    be.linear_act(&mut f, &mut g, c.hidden_act, inp, &up.w, b, n, ff, k, tb);
                     let m = self.lin_fwd(be, &layer.down, &g, n, params);
                     (m, f, None)
                 }
@@ -1624,11 +1627,11 @@ impl<B: Backend> Decoder<B> {
                 if let Some(off) = layer.down.b.slab() {
                     be.bias_grad(grads, off, dm, n, d);
                 }
-                let mut dhm = be.output(n * ff);
-                self.lin_bwd(be, &layer.down, &mut dhm, dm, n, false);
                 let mut dn = be.output(n * d);
                 match &layer.gate {
                     Some(g) => {
+                        let mut dhm = be.output(n * ff);
+                        self.lin_bwd(be, &layer.down, &mut dhm, dm, n, false);
                         let (mut dg, mut du) = (be.output(n * ff), be.output(n * ff));
                         let up = s.up.as_ref().expect("up");
                         be.swiglu_bwd(&mut dg, &mut du, &dhm, &s.f, up, n * ff);
@@ -1642,8 +1645,11 @@ impl<B: Backend> Decoder<B> {
                         self.lin_bwd(be, &layer.up, &mut dn, &du, n, true);
                     }
                     None => {
-                        let mut df = be.output(n * ff);
-                        be.act_bwd(c.hidden_act, &mut df, &s.f, &dhm, n * ff);
+                        // df = act'(f) ⊙ (dm·W_down), one op (CUDA: act' in
+                        // the product's epilogue).
+                        let (down, mut df) = (&layer.down, be.output(n * ff));
+                        let (k, tb) = (down.n_out, down.in_out);
+                        be.matmul_act_grad(&mut df, c.hidden_act, &s.f, dm, &down.w, n, ff, k, tb);
                         if let Some(off) = layer.up.b.slab() {
                             be.bias_grad(grads, off, &df, n, ff);
                         }

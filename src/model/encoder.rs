@@ -547,9 +547,21 @@ impl<B: Backend> Encoder<B> {
                 d,
                 cfg.layer_norm_eps,
             );
-            let f = self.linear(be, &h1, &layer.w1, bias(BiasTerm::MlpIn), n, d, ff);
-            let mut g = be.output(n * ff);
-            be.act_fwd(cfg.hidden_act, &mut g, &f, n * ff);
+            // f = h1·W1ᵀ + b1 (kept) and g = act(f), one op (CUDA: one pass).
+            let (mut f, mut g) = (be.output(n * ff), be.output(n * ff));
+            let b_in = Some(bias(BiasTerm::MlpIn));
+            be.linear_act(
+                &mut f,
+                &mut g,
+                cfg.hidden_act,
+                &h1,
+                &layer.w1,
+                b_in,
+                n,
+                ff,
+                d,
+                true,
+            );
             let mut m = self.linear(be, &g, &layer.w2, bias(BiasTerm::MlpOut), n, ff, d);
             residual(&mut m, &h1, l, 3);
             let mut out = be.output(n * d);
@@ -768,10 +780,19 @@ impl<B: Backend> Encoder<B> {
             if let Some(off) = slab_off(l, BiasTerm::MlpOut) {
                 be.bias_grad(grads, off, dm, n, d);
             }
-            let mut dg = be.output(n * ff);
-            be.matmul(&mut dg, dm, &layer.w2, n, ff, d, false, false, false);
+            // df = act'(f) ⊙ (dm·W2), one op (CUDA: act' in the product's epilogue).
             let mut df = be.output(n * ff);
-            be.act_bwd(cfg.hidden_act, &mut df, &s.f, &dg, n * ff);
+            be.matmul_act_grad(
+                &mut df,
+                cfg.hidden_act,
+                &s.f,
+                dm,
+                &layer.w2,
+                n,
+                ff,
+                d,
+                false,
+            );
             if let Some(off) = slab_off(l, BiasTerm::MlpIn) {
                 be.bias_grad(grads, off, &df, n, ff);
             }

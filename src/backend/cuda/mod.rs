@@ -347,6 +347,43 @@ const GEMM_SMEM: usize = 3 * (128 * 32 * 4 + 128 * 32 * 2);
 const W_SMEM: usize = 3 * (128 * 64 * 4 + 256 * 64 * 2) + 1024;
 
 /// Largest head dimension the attention kernels take (8 registers per lane).
+/// The tiled GEMMs' fused epilogue codes (`epi` in kernels/common.cuh):
+/// plus the activation's code, `EPI_FWD` also writes `act(c)`, `EPI_GRAD`
+/// multiplies the product by `act'` of a saved input.
+const EPI_FWD: i32 = 16;
+const EPI_GRAD: i32 = 32;
+
+/// What the tiled GEMMs' epilogue does besides storing the product.
+#[derive(Default)]
+struct Epi<'a> {
+    /// Add this bias (the slab or a frozen bias, and its offset).
+    bias: Option<(&'a CudaBuf, usize)>,
+    /// Fuse an activation (forward or gradient).
+    act: Option<(Act, EpiAct<'a>)>,
+}
+
+/// The activation part of an [`Epi`].
+enum EpiAct<'a> {
+    /// Also write `act(c)` here (a linear layer's activation).
+    Out(&'a mut CudaBuf),
+    /// Multiply the product by `act'` of this (the activation's input).
+    Grad(&'a CudaBuf),
+}
+
+impl Epi<'_> {
+    /// Whether every buffer is f32, as the kernels take them (activations
+    /// and biases always are; anything else goes the unfused way).
+    fn all_f32(&self) -> bool {
+        let f32 = |b: &CudaBuf| matches!(b, CudaBuf::F32(..));
+        self.bias.is_none_or(|(b, _)| f32(b))
+            && match &self.act {
+                None => true,
+                Some((_, EpiAct::Out(b))) => f32(b),
+                Some((_, EpiAct::Grad(b))) => f32(b),
+            }
+    }
+}
+
 pub const MAX_HEAD_DIM: usize = 256;
 const ATTN_QPB: usize = 16; // queries per block (forward, dq)
 const ATTN_KPB: usize = 8; // keys per block (dk/dv)
@@ -812,9 +849,9 @@ impl CudaBackend {
             && m.div_ceil(128) <= 65_535
     }
 
-    /// `c (+)= a·op(b) (+ bias)` on the tiled GEMMs (the caller checked
-    /// [`Self::tiled_fits`]): `dims` = (m, n, k); `bias`: the bias slab and
-    /// the offset of this layer's bias in it, added in the epilogue.
+    /// `c (+)= a·op(b)` on the tiled GEMMs (the caller checked
+    /// [`Self::tiled_fits`]) through the epilogue `epi` (f32 buffers, see
+    /// [`Epi::all_f32`]): `dims` = (m, n, k).
     fn tiled_gemm(
         &self,
         c: &mut CudaSlice<f32>,
@@ -822,7 +859,7 @@ impl CudaBackend {
         [mi, ni, ki]: [i32; 3],
         tb: bool,
         acc: i32,
-        bias: Option<(&CudaSlice<f32>, i32)>,
+        epi: Epi<'_>,
     ) {
         // lda = k, ldb = k (NT: b is [n][k]) or n (NN: b is [k][n]), ldc = n.
         let hopper = matches!(self.gemm, Gemm::Wgmma | Gemm::WgmmaBf16);
@@ -847,8 +884,17 @@ impl CudaBackend {
             block_dim: (256, 1, 1),
             shared_mem_bytes: smem as u32,
         };
-        // No bias: offset -1 and any valid pointer (the kernel reads none).
-        let (bias, bias_off) = bias.unwrap_or((a, -1));
+        // No bias: offset -1 and any valid pointer (the kernel reads none);
+        // the same for the activation's buffer with EPI_NONE.
+        let (bias, bias_off) = match epi.bias {
+            Some((CudaBuf::F32(s, _), off)) => (s, i32_of("bias_off", off)),
+            _ => (a, -1),
+        };
+        let code = match &epi.act {
+            Some((act, EpiAct::Out(_))) => EPI_FWD + act_code(*act),
+            Some((act, EpiAct::Grad(_))) => EPI_GRAD + act_code(*act),
+            None => 0,
+        };
         self.launch(kernel, cfg, |l| {
             l.arg(c)
                 .arg(a)
@@ -861,13 +907,19 @@ impl CudaBackend {
                 .arg(&ni)
                 .arg(&acc)
                 .arg(bias)
-                .arg(&bias_off);
+                .arg(&bias_off)
+                .arg(&code);
+            match epi.act {
+                Some((_, EpiAct::Out(CudaBuf::F32(s, _)))) => l.arg(s),
+                Some((_, EpiAct::Grad(CudaBuf::F32(s, _)))) => l.arg(s),
+                _ => l.arg(a),
+            };
         });
     }
 
-    /// `c (+)= op(a)·op(b)` (see [`Backend::matmul`]), with `bias` added
-    /// in the epilogue where the tiled GEMMs run: returns whether it was
-    /// (else the caller adds it).
+    /// `c (+)= op(a)·op(b)` (see [`Backend::matmul`]), through the
+    /// epilogue `epi` where the tiled GEMMs run: returns whether it was
+    /// (else the caller does its work: `c` then holds the bare product).
     #[allow(clippy::too_many_arguments)]
     fn product(
         &self,
@@ -880,13 +932,18 @@ impl CudaBackend {
         ta: bool,
         tb: bool,
         accumulate: bool,
-        bias: Option<(&CudaBuf, usize)>,
+        epi: Epi<'_>,
     ) -> bool {
         self.need("matmul a", a.len(), m * k);
         self.need("matmul b", b.len(), k * n);
         self.need("matmul c", c.len(), m * n);
-        if let Some((bias, off)) = bias {
+        if let Some((bias, off)) = epi.bias {
             self.need("matmul bias", bias.len(), off + n);
+        }
+        match &epi.act {
+            Some((_, EpiAct::Out(x))) => self.need("linear_act out", x.len(), m * n),
+            Some((_, EpiAct::Grad(x))) => self.need("matmul_act_grad pre", x.len(), m * n),
+            None => {}
         }
         if m == 0 || n == 0 {
             return false;
@@ -917,13 +974,12 @@ impl CudaBackend {
                 acc,
             ),
             (CudaBuf::F32(a, _), CudaBuf::Bf16(b, _)) if self.tiled_fits(m, n, k, ta) => {
-                // The bias (always f32: rank-1 tensors stay f32) in the epilogue.
-                let fused = match bias {
-                    Some((CudaBuf::F32(s, _), off)) => Some((s, i32_of("bias_off", off))),
-                    _ => None,
-                };
-                self.tiled_gemm(c, (a, b), [mi, ni, ki], tb, acc, fused);
-                return fused.is_some();
+                // The bias and activation in the epilogue (their buffers are
+                // f32: rank-1 tensors stay f32, activations are f32).
+                let fused = epi.all_f32();
+                let epi = if fused { epi } else { Epi::default() };
+                self.tiled_gemm(c, (a, b), [mi, ni, ki], tb, acc, epi);
+                return fused;
             }
             (CudaBuf::F32(a, _), CudaBuf::Bf16(b, _)) => self.matmul_launch(
                 "matmul_f32_bf16",
@@ -1391,7 +1447,7 @@ impl Backend for CudaBackend {
         tb: bool,
         accumulate: bool,
     ) {
-        self.product(c, a, b, m, n, k, ta, tb, accumulate, None);
+        self.product(c, a, b, m, n, k, ta, tb, accumulate, Epi::default());
     }
 
     fn matmul_bias(
@@ -1409,8 +1465,70 @@ impl Backend for CudaBackend {
         // The tiled GEMMs add the bias in their epilogue (every real
         // model's linear layers: f32 activations, bf16 weights); any other
         // case is the product, then the bias pass.
-        if !self.product(c, a, b, m, n, k, ta, tb, false, Some(bias)) {
+        let epi = Epi {
+            bias: Some(bias),
+            act: None,
+        };
+        if !self.product(c, a, b, m, n, k, ta, tb, false, epi) {
             self.bias_add(c, bias.0, bias.1, m, n);
+        }
+    }
+
+    fn linear_act(
+        &self,
+        pre: &mut CudaBuf,
+        out: &mut CudaBuf,
+        act: Act,
+        a: &CudaBuf,
+        b: &CudaBuf,
+        bias: Option<(&CudaBuf, usize)>,
+        m: usize,
+        n: usize,
+        k: usize,
+        tb: bool,
+    ) {
+        // The tiled GEMMs write pre and act(pre) in their epilogue; any
+        // other case is the product, then the bias and activation passes.
+        let epi = Epi {
+            bias,
+            act: Some((act, EpiAct::Out(out))),
+        };
+        if !self.product(pre, a, b, m, n, k, false, tb, false, epi) {
+            if let Some((bias, off)) = bias {
+                self.bias_add(pre, bias, off, m, n);
+            }
+            self.act_fwd(act, out, pre, m * n);
+        }
+    }
+
+    fn matmul_act_grad(
+        &self,
+        dx: &mut CudaBuf,
+        act: Act,
+        pre: &CudaBuf,
+        a: &CudaBuf,
+        b: &CudaBuf,
+        m: usize,
+        n: usize,
+        k: usize,
+        tb: bool,
+    ) {
+        // The tiled GEMMs apply act' in their epilogue (no temporary);
+        // elsewhere the product goes to a temporary and act_bwd follows.
+        let tiled = matches!((a, b), (CudaBuf::F32(..), CudaBuf::Bf16(..)))
+            && self.tiled_fits(m, n, k, false)
+            && matches!(pre, CudaBuf::F32(..));
+        if tiled {
+            let epi = Epi {
+                bias: None,
+                act: Some((act, EpiAct::Grad(pre))),
+            };
+            let fused = self.product(dx, a, b, m, n, k, false, tb, false, epi);
+            debug_assert!(fused, "the tiled GEMM takes every f32 epilogue");
+        } else {
+            let mut t = self.output(m * n);
+            self.product(&mut t, a, b, m, n, k, false, tb, false, Epi::default());
+            self.act_bwd(act, dx, pre, &t, m * n);
         }
     }
 
