@@ -326,24 +326,44 @@ __device__ __forceinline__ float2 bias_pair(const float* bias, int bias_off, int
     return v;
 }
 
+// This thread's index in the block (x), read afresh (see raster_origin).
+__device__ __forceinline__ int tid_x() {
+#ifdef BEFT_CUDA_EMU
+    return (int)threadIdx.x;
+#else
+    u32 r;
+    asm volatile("mov.u32 %0, %%tid.x;\n" : "=r"(r));
+    return (int)r;
+#endif
+}
+
 // The fused epilogue of the tiled GEMMs (gemm.cu, gemm_sm90.cu), `epi`:
 //   EPI_NONE        c = product (+ bias)
 //   EPI_FWD + act   c = pre = product (+ bias), aux = act(pre): a linear
 //                   layer and its activation, one pass (aux: c's shape)
 //   EPI_GRAD + act  c = product * act'(aux): the gradient at an activation's
 //                   input, aux holding its saved input (pre)
+//   | EPI_PART      also the column sums of what the epilogue stores (before
+//                   accumulate adds c's old value): the block's tile row r
+//                   writes part[r * n + j] (f64) for its columns j, in a
+//                   fixed order; bias_grad_sum_f32 then adds the tile rows'
+//                   sums into a bias gradient (the pass over c it saves)
 // (accumulate then adds c's old value, as without an epilogue.)
 #define EPI_NONE 0
 #define EPI_FWD 16
 #define EPI_GRAD 32
+#define EPI_PART 64
 
 // c(gi, gj), c(gi, gj + 1) from the product pair (x, y) (bias added) through
-// the epilogue `epi` (above); nothing outside the m x n output.
-__device__ __forceinline__ void epi_pair(float* c, float* aux, int epi, int ldc, int m, int n, int gi, int gj, float x,
-                                         float y, int accumulate) {
-    if (gi >= m || gj >= n) return;
-    if (epi != EPI_NONE) {
-        const int act = epi & 15;
+// the epilogue `epi` (above); nothing outside the m x n output. Returns the
+// pair it stored before any accumulation (zeros outside), for EPI_PART.
+__device__ __forceinline__ float2 epi_pair(float* c, float* aux, int epi, int ldc, int m, int n, int gi, int gj,
+                                           float x, float y, int accumulate) {
+    float2 v;
+    v.x = v.y = 0.0f;
+    if (gi >= m || gj >= n) return v;
+    const int act = epi & 15;
+    if (epi & (EPI_FWD | EPI_GRAD)) {
         float2* q = (float2*)(aux + ((i64)gi * ldc + gj));
         if (epi & EPI_GRAD) {
             const float2 pre = *q;
@@ -357,15 +377,33 @@ __device__ __forceinline__ void epi_pair(float* c, float* aux, int epi, int ldc,
         }
     }
     store_pair(c, ldc, m, n, gi, gj, x, y, accumulate);
+    v.x = x;
+    v.y = y;
+    return v;
 }
 
-// This thread's index in the block (x), read afresh (see raster_origin).
-__device__ __forceinline__ int tid_x() {
-#ifdef BEFT_CUDA_EMU
-    return (int)threadIdx.x;
-#else
-    u32 r;
-    asm volatile("mov.u32 %0, %%tid.x;\n" : "=r"(r));
-    return (int)r;
-#endif
+// EPI_PART, within a warp: the sum of v over the 8 lanes that share
+// lane & 3 (the m16n8 accumulator rows g = lane >> 2 of one column), in a
+// fixed butterfly order; every lane gets it.
+__device__ __forceinline__ double col_sum_lanes(double v) {
+    v += __shfl_xor_sync(0xffffffffu, v, 4);
+    v += __shfl_xor_sync(0xffffffffu, v, 8);
+    v += __shfl_xor_sync(0xffffffffu, v, 16);
+    return v;
 }
+
+// EPI_PART, across the block: red[group * COLS + c] holds row group `group`'s
+// sum of tile column c (GROUPS groups, written before this call); the block
+// (256 threads) adds them in order into part[tile_row * n + bn + c].
+template <int GROUPS, int COLS>
+__device__ __forceinline__ void col_sums_out(const double* red, double* part, int n, int tile_row, int bn) {
+    __syncthreads();
+    for (int c = tid_x(); c < COLS; c += 256) {
+        if (bn + c >= n) continue;
+        double s = 0.0;
+#pragma unroll
+        for (int g = 0; g < GROUPS; g++) s += red[g * COLS + c];
+        part[(i64)tile_row * n + bn + c] = s;
+    }
+}
+

@@ -15,12 +15,14 @@
 // activation, no pass of its own), EPI_GRAD + act multiplies the product by
 // act'(aux) (the gradient at the activation's input from the product that
 // gives the one at its output); aux has c's shape and stride (ldc) and is
-// not read with EPI_NONE.
+// not read with EPI_NONE. EPI_PART adds the column sums of the stored values
+// per 128-row tile into part (ceil(m / 128) x n doubles; not touched
+// without it): a fused bias gradient.
 //
 // Kernels (extern "C"), all with the signature
 //   (float* c, const float* a, const bf16_t* b, int m, int n, int k,
 //    int lda, int ldb, int ldc, int accumulate, const float* bias, int bias_off,
-//    int epi, float* aux):
+//    int epi, float* aux, double* part):
 //   gemm_nt_f32_bf16_split, gemm_nn_f32_bf16_split: every f32 value of a is
 //       split into hi = bf16(a) and lo = bf16(a - hi) and both are multiplied
 //       by the (exact) bf16 weight, as matmul_f32_bf16: only the weight's
@@ -96,7 +98,7 @@ __device__ __forceinline__ int gemm_a_off(int row, int col) {
 template <bool NN, bool SPLIT>
 __device__ __forceinline__ void gemm_body(float* c, const float* a, const bf16_t* b, int m, int n, int k, int lda,
                                           int ldb, int ldc, int accumulate, const float* bias, int bias_off,
-                                          int epi, float* aux) {
+                                          int epi, float* aux, double* part) {
     extern __shared__ __align__(16) unsigned char gemm_smem[];
     // Slots: a at [0, GSTAGES * GA_STAGE * 4) bytes ([GSTAGES][GBM][GBK] f32),
     // b after it ([GSTAGES][GB_STAGE] bf16).
@@ -255,43 +257,62 @@ __device__ __forceinline__ void gemm_body(float* c, const float* a, const bf16_t
     // Accumulator layout of m16n8: c0, c1 at (g, 2t), (g, 2t+1); c2, c3 at row
     // g+8. The output origin is computed afresh (cheaper than keeping it in a
     // register through the k loop).
-    int om, on;
-    raster_origin<GBM, GBN>(om, on);
+    // With EPI_PART, each warp's column sums go to red[row group][column]
+    // (4 groups of 32 rows, in the pipeline's shared memory, free once every
+    // warp is past its last read of it).
+    int em, en;
+    raster_origin<GBM, GBN>(em, en);
     const int ltid = tid_x();
-    om += ((ltid >> 6) * 32) + ((ltid & 31) >> 2);
-    on += (((ltid >> 5) & 1) * 64) + 2 * (ltid & 3);
+    const int om = em + ((ltid >> 6) * 32) + ((ltid & 31) >> 2);
+    const int tc = (((ltid >> 5) & 1) * 64) + 2 * (ltid & 3);
+    const int on = en + tc;
+    double* red = (double*)gemm_smem;
+    if (epi & EPI_PART) __syncthreads();
 #pragma unroll
     for (int nt = 0; nt < 8; nt++) {
         const float2 bb = bias_pair(bias, bias_off, n, on + nt * 8);
+        double sx = 0.0, sy = 0.0;
 #pragma unroll
         for (int mt = 0; mt < 2; mt++)
 #pragma unroll
-            for (int h = 0; h < 2; h++)
-                epi_pair(c, aux, epi, ldc, m, n, om + mt * 16 + 8 * h, on + nt * 8, acc[mt][nt][2 * h] + bb.x,
-                         acc[mt][nt][2 * h + 1] + bb.y, accumulate);
+            for (int h = 0; h < 2; h++) {
+                const float2 v = epi_pair(c, aux, epi, ldc, m, n, om + mt * 16 + 8 * h, on + nt * 8,
+                                          acc[mt][nt][2 * h] + bb.x, acc[mt][nt][2 * h + 1] + bb.y, accumulate);
+                sx += v.x;
+                sy += v.y;
+            }
+        if (epi & EPI_PART) {
+            sx = col_sum_lanes(sx);
+            sy = col_sum_lanes(sy);
+            if ((ltid & 31) < 4) {
+                red[(ltid >> 6) * GBN + tc + nt * 8] = sx;
+                red[(ltid >> 6) * GBN + tc + nt * 8 + 1] = sy;
+            }
+        }
     }
+    if (epi & EPI_PART) col_sums_out<4, GBN>(red, part, n, em / GBM, en);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 2)
     gemm_nt_f32_bf16_split(float* c, const float* a, const bf16_t* b, int m, int n, int k, int lda, int ldb, int ldc,
-                           int accumulate, const float* bias, int bias_off, int epi, float* aux) {
-    gemm_body<false, true>(c, a, b, m, n, k, lda, ldb, ldc, accumulate, bias, bias_off, epi, aux);
+                           int accumulate, const float* bias, int bias_off, int epi, float* aux, double* part) {
+    gemm_body<false, true>(c, a, b, m, n, k, lda, ldb, ldc, accumulate, bias, bias_off, epi, aux, part);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 2)
     gemm_nn_f32_bf16_split(float* c, const float* a, const bf16_t* b, int m, int n, int k, int lda, int ldb, int ldc,
-                           int accumulate, const float* bias, int bias_off, int epi, float* aux) {
-    gemm_body<true, true>(c, a, b, m, n, k, lda, ldb, ldc, accumulate, bias, bias_off, epi, aux);
+                           int accumulate, const float* bias, int bias_off, int epi, float* aux, double* part) {
+    gemm_body<true, true>(c, a, b, m, n, k, lda, ldb, ldc, accumulate, bias, bias_off, epi, aux, part);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 2)
     gemm_nt_f32_bf16(float* c, const float* a, const bf16_t* b, int m, int n, int k, int lda, int ldb, int ldc,
-                     int accumulate, const float* bias, int bias_off, int epi, float* aux) {
-    gemm_body<false, false>(c, a, b, m, n, k, lda, ldb, ldc, accumulate, bias, bias_off, epi, aux);
+                     int accumulate, const float* bias, int bias_off, int epi, float* aux, double* part) {
+    gemm_body<false, false>(c, a, b, m, n, k, lda, ldb, ldc, accumulate, bias, bias_off, epi, aux, part);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 2)
     gemm_nn_f32_bf16(float* c, const float* a, const bf16_t* b, int m, int n, int k, int lda, int ldb, int ldc,
-                     int accumulate, const float* bias, int bias_off, int epi, float* aux) {
-    gemm_body<true, false>(c, a, b, m, n, k, lda, ldb, ldc, accumulate, bias, bias_off, epi, aux);
+                     int accumulate, const float* bias, int bias_off, int epi, float* aux, double* part) {
+    gemm_body<true, false>(c, a, b, m, n, k, lda, ldb, ldc, accumulate, bias, bias_off, epi, aux, part);
 }

@@ -9,8 +9,9 @@
 //
 // Kernels (extern "C"), signature (float* c, const float* a, const bf16_t* b,
 // int m, int n, int k, int lda, int ldb, int ldc, int accumulate,
-// const float* bias, int bias_off, int epi, float* aux) (bias and epilogue as
-// in kernels/gemm.cu):
+// const float* bias, int bias_off, int epi, float* aux, double* part) (bias
+// and epilogue as in kernels/gemm.cu; EPI_PART's tile rows are 128 rows here
+// too):
 //   gemm_sm90_nt_f32_bf16_split, gemm_sm90_nn_f32_bf16_split: a split into
 //       bf16 hi + lo, both multiplied (only the weights' rounding remains);
 //   gemm_sm90_nt_f32_bf16, gemm_sm90_nn_f32_bf16: a rounded to bf16 once.
@@ -164,7 +165,8 @@ __device__ __forceinline__ void wgmma_256(float* d, const u32* a, u64 desc) {
 template <bool NN, bool SPLIT>
 __device__ __forceinline__ void gemm_sm90_body(float* c, const float* a, const bf16_t* b, int m, int n, int k,
                                                int lda, int ldb, int ldc, int accumulate, const float* bias,
-                                               int bias_off, int epi, float* aux) {
+                                               int bias_off, int epi, float* aux,
+                                               double* part) {
     extern __shared__ __align__(16) unsigned char gemm_sm90_smem[];
     // Stages in the shared window, 1024-byte aligned: a slots first
     // ([WSTAGES][32 KB]), then b slots.
@@ -298,41 +300,62 @@ __device__ __forceinline__ void gemm_sm90_body(float* c, const float* a, const b
 
     // Accumulator layout (per warp, its 16 rows): acc[4i], acc[4i+1] at
     // (row g, columns 8i + 2t, +1); acc[4i+2], acc[4i+3] at row g + 8.
-    int om, on;
-    raster_origin<WBM, WBN>(om, on);
+    // With EPI_PART, each warp's column sums go to red[warp][column] (8
+    // groups of 16 rows, in the pipeline's shared memory, free once every
+    // warp is past its last read of it).
+    int em, en;
+    raster_origin<WBM, WBN>(em, en);
     const int ltid = tid_x();
-    om += (ltid >> 5) * 16 + ((ltid & 31) >> 2);
-    on += 2 * (ltid & 3);
+    const int om = em + (ltid >> 5) * 16 + ((ltid & 31) >> 2);
+    const int tc = 2 * (ltid & 3);
+    const int on = en + tc;
+    double* red = (double*)gemm_sm90_smem;
+    if (epi & EPI_PART) __syncthreads();
 #pragma unroll
     for (int i = 0; i < 32; i++) {
         const float2 bb = bias_pair(bias, bias_off, n, on + 8 * i);
+        double sx = 0.0, sy = 0.0;
 #pragma unroll
-        for (int h = 0; h < 2; h++)
-            epi_pair(c, aux, epi, ldc, m, n, om + 8 * h, on + 8 * i, acc[4 * i + 2 * h] + bb.x,
-                     acc[4 * i + 2 * h + 1] + bb.y, accumulate);
+        for (int h = 0; h < 2; h++) {
+            const float2 v = epi_pair(c, aux, epi, ldc, m, n, om + 8 * h, on + 8 * i, acc[4 * i + 2 * h] + bb.x,
+                                      acc[4 * i + 2 * h + 1] + bb.y, accumulate);
+            sx += v.x;
+            sy += v.y;
+        }
+        if (epi & EPI_PART) {
+            sx = col_sum_lanes(sx);
+            sy = col_sum_lanes(sy);
+            if ((ltid & 31) < 4) {
+                red[(ltid >> 5) * WBN + tc + 8 * i] = sx;
+                red[(ltid >> 5) * WBN + tc + 8 * i + 1] = sy;
+            }
+        }
     }
+    if (epi & EPI_PART) col_sums_out<8, WBN>(red, part, n, em / WBM, en);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 1)
     gemm_sm90_nt_f32_bf16_split(float* c, const float* a, const bf16_t* b, int m, int n, int k, int lda, int ldb,
-                                int ldc, int accumulate, const float* bias, int bias_off, int epi, float* aux) {
-    gemm_sm90_body<false, true>(c, a, b, m, n, k, lda, ldb, ldc, accumulate, bias, bias_off, epi, aux);
+                                int ldc, int accumulate, const float* bias, int bias_off, int epi, float* aux,
+                                double* part) {
+    gemm_sm90_body<false, true>(c, a, b, m, n, k, lda, ldb, ldc, accumulate, bias, bias_off, epi, aux, part);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 1)
     gemm_sm90_nn_f32_bf16_split(float* c, const float* a, const bf16_t* b, int m, int n, int k, int lda, int ldb,
-                                int ldc, int accumulate, const float* bias, int bias_off, int epi, float* aux) {
-    gemm_sm90_body<true, true>(c, a, b, m, n, k, lda, ldb, ldc, accumulate, bias, bias_off, epi, aux);
+                                int ldc, int accumulate, const float* bias, int bias_off, int epi, float* aux,
+                                double* part) {
+    gemm_sm90_body<true, true>(c, a, b, m, n, k, lda, ldb, ldc, accumulate, bias, bias_off, epi, aux, part);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 1)
     gemm_sm90_nt_f32_bf16(float* c, const float* a, const bf16_t* b, int m, int n, int k, int lda, int ldb, int ldc,
-                          int accumulate, const float* bias, int bias_off, int epi, float* aux) {
-    gemm_sm90_body<false, false>(c, a, b, m, n, k, lda, ldb, ldc, accumulate, bias, bias_off, epi, aux);
+                          int accumulate, const float* bias, int bias_off, int epi, float* aux, double* part) {
+    gemm_sm90_body<false, false>(c, a, b, m, n, k, lda, ldb, ldc, accumulate, bias, bias_off, epi, aux, part);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 1)
     gemm_sm90_nn_f32_bf16(float* c, const float* a, const bf16_t* b, int m, int n, int k, int lda, int ldb, int ldc,
-                          int accumulate, const float* bias, int bias_off, int epi, float* aux) {
-    gemm_sm90_body<true, false>(c, a, b, m, n, k, lda, ldb, ldc, accumulate, bias, bias_off, epi, aux);
+                          int accumulate, const float* bias, int bias_off, int epi, float* aux, double* part) {
+    gemm_sm90_body<true, false>(c, a, b, m, n, k, lda, ldb, ldc, accumulate, bias, bias_off, epi, aux, part);
 }

@@ -269,7 +269,9 @@ fn tiled_gemm_matches_cpu_and_the_simple_kernel() {
 /// mode and odd shapes take the unfused fallback). `pre` against the f64
 /// product; the activation against the CPU oracle's `act_fwd` of the GPU's
 /// own `pre`; the gradient against the CPU oracle's `act_bwd` of the same
-/// GPU's bare product. Outputs poisoned.
+/// GPU's bare product, and the bias gradient fused with it (column sums per
+/// 128-row tile) against the oracle's `bias_grad` of the GPU's gradient.
+/// Outputs poisoned.
 #[test]
 fn fused_activation_epilogues_match_the_unfused_ops() {
     let Some(mut g) = gpu(WeightDtype::Bf16) else {
@@ -342,10 +344,29 @@ fn fused_activation_epilogues_match_the_unfused_ops() {
                 let mut cdx = cpu.zeros(m * n);
                 let (cpre, cprod) = (cpu.upload(&pre_in), cpu.upload(&g.download(&prod)));
                 cpu.act_bwd(act, &mut cdx, &cpre, &cprod, m * n);
-                let mut dx = nan(&g, m * n);
-                g.matmul_act_grad(&mut dx, act, &gpre_in, &ga, &gb, m, n, k, tb);
-                let tag = format!("matmul_act_grad {act:?} {mode:?} {m}x{n}x{k} tb={tb}");
-                close(&tag, &g.download(&dx), &cv(&cdx), 1e-6, 1e-5);
+                for with_db in [false, true] {
+                    let mut dx = nan(&g, m * n);
+                    // The bias gradient at offset 3 of a slab that holds
+                    // earlier gradients (it adds to them).
+                    let mut gdb = g.upload(&slab);
+                    let db = with_db.then_some((&mut gdb, 3));
+                    g.matmul_act_grad(&mut dx, act, &gpre_in, &ga, &gb, db, m, n, k, tb);
+                    let tag = format!("matmul_act_grad {act:?} {mode:?} {m}x{n}x{k} tb={tb}");
+                    let dx = g.download(&dx);
+                    close(&tag, &dx, &cv(&cdx), 1e-6, 1e-5);
+                    // The oracle's bias_grad of this GPU's dx.
+                    let mut cdb = cpu.upload(&slab);
+                    if with_db {
+                        cpu.bias_grad(&mut cdb, 3, &cpu.upload(&dx), m, n);
+                    }
+                    close(
+                        &format!("{tag} db"),
+                        &g.download(&gdb),
+                        &cv(&cdb),
+                        1e-6,
+                        1e-6,
+                    );
+                }
             }
         }
     }
@@ -1647,7 +1668,9 @@ fn training_step_on_minilm_matches_cpu() {
     let opts = EncoderOptions {
         pooling: PoolKind::Mean,
         num_labels: 2,
-        terms: BiasTerm::parse_set("v").unwrap(),
+        // b_v, and the FFN's input bias: its gradient is summed in the
+        // input-gradient GEMM's epilogue (EPI_PART) at MiniLM's shapes.
+        terms: BiasTerm::parse_set("v,mlp-in").unwrap(),
         seed: 0,
     };
     // On the CPU emulator (BEFT_CUDA_EMU) a quarter of the batch: the same
@@ -1669,7 +1692,7 @@ fn training_step_on_minilm_matches_cpu() {
     );
     let c = step(&cpu, &mdr, &opts, &batch, Some(42));
     compare_steps(
-        "all-MiniLM-L6-v2 bias=v (bf16 weights)",
+        "all-MiniLM-L6-v2 bias=v,mlp-in (bf16 weights)",
         c.clone(),
         step(&g16, &md, &opts, &batch, Some(42)),
         2e-3,
@@ -1682,7 +1705,7 @@ fn training_step_on_minilm_matches_cpu() {
     let mut g16 = g16;
     g16.set_attn(Attn::Bf16);
     compare_steps(
-        "all-MiniLM-L6-v2 bias=v (bf16 weights, tensor-core attention)",
+        "all-MiniLM-L6-v2 bias=v,mlp-in (bf16 weights, tensor-core attention)",
         c,
         step(&g16, &md, &opts, &batch, Some(42)),
         1e-2,

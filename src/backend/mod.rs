@@ -337,10 +337,11 @@ pub trait Backend {
     }
     /// The gradient at an activation's input from the product that gives
     /// the gradient at its output: `dx[m×n] = act'(pre) ⊙ (a·op(b))`, `pre`
-    /// the activation's saved input (as [`Backend::matmul`] into a
-    /// temporary, then [`Backend::act_bwd`], the default). A backend may
-    /// apply `act'` in the product's epilogue (CUDA does): no temporary and
-    /// no pass of its own.
+    /// the activation's saved input; with `db = Some((grads, off))` also
+    /// that layer's bias gradient, `grads[off + j] += Σ_i dx[i, j]`. The
+    /// default is [`Backend::matmul`] into a temporary, [`Backend::act_bwd`]
+    /// and [`Backend::bias_grad`]; a backend may do it all in the product's
+    /// epilogue (CUDA does): no temporary and no pass of its own.
     #[allow(clippy::too_many_arguments)]
     fn matmul_act_grad(
         &self,
@@ -349,6 +350,7 @@ pub trait Backend {
         pre: &Self::Buf,
         a: &Self::Buf,
         b: &Self::Buf,
+        db: Option<(&mut Self::Buf, usize)>,
         m: usize,
         n: usize,
         k: usize,
@@ -357,6 +359,9 @@ pub trait Backend {
         let mut t = self.output(m * n);
         self.matmul(&mut t, a, b, m, n, k, false, tb, false);
         self.act_bwd(act, dx, pre, &t, m * n);
+        if let Some((grads, off)) = db {
+            self.bias_grad(grads, off, dx, m, n);
+        }
     }
     /// `y[r, c] += bias[bias_off + c]` for a `rows × cols` matrix.
     fn bias_add(

@@ -366,7 +366,8 @@ impl<'a, B: Backend> Env<'a, B> {
                         let t = self.time(k, &mut |i| {
                             let (dy, w, dx) = &mut s[i % k];
                             let pre = &pres[i % k];
-                            be.matmul_act_grad(dx, Act::Gelu, pre, dy, w, n, n_in, n_out, false)
+                            let act = Act::Gelu;
+                            be.matmul_act_grad(dx, act, pre, dy, w, None, n, n_in, n_out, false)
                         });
                         push(self.row(
                             shape,

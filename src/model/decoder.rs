@@ -1645,14 +1645,14 @@ impl<B: Backend> Decoder<B> {
                         self.lin_bwd(be, &layer.up, &mut dn, &du, n, true);
                     }
                     None => {
-                        // df = act'(f) ⊙ (dm·W_down), one op (CUDA: act' in
-                        // the product's epilogue).
+                        // df = act'(f) ⊙ (dm·W_down) and the up-projection's
+                        // bias gradient, one op (CUDA: both in the product's
+                        // epilogue).
                         let (down, mut df) = (&layer.down, be.output(n * ff));
                         let (k, tb) = (down.n_out, down.in_out);
-                        be.matmul_act_grad(&mut df, c.hidden_act, &s.f, dm, &down.w, n, ff, k, tb);
-                        if let Some(off) = layer.up.b.slab() {
-                            be.bias_grad(grads, off, &df, n, ff);
-                        }
+                        let db = layer.up.b.slab().map(|off| (&mut *grads, off));
+                        let act = c.hidden_act;
+                        be.matmul_act_grad(&mut df, act, &s.f, dm, &down.w, db, n, ff, k, tb);
                         self.lin_bwd(be, &layer.up, &mut dn, &df, n, false);
                     }
                 }

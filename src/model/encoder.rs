@@ -780,22 +780,12 @@ impl<B: Backend> Encoder<B> {
             if let Some(off) = slab_off(l, BiasTerm::MlpOut) {
                 be.bias_grad(grads, off, dm, n, d);
             }
-            // df = act'(f) ⊙ (dm·W2), one op (CUDA: act' in the product's epilogue).
+            // df = act'(f) ⊙ (dm·W2) and b1's gradient, one op (CUDA: both
+            // in the product's epilogue).
             let mut df = be.output(n * ff);
-            be.matmul_act_grad(
-                &mut df,
-                cfg.hidden_act,
-                &s.f,
-                dm,
-                &layer.w2,
-                n,
-                ff,
-                d,
-                false,
-            );
-            if let Some(off) = slab_off(l, BiasTerm::MlpIn) {
-                be.bias_grad(grads, off, &df, n, ff);
-            }
+            let db1 = slab_off(l, BiasTerm::MlpIn).map(|off| (&mut *grads, off));
+            let act = cfg.hidden_act;
+            be.matmul_act_grad(&mut df, act, &s.f, dm, &layer.w2, db1, n, ff, d, false);
             // h1 feeds both the MLP and the residual.
             let mut dh1 = r2;
             be.matmul(&mut dh1, &df, &layer.w1, n, d, ff, false, false, true);

@@ -352,6 +352,9 @@ const W_SMEM: usize = 3 * (128 * 64 * 4 + 256 * 64 * 2) + 1024;
 /// multiplies the product by `act'` of a saved input.
 const EPI_FWD: i32 = 16;
 const EPI_GRAD: i32 = 32;
+/// Also the column sums of the stored values, per 128-row tile (a fused
+/// bias gradient; `bias_grad_sum_f32` adds the tiles' sums).
+const EPI_PART: i32 = 64;
 
 /// What the tiled GEMMs' epilogue does besides storing the product.
 #[derive(Default)]
@@ -360,6 +363,8 @@ struct Epi<'a> {
     bias: Option<(&'a CudaBuf, usize)>,
     /// Fuse an activation (forward or gradient).
     act: Option<(Act, EpiAct<'a>)>,
+    /// Write the column sums of each 128-row tile here (`ceil(m / 128) × n`).
+    part: Option<&'a mut CudaSlice<f64>>,
 }
 
 /// The activation part of an [`Epi`].
@@ -894,7 +899,7 @@ impl CudaBackend {
             Some((act, EpiAct::Out(_))) => EPI_FWD + act_code(*act),
             Some((act, EpiAct::Grad(_))) => EPI_GRAD + act_code(*act),
             None => 0,
-        };
+        } | if epi.part.is_some() { EPI_PART } else { 0 };
         self.launch(kernel, cfg, |l| {
             l.arg(c)
                 .arg(a)
@@ -913,6 +918,10 @@ impl CudaBackend {
                 Some((_, EpiAct::Out(CudaBuf::F32(s, _)))) => l.arg(s),
                 Some((_, EpiAct::Grad(CudaBuf::F32(s, _)))) => l.arg(s),
                 _ => l.arg(a),
+            };
+            match epi.part {
+                Some(p) => l.arg(p),
+                None => l.arg(a),
             };
         });
     }
@@ -1467,7 +1476,7 @@ impl Backend for CudaBackend {
         // case is the product, then the bias pass.
         let epi = Epi {
             bias: Some(bias),
-            act: None,
+            ..Epi::default()
         };
         if !self.product(c, a, b, m, n, k, ta, tb, false, epi) {
             self.bias_add(c, bias.0, bias.1, m, n);
@@ -1492,6 +1501,7 @@ impl Backend for CudaBackend {
         let epi = Epi {
             bias,
             act: Some((act, EpiAct::Out(out))),
+            part: None,
         };
         if !self.product(pre, a, b, m, n, k, false, tb, false, epi) {
             if let Some((bias, off)) = bias {
@@ -1508,27 +1518,54 @@ impl Backend for CudaBackend {
         pre: &CudaBuf,
         a: &CudaBuf,
         b: &CudaBuf,
+        db: Option<(&mut CudaBuf, usize)>,
         m: usize,
         n: usize,
         k: usize,
         tb: bool,
     ) {
-        // The tiled GEMMs apply act' in their epilogue (no temporary);
-        // elsewhere the product goes to a temporary and act_bwd follows.
+        // The tiled GEMMs apply act' in their epilogue (no temporary) and
+        // sum the columns of each 128-row tile (bias_grad_sum_f32 adds the
+        // tiles' sums); elsewhere the product goes to a temporary and
+        // act_bwd and bias_grad follow.
         let tiled = matches!((a, b), (CudaBuf::F32(..), CudaBuf::Bf16(..)))
             && self.tiled_fits(m, n, k, false)
-            && matches!(pre, CudaBuf::F32(..));
-        if tiled {
-            let epi = Epi {
-                bias: None,
-                act: Some((act, EpiAct::Grad(pre))),
-            };
-            let fused = self.product(dx, a, b, m, n, k, false, tb, false, epi);
-            debug_assert!(fused, "the tiled GEMM takes every f32 epilogue");
-        } else {
+            && matches!(pre, CudaBuf::F32(..))
+            && m > 0;
+        if !tiled {
             let mut t = self.output(m * n);
             self.product(&mut t, a, b, m, n, k, false, tb, false, Epi::default());
             self.act_bwd(act, dx, pre, &t, m * n);
+            if let Some((grads, off)) = db {
+                self.bias_grad(grads, off, dx, m, n);
+            }
+            return;
+        }
+        let tiles = m.div_ceil(128);
+        // SAFETY: device memory; the GEMM writes every tile row's sum of
+        // every column (EPI_PART) before bias_grad_sum_f32 reads them.
+        let mut part = db
+            .as_ref()
+            .map(|_| self.alloc_by(tiles * n, |s, len| unsafe { s.alloc::<f64>(len) }));
+        let epi = Epi {
+            bias: None,
+            act: Some((act, EpiAct::Grad(pre))),
+            part: part.as_mut(),
+        };
+        let fused = self.product(dx, a, b, m, n, k, false, tb, false, epi);
+        debug_assert!(fused, "the tiled GEMM takes every f32 epilogue");
+        if let (Some((grads, off)), Some(part)) = (db, part) {
+            self.need("matmul_act_grad db", grads.len(), off + n);
+            let cfg = cfg_1d(n).expect("n > 0");
+            let (off, tiles, cols) = (
+                i32_of("db_off", off),
+                i32_of("tiles", tiles),
+                i32_of("n", n),
+            );
+            let grads = grads.f32_mut();
+            self.launch("bias_grad_sum_f32", cfg, |b| {
+                b.arg(grads).arg(&off).arg(&part).arg(&tiles).arg(&cols);
+            });
         }
     }
 
