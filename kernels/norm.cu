@@ -129,12 +129,23 @@ struct NormLane {
     __device__ __forceinline__ int col(int k) const { return base + k * WARP * WPR; }
 };
 
+// A residual sum formed as the row is read (norm_fwd_reg's RES): the row is
+// drop(x) + res, dropout_f32's mask (element index row * cols + c; p = 0
+// keeps all, scale 1) -- what dropout_add_f32 would have left in x.
+struct NormRes {
+    const float* res;
+    float p, scale;
+    u32 seed_lo, seed_hi;
+};
+
 // Forward of a row held in registers. CENTER: LayerNorm (the mean taken
 // out, then y = xhat * gamma + beta[beta_off..]); else RMSNorm (no mean, y =
-// xhat * gamma; beta is not read).
-template <int WPR, bool CENTER>
+// xhat * gamma; beta is not read). RES: the row is the residual sum of `r`
+// (above), not x alone.
+template <int WPR, bool CENTER, bool RES = false>
 __device__ __forceinline__ void norm_fwd_reg(float* y, float* xhat, float* rstd, const float* x, const float* gamma,
-                                             const float* beta, int beta_off, int rows, int cols, float eps) {
+                                             const float* beta, int beta_off, int rows, int cols, float eps,
+                                             NormRes r = NormRes{nullptr, 0.0f, 1.0f, 0u, 0u}) {
     __shared__ float scratch[4];
     const NormLane<WPR> ln(rows);
     const i64 o = (i64)ln.row * cols;
@@ -142,7 +153,12 @@ __device__ __forceinline__ void norm_fwd_reg(float* y, float* xhat, float* rstd,
 #pragma unroll
     for (int k = 0; k < NORM_NV; k++) {
         const int c = ln.col(k);
-        v[k] = ln.live && c < cols ? x[o + c] : 0.0f;
+        const bool in = ln.live && c < cols;
+        v[k] = in ? x[o + c] : 0.0f;
+        if (RES && in) {
+            const bool keep = dropout_keep(r.seed_lo, r.seed_hi, (u32)(o + c), r.p);
+            v[k] = (keep ? v[k] * r.scale : 0.0f) + r.res[o + c];
+        }
         s += CENTER ? v[k] : v[k] * v[k];
     }
     float mean = 0.0f, q = s;
@@ -223,6 +239,22 @@ extern "C" __global__ void __launch_bounds__(128)
     layernorm_fwd_f32_w4096(float* y, float* xhat, float* rstd, const float* x, const float* gamma,
                              const float* beta, int beta_off, int rows, int cols, float eps) {
     norm_fwd_reg<4, true>(y, xhat, rstd, x, gamma, beta, beta_off, rows, cols, eps);
+}
+// y = LN(drop(s) + res): a post-LN block's residual sum and its LayerNorm,
+// one read of each input (the sum is not written); xhat and rstd as above.
+extern "C" __global__ void __launch_bounds__(128)
+    layernorm_res_fwd_f32_w1024(float* y, float* xhat, float* rstd, const float* s, const float* res,
+                                 const float* gamma, const float* beta, int beta_off, int rows, int cols, float eps,
+                                 float p, float scale, u32 seed_lo, u32 seed_hi) {
+    norm_fwd_reg<1, true, true>(y, xhat, rstd, s, gamma, beta, beta_off, rows, cols, eps,
+                                NormRes{res, p, scale, seed_lo, seed_hi});
+}
+extern "C" __global__ void __launch_bounds__(128)
+    layernorm_res_fwd_f32_w4096(float* y, float* xhat, float* rstd, const float* s, const float* res,
+                                 const float* gamma, const float* beta, int beta_off, int rows, int cols, float eps,
+                                 float p, float scale, u32 seed_lo, u32 seed_hi) {
+    norm_fwd_reg<4, true, true>(y, xhat, rstd, s, gamma, beta, beta_off, rows, cols, eps,
+                                NormRes{res, p, scale, seed_lo, seed_hi});
 }
 extern "C" __global__ void __launch_bounds__(128)
     layernorm_bwd_f32_w4096(float* dx, const float* dy, const float* xhat, const float* rstd, const float* gamma,

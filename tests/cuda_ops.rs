@@ -759,6 +759,53 @@ fn layernorm_and_rmsnorm() {
             1e-4,
             1e-4,
         );
+        // LayerNorm of a residual sum, LN(drop(s) + res): one pass on the
+        // GPU, the oracle's dropout_add then layernorm_fwd.
+        let res = rand_vec(&mut rng, n, 1.0);
+        for drop in [
+            None,
+            Some(Dropout {
+                p: 0.25,
+                seed: 0x1234_5678_9abc,
+            }),
+        ] {
+            let (mut gy, mut gh, mut gr) = (nan(&g, n), nan(&g, n), nan(&g, rows));
+            let (mut cy, mut ch, mut cr) = (cpu.zeros(n), cpu.zeros(n), cpu.zeros(rows));
+            let (gs, gres, ggam, gbeta) = (
+                &mut g.upload(&x),
+                &g.upload(&res),
+                &g.upload(&gamma),
+                &g.upload(&beta),
+            );
+            g.residual_layernorm_fwd(
+                &mut gy, &mut gh, &mut gr, gs, gres, drop, ggam, gbeta, 3, rows, cols, 1e-12,
+            );
+            let (cs, cres, cgam, cbeta) = (
+                &mut cpu.upload(&x),
+                &cpu.upload(&res),
+                &cpu.upload(&gamma),
+                &cpu.upload(&beta),
+            );
+            cpu.residual_layernorm_fwd(
+                &mut cy, &mut ch, &mut cr, cs, cres, drop, cgam, cbeta, 3, rows, cols, 1e-12,
+            );
+            let tag = format!("residual_layernorm_fwd {tag} drop={}", drop.is_some());
+            close(&format!("{tag} y"), &g.download(&gy), &cv(&cy), 1e-5, 1e-4);
+            close(
+                &format!("{tag} xhat"),
+                &g.download(&gh),
+                &cv(&ch),
+                1e-5,
+                1e-4,
+            );
+            close(
+                &format!("{tag} rstd"),
+                &g.download(&gr),
+                &cv(&cr),
+                1e-6,
+                1e-4,
+            );
+        }
         // RMSNorm
         let (mut gy, mut gh, mut gr) = (nan(&g, n), nan(&g, n), nan(&g, rows));
         let (mut cy, mut ch, mut cr) = (cpu.zeros(n), cpu.zeros(n), cpu.zeros(rows));

@@ -336,6 +336,27 @@ fn norms_match_reference() {
         e.f.layernorm_bwd(&mut dx.f, &dy.f, &xh.f, &rs.f, &g.f, rows, cols);
         check("layernorm_bwd", &dx, 1e-5);
 
+        // LN(drop(s) + res) in one pass (fast) against dropout_add, then
+        // layernorm_fwd (reference); 130 × 384 spans two row chunks, so the
+        // dropout mask's element indices carry across them.
+        let res = e.buf(&rv(&mut rng, n, 1.0));
+        for drop in [None, Some(Dropout { p: 0.3, seed: 91 })] {
+            let mut s = e.buf(&x.r.to_vec());
+            let (mut y, mut xh, mut rs) = (e.poisoned(n), e.poisoned(n), e.poisoned(rows));
+            e.r.residual_layernorm_fwd(
+                &mut y.r, &mut xh.r, &mut rs.r, &mut s.r, &res.r, drop, &g.r, &beta.r, 2, rows,
+                cols, 1e-12,
+            );
+            e.f.residual_layernorm_fwd(
+                &mut y.f, &mut xh.f, &mut rs.f, &mut s.f, &res.f, drop, &g.f, &beta.f, 2, rows,
+                cols, 1e-12,
+            );
+            let tag = format!("residual_layernorm drop={}", drop.is_some());
+            check(&format!("{tag} y"), &y, 2e-6);
+            check(&format!("{tag} xhat"), &xh, 2e-6);
+            check(&format!("{tag} rstd"), &rs, 2e-6);
+        }
+
         let (mut y, mut xh, mut rs) = (e.poisoned(n), e.poisoned(n), e.poisoned(rows));
         e.r.rmsnorm_fwd(&mut y.r, &mut xh.r, &mut rs.r, &x.r, &g.r, rows, cols, 1e-6);
         e.f.rmsnorm_fwd(&mut y.f, &mut xh.f, &mut rs.f, &x.f, &g.f, rows, cols, 1e-6);

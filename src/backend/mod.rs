@@ -159,8 +159,9 @@ pub struct CandidateIndex<'a, I> {
     pub examples: usize,
 }
 
-/// Attention-probability dropout: drop with probability `p`, with the mask
-/// drawn from `seed` (the same mask is redrawn in the backward pass).
+/// Dropout (of attention probabilities, or of a sublayer's output before its
+/// residual add): drop with probability `p`, with the mask drawn from `seed`
+/// (the same mask is redrawn in the backward pass).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Dropout {
     pub p: f32,
@@ -428,6 +429,37 @@ pub trait Backend {
         cols: usize,
         eps: f64,
     );
+    /// LayerNorm of a residual sum, `y = LN(drop(s) + res)` (a post-LN block:
+    /// a sublayer's output `s`, dropped out when `drop` is given, plus the
+    /// sublayer's input `res`), saving `xhat` and `rstd` as
+    /// [`Backend::layernorm_fwd`] does. `s` is scratch afterwards: the
+    /// default leaves the sum in it ([`Backend::dropout_add`] or
+    /// [`Backend::add`], then [`Backend::layernorm_fwd`]); a backend may form
+    /// the sum as it reads each row instead (CUDA and the fast CPU backend
+    /// do: one pass over `s` and `res`, no sum written).
+    #[allow(clippy::too_many_arguments)]
+    fn residual_layernorm_fwd(
+        &self,
+        y: &mut Self::Buf,
+        xhat: &mut Self::Buf,
+        rstd: &mut Self::Buf,
+        s: &mut Self::Buf,
+        res: &Self::Buf,
+        drop: Option<Dropout>,
+        gamma: &Self::Buf,
+        beta: &Self::Buf,
+        beta_off: usize,
+        rows: usize,
+        cols: usize,
+        eps: f64,
+    ) {
+        let n = rows * cols;
+        match drop {
+            Some(d) => self.dropout_add(s, res, n, d.p, d.seed),
+            None => self.add(s, res, n),
+        }
+        self.layernorm_fwd(y, xhat, rstd, s, gamma, beta, beta_off, rows, cols, eps);
+    }
     /// LayerNorm input gradient (overwrites `dx`); `beta`'s gradient is the
     /// column sum of `dy` ([`Backend::bias_grad`]).
     fn layernorm_bwd(

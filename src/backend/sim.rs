@@ -300,6 +300,37 @@ impl<B: Backend> Backend for SimDevice<B> {
         self.inner.dropout_from(&mut y.inner, &x.inner, n, p, seed)
     }
 
+    fn residual_layernorm_fwd(
+        &self,
+        y: &mut Self::Buf,
+        xhat: &mut Self::Buf,
+        rstd: &mut Self::Buf,
+        s: &mut Self::Buf,
+        res: &Self::Buf,
+        drop: Option<Dropout>,
+        gamma: &Self::Buf,
+        beta: &Self::Buf,
+        beta_off: usize,
+        rows: usize,
+        cols: usize,
+        eps: f64,
+    ) {
+        self.inner.residual_layernorm_fwd(
+            &mut y.inner,
+            &mut xhat.inner,
+            &mut rstd.inner,
+            &mut s.inner,
+            &res.inner,
+            drop,
+            &gamma.inner,
+            &beta.inner,
+            beta_off,
+            rows,
+            cols,
+            eps,
+        )
+    }
+
     fn layernorm_fwd(
         &self,
         y: &mut Self::Buf,

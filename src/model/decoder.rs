@@ -1143,6 +1143,42 @@ impl<B: Backend> Decoder<B> {
         (y, xh, rs)
     }
 
+    /// The norm of a residual sum, `N(s + res)` (post-LN); `s` is scratch
+    /// after it. LayerNorm forms the sum as it reads the rows
+    /// ([`Backend::residual_layernorm_fwd`]); RMSNorm adds first.
+    fn residual_norm_fwd(
+        &self,
+        be: &B,
+        nm: &Norm<B::Buf>,
+        s: &mut B::Buf,
+        res: &B::Buf,
+        rows: usize,
+        params: &B::Buf,
+    ) -> (B::Buf, B::Buf, B::Buf) {
+        let d = self.cfg.hidden_size;
+        if nm.rms {
+            be.add(s, res, rows * d);
+            return self.norm_fwd(be, nm, s, rows, params);
+        }
+        let (mut y, mut xh, mut rs) = (be.output(rows * d), be.output(rows * d), be.output(rows));
+        let (b, o) = self.bref(&nm.b, params).expect("LayerNorm bias");
+        be.residual_layernorm_fwd(
+            &mut y,
+            &mut xh,
+            &mut rs,
+            s,
+            res,
+            None,
+            &nm.g,
+            b,
+            o,
+            rows,
+            d,
+            self.cfg.layer_norm_eps,
+        );
+        (y, xh, rs)
+    }
+
     /// Norm backward: bias gradient (if trainable) and the input gradient.
     fn norm_bwd(
         &self,
@@ -1384,8 +1420,7 @@ impl<B: Backend> Decoder<B> {
         } else {
             (q, k, v, ctx, lse) = self.attn_fwd(be, layer, l, h, x, params, cache);
             let mut a = self.lin_fwd(be, &layer.o, &ctx, n, params);
-            be.add(&mut a, h, n * d);
-            (x1, xhat1, rstd1) = self.norm_fwd(be, &layer.n1, &a, n, params);
+            (x1, xhat1, rstd1) = self.residual_norm_fwd(be, &layer.n1, &mut a, h, n, params);
         }
         let (out, f, up, xhat2, rstd2);
         if c.norm_before {
@@ -1396,8 +1431,7 @@ impl<B: Backend> Decoder<B> {
             (out, f, up) = (m, ff_in, u);
         } else {
             let (mut m, ff_in, u) = mlp(&x1);
-            be.add(&mut m, &x1, n * d);
-            (out, xhat2, rstd2) = self.norm_fwd(be, &layer.n2, &m, n, params);
+            (out, xhat2, rstd2) = self.residual_norm_fwd(be, &layer.n2, &mut m, &x1, n, params);
             (f, up) = (ff_in, u);
         }
         let s = Saved {

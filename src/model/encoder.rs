@@ -511,11 +511,13 @@ impl<B: Backend> Encoder<B> {
             be.dropout(&mut h, n * d, dr.hidden, dr.site(0, 0));
         }
 
-        // y = drop(y) + x: a dropped-out sublayer output y and its residual x
-        // (dropout site `site` of layer l).
-        let residual = |y: &mut B::Buf, x: &B::Buf, l: usize, site: u64| match drop {
-            Some(dr) => be.dropout_add(y, x, n * d, dr.hidden, dr.site(l, site)),
-            None => be.add(y, x, n * d),
+        // The dropout of a sublayer's output before its residual add (site
+        // `site` of layer l).
+        let res_drop = |l: usize, site: u64| {
+            drop.map(|dr| Dropout {
+                p: dr.hidden,
+                seed: dr.site(l, site),
+            })
         };
         let mut saved = Vec::with_capacity(self.layers.len());
         for (l, layer) in self.layers.iter().enumerate() {
@@ -531,15 +533,17 @@ impl<B: Backend> Encoder<B> {
             });
             be.attention_fwd(&mut ctx, &mut lse, &q, &k, &v, &x.mask, dims, attn_drop);
             let mut a = self.linear(be, &ctx, &layer.wo, bias(BiasTerm::O), n, d, d);
-            residual(&mut a, &h, l, 2);
+            // h1 = LN1(drop(a) + h), one pass (a is scratch after it).
             let mut h1 = be.output(n * d);
             let (mut xhat1, mut rstd1) = (be.output(n * d), be.output(n));
             let (b1, o1) = bias(BiasTerm::Ln1);
-            be.layernorm_fwd(
+            be.residual_layernorm_fwd(
                 &mut h1,
                 &mut xhat1,
                 &mut rstd1,
-                &a,
+                &mut a,
+                &h,
+                res_drop(l, 2),
                 &layer.ln1_g,
                 b1,
                 o1,
@@ -563,15 +567,17 @@ impl<B: Backend> Encoder<B> {
                 true,
             );
             let mut m = self.linear(be, &g, &layer.w2, bias(BiasTerm::MlpOut), n, ff, d);
-            residual(&mut m, &h1, l, 3);
+            // out = LN2(drop(m) + h1), one pass.
             let mut out = be.output(n * d);
             let (mut xhat2, mut rstd2) = (be.output(n * d), be.output(n));
             let (b2, o2) = bias(BiasTerm::Ln2);
-            be.layernorm_fwd(
+            be.residual_layernorm_fwd(
                 &mut out,
                 &mut xhat2,
                 &mut rstd2,
-                &m,
+                &mut m,
+                &h1,
+                res_drop(l, 3),
                 &layer.ln2_g,
                 b2,
                 o2,

@@ -535,6 +535,8 @@ pub const KERNELS: &[(&str, &[&str])] = &[
             "layernorm_bwd_f32_w4096",
             "rmsnorm_fwd_f32_w4096",
             "rmsnorm_bwd_f32_w4096",
+            "layernorm_res_fwd_f32_w1024",
+            "layernorm_res_fwd_f32_w4096",
         ],
     ),
     ("pool.cu", &["pool_fwd_f32", "pool_bwd_f32"]),
@@ -1756,6 +1758,68 @@ impl Backend for CudaBackend {
         self.launch(&name, cfg, |b| {
             b.arg(y).arg(xh).arg(rs).arg(&*x).arg(&*g).arg(&*bt);
             b.arg(&off).arg(&r).arg(&c).arg(&e);
+        });
+    }
+
+    fn residual_layernorm_fwd(
+        &self,
+        y: &mut CudaBuf,
+        xhat: &mut CudaBuf,
+        rstd: &mut CudaBuf,
+        s: &mut CudaBuf,
+        res: &CudaBuf,
+        drop: Option<Dropout>,
+        gamma: &CudaBuf,
+        beta: &CudaBuf,
+        beta_off: usize,
+        rows: usize,
+        cols: usize,
+        eps: f64,
+    ) {
+        let n = rows * cols;
+        let p = drop.map_or(0.0, |d| d.p.max(0.0));
+        if cols > 4096 {
+            // The row kernels that re-read it: the sum written first.
+            self.dropout_add(s, res, n, p, drop.map_or(0, |d| d.seed));
+            self.layernorm_fwd(y, xhat, rstd, s, gamma, beta, beta_off, rows, cols, eps);
+            return;
+        }
+        for (what, len, need) in [
+            ("y", y.len(), n),
+            ("xhat", xhat.len(), n),
+            ("rstd", rstd.len(), rows),
+            ("s", s.len(), n),
+            ("res", res.len(), n),
+            ("gamma", gamma.len(), cols),
+            ("beta", beta.len(), beta_off + cols),
+        ] {
+            self.need(&format!("residual_layernorm_fwd {what}"), len, need);
+        }
+        if rows == 0 {
+            return;
+        }
+        let (sx, rx) = (self.f32_in(s), self.f32_in(res));
+        let (g, bt) = (self.f32_in(gamma), self.f32_in(beta));
+        let (off, r, c, e) = (
+            i32_of("beta_off", beta_off),
+            i32_of("rows", rows),
+            i32_of("cols", cols),
+            eps as f32,
+        );
+        let scale = (1.0 / (1.0 - p as f64)) as f32;
+        let (lo, hi) = seed_halves(drop.map_or(0, |d| d.seed));
+        let (name, cfg) = norm_kernel("layernorm_res_fwd_f32", rows, cols);
+        let (y, xh, rs) = (y.f32_mut(), xhat.f32_mut(), rstd.f32_mut());
+        self.launch(&name, cfg, |b| {
+            b.arg(y)
+                .arg(xh)
+                .arg(rs)
+                .arg(&*sx)
+                .arg(&*rx)
+                .arg(&*g)
+                .arg(&*bt);
+            b.arg(&off).arg(&r).arg(&c).arg(&e);
+            b.arg(&p).arg(&scale).arg(&lo).arg(&hi);
         });
     }
 

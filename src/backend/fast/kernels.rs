@@ -292,25 +292,61 @@ fn sum_lanes(x: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + s
 }
 
+/// Where the rows of a LayerNorm's input come from ([`layernorm_rows`]).
+#[derive(Clone, Copy)]
+pub enum RowSrc<'a> {
+    /// The rows themselves.
+    Plain(&'a [f32]),
+    /// A residual sum `drop(s) + res`: `drop` = (p, 1/(1-p), seed) with the
+    /// mask of [`dropout`] (the first element's index `first`), `None` for
+    /// the plain sum — the values `dropout` and `add` would leave in `s`.
+    Residual {
+        s: &'a [f32],
+        res: &'a [f32],
+        drop: Option<(f32, f32, u64)>,
+        first: u32,
+    },
+}
+
 multiversion! {
-    /// LayerNorm of `rows` rows of width `cols`.
+    /// LayerNorm of `rows` rows of width `cols` read from `src`: each row
+    /// is formed in `xh` (where it stays, normalised), then `y = xh·g + b`.
     pub fn layernorm_rows(
         y: &mut [f32],
         xh: &mut [f32],
         rs: &mut [f32],
-        x: &[f32],
+        src: RowSrc<'_>,
         g: &[f32],
         b: &[f32],
         cols: usize,
         eps: f32,
     ) {
         let nf = cols as f32;
-        for (r, ((yr, xhr), xr)) in y
+        for (r, (yr, xr)) in y
             .chunks_exact_mut(cols)
             .zip(xh.chunks_exact_mut(cols))
-            .zip(x.chunks_exact(cols))
             .enumerate()
         {
+            let o = r * cols;
+            match src {
+                RowSrc::Plain(x) => xr.copy_from_slice(&x[o..o + cols]),
+                RowSrc::Residual { s, res, drop, first } => {
+                    let (s, res) = (&s[o..o + cols], &res[o..o + cols]);
+                    match drop {
+                        None => {
+                            for c in 0..cols {
+                                xr[c] = s[c] + res[c];
+                            }
+                        }
+                        Some((p, scale, seed)) => {
+                            for c in 0..cols {
+                                let k = keep(seed, first.wrapping_add((o + c) as u32), p);
+                                xr[c] = (if k { s[c] * scale } else { 0.0 }) + res[c];
+                            }
+                        }
+                    }
+                }
+            }
             let mean = sum_lanes(xr) / nf;
             let mut acc = [0f32; LANES];
             let mut it = xr.chunks_exact(LANES);
@@ -329,7 +365,7 @@ multiversion! {
             rs[r] = s;
             for c in 0..cols {
                 let h = (xr[c] - mean) * s;
-                xhr[c] = h;
+                xr[c] = h;
                 yr[c] = h * g[c] + b[c];
             }
         }

@@ -545,7 +545,51 @@ impl Backend for FastCpu {
             .zip(rstd.slice_mut()[..rows].par_chunks_mut(rb))
             .zip(x[..rows * cols].par_chunks(rb * cols))
             .for_each(|(((y, xh), rs), x)| {
-                kernels::layernorm_rows(y, xh, rs, x, g, &b, cols, eps as f32)
+                let src = kernels::RowSrc::Plain(x);
+                kernels::layernorm_rows(y, xh, rs, src, g, &b, cols, eps as f32)
+            });
+    }
+
+    // One pass: each row's residual sum is formed in xhat, normalised there.
+    fn residual_layernorm_fwd(
+        &self,
+        y: &mut FastBuf,
+        xhat: &mut FastBuf,
+        rstd: &mut FastBuf,
+        s: &mut FastBuf,
+        res: &FastBuf,
+        drop: Option<Dropout>,
+        gamma: &FastBuf,
+        beta: &FastBuf,
+        beta_off: usize,
+        rows: usize,
+        cols: usize,
+        eps: f64,
+    ) {
+        let (s, res) = (view(s), view(res));
+        let g = view(gamma);
+        let g = &g[..cols];
+        let b = small(beta, beta_off, cols);
+        let drop = drop
+            .filter(|d| d.p > 0.0)
+            .map(|d| (d.p, (1.0 / (1.0 - d.p as f64)) as f32, d.seed));
+        let rb = (CHUNK / cols.max(1)).max(1);
+        y.slice_mut()[..rows * cols]
+            .par_chunks_mut(rb * cols)
+            .zip(xhat.slice_mut()[..rows * cols].par_chunks_mut(rb * cols))
+            .zip(rstd.slice_mut()[..rows].par_chunks_mut(rb))
+            .zip(s[..rows * cols].par_chunks(rb * cols))
+            .zip(res[..rows * cols].par_chunks(rb * cols))
+            .enumerate()
+            .for_each(|(i, ((((y, xh), rs), s), res))| {
+                let first = (i * rb * cols) as u32;
+                let src = kernels::RowSrc::Residual {
+                    s,
+                    res,
+                    drop,
+                    first,
+                };
+                kernels::layernorm_rows(y, xh, rs, src, g, &b, cols, eps as f32)
             });
     }
 
