@@ -392,6 +392,20 @@ __device__ __forceinline__ double col_sum_lanes(double v) {
     return v;
 }
 
+// EPI_PART, one column pair of a thread's accumulator tile: sx, sy (its
+// rows' sums of the pair's two columns) summed over the warp's 8 row lanes;
+// lanes 0-3 store them at slot[0], slot[1] (the warp's row-group slot in
+// shared memory). Nothing without EPI_PART.
+__device__ __forceinline__ void col_pair_part(int epi, double* slot, double sx, double sy, int lane) {
+    if (!(epi & EPI_PART)) return;
+    sx = col_sum_lanes(sx);
+    sy = col_sum_lanes(sy);
+    if (lane < 4) {
+        slot[0] = sx;
+        slot[1] = sy;
+    }
+}
+
 // EPI_PART, across the block: red[group * COLS + c] holds row group `group`'s
 // sum of tile column c (GROUPS groups, written before this call); the block
 // (256 threads) adds them in order into part[tile_row * n + bn + c].

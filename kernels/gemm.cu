@@ -281,14 +281,7 @@ __device__ __forceinline__ void gemm_body(float* c, const float* a, const bf16_t
                 sx += v.x;
                 sy += v.y;
             }
-        if (epi & EPI_PART) {
-            sx = col_sum_lanes(sx);
-            sy = col_sum_lanes(sy);
-            if ((ltid & 31) < 4) {
-                red[(ltid >> 6) * GBN + tc + nt * 8] = sx;
-                red[(ltid >> 6) * GBN + tc + nt * 8 + 1] = sy;
-            }
-        }
+        col_pair_part(epi, red + (ltid >> 6) * GBN + tc + nt * 8, sx, sy, ltid & 31);
     }
     if (epi & EPI_PART) col_sums_out<4, GBN>(red, part, n, em / GBM, en);
 }

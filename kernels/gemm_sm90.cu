@@ -322,14 +322,7 @@ __device__ __forceinline__ void gemm_sm90_body(float* c, const float* a, const b
             sx += v.x;
             sy += v.y;
         }
-        if (epi & EPI_PART) {
-            sx = col_sum_lanes(sx);
-            sy = col_sum_lanes(sy);
-            if ((ltid & 31) < 4) {
-                red[(ltid >> 5) * WBN + tc + 8 * i] = sx;
-                red[(ltid >> 5) * WBN + tc + 8 * i + 1] = sy;
-            }
-        }
+        col_pair_part(epi, red + (ltid >> 5) * WBN + tc + 8 * i, sx, sy, ltid & 31);
     }
     if (epi & EPI_PART) col_sums_out<8, WBN>(red, part, n, em / WBM, en);
 }

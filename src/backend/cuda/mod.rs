@@ -1558,16 +1558,7 @@ impl Backend for CudaBackend {
         debug_assert!(fused, "the tiled GEMM takes every f32 epilogue");
         if let (Some((grads, off)), Some(part)) = (db, part) {
             self.need("matmul_act_grad db", grads.len(), off + n);
-            let cfg = cfg_1d(n).expect("n > 0");
-            let (off, tiles, cols) = (
-                i32_of("db_off", off),
-                i32_of("tiles", tiles),
-                i32_of("n", n),
-            );
-            let grads = grads.f32_mut();
-            self.launch("bias_grad_sum_f32", cfg, |b| {
-                b.arg(grads).arg(&off).arg(&part).arg(&tiles).arg(&cols);
-            });
+            self.add_bias_parts(grads, off, &part, tiles, n);
         }
     }
 
@@ -1611,8 +1602,8 @@ impl Backend for CudaBackend {
             block_dim: (32, 8, 1),
             shared_mem_bytes: 0,
         };
-        let db = db.f32_mut();
         if chunks <= 1 {
+            let db = db.f32_mut();
             self.launch("bias_grad_f32", cfg, |b| {
                 b.arg(db).arg(&off).arg(&*dy).arg(&r).arg(&c);
             });
@@ -1622,14 +1613,11 @@ impl Backend for CudaBackend {
         // SAFETY: device memory; bias_grad_part_f32 writes every one of the
         // chunks × cols partial sums before bias_grad_sum_f32 reads them.
         let mut part = self.alloc_by(chunks * cols, |s, n| unsafe { s.alloc::<f64>(n) });
-        let (ch, nch) = (i32_of("chunk", chunk), i32_of("chunks", chunks));
+        let ch = i32_of("chunk", chunk);
         self.launch("bias_grad_part_f32", cfg, |b| {
             b.arg(&mut part).arg(&*dy).arg(&r).arg(&c).arg(&ch);
         });
-        let cfg = cfg_1d(cols).expect("cols > 0");
-        self.launch("bias_grad_sum_f32", cfg, |b| {
-            b.arg(db).arg(&off).arg(&part).arg(&nch).arg(&c);
-        });
+        self.add_bias_parts(db, db_off, &part, chunks, cols);
     }
 
     fn add(&self, y: &mut CudaBuf, x: &CudaBuf, n: usize) {
@@ -1733,32 +1721,8 @@ impl Backend for CudaBackend {
         cols: usize,
         eps: f64,
     ) {
-        for (what, len, need) in [
-            ("y", y.len(), rows * cols),
-            ("xhat", xhat.len(), rows * cols),
-            ("rstd", rstd.len(), rows),
-            ("x", x.len(), rows * cols),
-            ("gamma", gamma.len(), cols),
-            ("beta", beta.len(), beta_off + cols),
-        ] {
-            self.need(&format!("layernorm_fwd {what}"), len, need);
-        }
-        if rows == 0 {
-            return;
-        }
-        let (x, g, bt) = (self.f32_in(x), self.f32_in(gamma), self.f32_in(beta));
-        let (off, r, c, e) = (
-            i32_of("beta_off", beta_off),
-            i32_of("rows", rows),
-            i32_of("cols", cols),
-            eps as f32,
-        );
-        let (name, cfg) = norm_kernel("layernorm_fwd_f32", rows, cols);
-        let (y, xh, rs) = (y.f32_mut(), xhat.f32_mut(), rstd.f32_mut());
-        self.launch(&name, cfg, |b| {
-            b.arg(y).arg(xh).arg(rs).arg(&*x).arg(&*g).arg(&*bt);
-            b.arg(&off).arg(&r).arg(&c).arg(&e);
-        });
+        let io = (y, xhat, rstd);
+        self.layernorm_launch(io, x, None, gamma, (beta, beta_off), rows, cols, eps);
     }
 
     fn residual_layernorm_fwd(
@@ -1776,51 +1740,16 @@ impl Backend for CudaBackend {
         cols: usize,
         eps: f64,
     ) {
-        let n = rows * cols;
-        let p = drop.map_or(0.0, |d| d.p.max(0.0));
+        let drop = drop.unwrap_or(Dropout { p: 0.0, seed: 0 });
+        let io = (y, xhat, rstd);
         if cols > 4096 {
             // The row kernels that re-read it: the sum written first.
-            self.dropout_add(s, res, n, p, drop.map_or(0, |d| d.seed));
-            self.layernorm_fwd(y, xhat, rstd, s, gamma, beta, beta_off, rows, cols, eps);
-            return;
+            self.dropout_add(s, res, rows * cols, drop.p.max(0.0), drop.seed);
+            self.layernorm_launch(io, s, None, gamma, (beta, beta_off), rows, cols, eps);
+        } else {
+            let r = Some((res, drop));
+            self.layernorm_launch(io, s, r, gamma, (beta, beta_off), rows, cols, eps);
         }
-        for (what, len, need) in [
-            ("y", y.len(), n),
-            ("xhat", xhat.len(), n),
-            ("rstd", rstd.len(), rows),
-            ("s", s.len(), n),
-            ("res", res.len(), n),
-            ("gamma", gamma.len(), cols),
-            ("beta", beta.len(), beta_off + cols),
-        ] {
-            self.need(&format!("residual_layernorm_fwd {what}"), len, need);
-        }
-        if rows == 0 {
-            return;
-        }
-        let (sx, rx) = (self.f32_in(s), self.f32_in(res));
-        let (g, bt) = (self.f32_in(gamma), self.f32_in(beta));
-        let (off, r, c, e) = (
-            i32_of("beta_off", beta_off),
-            i32_of("rows", rows),
-            i32_of("cols", cols),
-            eps as f32,
-        );
-        let scale = (1.0 / (1.0 - p as f64)) as f32;
-        let (lo, hi) = seed_halves(drop.map_or(0, |d| d.seed));
-        let (name, cfg) = norm_kernel("layernorm_res_fwd_f32", rows, cols);
-        let (y, xh, rs) = (y.f32_mut(), xhat.f32_mut(), rstd.f32_mut());
-        self.launch(&name, cfg, |b| {
-            b.arg(y)
-                .arg(xh)
-                .arg(rs)
-                .arg(&*sx)
-                .arg(&*rx)
-                .arg(&*g)
-                .arg(&*bt);
-            b.arg(&off).arg(&r).arg(&c).arg(&e);
-            b.arg(&p).arg(&scale).arg(&lo).arg(&hi);
-        });
     }
 
     fn layernorm_bwd(
@@ -2492,6 +2421,94 @@ fn norm_kernel(base: &str, rows: usize, cols: usize) -> (String, LaunchConfig) {
 }
 
 impl CudaBackend {
+    /// LayerNorm forward of the rows of `x` (`layernorm_fwd_f32*`), or with
+    /// `res = Some((res, drop))` of `drop(x) + res`, formed as each row is
+    /// read (`layernorm_res_fwd_f32_*`: rows of at most 4096 columns).
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm_launch(
+        &self,
+        (y, xhat, rstd): (&mut CudaBuf, &mut CudaBuf, &mut CudaBuf),
+        x: &CudaBuf,
+        res: Option<(&CudaBuf, Dropout)>,
+        gamma: &CudaBuf,
+        (beta, beta_off): (&CudaBuf, usize),
+        rows: usize,
+        cols: usize,
+        eps: f64,
+    ) {
+        let n = rows * cols;
+        for (what, len, need) in [
+            ("y", y.len(), n),
+            ("xhat", xhat.len(), n),
+            ("rstd", rstd.len(), rows),
+            ("x", x.len(), n),
+            ("res", res.map_or(n, |r| r.0.len()), n),
+            ("gamma", gamma.len(), cols),
+            ("beta", beta.len(), beta_off + cols),
+        ] {
+            self.need(&format!("layernorm_fwd {what}"), len, need);
+        }
+        if rows == 0 {
+            return;
+        }
+        let (x, g, bt) = (self.f32_in(x), self.f32_in(gamma), self.f32_in(beta));
+        let (off, r, c, e) = (
+            i32_of("beta_off", beta_off),
+            i32_of("rows", rows),
+            i32_of("cols", cols),
+            eps as f32,
+        );
+        let (y, xh, rs) = (y.f32_mut(), xhat.f32_mut(), rstd.f32_mut());
+        let Some((res, drop)) = res else {
+            let (name, cfg) = norm_kernel("layernorm_fwd_f32", rows, cols);
+            self.launch(&name, cfg, |b| {
+                b.arg(y).arg(xh).arg(rs).arg(&*x).arg(&*g).arg(&*bt);
+                b.arg(&off).arg(&r).arg(&c).arg(&e);
+            });
+            return;
+        };
+        assert!(cols <= 4096, "layernorm_res_fwd_f32: {cols} columns");
+        let res = self.f32_in(res);
+        let p = drop.p.max(0.0);
+        let scale = (1.0 / (1.0 - p as f64)) as f32;
+        let (lo, hi) = seed_halves(drop.seed);
+        let (name, cfg) = norm_kernel("layernorm_res_fwd_f32", rows, cols);
+        self.launch(&name, cfg, |b| {
+            b.arg(y)
+                .arg(xh)
+                .arg(rs)
+                .arg(&*x)
+                .arg(&*res)
+                .arg(&*g)
+                .arg(&*bt);
+            b.arg(&off).arg(&r).arg(&c).arg(&e);
+            b.arg(&p).arg(&scale).arg(&lo).arg(&hi);
+        });
+    }
+
+    /// `grads[off + j] += Σ_t part[t·cols + j]` over `parts` rows of f64
+    /// partial column sums (`bias_grad_sum_f32`, a fixed order): the second
+    /// pass of a bias gradient summed in row tiles.
+    fn add_bias_parts(
+        &self,
+        grads: &mut CudaBuf,
+        off: usize,
+        part: &CudaSlice<f64>,
+        parts: usize,
+        cols: usize,
+    ) {
+        let Some(cfg) = cfg_1d(cols) else { return };
+        let (off, parts, cols) = (
+            i32_of("db_off", off),
+            i32_of("parts", parts),
+            i32_of("cols", cols),
+        );
+        let grads = grads.f32_mut();
+        self.launch("bias_grad_sum_f32", cfg, |b| {
+            b.arg(grads).arg(&off).arg(part).arg(&parts).arg(&cols);
+        });
+    }
+
     /// Set the first `n` elements of `c` to zero (a matmul with k = 0).
     fn fill_prefix(&self, c: &mut CudaBuf, n: usize) {
         let Some(cfg) = cfg_1d(n) else { return };

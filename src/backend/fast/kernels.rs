@@ -308,6 +308,26 @@ pub enum RowSrc<'a> {
     },
 }
 
+impl<'a> RowSrc<'a> {
+    /// The `len` values from `start` on (a chunk of rows).
+    pub fn chunk(self, start: usize, len: usize) -> RowSrc<'a> {
+        match self {
+            RowSrc::Plain(x) => RowSrc::Plain(&x[start..start + len]),
+            RowSrc::Residual {
+                s,
+                res,
+                drop,
+                first,
+            } => RowSrc::Residual {
+                s: &s[start..start + len],
+                res: &res[start..start + len],
+                drop,
+                first: first.wrapping_add(start as u32),
+            },
+        }
+    }
+}
+
 multiversion! {
     /// LayerNorm of `rows` rows of width `cols` read from `src`: each row
     /// is formed in `xh` (where it stays, normalised), then `y = xh·g + b`.

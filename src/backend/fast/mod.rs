@@ -257,6 +257,36 @@ pub struct FastCpu {
 }
 
 impl FastCpu {
+    /// LayerNorm of the rows of `src` over chunks of rows in parallel.
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm_par(
+        &self,
+        y: &mut FastBuf,
+        xhat: &mut FastBuf,
+        rstd: &mut FastBuf,
+        src: kernels::RowSrc<'_>,
+        gamma: &FastBuf,
+        beta: &FastBuf,
+        beta_off: usize,
+        rows: usize,
+        cols: usize,
+        eps: f64,
+    ) {
+        let g = view(gamma);
+        let g = &g[..cols];
+        let b = small(beta, beta_off, cols);
+        let rb = (CHUNK / cols.max(1)).max(1);
+        y.slice_mut()[..rows * cols]
+            .par_chunks_mut(rb * cols)
+            .zip(xhat.slice_mut()[..rows * cols].par_chunks_mut(rb * cols))
+            .zip(rstd.slice_mut()[..rows].par_chunks_mut(rb))
+            .enumerate()
+            .for_each(|(i, ((y, xh), rs))| {
+                let src = src.chunk(i * rb * cols, y.len());
+                kernels::layernorm_rows(y, xh, rs, src, g, &b, cols, eps as f32)
+            });
+    }
+
     /// A new backend with f32 products; threads come from the current
     /// rayon pool.
     pub fn new() -> Self {
@@ -535,19 +565,8 @@ impl Backend for FastCpu {
         eps: f64,
     ) {
         let x = view(x);
-        let g = view(gamma);
-        let g = &g[..cols];
-        let b = small(beta, beta_off, cols);
-        let rb = (CHUNK / cols.max(1)).max(1);
-        y.slice_mut()[..rows * cols]
-            .par_chunks_mut(rb * cols)
-            .zip(xhat.slice_mut()[..rows * cols].par_chunks_mut(rb * cols))
-            .zip(rstd.slice_mut()[..rows].par_chunks_mut(rb))
-            .zip(x[..rows * cols].par_chunks(rb * cols))
-            .for_each(|(((y, xh), rs), x)| {
-                let src = kernels::RowSrc::Plain(x);
-                kernels::layernorm_rows(y, xh, rs, src, g, &b, cols, eps as f32)
-            });
+        let src = kernels::RowSrc::Plain(&x[..rows * cols]);
+        self.layernorm_par(y, xhat, rstd, src, gamma, beta, beta_off, rows, cols, eps);
     }
 
     // One pass: each row's residual sum is formed in xhat, normalised there.
@@ -567,30 +586,16 @@ impl Backend for FastCpu {
         eps: f64,
     ) {
         let (s, res) = (view(s), view(res));
-        let g = view(gamma);
-        let g = &g[..cols];
-        let b = small(beta, beta_off, cols);
         let drop = drop
             .filter(|d| d.p > 0.0)
             .map(|d| (d.p, (1.0 / (1.0 - d.p as f64)) as f32, d.seed));
-        let rb = (CHUNK / cols.max(1)).max(1);
-        y.slice_mut()[..rows * cols]
-            .par_chunks_mut(rb * cols)
-            .zip(xhat.slice_mut()[..rows * cols].par_chunks_mut(rb * cols))
-            .zip(rstd.slice_mut()[..rows].par_chunks_mut(rb))
-            .zip(s[..rows * cols].par_chunks(rb * cols))
-            .zip(res[..rows * cols].par_chunks(rb * cols))
-            .enumerate()
-            .for_each(|(i, ((((y, xh), rs), s), res))| {
-                let first = (i * rb * cols) as u32;
-                let src = kernels::RowSrc::Residual {
-                    s,
-                    res,
-                    drop,
-                    first,
-                };
-                kernels::layernorm_rows(y, xh, rs, src, g, &b, cols, eps as f32)
-            });
+        let src = kernels::RowSrc::Residual {
+            s: &s[..rows * cols],
+            res: &res[..rows * cols],
+            drop,
+            first: 0,
+        };
+        self.layernorm_par(y, xhat, rstd, src, gamma, beta, beta_off, rows, cols, eps);
     }
 
     fn layernorm_bwd(
