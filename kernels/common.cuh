@@ -343,6 +343,12 @@ __device__ __forceinline__ int tid_x() {
 //                   layer and its activation, one pass (aux: c's shape)
 //   EPI_GRAD + act  c = product * act'(aux): the gradient at an activation's
 //                   input, aux holding its saved input (pre)
+//   EPI_FWD + EPI_GLU + act   a gated unit's second product: c = up =
+//                   product (+ bias), aux holding the gate (the first
+//                   product), aux2 = act(gate) * up
+//   EPI_GRAD + EPI_GLU + act  its gradients from the product dh: c = dgate
+//                   = dh * up * act'(gate), out2 = dup = dh * act(gate), aux
+//                   holding the gate, aux2 up (not with EPI_PART)
 //   | EPI_PART      also the column sums of what the epilogue stores (before
 //                   accumulate adds c's old value): the block's tile row r
 //                   writes part[r * n + j] (f64) for its columns j, in a
@@ -353,17 +359,35 @@ __device__ __forceinline__ int tid_x() {
 #define EPI_FWD 16
 #define EPI_GRAD 32
 #define EPI_PART 64
+#define EPI_GLU 128
 
 // c(gi, gj), c(gi, gj + 1) from the product pair (x, y) (bias added) through
 // the epilogue `epi` (above); nothing outside the m x n output. Returns the
 // pair it stored before any accumulation (zeros outside), for EPI_PART.
-__device__ __forceinline__ float2 epi_pair(float* c, float* aux, int epi, int ldc, int m, int n, int gi, int gj,
-                                           float x, float y, int accumulate) {
+__device__ __forceinline__ float2 epi_pair(float* c, float* aux, float* aux2, float* out2, int epi, int ldc, int m,
+                                           int n, int gi, int gj, float x, float y, int accumulate) {
     float2 v;
     v.x = v.y = 0.0f;
     if (gi >= m || gj >= n) return v;
     const int act = epi & 15;
-    if (epi & (EPI_FWD | EPI_GRAD)) {
+    if (epi & EPI_GLU) {
+        const i64 o = (i64)gi * ldc + gj;
+        const float2 g = *(const float2*)(aux + o);
+        const float ax = act_value(act, g.x), ay = act_value(act, g.y);
+        float2 w;
+        if (epi & EPI_GRAD) {
+            const float2 u = *(const float2*)(aux2 + o);
+            w.x = x * ax;
+            w.y = y * ay;
+            *(float2*)(out2 + o) = w;
+            x = x * u.x * act_grad(act, g.x);
+            y = y * u.y * act_grad(act, g.y);
+        } else {
+            w.x = ax * x;
+            w.y = ay * y;
+            *(float2*)(aux2 + o) = w;
+        }
+    } else if (epi & (EPI_FWD | EPI_GRAD)) {
         float2* q = (float2*)(aux + ((i64)gi * ldc + gj));
         if (epi & EPI_GRAD) {
             const float2 pre = *q;

@@ -15,14 +15,16 @@
 // activation, no pass of its own), EPI_GRAD + act multiplies the product by
 // act'(aux) (the gradient at the activation's input from the product that
 // gives the one at its output); aux has c's shape and stride (ldc) and is
-// not read with EPI_NONE. EPI_PART adds the column sums of the stored values
+// not read with EPI_NONE. EPI_GLU (with EPI_FWD or EPI_GRAD) is a gated
+// unit's epilogue instead, with aux2 and out2 (c's shape too; see
+// common.cuh). EPI_PART adds the column sums of the stored values
 // per 128-row tile into part (ceil(m / 128) x n doubles; not touched
 // without it): a fused bias gradient.
 //
 // Kernels (extern "C"), all with the signature
 //   (float* c, const float* a, const bf16_t* b, int m, int n, int k,
 //    int lda, int ldb, int ldc, int accumulate, const float* bias, int bias_off,
-//    int epi, float* aux, double* part):
+//    int epi, float* aux, double* part, float* aux2, float* out2):
 //   gemm_nt_f32_bf16_split, gemm_nn_f32_bf16_split: every f32 value of a is
 //       split into hi = bf16(a) and lo = bf16(a - hi) and both are multiplied
 //       by the (exact) bf16 weight, as matmul_f32_bf16: only the weight's
@@ -98,7 +100,7 @@ __device__ __forceinline__ int gemm_a_off(int row, int col) {
 template <bool NN, bool SPLIT>
 __device__ __forceinline__ void gemm_body(float* c, const float* a, const bf16_t* b, int m, int n, int k, int lda,
                                           int ldb, int ldc, int accumulate, const float* bias, int bias_off,
-                                          int epi, float* aux, double* part) {
+                                          int epi, float* aux, double* part, float* aux2, float* out2) {
     extern __shared__ __align__(16) unsigned char gemm_smem[];
     // Slots: a at [0, GSTAGES * GA_STAGE * 4) bytes ([GSTAGES][GBM][GBK] f32),
     // b after it ([GSTAGES][GB_STAGE] bf16).
@@ -276,7 +278,7 @@ __device__ __forceinline__ void gemm_body(float* c, const float* a, const bf16_t
         for (int mt = 0; mt < 2; mt++)
 #pragma unroll
             for (int h = 0; h < 2; h++) {
-                const float2 v = epi_pair(c, aux, epi, ldc, m, n, om + mt * 16 + 8 * h, on + nt * 8,
+                const float2 v = epi_pair(c, aux, aux2, out2, epi, ldc, m, n, om + mt * 16 + 8 * h, on + nt * 8,
                                           acc[mt][nt][2 * h] + bb.x, acc[mt][nt][2 * h + 1] + bb.y, accumulate);
                 sx += v.x;
                 sy += v.y;
@@ -288,24 +290,24 @@ __device__ __forceinline__ void gemm_body(float* c, const float* a, const bf16_t
 
 extern "C" __global__ void __launch_bounds__(256, 2)
     gemm_nt_f32_bf16_split(float* c, const float* a, const bf16_t* b, int m, int n, int k, int lda, int ldb, int ldc,
-                           int accumulate, const float* bias, int bias_off, int epi, float* aux, double* part) {
-    gemm_body<false, true>(c, a, b, m, n, k, lda, ldb, ldc, accumulate, bias, bias_off, epi, aux, part);
+                           int accumulate, const float* bias, int bias_off, int epi, float* aux, double* part, float* aux2, float* out2) {
+    gemm_body<false, true>(c, a, b, m, n, k, lda, ldb, ldc, accumulate, bias, bias_off, epi, aux, part, aux2, out2);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 2)
     gemm_nn_f32_bf16_split(float* c, const float* a, const bf16_t* b, int m, int n, int k, int lda, int ldb, int ldc,
-                           int accumulate, const float* bias, int bias_off, int epi, float* aux, double* part) {
-    gemm_body<true, true>(c, a, b, m, n, k, lda, ldb, ldc, accumulate, bias, bias_off, epi, aux, part);
+                           int accumulate, const float* bias, int bias_off, int epi, float* aux, double* part, float* aux2, float* out2) {
+    gemm_body<true, true>(c, a, b, m, n, k, lda, ldb, ldc, accumulate, bias, bias_off, epi, aux, part, aux2, out2);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 2)
     gemm_nt_f32_bf16(float* c, const float* a, const bf16_t* b, int m, int n, int k, int lda, int ldb, int ldc,
-                     int accumulate, const float* bias, int bias_off, int epi, float* aux, double* part) {
-    gemm_body<false, false>(c, a, b, m, n, k, lda, ldb, ldc, accumulate, bias, bias_off, epi, aux, part);
+                     int accumulate, const float* bias, int bias_off, int epi, float* aux, double* part, float* aux2, float* out2) {
+    gemm_body<false, false>(c, a, b, m, n, k, lda, ldb, ldc, accumulate, bias, bias_off, epi, aux, part, aux2, out2);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 2)
     gemm_nn_f32_bf16(float* c, const float* a, const bf16_t* b, int m, int n, int k, int lda, int ldb, int ldc,
-                     int accumulate, const float* bias, int bias_off, int epi, float* aux, double* part) {
-    gemm_body<true, false>(c, a, b, m, n, k, lda, ldb, ldc, accumulate, bias, bias_off, epi, aux, part);
+                     int accumulate, const float* bias, int bias_off, int epi, float* aux, double* part, float* aux2, float* out2) {
+    gemm_body<true, false>(c, a, b, m, n, k, lda, ldb, ldc, accumulate, bias, bias_off, epi, aux, part, aux2, out2);
 }

@@ -367,6 +367,50 @@ fn fused_activation_epilogues_match_the_unfused_ops() {
                         1e-6,
                     );
                 }
+                // SwiGLU: pre_in plays the gate. Forward: up against the f64
+                // product, h against the oracle's swiglu_fwd of the GPU's up.
+                for bias in [false, true] {
+                    let tag = format!("linear_swiglu {mode:?} {m}x{n}x{k} tb={tb} bias={bias}");
+                    let (mut up, mut h) = (nan(&g, m * n), nan(&g, m * n));
+                    let bias_ref = bias.then_some((&gslab, 3));
+                    g.linear_swiglu(&mut up, &mut h, &gpre_in, &ga, &gb, bias_ref, m, n, k, tb);
+                    let up_got = g.download(&up);
+                    let mut want = want.clone();
+                    if bias {
+                        for (i, w) in want.iter_mut().enumerate() {
+                            *w += slab[3 + i % n] as f64;
+                        }
+                    }
+                    check_product(&format!("{tag} up"), &up_got, &want, &bound, 2e-5);
+                    let mut ch = cpu.zeros(m * n);
+                    let (cgate, cup) = (cpu.upload(&pre_in), cpu.upload(&up_got));
+                    cpu.swiglu_fwd(&mut ch, &cgate, &cup, m * n);
+                    close(&format!("{tag} h"), &g.download(&h), &cv(&ch), 1e-6, 1e-5);
+                }
+                // Backward: the oracle's swiglu_bwd of this GPU's bare
+                // product (the gradient at h), pre_in the gate, a fresh up.
+                let up_in = rand_vec(&mut rng, m * n, 1.5);
+                let gup = g.upload(&up_in);
+                let (mut cdg, mut cdu) = (cpu.zeros(m * n), cpu.zeros(m * n));
+                let (cgate, cup) = (cpu.upload(&pre_in), cpu.upload(&up_in));
+                cpu.swiglu_bwd(&mut cdg, &mut cdu, &cprod, &cgate, &cup, m * n);
+                let (mut dg, mut du) = (nan(&g, m * n), nan(&g, m * n));
+                g.matmul_swiglu_grad(&mut dg, &mut du, &gpre_in, &gup, &ga, &gb, m, n, k, tb);
+                let tag = format!("matmul_swiglu_grad {mode:?} {m}x{n}x{k} tb={tb}");
+                close(
+                    &format!("{tag} dgate"),
+                    &g.download(&dg),
+                    &cv(&cdg),
+                    1e-6,
+                    1e-5,
+                );
+                close(
+                    &format!("{tag} dup"),
+                    &g.download(&du),
+                    &cv(&cdu),
+                    1e-6,
+                    1e-5,
+                );
             }
         }
     }

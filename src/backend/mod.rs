@@ -364,6 +364,54 @@ pub trait Backend {
             self.bias_grad(grads, off, dx, m, n);
         }
     }
+    /// A SwiGLU's second product and the gate: `up[m×n] = a·op(b) (+ bias)`
+    /// (what the backward keeps) and `h = silu(gate) ⊙ up` (as
+    /// [`Backend::swiglu_fwd`]), `gate` the first product's output. The
+    /// default is those ops in turn; a backend may form `h` in the product's
+    /// epilogue (CUDA does): no pass of its own over `gate` and `up`.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_swiglu(
+        &self,
+        up: &mut Self::Buf,
+        h: &mut Self::Buf,
+        gate: &Self::Buf,
+        a: &Self::Buf,
+        b: &Self::Buf,
+        bias: Option<(&Self::Buf, usize)>,
+        m: usize,
+        n: usize,
+        k: usize,
+        tb: bool,
+    ) {
+        match bias {
+            Some(bias) => self.matmul_bias(up, a, b, bias, m, n, k, false, tb),
+            None => self.matmul(up, a, b, m, n, k, false, tb, false),
+        }
+        self.swiglu_fwd(h, gate, up, m * n);
+    }
+    /// A SwiGLU's input gradients from the product that gives the gradient
+    /// at its output, `dh[m×n] = a·op(b)`: `dgate`, `dup` as
+    /// [`Backend::swiglu_bwd`] of the saved `gate` and `up`. The default is
+    /// [`Backend::matmul`] into a temporary, then `swiglu_bwd`; a backend may
+    /// do it in the product's epilogue (CUDA does): no temporary.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_swiglu_grad(
+        &self,
+        dgate: &mut Self::Buf,
+        dup: &mut Self::Buf,
+        gate: &Self::Buf,
+        up: &Self::Buf,
+        a: &Self::Buf,
+        b: &Self::Buf,
+        m: usize,
+        n: usize,
+        k: usize,
+        tb: bool,
+    ) {
+        let mut t = self.output(m * n);
+        self.matmul(&mut t, a, b, m, n, k, false, tb, false);
+        self.swiglu_bwd(dgate, dup, &t, gate, up, m * n);
+    }
     /// `y[r, c] += bias[bias_off + c]` for a `rows × cols` matrix.
     fn bias_add(
         &self,

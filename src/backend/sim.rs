@@ -292,6 +292,33 @@ impl<B: Backend> Backend for SimDevice<B> {
         self.inner.dropout(&mut y.inner, n, p, seed)
     }
 
+    fn linear_swiglu(
+        &self,
+        up: &mut Self::Buf,
+        h: &mut Self::Buf,
+        gate: &Self::Buf,
+        a: &Self::Buf,
+        b: &Self::Buf,
+        bias: Option<(&Self::Buf, usize)>,
+        m: usize,
+        n: usize,
+        k: usize,
+        tb: bool,
+    ) {
+        self.inner.linear_swiglu(
+            &mut up.inner,
+            &mut h.inner,
+            &gate.inner,
+            &a.inner,
+            &b.inner,
+            bias.map(|(buf, off)| (&buf.inner, off)),
+            m,
+            n,
+            k,
+            tb,
+        )
+    }
+
     fn dropout_add(&self, y: &mut Self::Buf, x: &Self::Buf, n: usize, p: f32, seed: u64) {
         self.inner.dropout_add(&mut y.inner, &x.inner, n, p, seed)
     }

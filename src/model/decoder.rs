@@ -1389,10 +1389,12 @@ impl<B: Backend> Decoder<B> {
         let mlp = |inp: &B::Buf| -> (B::Buf, B::Buf, Option<B::Buf>) {
             match &layer.gate {
                 Some(g) => {
+                    // The gate, then up (kept) and silu(gate)·up, one op
+                    // (CUDA: in the up product's epilogue).
                     let gt = self.lin_fwd(be, g, inp, n, params);
-                    let up = self.lin_fwd(be, &layer.up, inp, n, params);
-                    let mut hm = be.output(n * ff);
-                    be.swiglu_fwd(&mut hm, &gt, &up, n * ff);
+                    let (lin, mut up, mut hm) = (&layer.up, be.output(n * ff), be.output(n * ff));
+                    let (bias, k, tb) = (self.bref(&lin.b, params), lin.n_in, !lin.in_out);
+                    be.linear_swiglu(&mut up, &mut hm, &gt, inp, &lin.w, bias, n, ff, k, tb);
                     let m = self.lin_fwd(be, &layer.down, &hm, n, params);
                     (m, gt, Some(up))
                 }
@@ -1664,11 +1666,15 @@ impl<B: Backend> Decoder<B> {
                 let mut dn = be.output(n * d);
                 match &layer.gate {
                     Some(g) => {
-                        let mut dhm = be.output(n * ff);
-                        self.lin_bwd(be, &layer.down, &mut dhm, dm, n, false);
-                        let (mut dg, mut du) = (be.output(n * ff), be.output(n * ff));
+                        // dgate, dup from dm·W_down, one op (CUDA: in the
+                        // product's epilogue).
+                        let (down, mut dg, mut du) =
+                            (&layer.down, be.output(n * ff), be.output(n * ff));
                         let up = s.up.as_ref().expect("up");
-                        be.swiglu_bwd(&mut dg, &mut du, &dhm, &s.f, up, n * ff);
+                        let (k, tb) = (down.n_out, down.in_out);
+                        be.matmul_swiglu_grad(
+                            &mut dg, &mut du, &s.f, up, dm, &down.w, n, ff, k, tb,
+                        );
                         if let Some(off) = g.b.slab() {
                             be.bias_grad(grads, off, &dg, n, ff);
                         }

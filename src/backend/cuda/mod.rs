@@ -184,6 +184,15 @@ impl CudaBuf {
     pub fn is_bf16(&self) -> bool {
         matches!(self, CudaBuf::Bf16(..))
     }
+    /// An f32 input the caller knows is f32 (the fused epilogues' buffers,
+    /// checked by [`Epi::all_f32`]).
+    fn f32(&self) -> &CudaSlice<f32> {
+        match self {
+            CudaBuf::F32(s, _) => s,
+            CudaBuf::Bf16(..) => panic!("internal error: a bf16 buffer where f32 is needed"),
+        }
+    }
+
     fn f32_mut(&mut self) -> &mut CudaSlice<f32> {
         match self {
             CudaBuf::F32(s, _) => s,
@@ -355,6 +364,8 @@ const EPI_GRAD: i32 = 32;
 /// Also the column sums of the stored values, per 128-row tile (a fused
 /// bias gradient; `bias_grad_sum_f32` adds the tiles' sums).
 const EPI_PART: i32 = 64;
+/// A gated unit's epilogue (with EPI_FWD or EPI_GRAD; kernels/common.cuh).
+const EPI_GLU: i32 = 128;
 
 /// What the tiled GEMMs' epilogue does besides storing the product.
 #[derive(Default)]
@@ -373,6 +384,32 @@ enum EpiAct<'a> {
     Out(&'a mut CudaBuf),
     /// Multiply the product by `act'` of this (the activation's input).
     Grad(&'a CudaBuf),
+    /// A gated unit's second product (`c` = up): also write `act(gate) ⊙ c`
+    /// to `out`.
+    GluOut {
+        gate: &'a CudaBuf,
+        out: &'a mut CudaBuf,
+    },
+    /// A gated unit's gradients from the product `dh`: `c` = dgate = dh ⊙
+    /// up ⊙ act'(gate), and `dup` = dh ⊙ act(gate).
+    GluGrad {
+        gate: &'a CudaBuf,
+        up: &'a CudaBuf,
+        dup: &'a mut CudaBuf,
+    },
+}
+
+impl EpiAct<'_> {
+    /// The buffers the kernels take as aux, aux2 and out2 (see
+    /// kernels/common.cuh), with what each must hold at least.
+    fn bufs(&self) -> [Option<&CudaBuf>; 3] {
+        match self {
+            EpiAct::Out(o) => [Some(o), None, None],
+            EpiAct::Grad(p) => [Some(p), None, None],
+            EpiAct::GluOut { gate, out } => [Some(gate), Some(out), None],
+            EpiAct::GluGrad { gate, up, dup } => [Some(gate), Some(up), Some(dup)],
+        }
+    }
 }
 
 impl Epi<'_> {
@@ -381,11 +418,10 @@ impl Epi<'_> {
     fn all_f32(&self) -> bool {
         let f32 = |b: &CudaBuf| matches!(b, CudaBuf::F32(..));
         self.bias.is_none_or(|(b, _)| f32(b))
-            && match &self.act {
-                None => true,
-                Some((_, EpiAct::Out(b))) => f32(b),
-                Some((_, EpiAct::Grad(b))) => f32(b),
-            }
+            && self
+                .act
+                .as_ref()
+                .is_none_or(|(_, e)| e.bufs().into_iter().flatten().all(f32))
     }
 }
 
@@ -900,8 +936,41 @@ impl CudaBackend {
         let code = match &epi.act {
             Some((act, EpiAct::Out(_))) => EPI_FWD + act_code(*act),
             Some((act, EpiAct::Grad(_))) => EPI_GRAD + act_code(*act),
+            Some((act, EpiAct::GluOut { .. })) => EPI_FWD + EPI_GLU + act_code(*act),
+            Some((act, EpiAct::GluGrad { .. })) => EPI_GRAD + EPI_GLU + act_code(*act),
             None => 0,
         } | if epi.part.is_some() { EPI_PART } else { 0 };
+
+        // aux, part, aux2, out2: any valid pointer where the epilogue reads
+        // none (kernels/common.cuh).
+        enum Arg<'a> {
+            In(&'a CudaSlice<f32>),
+            Out(&'a mut CudaSlice<f32>),
+            Unused,
+        }
+        impl<'a> Arg<'a> {
+            fn push(self, l: &mut LaunchArgs<'a>, any: &'a CudaSlice<f32>) {
+                match self {
+                    Arg::In(s) => l.arg(s),
+                    Arg::Out(s) => l.arg(s),
+                    Arg::Unused => l.arg(any),
+                };
+            }
+        }
+        let mut act = epi.act;
+        let (aux, aux2, out2) = match &mut act {
+            Some((_, EpiAct::Out(o))) => (Arg::Out(o.f32_mut()), Arg::Unused, Arg::Unused),
+            Some((_, EpiAct::Grad(p))) => (Arg::In(p.f32()), Arg::Unused, Arg::Unused),
+            Some((_, EpiAct::GluOut { gate, out })) => {
+                (Arg::In(gate.f32()), Arg::Out(out.f32_mut()), Arg::Unused)
+            }
+            Some((_, EpiAct::GluGrad { gate, up, dup })) => (
+                Arg::In(gate.f32()),
+                Arg::In(up.f32()),
+                Arg::Out(dup.f32_mut()),
+            ),
+            None => (Arg::Unused, Arg::Unused, Arg::Unused),
+        };
         self.launch(kernel, cfg, |l| {
             l.arg(c)
                 .arg(a)
@@ -916,15 +985,13 @@ impl CudaBackend {
                 .arg(bias)
                 .arg(&bias_off)
                 .arg(&code);
-            match epi.act {
-                Some((_, EpiAct::Out(CudaBuf::F32(s, _)))) => l.arg(s),
-                Some((_, EpiAct::Grad(CudaBuf::F32(s, _)))) => l.arg(s),
-                _ => l.arg(a),
-            };
+            aux.push(l, a);
             match epi.part {
                 Some(p) => l.arg(p),
                 None => l.arg(a),
             };
+            aux2.push(l, a);
+            out2.push(l, a);
         });
     }
 
@@ -951,10 +1018,10 @@ impl CudaBackend {
         if let Some((bias, off)) = epi.bias {
             self.need("matmul bias", bias.len(), off + n);
         }
-        match &epi.act {
-            Some((_, EpiAct::Out(x))) => self.need("linear_act out", x.len(), m * n),
-            Some((_, EpiAct::Grad(x))) => self.need("matmul_act_grad pre", x.len(), m * n),
-            None => {}
+        if let Some((_, e)) = &epi.act {
+            for x in e.bufs().into_iter().flatten() {
+                self.need("fused epilogue buffer", x.len(), m * n);
+            }
         }
         if m == 0 || n == 0 {
             return false;
@@ -1511,6 +1578,71 @@ impl Backend for CudaBackend {
             }
             self.act_fwd(act, out, pre, m * n);
         }
+    }
+
+    fn linear_swiglu(
+        &self,
+        up: &mut CudaBuf,
+        h: &mut CudaBuf,
+        gate: &CudaBuf,
+        a: &CudaBuf,
+        b: &CudaBuf,
+        bias: Option<(&CudaBuf, usize)>,
+        m: usize,
+        n: usize,
+        k: usize,
+        tb: bool,
+    ) {
+        // The tiled GEMMs write up and silu(gate)·up in their epilogue; any
+        // other case is the product, then the bias and SwiGLU passes.
+        let epi = Epi {
+            bias,
+            act: Some((Act::Silu, EpiAct::GluOut { gate, out: h })),
+            part: None,
+        };
+        if !self.product(up, a, b, m, n, k, false, tb, false, epi) {
+            if let Some((bias, off)) = bias {
+                self.bias_add(up, bias, off, m, n);
+            }
+            self.swiglu_fwd(h, gate, up, m * n);
+        }
+    }
+
+    fn matmul_swiglu_grad(
+        &self,
+        dgate: &mut CudaBuf,
+        dup: &mut CudaBuf,
+        gate: &CudaBuf,
+        up: &CudaBuf,
+        a: &CudaBuf,
+        b: &CudaBuf,
+        m: usize,
+        n: usize,
+        k: usize,
+        tb: bool,
+    ) {
+        // The tiled GEMMs form both gradients in their epilogue (no
+        // temporary for the product); elsewhere the product goes to a
+        // temporary and swiglu_bwd follows.
+        let f32 = |x: &CudaBuf| matches!(x, CudaBuf::F32(..));
+        let tiled = f32(a)
+            && matches!(b, CudaBuf::Bf16(..))
+            && self.tiled_fits(m, n, k, false)
+            && [&*dgate, &*dup, gate, up].into_iter().all(f32)
+            && m > 0;
+        if !tiled {
+            let mut t = self.output(m * n);
+            self.product(&mut t, a, b, m, n, k, false, tb, false, Epi::default());
+            self.swiglu_bwd(dgate, dup, &t, gate, up, m * n);
+            return;
+        }
+        let epi = Epi {
+            bias: None,
+            act: Some((Act::Silu, EpiAct::GluGrad { gate, up, dup })),
+            part: None,
+        };
+        let fused = self.product(dgate, a, b, m, n, k, false, tb, false, epi);
+        debug_assert!(fused, "the tiled GEMM takes every f32 epilogue");
     }
 
     fn matmul_act_grad(
