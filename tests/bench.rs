@@ -89,6 +89,9 @@ fn quick_op_table_on_cpu_writes_positive_times_and_rates() {
         "matmul_bwd dy·W",
         "linear_act_fwd gelu(x·Wᵀ + b)",
         "matmul_act_grad gelu'(f)·(dy·W)",
+        "linear_swiglu silu(g)·(x·Wᵀ)",
+        "matmul_swiglu_grad swiglu'(g, u)·(dy·W)",
+        "residual_layernorm_fwd LN(s + res)",
         "bias_add",
         "bias_grad",
         "act_fwd gelu",
@@ -105,8 +108,8 @@ fn quick_op_table_on_cpu_writes_positive_times_and_rates() {
     ] {
         assert!(names.contains(&want), "op {want} missing from {names:?}");
     }
-    // fwd and bwd at 3 sizes, the fused activation gradient at ffn_down.
-    assert_eq!(names.iter().filter(|n| n.starts_with("matmul")).count(), 7);
+    // fwd and bwd at 3 sizes, the fused GELU and SwiGLU gradients at ffn_down.
+    assert_eq!(names.iter().filter(|n| n.starts_with("matmul")).count(), 8);
     assert_eq!(
         names.iter().filter(|n| n.starts_with("attention")).count(),
         4
@@ -482,9 +485,10 @@ fn wgpu_bench_counts_device_memory() {
             .contains("unavailable"));
         assert!(num(&r["ceilings"], "copy_gbs") > 0.0);
         let ops = r["ops"].as_array().unwrap();
-        // 11 product rows (3 sizes x fwd, linear, bwd; the FFN's fused
-        // activation forward and backward) + 18 others
-        assert_eq!(ops.len(), 29);
+        // 13 product rows (3 sizes x fwd, linear, bwd; the FFN's fused GELU
+        // and SwiGLU forward and backward) + 19 others (the residual
+        // LayerNorm among them)
+        assert_eq!(ops.len(), 32);
         for o in ops {
             assert!(num(o, "median_s") > 0.0, "{o}");
         }

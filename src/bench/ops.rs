@@ -334,6 +334,22 @@ impl<'a, B: Backend> Env<'a, B> {
                             None,
                             c,
                         ));
+                        // LLaMA's: the up product with silu(gate)·up.
+                        let gates: Vec<_> = (0..k).map(|_| self.rand(n * n_out)).collect();
+                        let t = self.time(k, &mut |i| {
+                            let (x, w, y) = &mut s[i % k];
+                            let (gate, h) = (&gates[i % k], &mut outs[i % k]);
+                            be.linear_swiglu(y, h, gate, x, w, None, n, n_out, n_in, true)
+                        });
+                        push(self.row(
+                            shape,
+                            "linear_swiglu silu(g)·(x·Wᵀ)",
+                            format!("{label} {n}x{n_out}x{n_in} (m x n x k)"),
+                            t,
+                            flops,
+                            None,
+                            c,
+                        ));
                     }
                 }
                 {
@@ -372,6 +388,23 @@ impl<'a, B: Backend> Env<'a, B> {
                         push(self.row(
                             shape,
                             "matmul_act_grad gelu'(f)·(dy·W)",
+                            format!("{label} {n}x{n_in}x{n_out} (m x n x k)"),
+                            t,
+                            flops,
+                            None,
+                            c,
+                        ));
+                        // LLaMA's: dgate and dup from the same product.
+                        let ups: Vec<_> = (0..k).map(|_| self.rand(n * n_in)).collect();
+                        let mut dups: Vec<_> = (0..k).map(|_| be.zeros(n * n_in)).collect();
+                        let t = self.time(k, &mut |i| {
+                            let (dy, w, dg) = &mut s[i % k];
+                            let (gate, up, du) = (&pres[i % k], &ups[i % k], &mut dups[i % k]);
+                            be.matmul_swiglu_grad(dg, du, gate, up, dy, w, n, n_in, n_out, false)
+                        });
+                        push(self.row(
+                            shape,
+                            "matmul_swiglu_grad swiglu'(g, u)·(dy·W)",
                             format!("{label} {n}x{n_in}x{n_out} (m x n x k)"),
                             t,
                             flops,
@@ -525,6 +558,26 @@ impl<'a, B: Backend> Env<'a, B> {
                         Some(norm_bytes),
                         c,
                     ));
+                    // A post-LN block's: the LayerNorm of a residual sum.
+                    if !rms {
+                        let res: Vec<_> = (0..k).map(|_| self.rand(n * d)).collect();
+                        let t = self.time(k, &mut |i| {
+                            let (y, xhat, rstd, x, g, b) = &mut s[i % k];
+                            let r = &res[i % k];
+                            be.residual_layernorm_fwd(
+                                y, xhat, rstd, x, r, None, g, b, 0, n, d, 1e-5,
+                            )
+                        });
+                        push(self.row(
+                            shape,
+                            "residual_layernorm_fwd LN(s + res)",
+                            format!("{n}x{d}"),
+                            t,
+                            None,
+                            Some(norm_bytes + (4 * n * d) as f64),
+                            c,
+                        ));
+                    }
                 }
                 {
                     let k = self.sets(n * d * 12);
