@@ -280,9 +280,15 @@ fn fused_activation_epilogues_match_the_unfused_ops() {
     let cpu = Cpu::new();
     let mut rng = Rng::new(13);
     let acts = [Act::Gelu, Act::GeluTanh, Act::Relu, Act::Tanh, Act::Silu];
-    for (case, &(m, n, k)) in [(77, 136, 200), (300, 264, 64), (130, 24, 36), (9, 30, 7)]
-        .iter()
-        .enumerate()
+    for (case, &(m, n, k)) in [
+        (77, 136, 200),
+        (300, 264, 64),
+        (130, 24, 36),
+        (9, 30, 7),
+        (20, 16, 0),
+    ]
+    .iter()
+    .enumerate()
     {
         for tb in [true, false] {
             let a = rand_vec(&mut rng, m * k, 1.0);

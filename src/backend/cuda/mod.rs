@@ -1629,7 +1629,8 @@ impl Backend for CudaBackend {
             && matches!(b, CudaBuf::Bf16(..))
             && self.tiled_fits(m, n, k, false)
             && [&*dgate, &*dup, gate, up].into_iter().all(f32)
-            && m > 0;
+            && m > 0
+            && k > 0;
         if !tiled {
             let mut t = self.output(m * n);
             self.product(&mut t, a, b, m, n, k, false, tb, false, Epi::default());
@@ -1665,7 +1666,8 @@ impl Backend for CudaBackend {
         let tiled = matches!((a, b), (CudaBuf::F32(..), CudaBuf::Bf16(..)))
             && self.tiled_fits(m, n, k, false)
             && matches!(pre, CudaBuf::F32(..))
-            && m > 0;
+            && m > 0
+            && k > 0;
         if !tiled {
             let mut t = self.output(m * n);
             self.product(&mut t, a, b, m, n, k, false, tb, false, Epi::default());
