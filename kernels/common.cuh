@@ -355,6 +355,13 @@ __device__ __forceinline__ int tid_x() {
 //                   fixed order; bias_grad_sum_f32 then adds the tile rows'
 //                   sums into a bias gradient (the pass over c it saves)
 // (accumulate then adds c's old value, as without an epilogue.)
+// The tiled GEMMs' parameter list (gemm.cu's header comment says what each
+// is) and its forwarding from a kernel to its body.
+#define GEMM_PARAMS                                                                                            \
+    float *c, const float *a, const bf16_t *b, int m, int n, int k, int lda, int ldb, int ldc, int accumulate, \
+        const float *bias, int bias_off, int epi, float *aux, double *part, float *aux2, float *out2
+#define GEMM_ARGS c, a, b, m, n, k, lda, ldb, ldc, accumulate, bias, bias_off, epi, aux, part, aux2, out2
+
 #define EPI_NONE 0
 #define EPI_FWD 16
 #define EPI_GRAD 32

@@ -98,9 +98,7 @@ __device__ __forceinline__ int gemm_a_off(int row, int col) {
 }
 
 template <bool NN, bool SPLIT>
-__device__ __forceinline__ void gemm_body(float* c, const float* a, const bf16_t* b, int m, int n, int k, int lda,
-                                          int ldb, int ldc, int accumulate, const float* bias, int bias_off,
-                                          int epi, float* aux, double* part, float* aux2, float* out2) {
+__device__ __forceinline__ void gemm_body(GEMM_PARAMS) {
     extern __shared__ __align__(16) unsigned char gemm_smem[];
     // Slots: a at [0, GSTAGES * GA_STAGE * 4) bytes ([GSTAGES][GBM][GBK] f32),
     // b after it ([GSTAGES][GB_STAGE] bf16).
@@ -289,25 +287,21 @@ __device__ __forceinline__ void gemm_body(float* c, const float* a, const bf16_t
 }
 
 extern "C" __global__ void __launch_bounds__(256, 2)
-    gemm_nt_f32_bf16_split(float* c, const float* a, const bf16_t* b, int m, int n, int k, int lda, int ldb, int ldc,
-                           int accumulate, const float* bias, int bias_off, int epi, float* aux, double* part, float* aux2, float* out2) {
-    gemm_body<false, true>(c, a, b, m, n, k, lda, ldb, ldc, accumulate, bias, bias_off, epi, aux, part, aux2, out2);
+    gemm_nt_f32_bf16_split(GEMM_PARAMS) {
+    gemm_body<false, true>(GEMM_ARGS);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 2)
-    gemm_nn_f32_bf16_split(float* c, const float* a, const bf16_t* b, int m, int n, int k, int lda, int ldb, int ldc,
-                           int accumulate, const float* bias, int bias_off, int epi, float* aux, double* part, float* aux2, float* out2) {
-    gemm_body<true, true>(c, a, b, m, n, k, lda, ldb, ldc, accumulate, bias, bias_off, epi, aux, part, aux2, out2);
+    gemm_nn_f32_bf16_split(GEMM_PARAMS) {
+    gemm_body<true, true>(GEMM_ARGS);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 2)
-    gemm_nt_f32_bf16(float* c, const float* a, const bf16_t* b, int m, int n, int k, int lda, int ldb, int ldc,
-                     int accumulate, const float* bias, int bias_off, int epi, float* aux, double* part, float* aux2, float* out2) {
-    gemm_body<false, false>(c, a, b, m, n, k, lda, ldb, ldc, accumulate, bias, bias_off, epi, aux, part, aux2, out2);
+    gemm_nt_f32_bf16(GEMM_PARAMS) {
+    gemm_body<false, false>(GEMM_ARGS);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 2)
-    gemm_nn_f32_bf16(float* c, const float* a, const bf16_t* b, int m, int n, int k, int lda, int ldb, int ldc,
-                     int accumulate, const float* bias, int bias_off, int epi, float* aux, double* part, float* aux2, float* out2) {
-    gemm_body<true, false>(c, a, b, m, n, k, lda, ldb, ldc, accumulate, bias, bias_off, epi, aux, part, aux2, out2);
+    gemm_nn_f32_bf16(GEMM_PARAMS) {
+    gemm_body<true, false>(GEMM_ARGS);
 }

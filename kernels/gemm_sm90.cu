@@ -163,10 +163,7 @@ __device__ __forceinline__ void wgmma_256(float* d, const u32* a, u64 desc) {
 }
 
 template <bool NN, bool SPLIT>
-__device__ __forceinline__ void gemm_sm90_body(float* c, const float* a, const bf16_t* b, int m, int n, int k,
-                                               int lda, int ldb, int ldc, int accumulate, const float* bias,
-                                               int bias_off, int epi, float* aux,
-                                               double* part, float* aux2, float* out2) {
+__device__ __forceinline__ void gemm_sm90_body(GEMM_PARAMS) {
     extern __shared__ __align__(16) unsigned char gemm_sm90_smem[];
     // Stages in the shared window, 1024-byte aligned: a slots first
     // ([WSTAGES][32 KB]), then b slots.
@@ -317,8 +314,8 @@ __device__ __forceinline__ void gemm_sm90_body(float* c, const float* a, const b
         double sx = 0.0, sy = 0.0;
 #pragma unroll
         for (int h = 0; h < 2; h++) {
-            const float2 v = epi_pair(c, aux, aux2, out2, epi, ldc, m, n, om + 8 * h, on + 8 * i, acc[4 * i + 2 * h] + bb.x,
-                                      acc[4 * i + 2 * h + 1] + bb.y, accumulate);
+            const float2 v = epi_pair(c, aux, aux2, out2, epi, ldc, m, n, om + 8 * h, on + 8 * i,
+                                      acc[4 * i + 2 * h] + bb.x, acc[4 * i + 2 * h + 1] + bb.y, accumulate);
             sx += v.x;
             sy += v.y;
         }
@@ -328,27 +325,21 @@ __device__ __forceinline__ void gemm_sm90_body(float* c, const float* a, const b
 }
 
 extern "C" __global__ void __launch_bounds__(256, 1)
-    gemm_sm90_nt_f32_bf16_split(float* c, const float* a, const bf16_t* b, int m, int n, int k, int lda, int ldb,
-                                int ldc, int accumulate, const float* bias, int bias_off, int epi, float* aux,
-                                double* part, float* aux2, float* out2) {
-    gemm_sm90_body<false, true>(c, a, b, m, n, k, lda, ldb, ldc, accumulate, bias, bias_off, epi, aux, part, aux2, out2);
+    gemm_sm90_nt_f32_bf16_split(GEMM_PARAMS) {
+    gemm_sm90_body<false, true>(GEMM_ARGS);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 1)
-    gemm_sm90_nn_f32_bf16_split(float* c, const float* a, const bf16_t* b, int m, int n, int k, int lda, int ldb,
-                                int ldc, int accumulate, const float* bias, int bias_off, int epi, float* aux,
-                                double* part, float* aux2, float* out2) {
-    gemm_sm90_body<true, true>(c, a, b, m, n, k, lda, ldb, ldc, accumulate, bias, bias_off, epi, aux, part, aux2, out2);
+    gemm_sm90_nn_f32_bf16_split(GEMM_PARAMS) {
+    gemm_sm90_body<true, true>(GEMM_ARGS);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 1)
-    gemm_sm90_nt_f32_bf16(float* c, const float* a, const bf16_t* b, int m, int n, int k, int lda, int ldb, int ldc,
-                          int accumulate, const float* bias, int bias_off, int epi, float* aux, double* part, float* aux2, float* out2) {
-    gemm_sm90_body<false, false>(c, a, b, m, n, k, lda, ldb, ldc, accumulate, bias, bias_off, epi, aux, part, aux2, out2);
+    gemm_sm90_nt_f32_bf16(GEMM_PARAMS) {
+    gemm_sm90_body<false, false>(GEMM_ARGS);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 1)
-    gemm_sm90_nn_f32_bf16(float* c, const float* a, const bf16_t* b, int m, int n, int k, int lda, int ldb, int ldc,
-                          int accumulate, const float* bias, int bias_off, int epi, float* aux, double* part, float* aux2, float* out2) {
-    gemm_sm90_body<true, false>(c, a, b, m, n, k, lda, ldb, ldc, accumulate, bias, bias_off, epi, aux, part, aux2, out2);
+    gemm_sm90_nn_f32_bf16(GEMM_PARAMS) {
+    gemm_sm90_body<true, false>(GEMM_ARGS);
 }

@@ -311,6 +311,25 @@ pub trait Backend {
         self.matmul(c, a, b, m, n, k, ta, tb, false);
         self.bias_add(c, bias.0, bias.1, m, n);
     }
+    /// A linear layer, `c[m×n] = a·op(b) (+ bias)`: [`Backend::matmul_bias`]
+    /// with a bias, else [`Backend::matmul`].
+    #[allow(clippy::too_many_arguments)]
+    fn linear(
+        &self,
+        c: &mut Self::Buf,
+        a: &Self::Buf,
+        b: &Self::Buf,
+        bias: Option<(&Self::Buf, usize)>,
+        m: usize,
+        n: usize,
+        k: usize,
+        tb: bool,
+    ) {
+        match bias {
+            Some(bias) => self.matmul_bias(c, a, b, bias, m, n, k, false, tb),
+            None => self.matmul(c, a, b, m, n, k, false, tb, false),
+        }
+    }
     /// A linear layer and its activation: `pre[m×n] = a·op(b) (+ bias)` (as
     /// [`Backend::matmul`] and [`Backend::bias_add`]) and `out = act(pre)`
     /// (as [`Backend::act_fwd`]); `pre` is what the backward pass keeps.
@@ -330,10 +349,7 @@ pub trait Backend {
         k: usize,
         tb: bool,
     ) {
-        match bias {
-            Some(bias) => self.matmul_bias(pre, a, b, bias, m, n, k, false, tb),
-            None => self.matmul(pre, a, b, m, n, k, false, tb, false),
-        }
+        self.linear(pre, a, b, bias, m, n, k, tb);
         self.act_fwd(act, out, pre, m * n);
     }
     /// The gradient at an activation's input from the product that gives
@@ -383,10 +399,7 @@ pub trait Backend {
         k: usize,
         tb: bool,
     ) {
-        match bias {
-            Some(bias) => self.matmul_bias(up, a, b, bias, m, n, k, false, tb),
-            None => self.matmul(up, a, b, m, n, k, false, tb, false),
-        }
+        self.linear(up, a, b, bias, m, n, k, tb);
         self.swiglu_fwd(h, gate, up, m * n);
     }
     /// A SwiGLU's input gradients from the product that gives the gradient

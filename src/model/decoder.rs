@@ -1082,10 +1082,7 @@ impl<B: Backend> Decoder<B> {
     ) -> B::Buf {
         let mut y = be.output(rows * lin.n_out);
         let (m, n, k, tb) = (rows, lin.n_out, lin.n_in, !lin.in_out);
-        match self.bref(&lin.b, params) {
-            Some(b) => be.matmul_bias(&mut y, x, &lin.w, b, m, n, k, false, tb),
-            None => be.matmul(&mut y, x, &lin.w, m, n, k, false, tb, false),
-        }
+        be.linear(&mut y, x, &lin.w, self.bref(&lin.b, params), m, n, k, tb);
         y
     }
 

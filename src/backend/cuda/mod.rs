@@ -355,7 +355,6 @@ const GEMM_SMEM: usize = 3 * (128 * 32 * 4 + 128 * 32 * 2);
 /// 256×64 bf16), plus 1 KiB to align the stages to 1024 bytes.
 const W_SMEM: usize = 3 * (128 * 64 * 4 + 256 * 64 * 2) + 1024;
 
-/// Largest head dimension the attention kernels take (8 registers per lane).
 /// The tiled GEMMs' fused epilogue codes (`epi` in kernels/common.cuh):
 /// plus the activation's code, `EPI_FWD` also writes `act(c)`, `EPI_GRAD`
 /// multiplies the product by `act'` of a saved input.
@@ -425,6 +424,7 @@ impl Epi<'_> {
     }
 }
 
+/// Largest head dimension the attention kernels take (8 registers per lane).
 pub const MAX_HEAD_DIM: usize = 256;
 const ATTN_QPB: usize = 16; // queries per block (forward, dq)
 const ATTN_KPB: usize = 8; // keys per block (dk/dv)
@@ -890,6 +890,28 @@ impl CudaBackend {
             && k.is_multiple_of(8)
             && n.is_multiple_of(8)
             && m.div_ceil(128) <= 65_535
+    }
+
+    /// Whether [`Self::product`] of `a` (m × k) and `b` (k × n, `op(b)`
+    /// not transposed in `a`) runs the tiled GEMMs with a fused epilogue
+    /// whose buffers are `bufs`: f32 activations times bf16 weights at
+    /// shapes the tiled kernels take, nothing empty, every buffer f32 (when
+    /// so, `product` returns true and the epilogue has done its work).
+    fn fuses(
+        &self,
+        a: &CudaBuf,
+        b: &CudaBuf,
+        (m, n, k): (usize, usize, usize),
+        bufs: &[&CudaBuf],
+    ) -> bool {
+        let f32 = |x: &CudaBuf| matches!(x, CudaBuf::F32(..));
+        f32(a)
+            && matches!(b, CudaBuf::Bf16(..))
+            && self.tiled_fits(m, n, k, false)
+            && m > 0
+            && n > 0
+            && k > 0
+            && bufs.iter().all(|x| f32(x))
     }
 
     /// `c (+)= a·op(b)` on the tiled GEMMs (the caller checked
@@ -1624,14 +1646,7 @@ impl Backend for CudaBackend {
         // The tiled GEMMs form both gradients in their epilogue (no
         // temporary for the product); elsewhere the product goes to a
         // temporary and swiglu_bwd follows.
-        let f32 = |x: &CudaBuf| matches!(x, CudaBuf::F32(..));
-        let tiled = f32(a)
-            && matches!(b, CudaBuf::Bf16(..))
-            && self.tiled_fits(m, n, k, false)
-            && [&*dgate, &*dup, gate, up].into_iter().all(f32)
-            && m > 0
-            && k > 0;
-        if !tiled {
+        if !self.fuses(a, b, (m, n, k), &[&*dgate, &*dup, gate, up]) {
             let mut t = self.output(m * n);
             self.product(&mut t, a, b, m, n, k, false, tb, false, Epi::default());
             self.swiglu_bwd(dgate, dup, &t, gate, up, m * n);
@@ -1663,12 +1678,7 @@ impl Backend for CudaBackend {
         // sum the columns of each 128-row tile (bias_grad_sum_f32 adds the
         // tiles' sums); elsewhere the product goes to a temporary and
         // act_bwd and bias_grad follow.
-        let tiled = matches!((a, b), (CudaBuf::F32(..), CudaBuf::Bf16(..)))
-            && self.tiled_fits(m, n, k, false)
-            && matches!(pre, CudaBuf::F32(..))
-            && m > 0
-            && k > 0;
-        if !tiled {
+        if !self.fuses(a, b, (m, n, k), &[&*dx, pre]) {
             let mut t = self.output(m * n);
             self.product(&mut t, a, b, m, n, k, false, tb, false, Epi::default());
             self.act_bwd(act, dx, pre, &t, m * n);
