@@ -1,12 +1,13 @@
 //! The matrix products of a training step at batch 16 × 128 tokens, for
 //! all-MiniLM-L6-v2 (d = 384, ff = 1536) and BERT-base (d = 768, ff = 3072):
 //! forward `x·Wᵀ` (tb) and backward `dy·W`, on the fast backend and the
-//! reference, and the fast backend's bf16 product (`BEFT_CPU_GEMM=bf16`,
-//! `_fast_bf16`, where the CPU has AVX-512 BF16). Criterion reports FLOP/s
-//! (2·m·n·k per product).
+//! reference, and the fast backend's bf16 product (`BEFT_CPU_GEMM=bf16`):
+//! `_fast_bf16_dot` where the CPU has AVX-512 BF16, `_fast_bf16_amx` where
+//! it has AMX-BF16 too. Criterion reports FLOP/s (2·m·n·k per product).
 
 use beft::backend::cpu::CpuBackend;
-use beft::backend::fast::gemm16::{self, BSrc};
+use beft::backend::fast::amx;
+use beft::backend::fast::gemm16::{self, BSrc, Kernel};
 use beft::backend::fast::FastCpu;
 use beft::backend::Backend;
 use beft::rng::Rng;
@@ -45,11 +46,19 @@ fn bench_matmul(c: &mut Criterion) {
                     bch.iter(|| fast.matmul(&mut out, &a, &b, m, n, k, false, tb, false))
                 });
             }
-            if gemm16::available() {
+            for (kernel, on) in [
+                (Kernel::Dot, gemm16::available()),
+                (Kernel::Amx, amx::available()),
+            ] {
+                if !on {
+                    continue;
+                }
                 let mut out = vec![0f32; m * n];
-                g.bench_function(format!("{name}_{m}x{n}x{k}_fast_bf16"), |bch| {
+                let tag = format!("{kernel:?}").to_lowercase();
+                g.bench_function(format!("{name}_{m}x{n}x{k}_fast_bf16_{tag}"), |bch| {
                     bch.iter(|| {
-                        gemm16::gemm(m, n, k, &mut out, false, &a, false, BSrc::F32(&w), tb)
+                        let w = BSrc::F32(&w);
+                        gemm16::gemm_on(kernel, m, n, k, &mut out, false, &a, false, w, tb)
                     })
                 });
             }

@@ -2,7 +2,7 @@
 //! device, against ceilings the command measures itself, and how fast a
 //! whole bias-only training step runs.
 //!
-//! - **Ops** ([`ops`]): every op of the [`Backend`](crate::backend::Backend)
+//! - **Ops** ([`ops`]): every op of the [`crate::backend::Backend`]
 //!   vocabulary that a training step spends its time in, at the sizes of
 //!   real model shapes ([`Shape`]): matmul forward (x·Wᵀ, and with the bias
 //!   as a linear layer runs it) and input gradient (dy·W) at the q/k/v/o,
@@ -12,7 +12,7 @@
 //!   padded encoder batch); embedding gather; cross-entropy over a 50,272-word
 //!   vocabulary; AdamW over a slab. Each is timed as the median of `reps`
 //!   timed repetitions after `warmup` launches, waiting for the device
-//!   ([`Backend::sync`](crate::backend::Backend::sync)) before the clock is
+//!   ([`crate::backend::Backend::sync`]) before the clock is
 //!   read, rotating among several input sets so that caches do not flatter
 //!   memory-bound ops.
 //! - **Ceilings**: copy bandwidth (a large device-to-device `copy`: bytes
@@ -339,11 +339,21 @@ fn cpu_gemm(quick: bool, bf16: bool) -> (Option<GemmCeiling>, Vec<GemmCeiling>, 
         ),
     };
     let f32_peak = peak::measure(iters, tries).map(|p| ceiling("cpu_fma_f32", p));
-    let bf16_peak = peak::measure_bf16(iters, tries).map(|p| ceiling("cpu_dot_bf16", p));
-    let all: Vec<GemmCeiling> = f32_peak.iter().chain(bf16_peak.iter()).cloned().collect();
-    let (main, note) = if bf16 {
+    let dot_peak = peak::measure_bf16(iters, tries).map(|p| ceiling("cpu_dot_bf16", p));
+    let amx_peak = peak::measure_amx(iters, tries).map(|p| ceiling("cpu_amx_bf16", p));
+    let all: Vec<GemmCeiling> = [&f32_peak, &dot_peak, &amx_peak]
+        .into_iter()
+        .flatten()
+        .cloned()
+        .collect();
+    let (main, note) = if bf16 && amx_peak.is_some() {
         (
-            bf16_peak,
+            amx_peak,
+            "the CPU's measured AMX tile peak (tdpbf16ps) on all threads: BEFT_CPU_GEMM=bf16 on AMX",
+        )
+    } else if bf16 {
+        (
+            dot_peak,
             "the CPU's measured bf16 dot-product peak (vdpbf16ps) on all threads: BEFT_CPU_GEMM=bf16",
         )
     } else {

@@ -4,14 +4,15 @@
 //! every thread of the pool at once. This is the CPU's GEMM ceiling in
 //! `beft bench` (and `examples/fma_peak.rs`); with `BEFT_CPU_GEMM=bf16` the
 //! ceiling is the same loop of AVX-512 BF16 dot products (`vdpbf16ps`: two
-//! multiply-adds per lane), [`measure_bf16`].
+//! multiply-adds per lane), [`measure_bf16`], or where the CPU has AMX a
+//! loop of tile products (`tdpbf16ps`), [`measure_amx`].
 
 use std::time::Instant;
 
 /// A measured FMA peak.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct FmaPeak {
-    /// `avx512`, `avx2+fma` or `avx512_bf16`.
+    /// `avx512`, `avx2+fma`, `avx512_bf16` or `amx_bf16`.
     pub isa: String,
     /// Best single-thread rate, GFLOP/s (2 FLOPs per FMA lane).
     pub gflops_per_core: f64,
@@ -92,6 +93,80 @@ pub fn measure_bf16(iters: u64, tries: usize) -> Option<FmaPeak> {
         }
         // 16 lanes × 2 products × 2 FLOPs per instruction.
         Some(time_peak("avx512_bf16", iters, tries, 64, dot_bf16))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (iters, tries);
+        None
+    }
+}
+
+/// Twelve AMX `tdpbf16ps` per iteration into four C tiles from fixed A
+/// and B tiles (each instruction 16 × 16 × 32 multiply-adds).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn dot_amx(iters: u64) -> f32 {
+    use crate::backend::fast::amx;
+    use std::arch::asm;
+    // Pairs of bf16 (1.0, 2^-10): the sums stay finite.
+    let a = [0x3a80_3f80u32; 256];
+    let mut c = [0f32; 256];
+    amx::configure();
+    asm!(
+        "tileloadd tmm4, [{a} + {s}*1]",
+        "tileloadd tmm6, [{a} + {s}*1]",
+        "tilezero tmm0",
+        "tilezero tmm1",
+        "tilezero tmm2",
+        "tilezero tmm3",
+        a = in(reg) a.as_ptr(),
+        s = in(reg) 64usize,
+        options(nostack, readonly),
+    );
+    for _ in 0..iters {
+        asm!(
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tdpbf16ps tmm1, tmm4, tmm6",
+            "tdpbf16ps tmm2, tmm4, tmm6",
+            "tdpbf16ps tmm3, tmm4, tmm6",
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tdpbf16ps tmm1, tmm4, tmm6",
+            "tdpbf16ps tmm2, tmm4, tmm6",
+            "tdpbf16ps tmm3, tmm4, tmm6",
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tdpbf16ps tmm1, tmm4, tmm6",
+            "tdpbf16ps tmm2, tmm4, tmm6",
+            "tdpbf16ps tmm3, tmm4, tmm6",
+            options(nostack, nomem),
+        );
+    }
+    asm!(
+        "tilestored [{c} + {s}*1], tmm0",
+        c = in(reg) c.as_mut_ptr(),
+        s = in(reg) 64usize,
+        options(nostack),
+    );
+    amx::release();
+    c.iter().sum()
+}
+
+/// Measure the AMX bf16 tile peak (the ceiling of the bf16 GEMM where it
+/// runs on AMX) like [`measure`], with `iters / 16` iterations (one tile
+/// product is 16 cycles or more): `None` without AMX-BF16.
+pub fn measure_amx(iters: u64, tries: usize) -> Option<FmaPeak> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if !crate::backend::fast::amx::available() {
+            return None;
+        }
+        // 16 × 16 outputs × 32 products × 2 FLOPs per instruction.
+        Some(time_peak(
+            "amx_bf16",
+            iters / 16 + 1,
+            tries,
+            16 * 16 * 32 * 2,
+            dot_amx,
+        ))
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

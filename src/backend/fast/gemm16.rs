@@ -24,6 +24,8 @@ use std::arch::x86_64::*;
 
 use rayon::prelude::*;
 
+use super::amx;
+
 /// Rows per micro-tile (24 accumulators of 16 lanes + 2 B vectors + 1 broadcast).
 pub const MR: usize = 12;
 /// Columns per micro-tile (two 16-lane vectors).
@@ -127,6 +129,9 @@ thread_local! {
 /// f32 (`ta`: stored `[k, m]`, else `[m, k]`) and B is `k×n` (`tb`: stored
 /// `[n, k]`, else `[k, n]`), both rounded to bf16.
 ///
+/// Runs on AMX tiles where the CPU and OS allow ([`super::amx`]), else on
+/// AVX-512 BF16 dot products.
+///
 /// # Panics
 /// When the CPU lacks AVX-512 BF16 ([`available`]) or a slice is too short.
 #[allow(clippy::too_many_arguments)]
@@ -141,7 +146,46 @@ pub fn gemm(
     b: BSrc<'_>,
     tb: bool,
 ) {
+    let kernel = if amx::available() {
+        Kernel::Amx
+    } else {
+        Kernel::Dot
+    };
+    gemm_on(kernel, m, n, k, c, accumulate, a, ta, b, tb)
+}
+
+/// Which instructions multiply.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    /// AVX-512 BF16 `vdpbf16ps` (MR × NR register tiles).
+    Dot,
+    /// AMX `tdpbf16ps` (32 × 32 blocks of four tiles).
+    Amx,
+}
+
+/// [`gemm()`] on the given kernel.
+///
+/// # Panics
+/// When the CPU lacks the kernel's instructions or a slice is too short.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_on(
+    kernel: Kernel,
+    m: usize,
+    n: usize,
+    k: usize,
+    c: &mut [f32],
+    accumulate: bool,
+    a: &[f32],
+    ta: bool,
+    b: BSrc<'_>,
+    tb: bool,
+) {
     assert!(available(), "bf16 GEMM needs AVX-512 BF16");
+    let amx = kernel == Kernel::Amx;
+    assert!(
+        !amx || amx::available(),
+        "this CPU or OS offers no AMX-BF16"
+    );
     assert!(
         a.len() >= m * k && b.len() >= k * n && c.len() >= m * n,
         "bf16 gemm shapes"
@@ -155,30 +199,33 @@ pub fn gemm(
         }
         return;
     }
-    let kp = k.div_ceil(2);
-    let strips = m.div_ceil(MR);
+    // Rows per strip and pairs per packed row (AMX: whole tiles of k).
+    let (mr, ld) = if amx {
+        (amx::MR, k.div_ceil(2).next_multiple_of(amx::KT))
+    } else {
+        (MR, k.div_ceil(2))
+    };
+    let strips = m.div_ceil(mr);
     let panels = n.div_ceil(NR);
     let (mut ap, mut bp) = SCRATCH.with(|s| s.take());
-    // Every element is written by the packing (padding included): grow
-    // only, no clearing.
-    for (v, len) in [(&mut ap, strips * MR * kp), (&mut bp, panels * kp * NR)] {
-        if v.len() < len {
-            v.resize(len, 0);
-        }
-    }
-    let (ap16, bp16) = (&mut ap[..strips * MR * kp], &mut bp[..panels * kp * NR]);
+    let ap16 = aligned(&mut ap, strips * mr * ld);
+    let bp16 = aligned(&mut bp, panels * ld * NR);
     // Products under ~4M multiply-adds (tens of microseconds on one core,
     // about what waking the pool costs) stay on the calling thread.
     let par = m * n * k >= 1 << 22;
-    each_chunk(par, ap16, MR * kp, |s, dst| {
-        pack_a(dst, a, m, k, ta, s * MR)
+    each_chunk(par, ap16, mr * ld, |s, dst| {
+        if amx {
+            pack_a_tiles(dst, a, m, k, ta, s * mr)
+        } else {
+            pack_a(dst, a, m, k, ta, s * mr)
+        }
     });
-    each_chunk(par, bp16, kp * NR, |t, dst| {
-        pack_b(dst, b, n, k, tb, t * NR)
+    each_chunk(par, bp16, ld * NR, |t, dst| {
+        pack_b(dst, b, n, k, tb, t * NR, ld)
     });
     // Blocks of up to MC rows × NC columns, halved until every thread has
     // about four to take (work stealing evens out the rest).
-    let (mut ms, mut ns) = (MC / MR, NC / NR);
+    let (mut ms, mut ns) = (MC / mr, NC / NR);
     let want = if par {
         4 * rayon::current_num_threads()
     } else {
@@ -198,6 +245,32 @@ pub fn gemm(
         let (ib, jb) = (task / nb, task % nb);
         let (s0, s1) = (ib * ms, ((ib + 1) * ms).min(strips));
         let (t0, t1) = (jb * ns, ((jb + 1) * ns).min(panels));
+        if amx {
+            // SAFETY: AMX checked above and configured on this thread
+            // before the tiles run; each strip holds mr·ld pairs, each
+            // panel ld·NR; the block [s·mr.., t·NR..] (rows × cols) lies
+            // inside c (m × n) and belongs to this task alone.
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                // All of k per block of C: blocking k (to keep the panels
+                // in L1) made it slower, as C then goes to memory and back
+                // once per k block.
+                amx::configure();
+                for t in t0..t1 {
+                    let cols = NR.min(n - t * NR);
+                    let bpan = bp_ref[t * ld * NR..].as_ptr();
+                    for s in s0..s1 {
+                        let rows = mr.min(m - s * mr);
+                        let astr = ap_ref[s * mr * ld..].as_ptr();
+                        let cp = cp.at(s * mr * n + t * NR);
+                        amx::tile(ld, astr, bpan, cp, n, rows, cols, accumulate);
+                    }
+                }
+                amx::release();
+            }
+            return;
+        }
+        let kp = ld;
         for pc in (0..kp).step_by(KCP) {
             let kc = KCP.min(kp - pc);
             let load = accumulate || pc > 0;
@@ -236,6 +309,19 @@ pub fn gemm(
     SCRATCH.with(|s| s.set((ap, bp)));
 }
 
+/// `len` elements of `v` from a 64-byte boundary, so that every packed row
+/// of 16 pairs is one cache line (an AMX tile row split over two lines
+/// loads at half speed). Every element is written by the packing (padding
+/// included): grow only, no clearing.
+fn aligned(v: &mut Vec<u32>, len: usize) -> &mut [u32] {
+    const LINE: usize = 64 / std::mem::size_of::<u32>();
+    if v.len() < len + LINE {
+        v.resize(len + LINE, 0);
+    }
+    let off = v.as_ptr().align_offset(64).min(LINE);
+    &mut v[off..off + len]
+}
+
 /// `f(i, chunk i of v)` for chunks of `len`, over the pool when `par`.
 fn each_chunk(par: bool, v: &mut [u32], len: usize, f: impl Fn(usize, &mut [u32]) + Sync) {
     if par {
@@ -266,9 +352,46 @@ fn pack_a(dst: &mut [u32], a: &[f32], m: usize, k: usize, ta: bool, r0: usize) {
     }
 }
 
-/// Pack columns `c0..c0+NR` of B (zero beyond `n`) as `[pair][NR]`.
-fn pack_b(dst: &mut [u32], b: BSrc<'_>, n: usize, k: usize, tb: bool, c0: usize) {
+/// Rows `r0..r0+amx::MR` of A as bf16 pairs in AMX tile order
+/// ([`amx::tile_index`]; `dst` holds whole tiles of k), zero beyond `m`
+/// and past `k`.
+fn pack_a_tiles(dst: &mut [u32], a: &[f32], m: usize, k: usize, ta: bool, r0: usize) {
     let kp = k.div_ceil(2);
+    let ld = dst.len() / amx::MR;
+    for r in 0..amx::MR {
+        let i = r0 + r;
+        let mut done = 0;
+        if i < m && !ta {
+            let row = &a[i * k..(i + 1) * k];
+            // Whole tiles of 16 pairs (32 values) convert as one vector.
+            #[cfg(target_arch = "x86_64")]
+            for blk in 0..k / 32 {
+                let o = amx::tile_index(r, blk * amx::KT);
+                // SAFETY: gemm asserts available() before packing.
+                unsafe { convert_row_avx512(&mut dst[o..o + amx::KT], &row[blk * 32..][..32]) };
+                done = (blk + 1) * amx::KT;
+            }
+            for q in done..kp {
+                dst[amx::tile_index(r, q)] = pair(k, q, |p| bf16_bits(row[p]));
+            }
+            done = kp;
+        } else if i < m {
+            for q in 0..kp {
+                dst[amx::tile_index(r, q)] = pair(k, q, |p| bf16_bits(a[p * m + i]));
+            }
+            done = kp;
+        }
+        for q in done..ld {
+            dst[amx::tile_index(r, q)] = 0;
+        }
+    }
+}
+
+/// Pack columns `c0..c0+NR` of B as `[pair][NR]` (`ld` ≥ ⌈k/2⌉ pairs),
+/// zero beyond `n` and past `k`.
+fn pack_b(dst: &mut [u32], b: BSrc<'_>, n: usize, k: usize, tb: bool, c0: usize, ld: usize) {
+    let kp = k.div_ceil(2);
+    dst[kp * NR..ld * NR].fill(0);
     let cols = NR.min(n - c0);
     if tb {
         // B(p, j) = W[j·k + p]: each column is contiguous along k, so
@@ -616,8 +739,14 @@ mod tests {
             println!("skipped: this CPU has no AVX-512 BF16");
             return;
         }
+        let mut kernels = vec![Kernel::Dot];
+        if amx::available() {
+            kernels.push(Kernel::Amx);
+        } else {
+            println!("AMX kernel skipped: this CPU or OS offers no AMX-BF16");
+        }
         let mut rng = crate::rng::Rng::new(7);
-        for &(m, n, k) in &[
+        for &(m, n, k, kernel) in [
             (1, 1, 1),
             (13, 33, 3),
             (12, 32, 64),
@@ -626,7 +755,16 @@ mod tests {
             (3, 17, 31),
             (40, 64, 97),
             (33, 48, 96),
-        ] {
+            // Whole 32 × 32 AMX blocks (C read and written in place), more
+            // than one k tile, and a ragged last tile.
+            (64, 96, 200),
+            (96, 64, 33),
+        ]
+        .iter()
+        .flat_map(|&(m, n, k)| kernels.iter().map(move |&kr| (m, n, k, kr)))
+        .collect::<Vec<_>>()
+        .iter()
+        {
             for &(ta, tb, acc, b16) in &[
                 (false, true, false, false),
                 (false, false, true, false),
@@ -648,7 +786,7 @@ mod tests {
                 } else {
                     BSrc::F32(&w)
                 };
-                gemm(m, n, k, &mut c, acc, &a, ta, src, tb);
+                gemm_on(kernel, m, n, k, &mut c, acc, &a, ta, src, tb);
                 for i in 0..m {
                     for j in 0..n {
                         let (mut want, mut mag) = (0f64, 0f64);
@@ -665,7 +803,7 @@ mod tests {
                         let got = c[i * n + j] as f64;
                         assert!(
                             (got - want).abs() <= 1e-5 * mag + 1e-6,
-                            "{m}x{n}x{k} ta={ta} tb={tb} acc={acc} bf16={b16} [{i},{j}]: {got} vs {want}"
+                            "{kernel:?} {m}x{n}x{k} ta={ta} tb={tb} acc={acc} bf16={b16} [{i},{j}]: {got} vs {want}"
                         );
                     }
                 }

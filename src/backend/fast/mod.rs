@@ -24,6 +24,7 @@
 //! the optimiser, candidate scoring, RoPE, row gathers/scatters) are the
 //! reference backend's own code, called on the same buffers.
 
+pub mod amx;
 pub mod attn;
 pub mod gemm16;
 pub mod kernels;
@@ -226,7 +227,8 @@ pub enum CpuGemm {
     #[default]
     F32,
     /// Products of [`BF16_MIN_ROWS`] rows or more with both operands rounded
-    /// to bf16 and f32 sums ([`gemm16`], AVX-512 BF16): about 3 significant
+    /// to bf16 and f32 sums ([`gemm16`]: AMX tiles where the CPU has them,
+    /// else AVX-512 BF16 dot products): about 3 significant
     /// digits per input, as PyTorch's bf16 autocast; smaller ones (a single
     /// sequence's generation steps, bound by reading the weights) stay f32.
     Bf16,
@@ -351,6 +353,7 @@ impl Backend for FastCpu {
             "cpu (fast, f32{}, {}, {} threads)",
             match self.gemm {
                 CpuGemm::F32 => "",
+                CpuGemm::Bf16 if amx::available() => ", bf16 matmul on AMX",
                 CpuGemm::Bf16 => ", bf16 matmul",
             },
             kernels::simd_name(),
