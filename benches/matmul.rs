@@ -58,7 +58,8 @@ fn bench_matmul(c: &mut Criterion) {
                 g.bench_function(format!("{name}_{m}x{n}x{k}_fast_bf16_{tag}"), |bch| {
                     bch.iter(|| {
                         let w = BSrc::F32(&w);
-                        gemm16::gemm_on(kernel, m, n, k, &mut out, false, &a, false, w, tb)
+                        let epi = gemm16::Epilogue::default();
+                        gemm16::gemm_on(kernel, m, n, k, &mut out, false, &a, false, w, tb, epi)
                     })
                 });
             }

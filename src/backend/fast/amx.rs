@@ -115,12 +115,12 @@ pub unsafe fn release() {
 /// One `rows × cols` (≤ 32 × 32) block of C from `kc` pairs (a multiple
 /// of [`KT`]) of a strip of A packed in tile order ([`tile_index`]) and of
 /// a packed B panel (`kc` pairs of [`super::gemm16::NR`] = 32 columns):
-/// `C = (load ? C : 0) + A·B`.
+/// `C = (load ? C : 0) + A·B`, then `epi`.
 ///
 /// # Safety
 /// [`configure`] ran on this thread; `a` holds 32·`kc` pairs, `b`
-/// `kc`·32; `c` is valid for `rows` rows of `cols` values at row stride
-/// `ldc`.
+/// `kc`·32; `c` (and `epi`'s `out`) are valid for `rows` rows of `cols`
+/// values at row stride `ldc`, `epi.bias` (when not null) for `cols`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
@@ -133,6 +133,7 @@ pub unsafe fn tile(
     rows: usize,
     cols: usize,
     load: bool,
+    epi: TileEpilogue,
 ) {
     use std::arch::asm;
     use std::arch::x86_64::*;
@@ -193,6 +194,9 @@ pub unsafe fn tile(
         }
     };
     let (m0, m1) = (mask(cols), mask(cols.saturating_sub(16)));
+    // C (+ C) (+ bias) from the buffer, kept there (full-width stores, so
+    // that the activation reads it back from L1; reading C back instead
+    // waits for its stores to reach memory).
     for r in 0..rows {
         let p = c.add(r * ldc);
         let src = bp.add(r * NR);
@@ -201,7 +205,47 @@ pub unsafe fn tile(
             x0 = _mm512_add_ps(x0, _mm512_maskz_loadu_ps(m0, p));
             x1 = _mm512_add_ps(x1, _mm512_maskz_loadu_ps(m1, p.add(16)));
         }
+        if !epi.bias.is_null() {
+            x0 = _mm512_add_ps(x0, _mm512_maskz_loadu_ps(m0, epi.bias));
+            x1 = _mm512_add_ps(x1, _mm512_maskz_loadu_ps(m1, epi.bias.add(16)));
+        }
         _mm512_mask_storeu_ps(p, m0, x0);
         _mm512_mask_storeu_ps(p.add(16), m1, x1);
+        if epi.act.is_some() {
+            _mm512_storeu_ps(src, x0);
+            _mm512_storeu_ps(src.add(16), x1);
+        }
     }
+    if let Some((act, out)) = epi.act {
+        let mut abuf = std::mem::MaybeUninit::<Buf>::uninit();
+        let ap = abuf.as_mut_ptr() as *mut f32;
+        let len = rows * NR;
+        super::kernels::act_fwd(
+            act,
+            std::slice::from_raw_parts_mut(ap, len),
+            std::slice::from_raw_parts(bp, len),
+        );
+        for r in 0..rows {
+            let (o, src) = (out.add(r * ldc), ap.add(r * NR));
+            _mm512_mask_storeu_ps(o, m0, _mm512_loadu_ps(src));
+            _mm512_mask_storeu_ps(o.add(16), m1, _mm512_loadu_ps(src.add(16)));
+        }
+    }
+}
+
+/// What [`tile`] does to its block of C besides storing it: add a bias
+/// (`bias`: the block's first column of it, null for none), then write
+/// `act(C)` to `out` (the block's first element there, row stride `ldc`).
+#[derive(Clone, Copy)]
+pub struct TileEpilogue {
+    pub bias: *const f32,
+    pub act: Option<(crate::backend::Act, *mut f32)>,
+}
+
+impl TileEpilogue {
+    /// Nothing but the store.
+    pub const NONE: TileEpilogue = TileEpilogue {
+        bias: std::ptr::null(),
+        act: None,
+    };
 }

@@ -25,6 +25,8 @@ use std::arch::x86_64::*;
 use rayon::prelude::*;
 
 use super::amx;
+use super::kernels;
+use crate::backend::Act;
 
 /// Rows per micro-tile (24 accumulators of 16 lanes + 2 B vectors + 1 broadcast).
 pub const MR: usize = 12;
@@ -146,12 +148,82 @@ pub fn gemm(
     b: BSrc<'_>,
     tb: bool,
 ) {
+    gemm_epi(m, n, k, c, accumulate, a, ta, b, tb, Epilogue::default())
+}
+
+/// [`gemm()`], then `epi` on each block of C as its sums complete.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_epi(
+    m: usize,
+    n: usize,
+    k: usize,
+    c: &mut [f32],
+    accumulate: bool,
+    a: &[f32],
+    ta: bool,
+    b: BSrc<'_>,
+    tb: bool,
+    epi: Epilogue<'_>,
+) {
     let kernel = if amx::available() {
         Kernel::Amx
     } else {
         Kernel::Dot
     };
-    gemm_on(kernel, m, n, k, c, accumulate, a, ta, b, tb)
+    gemm_on(kernel, m, n, k, c, accumulate, a, ta, b, tb, epi)
+}
+
+/// What the product does to each block of C once its sums are complete,
+/// while the block is still in cache: add a bias to every row, then write
+/// `act(C)` beside it (a linear layer and its activation without passes of
+/// their own over C).
+#[derive(Clone, Copy, Default)]
+pub struct Epilogue<'a> {
+    /// `n` values added to every row of C.
+    bias: Option<&'a [f32]>,
+    /// `out = act(C)`: the activation, `out`'s start and length.
+    act: Option<(Act, SendPtr, usize)>,
+    _out: std::marker::PhantomData<&'a mut [f32]>,
+}
+
+impl<'a> Epilogue<'a> {
+    /// Add `bias` (`n` values) to every row; then, with `act = Some((f,
+    /// out))`, write `out = f(C)` (`out` `m × n` like C).
+    pub fn new(bias: Option<&'a [f32]>, act: Option<(Act, &'a mut [f32])>) -> Self {
+        Epilogue {
+            bias,
+            act: act.map(|(f, out)| (f, SendPtr(out.as_mut_ptr()), out.len())),
+            _out: std::marker::PhantomData,
+        }
+    }
+}
+
+impl Epilogue<'_> {
+    fn none(&self) -> bool {
+        self.bias.is_none() && self.act.is_none()
+    }
+
+    /// Apply to rows `r0..r1`, columns `c0..c1` of C (row stride `n`).
+    ///
+    /// # Safety
+    /// The block lies inside C and `out` (both `m × n`) and belongs to the
+    /// calling task alone.
+    unsafe fn apply(&self, c: SendPtr, n: usize, (r0, r1): (usize, usize), (c0, c1): (usize, usize)) {
+        if self.none() {
+            return;
+        }
+        let w = c1 - c0;
+        for i in r0..r1 {
+            let row = std::slice::from_raw_parts_mut(c.at(i * n + c0), w);
+            if let Some(b) = self.bias {
+                kernels::add_row_vec(row, &b[c0..c1]);
+            }
+            if let Some((act, out, _)) = self.act {
+                let o = std::slice::from_raw_parts_mut(out.at(i * n + c0), w);
+                kernels::act_fwd(act, o, row);
+            }
+        }
+    }
 }
 
 /// Which instructions multiply.
@@ -163,7 +235,7 @@ pub enum Kernel {
     Amx,
 }
 
-/// [`gemm()`] on the given kernel.
+/// [`gemm_epi`] on the given kernel.
 ///
 /// # Panics
 /// When the CPU lacks the kernel's instructions or a slice is too short.
@@ -179,8 +251,15 @@ pub fn gemm_on(
     ta: bool,
     b: BSrc<'_>,
     tb: bool,
+    epi: Epilogue<'_>,
 ) {
     assert!(available(), "bf16 GEMM needs AVX-512 BF16");
+    if let Some(bias) = epi.bias {
+        assert!(bias.len() >= n, "bf16 gemm bias");
+    }
+    if let Some((_, _, len)) = epi.act {
+        assert!(len >= m * n, "bf16 gemm activation output");
+    }
     let amx = kernel == Kernel::Amx;
     assert!(
         !amx || amx::available(),
@@ -197,6 +276,8 @@ pub fn gemm_on(
         if !accumulate {
             c[..m * n].fill(0.0);
         }
+        // SAFETY: C is m × n and exclusively borrowed; `out` checked above.
+        unsafe { epi.apply(SendPtr(c.as_mut_ptr()), n, (0, m), (0, n)) };
         return;
     }
     // Rows per strip and pairs per packed row (AMX: whole tiles of k).
@@ -262,8 +343,12 @@ pub fn gemm_on(
                     for s in s0..s1 {
                         let rows = mr.min(m - s * mr);
                         let astr = ap_ref[s * mr * ld..].as_ptr();
-                        let cp = cp.at(s * mr * n + t * NR);
-                        amx::tile(ld, astr, bpan, cp, n, rows, cols, accumulate);
+                        let at = s * mr * n + t * NR;
+                        let te = amx::TileEpilogue {
+                            bias: epi.bias.map_or(std::ptr::null(), |b| b[t * NR..].as_ptr()),
+                            act: epi.act.map(|(f, out, _)| (f, out.at(at))),
+                        };
+                        amx::tile(ld, astr, bpan, cp.at(at), n, rows, cols, accumulate, te);
                     }
                 }
                 amx::release();
@@ -300,6 +385,16 @@ pub fn gemm_on(
                 }
             }
         }
+        // SAFETY: the block [s0·MR.., t0·NR..] lies inside c and belongs to
+        // this task alone.
+        unsafe {
+            epi.apply(
+                cp,
+                n,
+                (s0 * MR, (s1 * MR).min(m)),
+                (t0 * NR, (t1 * NR).min(n)),
+            )
+        };
     };
     if par {
         (0..mb * nb).into_par_iter().for_each(block);
@@ -731,6 +826,41 @@ mod tests {
         }
     }
 
+    /// The epilogue gives what the product followed by the bias add and the
+    /// activation gives, bit for bit, on every kernel and block shape.
+    #[test]
+    fn epilogue_is_the_bias_add_and_activation() {
+        if !available() {
+            println!("skipped: this CPU has no AVX-512 BF16");
+            return;
+        }
+        let mut kernels_ = vec![Kernel::Dot];
+        if amx::available() {
+            kernels_.push(Kernel::Amx);
+        } else {
+            println!("AMX kernel skipped: this CPU or OS offers no AMX-BF16");
+        }
+        let mut rng = crate::rng::Rng::new(11);
+        for &kernel in &kernels_ {
+            for &(m, n, k) in &[(33, 70, 45), (64, 96, 200), (300, 530, 64), (40, 17, 0)] {
+                let a: Vec<f32> = (0..m * k).map(|_| rng.normal() as f32).collect();
+                let w: Vec<f32> = (0..k * n).map(|_| rng.normal() as f32).collect();
+                let bias: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
+                let mut want = vec![0f32; m * n];
+                gemm_on(kernel, m, n, k, &mut want, false, &a, false, BSrc::F32(&w), true, Epilogue::default());
+                kernels::add_row_vec(&mut want, &bias);
+                let mut want_act = vec![0f32; m * n];
+                kernels::act_fwd(Act::Gelu, &mut want_act, &want);
+                let (mut got, mut got_act) = (vec![f32::NAN; m * n], vec![f32::NAN; m * n]);
+                let epi = Epilogue::new(Some(&bias), Some((Act::Gelu, &mut got_act)));
+                gemm_on(kernel, m, n, k, &mut got, false, &a, false, BSrc::F32(&w), true, epi);
+                let same = |x: &[f32], y: &[f32]| x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits());
+                assert!(same(&got, &want), "{kernel:?} {m}x{n}x{k}: C + bias");
+                assert!(same(&got_act, &want_act), "{kernel:?} {m}x{n}x{k}: act(C + bias)");
+            }
+        }
+    }
+
     /// Against an f64 product of the bf16-rounded inputs: only the f32
     /// summation may differ.
     #[test]
@@ -786,7 +916,7 @@ mod tests {
                 } else {
                     BSrc::F32(&w)
                 };
-                gemm_on(kernel, m, n, k, &mut c, acc, &a, ta, src, tb);
+                gemm_on(kernel, m, n, k, &mut c, acc, &a, ta, src, tb, Epilogue::default());
                 for i in 0..m {
                     for j in 0..n {
                         let (mut want, mut mag) = (0f64, 0f64);

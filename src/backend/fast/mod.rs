@@ -341,6 +341,40 @@ impl FastCpu {
     fn threads() -> usize {
         rayon::current_num_threads().max(1)
     }
+
+    /// `c = (accumulate ? c : 0) + op(a)·op(b)`, then `epi`, as a bf16
+    /// product where `CpuGemm::Bf16` asks for one (products of
+    /// [`BF16_MIN_ROWS`] rows or more); false (nothing done) otherwise.
+    #[allow(clippy::too_many_arguments)]
+    fn bf16_product(
+        &self,
+        c: &mut FastBuf,
+        a: &FastBuf,
+        b: &FastBuf,
+        (m, n, k): (usize, usize, usize),
+        ta: bool,
+        tb: bool,
+        accumulate: bool,
+        epi: gemm16::Epilogue<'_>,
+    ) -> bool {
+        if self.gemm != CpuGemm::Bf16 || m < BF16_MIN_ROWS {
+            return false;
+        }
+        let a = view(a);
+        let c = c.slice_mut();
+        match &b.0 {
+            // bf16 weights are read in place, never widened.
+            CpuBuf::Mapped(t) if t.dtype == DType::BF16 => {
+                let b = BSrc::Bf16(t.bytes());
+                gemm16::gemm_epi(m, n, k, c, accumulate, &a, ta, b, tb, epi)
+            }
+            _ => {
+                let b = BSrc::F32(&view(b));
+                gemm16::gemm_epi(m, n, k, c, accumulate, &a, ta, b, tb, epi)
+            }
+        }
+        true
+    }
 }
 
 impl Backend for FastCpu {
@@ -417,18 +451,11 @@ impl Backend for FastCpu {
         tb: bool,
         accumulate: bool,
     ) {
-        let a = view(a);
-        if self.gemm == CpuGemm::Bf16 && m >= BF16_MIN_ROWS {
-            let c = c.slice_mut();
-            match &b.0 {
-                // bf16 weights are read in place, never widened.
-                CpuBuf::Mapped(t) if t.dtype == DType::BF16 => {
-                    gemm16::gemm(m, n, k, c, accumulate, &a, ta, BSrc::Bf16(t.bytes()), tb)
-                }
-                _ => gemm16::gemm(m, n, k, c, accumulate, &a, ta, BSrc::F32(&view(b)), tb),
-            }
+        let epi = gemm16::Epilogue::default();
+        if self.bf16_product(c, a, b, (m, n, k), ta, tb, accumulate, epi) {
             return;
         }
+        let a = view(a);
         let b = view(b);
         let c = c.slice_mut();
         assert!(
@@ -469,6 +496,47 @@ impl Backend for FastCpu {
                 1.0,
                 par,
             );
+        }
+    }
+
+    fn matmul_bias(
+        &self,
+        c: &mut FastBuf,
+        a: &FastBuf,
+        b: &FastBuf,
+        bias: (&FastBuf, usize),
+        m: usize,
+        n: usize,
+        k: usize,
+        ta: bool,
+        tb: bool,
+    ) {
+        let bv = small(bias.0, bias.1, n);
+        let epi = gemm16::Epilogue::new(Some(&bv), None);
+        if !self.bf16_product(c, a, b, (m, n, k), ta, tb, false, epi) {
+            self.matmul(c, a, b, m, n, k, ta, tb, false);
+            self.bias_add(c, bias.0, bias.1, m, n);
+        }
+    }
+
+    fn linear_act(
+        &self,
+        pre: &mut FastBuf,
+        out: &mut FastBuf,
+        act: Act,
+        a: &FastBuf,
+        b: &FastBuf,
+        bias: Option<(&FastBuf, usize)>,
+        m: usize,
+        n: usize,
+        k: usize,
+        tb: bool,
+    ) {
+        let bv = bias.map(|(b, off)| small(b, off, n));
+        let epi = gemm16::Epilogue::new(bv.as_deref(), Some((act, &mut out.slice_mut()[..m * n])));
+        if !self.bf16_product(pre, a, b, (m, n, k), false, tb, false, epi) {
+            self.linear(pre, a, b, bias, m, n, k, tb);
+            self.act_fwd(act, out, pre, m * n);
         }
     }
 
