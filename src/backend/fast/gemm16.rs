@@ -208,7 +208,13 @@ impl Epilogue<'_> {
     /// # Safety
     /// The block lies inside C and `out` (both `m × n`) and belongs to the
     /// calling task alone.
-    unsafe fn apply(&self, c: SendPtr, n: usize, (r0, r1): (usize, usize), (c0, c1): (usize, usize)) {
+    unsafe fn apply(
+        &self,
+        c: SendPtr,
+        n: usize,
+        (r0, r1): (usize, usize),
+        (c0, c1): (usize, usize),
+    ) {
         if self.none() {
             return;
         }
@@ -847,16 +853,44 @@ mod tests {
                 let w: Vec<f32> = (0..k * n).map(|_| rng.normal() as f32).collect();
                 let bias: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
                 let mut want = vec![0f32; m * n];
-                gemm_on(kernel, m, n, k, &mut want, false, &a, false, BSrc::F32(&w), true, Epilogue::default());
+                gemm_on(
+                    kernel,
+                    m,
+                    n,
+                    k,
+                    &mut want,
+                    false,
+                    &a,
+                    false,
+                    BSrc::F32(&w),
+                    true,
+                    Epilogue::default(),
+                );
                 kernels::add_row_vec(&mut want, &bias);
                 let mut want_act = vec![0f32; m * n];
                 kernels::act_fwd(Act::Gelu, &mut want_act, &want);
                 let (mut got, mut got_act) = (vec![f32::NAN; m * n], vec![f32::NAN; m * n]);
                 let epi = Epilogue::new(Some(&bias), Some((Act::Gelu, &mut got_act)));
-                gemm_on(kernel, m, n, k, &mut got, false, &a, false, BSrc::F32(&w), true, epi);
-                let same = |x: &[f32], y: &[f32]| x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits());
+                gemm_on(
+                    kernel,
+                    m,
+                    n,
+                    k,
+                    &mut got,
+                    false,
+                    &a,
+                    false,
+                    BSrc::F32(&w),
+                    true,
+                    epi,
+                );
+                let same =
+                    |x: &[f32], y: &[f32]| x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits());
                 assert!(same(&got, &want), "{kernel:?} {m}x{n}x{k}: C + bias");
-                assert!(same(&got_act, &want_act), "{kernel:?} {m}x{n}x{k}: act(C + bias)");
+                assert!(
+                    same(&got_act, &want_act),
+                    "{kernel:?} {m}x{n}x{k}: act(C + bias)"
+                );
             }
         }
     }
@@ -916,7 +950,19 @@ mod tests {
                 } else {
                     BSrc::F32(&w)
                 };
-                gemm_on(kernel, m, n, k, &mut c, acc, &a, ta, src, tb, Epilogue::default());
+                gemm_on(
+                    kernel,
+                    m,
+                    n,
+                    k,
+                    &mut c,
+                    acc,
+                    &a,
+                    ta,
+                    src,
+                    tb,
+                    Epilogue::default(),
+                );
                 for i in 0..m {
                     for j in 0..n {
                         let (mut want, mut mag) = (0f64, 0f64);
