@@ -186,14 +186,7 @@ pub unsafe fn tile(
         s = in(reg) NR * 4,
         options(nostack),
     );
-    let mask = |w: usize| -> __mmask16 {
-        if w >= 16 {
-            0xffff
-        } else {
-            ((1u32 << w) - 1) as __mmask16
-        }
-    };
-    let (m0, m1) = (mask(cols), mask(cols.saturating_sub(16)));
+    let (m0, m1) = super::gemm16::col_masks(cols);
     // C (+ C) (+ bias) from the buffer, kept there (full-width stores, so
     // that the activation reads it back from L1; reading C back instead
     // waits for its stores to reach memory).

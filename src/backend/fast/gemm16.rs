@@ -148,29 +148,8 @@ pub fn gemm(
     b: BSrc<'_>,
     tb: bool,
 ) {
-    gemm_epi(m, n, k, c, accumulate, a, ta, b, tb, Epilogue::default())
-}
-
-/// [`gemm()`], then `epi` on each block of C as its sums complete.
-#[allow(clippy::too_many_arguments)]
-pub fn gemm_epi(
-    m: usize,
-    n: usize,
-    k: usize,
-    c: &mut [f32],
-    accumulate: bool,
-    a: &[f32],
-    ta: bool,
-    b: BSrc<'_>,
-    tb: bool,
-    epi: Epilogue<'_>,
-) {
-    let kernel = if amx::available() {
-        Kernel::Amx
-    } else {
-        Kernel::Dot
-    };
-    gemm_on(kernel, m, n, k, c, accumulate, a, ta, b, tb, epi)
+    let epi = Epilogue::default();
+    gemm_on(Kernel::best(), m, n, k, c, accumulate, a, ta, b, tb, epi)
 }
 
 /// What the product does to each block of C once its sums are complete,
@@ -241,7 +220,19 @@ pub enum Kernel {
     Amx,
 }
 
-/// [`gemm_epi`] on the given kernel.
+impl Kernel {
+    /// AMX where the CPU and OS allow, else the dot kernel.
+    pub fn best() -> Kernel {
+        if amx::available() {
+            Kernel::Amx
+        } else {
+            Kernel::Dot
+        }
+    }
+}
+
+/// [`gemm()`] on the given kernel, then `epi` on each block of C as its
+/// sums complete.
 ///
 /// # Panics
 /// When the CPU lacks the kernel's instructions or a slice is too short.
@@ -685,6 +676,19 @@ unsafe fn load16(b: BSrc<'_>, i: usize) -> __m512i {
     }
 }
 
+/// Store masks for the two 16-lane halves of a row of `cols` (≤ 32) values.
+#[cfg(target_arch = "x86_64")]
+pub(super) fn col_masks(cols: usize) -> (u16, u16) {
+    let mask = |w: usize| {
+        if w >= 16 {
+            0xffff
+        } else {
+            ((1u32 << w) - 1) as u16
+        }
+    };
+    (mask(cols), mask(cols.saturating_sub(16)))
+}
+
 /// One `rows × cols` (≤ MR × NR) tile of C from `kc` pairs of MR rows of
 /// A (row stride `lda` pairs) and a packed B panel: `C = (load ? C : 0) +
 /// A·B`.
@@ -729,15 +733,7 @@ unsafe fn micro(
         a = a.add(1);
         b = b.add(NR);
     }
-    let mask = |w: usize| -> __mmask16 {
-        if w >= 16 {
-            0xffff
-        } else {
-            ((1u32 << w) - 1) as __mmask16
-        }
-    };
-    let m0 = mask(cols);
-    let m1 = mask(cols.saturating_sub(16));
+    let (m0, m1) = col_masks(cols);
     for r in 0..MR {
         if r < rows {
             let p = c.add(r * ldc);
@@ -832,57 +828,54 @@ mod tests {
         }
     }
 
+    /// The kernels this CPU runs (none without AVX-512 BF16), saying which
+    /// are skipped.
+    fn kernels_here() -> Vec<Kernel> {
+        if !available() {
+            println!("skipped: this CPU has no AVX-512 BF16");
+            return vec![];
+        }
+        if !amx::available() {
+            println!("AMX kernel skipped: this CPU or OS offers no AMX-BF16");
+            return vec![Kernel::Dot];
+        }
+        vec![Kernel::Dot, Kernel::Amx]
+    }
+
     /// The epilogue gives what the product followed by the bias add and the
     /// activation gives, bit for bit, on every kernel and block shape.
     #[test]
     fn epilogue_is_the_bias_add_and_activation() {
-        if !available() {
-            println!("skipped: this CPU has no AVX-512 BF16");
-            return;
-        }
-        let mut kernels_ = vec![Kernel::Dot];
-        if amx::available() {
-            kernels_.push(Kernel::Amx);
-        } else {
-            println!("AMX kernel skipped: this CPU or OS offers no AMX-BF16");
-        }
         let mut rng = crate::rng::Rng::new(11);
-        for &kernel in &kernels_ {
+        for kernel in kernels_here() {
             for &(m, n, k) in &[(33, 70, 45), (64, 96, 200), (300, 530, 64), (40, 17, 0)] {
                 let a: Vec<f32> = (0..m * k).map(|_| rng.normal() as f32).collect();
                 let w: Vec<f32> = (0..k * n).map(|_| rng.normal() as f32).collect();
                 let bias: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
+                let run = |c: &mut [f32], epi| {
+                    gemm_on(
+                        kernel,
+                        m,
+                        n,
+                        k,
+                        c,
+                        false,
+                        &a,
+                        false,
+                        BSrc::F32(&w),
+                        true,
+                        epi,
+                    )
+                };
                 let mut want = vec![0f32; m * n];
-                gemm_on(
-                    kernel,
-                    m,
-                    n,
-                    k,
-                    &mut want,
-                    false,
-                    &a,
-                    false,
-                    BSrc::F32(&w),
-                    true,
-                    Epilogue::default(),
-                );
+                run(&mut want, Epilogue::default());
                 kernels::add_row_vec(&mut want, &bias);
                 let mut want_act = vec![0f32; m * n];
                 kernels::act_fwd(Act::Gelu, &mut want_act, &want);
                 let (mut got, mut got_act) = (vec![f32::NAN; m * n], vec![f32::NAN; m * n]);
-                let epi = Epilogue::new(Some(&bias), Some((Act::Gelu, &mut got_act)));
-                gemm_on(
-                    kernel,
-                    m,
-                    n,
-                    k,
+                run(
                     &mut got,
-                    false,
-                    &a,
-                    false,
-                    BSrc::F32(&w),
-                    true,
-                    epi,
+                    Epilogue::new(Some(&bias), Some((Act::Gelu, &mut got_act))),
                 );
                 let same =
                     |x: &[f32], y: &[f32]| x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits());
@@ -899,16 +892,7 @@ mod tests {
     /// summation may differ.
     #[test]
     fn matches_the_rounded_product_on_ragged_shapes() {
-        if !available() {
-            println!("skipped: this CPU has no AVX-512 BF16");
-            return;
-        }
-        let mut kernels = vec![Kernel::Dot];
-        if amx::available() {
-            kernels.push(Kernel::Amx);
-        } else {
-            println!("AMX kernel skipped: this CPU or OS offers no AMX-BF16");
-        }
+        let kernels = kernels_here();
         let mut rng = crate::rng::Rng::new(7);
         for &(m, n, k, kernel) in [
             (1, 1, 1),

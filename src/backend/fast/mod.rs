@@ -38,7 +38,7 @@ use super::cpu::{CpuBackend, CpuBuf};
 use super::{Act, AdamW, AttnDims, Backend, CandidateIndex, Dropout, PoolKind};
 use crate::error::{Error, Result};
 use crate::weights::{DType, TensorView};
-use gemm16::BSrc;
+use gemm16::{BSrc, Kernel};
 
 /// A buffer of the fast backend: the reference backend's buffer (owned f32
 /// values, or a frozen weight read in place), whose owned storage goes back
@@ -362,17 +362,16 @@ impl FastCpu {
         }
         let a = view(a);
         let c = c.slice_mut();
-        match &b.0 {
+        let wide;
+        let b = match &b.0 {
             // bf16 weights are read in place, never widened.
-            CpuBuf::Mapped(t) if t.dtype == DType::BF16 => {
-                let b = BSrc::Bf16(t.bytes());
-                gemm16::gemm_epi(m, n, k, c, accumulate, &a, ta, b, tb, epi)
-            }
+            CpuBuf::Mapped(t) if t.dtype == DType::BF16 => BSrc::Bf16(t.bytes()),
             _ => {
-                let b = BSrc::F32(&view(b));
-                gemm16::gemm_epi(m, n, k, c, accumulate, &a, ta, b, tb, epi)
+                wide = view(b);
+                BSrc::F32(&wide)
             }
-        }
+        };
+        gemm16::gemm_on(Kernel::best(), m, n, k, c, accumulate, &a, ta, b, tb, epi);
         true
     }
 }
