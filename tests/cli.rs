@@ -703,7 +703,8 @@ fn bad_flags_are_errors_not_panics() {
 }
 
 /// `BEFT_CPU_GEMM`: a bad value is a clean error; `bf16` trains where the
-/// CPU has AVX-512 BF16 and is refused, by name, where it has not.
+/// CPU has AVX-512 BF16 (on AMX where it has that too, unless
+/// `BEFT_CPU_AMX=0`) and is refused, by name, where it has not.
 #[test]
 fn cpu_gemm_setting_is_checked() {
     let s = setup();
@@ -725,6 +726,21 @@ fn cpu_gemm_setting_is_checked() {
     if beft::backend::fast::gemm16::available() {
         assert!(o.status.success(), "{}", stderr(&o));
         assert!(s.tmp.path().join("bf16/summary.json").exists());
+        // The run names its kernel: AMX where this CPU and OS offer it,
+        // and not with BEFT_CPU_AMX=0.
+        let said = |o: &Output| String::from_utf8_lossy(&o.stdout).to_string() + &stderr(o);
+        let amx = beft::backend::fast::amx::available();
+        assert_eq!(said(&o).contains("bf16 matmul on AMX"), amx, "{}", said(&o));
+        let off = Command::new(env!("CARGO_BIN_EXE_beft"))
+            .args(train_args(&s, "dot", &[]))
+            .args(["--threads", "1"])
+            .env("BEFT_CPU_GEMM", "bf16")
+            .env("BEFT_CPU_AMX", "0")
+            .output()
+            .expect("run beft");
+        assert!(off.status.success(), "{}", stderr(&off));
+        assert!(said(&off).contains("bf16 matmul"), "{}", said(&off));
+        assert!(!said(&off).contains("on AMX"), "{}", said(&off));
     } else {
         println!("this CPU has no AVX-512 BF16: checking the refusal instead");
         assert!(!o.status.success());
