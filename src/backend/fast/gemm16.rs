@@ -2,8 +2,9 @@
 //! `C = (accumulate ? C : 0) + A·B` with A (f32 activations) and B (f32 or
 //! bf16 weights) rounded to bf16 while they are packed, products summed in
 //! f32 by AVX-512 BF16's `vdpbf16ps` — two multiply-adds per lane and
-//! instruction, twice the f32 FMA rate on the CPUs that have it (AMD Zen 4
-//! and later, Intel Cooper Lake / Sapphire Rapids and later). The numerics
+//! instruction, twice the f32 FMA rate on AMD Zen 4 (half of it on the
+//! Intel Xeons measured, which have AMX instead: [`super::amx`] then does
+//! the multiplying, on the same packed operands). The numerics
 //! are those of PyTorch's bf16 autocast on a CPU: inputs to about 3
 //! significant digits, sums in f32.
 //!
