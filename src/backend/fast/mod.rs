@@ -342,9 +342,14 @@ impl FastCpu {
         rayon::current_num_threads().max(1)
     }
 
+    /// Whether a product of `m` rows is a bf16 one: `CpuGemm::Bf16` and
+    /// [`BF16_MIN_ROWS`] rows or more.
+    fn bf16_rows(&self, m: usize) -> bool {
+        self.gemm == CpuGemm::Bf16 && m >= BF16_MIN_ROWS
+    }
+
     /// `c = (accumulate ? c : 0) + op(a)·op(b)`, then `epi`, as a bf16
-    /// product where `CpuGemm::Bf16` asks for one (products of
-    /// [`BF16_MIN_ROWS`] rows or more); false (nothing done) otherwise.
+    /// product (where [`FastCpu::bf16_rows`]).
     #[allow(clippy::too_many_arguments)]
     fn bf16_product(
         &self,
@@ -356,10 +361,7 @@ impl FastCpu {
         tb: bool,
         accumulate: bool,
         epi: gemm16::Epilogue<'_>,
-    ) -> bool {
-        if self.gemm != CpuGemm::Bf16 || m < BF16_MIN_ROWS {
-            return false;
-        }
+    ) {
         let a = view(a);
         let c = c.slice_mut();
         let wide;
@@ -372,7 +374,6 @@ impl FastCpu {
             }
         };
         gemm16::gemm_on(Kernel::best(), m, n, k, c, accumulate, &a, ta, b, tb, epi);
-        true
     }
 }
 
@@ -450,8 +451,9 @@ impl Backend for FastCpu {
         tb: bool,
         accumulate: bool,
     ) {
-        let epi = gemm16::Epilogue::default();
-        if self.bf16_product(c, a, b, (m, n, k), ta, tb, accumulate, epi) {
+        if self.bf16_rows(m) {
+            let epi = gemm16::Epilogue::default();
+            self.bf16_product(c, a, b, (m, n, k), ta, tb, accumulate, epi);
             return;
         }
         let a = view(a);
@@ -510,12 +512,14 @@ impl Backend for FastCpu {
         ta: bool,
         tb: bool,
     ) {
-        let bv = small(bias.0, bias.1, n);
-        let epi = gemm16::Epilogue::new(Some(&bv), None);
-        if !self.bf16_product(c, a, b, (m, n, k), ta, tb, false, epi) {
+        if !self.bf16_rows(m) {
             self.matmul(c, a, b, m, n, k, ta, tb, false);
             self.bias_add(c, bias.0, bias.1, m, n);
+            return;
         }
+        let bv = small(bias.0, bias.1, n);
+        let epi = gemm16::Epilogue::new(Some(&bv), None);
+        self.bf16_product(c, a, b, (m, n, k), ta, tb, false, epi);
     }
 
     fn linear_act(
@@ -531,12 +535,14 @@ impl Backend for FastCpu {
         k: usize,
         tb: bool,
     ) {
-        let bv = bias.map(|(b, off)| small(b, off, n));
-        let epi = gemm16::Epilogue::new(bv.as_deref(), Some((act, &mut out.slice_mut()[..m * n])));
-        if !self.bf16_product(pre, a, b, (m, n, k), false, tb, false, epi) {
+        if !self.bf16_rows(m) {
             self.linear(pre, a, b, bias, m, n, k, tb);
             self.act_fwd(act, out, pre, m * n);
+            return;
         }
+        let bv = bias.map(|(b, off)| small(b, off, n));
+        let epi = gemm16::Epilogue::new(bv.as_deref(), Some((act, &mut out.slice_mut()[..m * n])));
+        self.bf16_product(pre, a, b, (m, n, k), false, tb, false, epi);
     }
 
     fn bias_add(&self, y: &mut FastBuf, bias: &FastBuf, bias_off: usize, rows: usize, cols: usize) {
