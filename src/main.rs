@@ -197,6 +197,12 @@ struct TrainOpts {
     /// mix than the default fully random batches.
     #[arg(long)]
     group_by_length: bool,
+    /// Split each batch into N micro-batches, run one after another, whose
+    /// gradients are summed before the optimiser step: the same update as
+    /// the whole batch (without dropout) with a micro-batch's activation
+    /// memory.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    grad_accum: usize,
     /// Head input: cls (pooler) or mean. Default: the model's own
     /// (sentence-transformers' 1_Pooling/config.json), else cls.
     #[arg(long)]
@@ -305,6 +311,7 @@ impl TrainOpts {
             recompute: self.recompute,
             max_gpu_memory: self.memory.max_gpu_memory.clone(),
             group_by_length: self.group_by_length,
+            grad_accum: self.grad_accum,
         })
     }
 }

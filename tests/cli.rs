@@ -747,3 +747,104 @@ fn cpu_gemm_setting_is_checked() {
         assert!(stderr(&o).contains("AVX-512 BF16"), "{}", stderr(&o));
     }
 }
+
+/// The per-step log of a finished run: (loss, gradient norm, tokens).
+fn step_log(dir: &Path) -> Vec<(f64, f64, u64)> {
+    fs::read_to_string(dir.join("steps.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (
+                v["loss"].as_f64().unwrap(),
+                v["grad_norm"].as_f64().unwrap(),
+                v["tokens"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// `--grad-accum N`: the batch in N micro-batches (here 8 examples as
+/// 3 + 3 + 2, so the parts differ in size, and with answers of different
+/// lengths, so a token-level loss must weight them by target tokens) gives
+/// the whole batch's loss and gradient at every step, for an encoder, a
+/// decoder scoring candidates and a decoder trained on answers (teacher
+/// forcing); without dropout, so that the steps see the same masks.
+#[test]
+fn gradient_accumulation_matches_the_whole_batch() {
+    let s = setup();
+    let gguf =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fuzz/seeds/tiny_llama.gguf");
+    let squad = s.tmp.path().join("squad");
+    fs::create_dir_all(&squad).unwrap();
+    let qas: Vec<serde_json::Value> = (0..24)
+        .map(|i| {
+            let answer = ["good", "bad movie", "the world is good", "hello"][i % 4];
+            serde_json::json!({"id": format!("q{i}"), "question": format!("what is {i}?"),
+                "answers": [{"text": answer, "answer_start": 0}]})
+        })
+        .collect();
+    let doc = serde_json::json!({"data": [{"title": "t", "paragraphs": [
+        {"context": "the movie is good and the world is bad", "qas": qas}]}]});
+    for f in ["train.json", "dev.json"] {
+        fs::write(squad.join(f), doc.to_string()).unwrap();
+    }
+    let (m, g) = (s.model.to_str().unwrap(), gguf.to_str().unwrap());
+    let (d, q) = (s.data.to_str().unwrap(), squad.to_str().unwrap());
+    let cases: [(&str, &[&str]); 3] = [
+        ("encoder", &["--model", m, "--data", d, "--pooling", "mean"]),
+        ("candidates", &["--model", g, "--data", d]),
+        (
+            "answers",
+            &[
+                "--model",
+                g,
+                "--data",
+                q,
+                "--task",
+                "squad",
+                "--max-new-tokens",
+                "4",
+            ],
+        ),
+    ];
+    for (name, extra) in cases {
+        let with = |accum: &str| {
+            let out = format!("{name}-{accum}");
+            let mut a: Vec<&str> = extra.to_vec();
+            a.extend([
+                "--bias",
+                "all",
+                "--epochs",
+                "1",
+                "--no-dropout",
+                "--no-eval-before",
+                "--grad-accum",
+                accum,
+            ]);
+            let o = run(&train_args(&s, &out, &a));
+            assert!(o.status.success(), "{name}: {}", stderr(&o));
+            step_log(&s.tmp.path().join(out))
+        };
+        let (whole, parts) = (with("1"), with("3"));
+        assert!(whole.len() >= 3, "{name}: {whole:?}");
+        assert_eq!(whole.len(), parts.len(), "{name}: same steps");
+        for (i, (w, p)) in whole.iter().zip(&parts).enumerate() {
+            let close = |a: f64, b: f64| (a - b).abs() <= 1e-4 * a.abs().max(1e-3);
+            assert!(
+                close(w.0, p.0) && close(w.1, p.1) && w.2 == p.2,
+                "{name}, step {}: whole batch (loss, grad norm, tokens) {w:?}, in 3 parts {p:?}",
+                i + 1
+            );
+        }
+    }
+    // More parts than examples, or none: a clean error.
+    for n in ["0", "9"] {
+        assert_clean_failure(
+            &s,
+            &run(&train_args(&s, "out", &["--grad-accum", n])),
+            "--grad-accum",
+            "between 1 and --batch (8)",
+        );
+    }
+}

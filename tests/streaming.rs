@@ -498,3 +498,39 @@ fn cli_auto_offload_streams_under_a_small_wgpu_budget() {
         std::fs::read(b.join("biases.safetensors")).unwrap(),
     );
 }
+
+/// `--grad-accum`: the same steps (loss and gradient norm, checked in
+/// tests/cli.rs) in micro-batches hold a micro-batch's activations, so the
+/// training peak on the simulated device drops; the plan printed for a
+/// budget is made for the micro-batch too.
+#[test]
+fn gradient_accumulation_lowers_the_training_peak() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (m, d) = cli_setup(tmp.path());
+    let peak = |accum: usize| {
+        let args = beft::train::run::TrainArgs {
+            model: m.clone().into(),
+            data: d.clone().into(),
+            out: tmp.path().join(format!("run-{accum}")),
+            batch: 8,
+            epochs: 1,
+            lr: 1e-2,
+            eval_batch: 2,
+            eval_before: false,
+            dropout: false,
+            progress: false,
+            grad_accum: accum,
+            ..Default::default()
+        };
+        let be = SimDevice::new(FastCpu::new(), None);
+        let s = beft::train::run::train_on(&be, &args).expect("trains");
+        s.peak_device_bytes
+            .expect("the simulated device counts its bytes")
+    };
+    let (whole, parts) = (peak(1), peak(4));
+    println!("training peak: batch of 8 {whole} B, as 4 micro-batches {parts} B");
+    assert!(
+        (parts as f64) < 0.8 * whole as f64,
+        "4 micro-batches of 2 should hold far less than a batch of 8: {parts} vs {whole} bytes"
+    );
+}

@@ -21,7 +21,7 @@ use std::path::Path;
 
 use serde_json::{json, Value};
 
-use super::run::{run_loop, write_json, EvalArgs, EvalResult, Summary, TrainArgs, Trainee};
+use super::run::{run_loop, write_json, EvalArgs, EvalResult, Step, Summary, TrainArgs, Trainee};
 use super::{slab_tensors, Slab};
 use crate::backend::fault::{max_device_memory, mib};
 use crate::backend::Backend;
@@ -382,14 +382,18 @@ fn step_grad<B: Backend>(
     grads: &mut B::Buf,
     data: &Data,
     idx: &[usize],
-) -> Result<(f64, usize)> {
+) -> Result<Step> {
     let pad = dec.cfg.pad_token_id;
     match data {
         Data::Mc(ex) => {
             let refs: Vec<&EncMc> = idx.iter().map(|&i| &ex[i]).collect();
             let (cb, tokens, _) = mc_batch(be, dec, &refs, pad)?;
             let (loss, _) = dec.candidate_loss_and_grad(be, params, grads, &cb);
-            Ok((loss, tokens))
+            Ok(Step {
+                loss,
+                tokens,
+                count: idx.len(),
+            })
         }
         Data::Gen(ex) => {
             let seqs: Vec<(Vec<u32>, usize)> = idx
@@ -406,7 +410,11 @@ fn step_grad<B: Backend>(
             }
             let x = dec.upload(be, p.batch, p.seq, &p.ids, &p.mask)?;
             let rt = dec.row_targets(be, &x, &p.rows, &p.targets)?;
-            Ok((dec.lm_loss_and_grad(be, params, grads, &x, &rt), p.tokens))
+            Ok(Step {
+                loss: dec.lm_loss_and_grad(be, params, grads, &x, &rt),
+                tokens: p.tokens,
+                count: p.rows.len(),
+            })
         }
     }
 }
@@ -442,8 +450,8 @@ impl<B: Backend> Trainee<B> for DecoderTrainee<'_, B> {
         params: &B::Buf,
         grads: &mut B::Buf,
         idx: &[usize],
-        _step: u64,
-    ) -> Result<(f64, usize)> {
+        _key: u64,
+    ) -> Result<Step> {
         step_grad(be, self.dec, params, grads, self.train, idx)
     }
 
@@ -510,7 +518,8 @@ pub(super) fn train_on<B: Backend>(be: &B, args: &TrainArgs) -> Result<Summary> 
         terms.clone(),
         &args.offload,
         args.recompute,
-        args.batch,
+        // What one forward and backward pass holds: a micro-batch.
+        args.batch.div_ceil(args.grad_accum.max(1)),
         args.max_len,
     )?;
     if terms == [BiasTerm::K] && !md.config.arch.is_llama_like() {
@@ -593,6 +602,7 @@ pub(super) fn train_on<B: Backend>(be: &B, args: &TrainArgs) -> Result<Summary> 
             "schedule": args.schedule, "warmup_ratio": args.warmup_ratio, "clip": args.clip,
             "weight_decay": args.weight_decay, "max_steps": args.max_steps, "templates": args.templates,
             "group_by_length": args.group_by_length,
+            "grad_accum": args.grad_accum,
             "max_new_tokens": max_new, "objective": if is_generation(&args.task) { "teacher-forcing" } else { "candidate-scoring" },
             "beft_version": env!("CARGO_PKG_VERSION"),
         }),
@@ -647,7 +657,7 @@ fn load_decoder<B: Backend>(
     );
     if need > budget {
         eprintln!(
-            "warning: the planned peak ({}) is over the budget ({}); the run may stop with out of device memory: lower --batch or --max-len{}",
+            "warning: the planned peak ({}) is over the budget ({}); the run may stop with out of device memory: lower --batch or --max-len, or raise --grad-accum{}",
             mib(need),
             mib(budget),
             match (mode, recompute) {

@@ -75,6 +75,10 @@ pub struct TrainArgs {
     /// Batch training examples of similar length (less padding; see
     /// [`data::grouped_epoch_batches`]).
     pub group_by_length: bool,
+    /// Split each batch into this many micro-batches, run one after another
+    /// with their gradients summed before the optimiser step: the update of
+    /// the whole batch with the activation memory of a micro-batch.
+    pub grad_accum: usize,
 }
 
 /// The training settings of an unfinished run, in its staging directory.
@@ -115,6 +119,7 @@ impl Default for TrainArgs {
             recompute: false,
             max_gpu_memory: None,
             group_by_length: false,
+            grad_accum: 1,
         }
     }
 }
@@ -400,22 +405,55 @@ impl Staging {
 pub(super) trait Trainee<B: Backend> {
     /// Dev-set metrics with the trainable values `params`.
     fn evaluate(&self, be: &B, params: &B::Buf) -> Result<data::Metrics>;
-    /// The loss of the training examples `idx` (optimiser step `step`, for
-    /// dropout masks), its gradient accumulated into `grads`; returns (loss,
-    /// tokens).
+    /// The loss of the training examples `idx` (`key`: the optimiser step,
+    /// or another value per micro-batch, for dropout masks), its gradient
+    /// accumulated into `grads`; returns (loss, tokens, the count the loss
+    /// is a mean over: examples, or target tokens for a token-level loss).
     fn loss_and_grad(
         &self,
         be: &B,
         params: &B::Buf,
         grads: &mut B::Buf,
         idx: &[usize],
-        step: u64,
-    ) -> Result<(f64, usize)>;
+        key: u64,
+    ) -> Result<Step>;
     /// The token count of each training example (what `--group-by-length`
     /// groups on; its length is the number of training examples).
     fn train_lengths(&self) -> Vec<usize>;
     /// The memory-mapped model files (re-checked before each checkpoint).
     fn weights(&self) -> &WeightStore;
+}
+
+/// What one forward and backward pass over some training examples gave.
+pub(super) struct Step {
+    /// The mean loss.
+    pub(super) loss: f64,
+    /// Tokens in the batch (padding excluded).
+    pub(super) tokens: usize,
+    /// What the loss is a mean over (examples, or target tokens).
+    pub(super) count: usize,
+}
+
+/// The micro-batches of a batch: `parts` (at most one per example) runs of
+/// consecutive examples, sizes as equal as can be.
+pub(super) fn micro_batches(idx: &[usize], parts: usize) -> Vec<&[usize]> {
+    let parts = parts.clamp(1, idx.len().max(1));
+    let (base, extra) = (idx.len() / parts, idx.len() % parts);
+    let mut out = Vec::with_capacity(parts);
+    let mut at = 0;
+    for i in 0..parts {
+        let len = base + usize::from(i < extra);
+        out.push(&idx[at..at + len]);
+        at += len;
+    }
+    out
+}
+
+/// The dropout key of micro-batch `j` of optimiser step `step`: the step
+/// itself for the first (so that `--grad-accum 1` is the plain step), a
+/// distinct value for the others.
+fn micro_key(step: u64, j: usize) -> u64 {
+    step ^ ((j as u64) << 40)
 }
 
 /// A finished training loop: the trained slab, the loop's counters, and the
@@ -683,6 +721,8 @@ pub(super) fn run_loop<B: Backend>(
         .progress_chars("=> "),
     );
     pb.set_position(st.step);
+    // A micro-batch's gradient, with --grad-accum.
+    let mut scratch: Option<B::Buf> = None;
     'epochs: while st.epoch <= args.epochs {
         let epoch = st.epoch;
         pb.set_prefix(format!("{epoch}/{}", args.epochs));
@@ -698,8 +738,30 @@ pub(super) fn run_loop<B: Backend>(
                 let t0 = Instant::now();
                 let (loss, tokens, gnorm) = catch_device_fault(|| -> Result<_> {
                     be.fill(&mut slab.grads, 0.0);
-                    let (loss, tokens) =
-                        t.loss_and_grad(be, &slab.params, &mut slab.grads, &idx, step)?;
+                    let micro = micro_batches(&idx, args.grad_accum);
+                    let (loss, tokens) = if micro.len() == 1 {
+                        let r = t.loss_and_grad(be, &slab.params, &mut slab.grads, &idx, step)?;
+                        (r.loss, r.tokens)
+                    } else {
+                        // Each micro-batch's mean gradient, weighted by
+                        // what its mean is over, summed, then divided by
+                        // the batch's total: the whole batch's mean.
+                        let part = scratch.get_or_insert_with(|| be.zeros(slab.len));
+                        let (mut loss, mut tokens, mut count) = (0.0, 0, 0);
+                        for (j, ids) in micro.into_iter().enumerate() {
+                            be.fill(part, 0.0);
+                            let r =
+                                t.loss_and_grad(be, &slab.params, part, ids, micro_key(step, j))?;
+                            be.scale(part, r.count as f64, slab.len);
+                            be.add(&mut slab.grads, part, slab.len);
+                            loss += r.loss * r.count as f64;
+                            tokens += r.tokens;
+                            count += r.count;
+                        }
+                        let count = count.max(1) as f64;
+                        be.scale(&mut slab.grads, 1.0 / count, slab.len);
+                        (loss / count, tokens)
+                    };
                     Ok((loss, tokens, slab.clip(be, args.clip)))
                 })
                 .map_err(|e| fault(e, format!("at step {step}, epoch {epoch}"), st.step))??;
@@ -832,16 +894,20 @@ impl<B: Backend> Trainee<B> for EncoderTrainee<'_, B> {
         params: &B::Buf,
         grads: &mut B::Buf,
         idx: &[usize],
-        step: u64,
-    ) -> Result<(f64, usize)> {
+        key: u64,
+    ) -> Result<Step> {
         let p = self.p;
         let refs: Vec<&Encoding> = idx.iter().map(|&i| &p.train_enc[i]).collect();
         let labels: Vec<f32> = idx.iter().map(|&i| p.train[i].label).collect();
         let hb = data::make_batch(&refs, &labels, p.pad_id);
         let db = self.enc.upload_batch(be, &hb)?;
-        let seed = self.args.dropout.then(|| sub_seed(self.args.seed, step));
+        let seed = self.args.dropout.then(|| sub_seed(self.args.seed, key));
         let (loss, _) = self.enc.loss_and_grad(be, params, grads, &db, seed);
-        Ok((loss, hb.tokens))
+        Ok(Step {
+            loss,
+            tokens: hb.tokens,
+            count: idx.len(),
+        })
     }
 
     fn train_lengths(&self) -> Vec<usize> {
@@ -863,6 +929,12 @@ pub fn train(args: &TrainArgs) -> Result<Summary> {
 pub fn train_on<B: Backend>(be: &B, args: &TrainArgs) -> Result<Summary> {
     if args.batch == 0 || args.epochs == 0 {
         return Err(Error::msg("--batch and --epochs must be at least 1"));
+    }
+    if args.grad_accum == 0 || args.grad_accum > args.batch {
+        return Err(Error::msg(format!(
+            "--grad-accum must be between 1 and --batch ({}), got {}",
+            args.batch, args.grad_accum
+        )));
     }
     if !(args.lr > 0.0 && args.lr.is_finite()) {
         return Err(Error::msg(format!(
@@ -970,6 +1042,7 @@ pub fn train_on<B: Backend>(be: &B, args: &TrainArgs) -> Result<Summary> {
             "pooling": pooling_name(p.pooling), "schedule": args.schedule, "warmup_ratio": args.warmup_ratio,
             "clip": args.clip, "weight_decay": args.weight_decay, "dropout": args.dropout, "max_steps": args.max_steps,
             "group_by_length": args.group_by_length,
+            "grad_accum": args.grad_accum,
             "beft_version": env!("CARGO_PKG_VERSION"),
         }),
     )?;
