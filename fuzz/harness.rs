@@ -128,7 +128,7 @@ pub fn safetensors_target() -> Target {
         best: Some((0.5, 1)),
         ..Default::default()
     };
-    beft::train::checkpoint::save(&ck, &[1.0; 5], &[0.5; 5], &[0.25; 5], &state).unwrap();
+    beft::train::checkpoint::save(&ck, &[1.0; 5], &[0.5; 5], &[0.25; 5], None, &state).unwrap();
     Target {
         name: "safetensors",
         seeds: vec![
@@ -170,7 +170,7 @@ pub fn safetensors_target() -> Target {
             // The checkpoint reader (its state JSON, slab lengths).
             let ck = beft::train::checkpoint::load(p, 5);
             if tag == "checkpoint" {
-                let (params, m, v, _) = ck.map_err(msg)?;
+                let (params, m, v, _, _) = ck.map_err(msg)?;
                 assert_eq!((params.len(), m.len(), v.len()), (5, 5, 5));
             }
             Ok(())

@@ -203,6 +203,11 @@ struct TrainOpts {
     /// memory.
     #[arg(long, default_value_t = 1, value_name = "N")]
     grad_accum: usize,
+    /// Save the biases (and head) of the epoch with the best dev metric
+    /// (the first, on a tie) instead of the last epoch's, as Hugging Face's
+    /// load_best_model_at_end does.
+    #[arg(long)]
+    save_best: bool,
     /// Head input: cls (pooler) or mean. Default: the model's own
     /// (sentence-transformers' 1_Pooling/config.json), else cls.
     #[arg(long)]
@@ -312,6 +317,7 @@ impl TrainOpts {
             max_gpu_memory: self.memory.max_gpu_memory.clone(),
             group_by_length: self.group_by_length,
             grad_accum: self.grad_accum,
+            save_best: self.save_best,
         })
     }
 }
@@ -522,6 +528,12 @@ fn run_train(t: TrainCli) -> beft::Result<()> {
         "task {} | bias {} | dev {}: before {} -> after {:.4} (best {:.4} at epoch {})",
         s.task, s.bias, s.metric_name, init, s.final_dev_metric, s.best_dev_metric, s.best_epoch
     );
+    if s.saved_epoch != s.epochs {
+        println!(
+            "biases saved from epoch {} (--save-best; dev {} {:.4})",
+            s.saved_epoch, s.metric_name, s.best_dev_metric
+        );
+    }
     println!(
         "trainable values: {} ({} in biases) | biases file: {} bytes | {:.0} train tokens/s | median step {:.3}s | peak RSS {:.0} MiB",
         s.trainable_params,

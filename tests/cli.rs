@@ -848,3 +848,76 @@ fn gradient_accumulation_matches_the_whole_batch() {
         );
     }
 }
+
+/// `--save-best`: the biases file holds the best epoch's values (its dev
+/// metric, re-evaluated by `beft eval`, is the run's best), not the last
+/// epoch's; training itself is unchanged.
+#[test]
+fn save_best_keeps_the_best_epoch() {
+    let s = setup();
+    // A learning rate high enough that the dev metric moves past its best.
+    let flags = [
+        "--bias",
+        "all",
+        "--pooling",
+        "mean",
+        "--epochs",
+        "8",
+        "--lr",
+        "0.1",
+    ];
+    let with = |out: &str, best: bool| {
+        let mut a = flags.to_vec();
+        if best {
+            a.push("--save-best");
+        }
+        let o = run(&train_args(&s, out, &a));
+        assert!(o.status.success(), "{}", stderr(&o));
+        let dir = s.tmp.path().join(out);
+        let summary: serde_json::Value =
+            serde_json::from_str(&fs::read_to_string(dir.join("summary.json")).unwrap()).unwrap();
+        let e = beft(&[
+            "eval",
+            "--model",
+            s.model.to_str().unwrap(),
+            "--biases",
+            dir.join("biases.safetensors").to_str().unwrap(),
+            "--task",
+            "sst2",
+            "--data",
+            s.data.to_str().unwrap(),
+            "--json",
+        ]);
+        assert!(e.status.success(), "{}", stderr(&e));
+        let r: serde_json::Value = serde_json::from_slice(&e.stdout).unwrap();
+        (
+            summary,
+            r["metric"].as_f64().unwrap(),
+            String::from_utf8_lossy(&o.stdout).to_string(),
+        )
+    };
+    let (last, last_eval, _) = with("last", false);
+    let (best, best_eval, printed) = with("best", true);
+    for k in ["best_dev_metric", "best_epoch", "final_dev_metric", "steps"] {
+        assert_eq!(
+            last[k], best[k],
+            "{k}: --save-best must not change training"
+        );
+    }
+    let (best_epoch, epochs) = (
+        best["best_epoch"].as_u64().unwrap(),
+        best["epochs"].as_u64().unwrap(),
+    );
+    assert!(
+        best_epoch < epochs && best["best_dev_metric"] != best["final_dev_metric"],
+        "this setup should peak before its last epoch: {best}"
+    );
+    assert_eq!(last["saved_epoch"].as_u64(), Some(epochs));
+    assert_eq!(best["saved_epoch"].as_u64(), Some(best_epoch));
+    assert_eq!(last_eval, last["final_dev_metric"].as_f64().unwrap());
+    assert_eq!(best_eval, best["best_dev_metric"].as_f64().unwrap());
+    assert!(
+        printed.contains(&format!("biases saved from epoch {best_epoch}")),
+        "{printed}"
+    );
+}

@@ -53,7 +53,13 @@ fn sigkill_then_resume_is_bit_identical() {
     write_tiny_model(&model, TinyArch::Bert, 3, None);
     write_tiny_sst2(&data, 64, 16);
     let (m, d) = (model.to_str().unwrap(), data.to_str().unwrap());
-    sigkill_then_resume(&tmp, &|out| own(train_args(m, d, out)));
+    // With --save-best, so that the best epoch's values go through the
+    // checkpoints too.
+    sigkill_then_resume(&tmp, &|out| {
+        let mut a = train_args(m, d, out);
+        a.push("--save-best");
+        own(a)
+    });
 }
 
 /// The same for a decoder (a tiny LLaMA GGUF with its own tokenizer,
@@ -518,7 +524,7 @@ fn disk_full_while_checkpointing_keeps_the_previous_checkpoint() {
             epoch: 3,
             ..Default::default()
         };
-        match save(Path::new(&path), &big, &big, &big, &st) {
+        match save(Path::new(&path), &big, &big, &big, None, &st) {
             Ok(()) => println!("CHILD-RESULT: ok"),
             Err(e) => println!("CHILD-RESULT: error: {e}"),
         }
@@ -532,7 +538,7 @@ fn disk_full_while_checkpointing_keeps_the_previous_checkpoint() {
         epoch: 1,
         ..Default::default()
     };
-    save(&path, &small, &small, &small, &st).unwrap();
+    save(&path, &small, &small, &small, None, &st).unwrap();
     let before = fs::read(&path).unwrap();
 
     // 48 KiB of checkpoint against a 16 KiB limit.
@@ -567,7 +573,7 @@ fn disk_full_while_checkpointing_keeps_the_previous_checkpoint() {
     // The previous checkpoint is untouched and still loads; no temporary
     // file is left behind.
     assert_eq!(fs::read(&path).unwrap(), before);
-    let (params, _, _, state) = load(&path, 10).unwrap();
+    let (params, _, _, state, _) = load(&path, 10).unwrap();
     assert_eq!((params, state.step), (small, 7));
     let names: Vec<_> = fs::read_dir(tmp.path())
         .unwrap()

@@ -68,7 +68,14 @@ pub fn staging_dir(out: &Path) -> PathBuf {
 pub const CHECKPOINT: &str = "checkpoint.safetensors";
 
 /// Write a checkpoint atomically.
-pub fn save(path: &Path, params: &[f32], m: &[f32], v: &[f32], state: &LoopState) -> Result<()> {
+pub fn save(
+    path: &Path,
+    params: &[f32],
+    m: &[f32],
+    v: &[f32],
+    best: Option<&[f32]>,
+    state: &LoopState,
+) -> Result<()> {
     let n = params.len();
     let mut meta = BTreeMap::new();
     meta.insert("format".to_string(), "beft-checkpoint".to_string());
@@ -76,17 +83,23 @@ pub fn save(path: &Path, params: &[f32], m: &[f32], v: &[f32], state: &LoopState
         "state".to_string(),
         serde_json::to_string(state).map_err(|e| Error::msg(e.to_string()))?,
     );
-    let tensors = vec![
+    let mut tensors = vec![
         ("params".to_string(), vec![n], params.to_vec()),
         ("adam_m".to_string(), vec![n], m.to_vec()),
         ("adam_v".to_string(), vec![n], v.to_vec()),
     ];
+    if let Some(b) = best {
+        tensors.push(("best_params".to_string(), vec![n], b.to_vec()));
+    }
     write_safetensors(path, &tensors, &meta)
 }
 
-/// Read a checkpoint: (params, m, v, state). `len` is the slab length the
-/// run expects.
-pub fn load(path: &Path, len: usize) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>, LoopState)> {
+/// What a checkpoint holds: params, AdamW's m and v, the loop's state, and
+/// (with `--save-best`) the best epoch's params.
+pub type Loaded = (Vec<f32>, Vec<f32>, Vec<f32>, LoopState, Option<Vec<f32>>);
+
+/// Read a checkpoint. `len` is the slab length the run expects.
+pub fn load(path: &Path, len: usize) -> Result<Loaded> {
     let store = WeightStore::open_file(path)?;
     let state: LoopState = serde_json::from_str(
         store
@@ -96,5 +109,36 @@ pub fn load(path: &Path, len: usize) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>, Lo
     )
     .map_err(|e| Error::file(path, format!("bad checkpoint state: {e}")))?;
     let get = |name: &str| -> Result<Vec<f32>> { Ok(store.get_shaped(name, &[len])?.to_f32_vec()) };
-    Ok((get("params")?, get("adam_m")?, get("adam_v")?, state))
+    let best = if store.try_get("best_params").is_some() {
+        Some(get("best_params")?)
+    } else {
+        None
+    };
+    Ok((get("params")?, get("adam_m")?, get("adam_v")?, state, best))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The best epoch's values (`--save-best`) survive a checkpoint, and a
+    /// checkpoint without them reads back as none.
+    #[test]
+    fn best_params_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(CHECKPOINT);
+        let (p, m, v, best) = ([1.0f32, 2.0], [0.5f32, 0.25], [3.0f32, 4.0], [7.0f32, -8.0]);
+        let state = LoopState {
+            step: 3,
+            best: Some((0.75, 2)),
+            ..Default::default()
+        };
+        save(&path, &p, &m, &v, Some(&best), &state).unwrap();
+        let (lp, lm, lv, ls, lb) = load(&path, 2).unwrap();
+        assert_eq!((lp, lm, lv), (p.to_vec(), m.to_vec(), v.to_vec()));
+        assert_eq!((ls.step, ls.best), (3, Some((0.75, 2))));
+        assert_eq!(lb, Some(best.to_vec()));
+        save(&path, &p, &m, &v, None, &state).unwrap();
+        assert_eq!(load(&path, 2).unwrap().4, None);
+    }
 }

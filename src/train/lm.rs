@@ -603,6 +603,7 @@ pub(super) fn train_on<B: Backend>(be: &B, args: &TrainArgs) -> Result<Summary> 
             "weight_decay": args.weight_decay, "max_steps": args.max_steps, "templates": args.templates,
             "group_by_length": args.group_by_length,
             "grad_accum": args.grad_accum,
+            "save_best": args.save_best,
             "max_new_tokens": max_new, "objective": if is_generation(&args.task) { "teacher-forcing" } else { "candidate-scoring" },
             "beft_version": env!("CARGO_PKG_VERSION"),
         }),

@@ -79,6 +79,9 @@ pub struct TrainArgs {
     /// with their gradients summed before the optimiser step: the update of
     /// the whole batch with the activation memory of a micro-batch.
     pub grad_accum: usize,
+    /// Save the trainable values of the epoch with the best dev metric
+    /// (the first, on a tie) instead of the last epoch's.
+    pub save_best: bool,
 }
 
 /// The training settings of an unfinished run, in its staging directory.
@@ -120,6 +123,7 @@ impl Default for TrainArgs {
             max_gpu_memory: None,
             group_by_length: false,
             grad_accum: 1,
+            save_best: false,
         }
     }
 }
@@ -163,6 +167,9 @@ pub struct Summary {
     pub final_dev_metric: f64,
     pub best_dev_metric: f64,
     pub best_epoch: usize,
+    /// The epoch whose trainable values the biases file holds (the last
+    /// one, or with `--save-best` the best one).
+    pub saved_epoch: usize,
     pub metric_name: String,
     pub train_examples: usize,
     pub dev_examples: usize,
@@ -459,6 +466,7 @@ fn micro_key(step: u64, j: usize) -> u64 {
 /// A finished training loop: the trained slab, the loop's counters, and the
 /// staging directory holding the logs (not yet published).
 pub(super) struct Trained<B: Backend> {
+    /// The trained slab (with `--save-best`, the best epoch's values).
     pub(super) slab: Slab<B>,
     pub(super) st: checkpoint::LoopState,
     pub(super) staging: Staging,
@@ -478,6 +486,11 @@ impl<B: Backend> Trained<B> {
             final_dev_metric: st.last.unwrap_or(f64::NAN),
             best_dev_metric: best.0,
             best_epoch: best.1,
+            saved_epoch: if args.save_best && st.best.is_some() {
+                best.1
+            } else {
+                st.epochs_run
+            },
             epochs: st.epochs_run,
             steps: st.step,
             train_tokens: st.train_tokens,
@@ -542,12 +555,15 @@ pub(super) fn run_loop<B: Backend>(
         write_json(&staging.dir.join(RUN_ARGS), &run_args)?;
     }
     let mut slab = Slab::new(be, init);
+    // With --save-best: the values of the best epoch so far.
+    let mut best_params: Option<Vec<f32>> = None;
     let mut st = checkpoint::LoopState {
         epoch: 1,
         ..Default::default()
     };
     if args.resume && ckpt_path.is_file() {
-        let (params, m, v, state) = checkpoint::load(&ckpt_path, slab.len)?;
+        let (params, m, v, state, best) = checkpoint::load(&ckpt_path, slab.len)?;
+        best_params = best;
         let cast = |x: Vec<f32>| -> Vec<B::T> { x.into_iter().map(B::T::from_f32).collect() };
         slab.params = be.upload(&cast(params));
         slab.m = be.upload(&cast(m));
@@ -657,6 +673,7 @@ pub(super) fn run_loop<B: Backend>(
     // weights to the steps since the last checkpoint, so that state is not
     // saved.
     let save = |slab: &Slab<B>,
+                best: &Option<Vec<f32>>,
                 st: &mut checkpoint::LoopState,
                 steps_file: &mut std::io::BufWriter<fs::File>,
                 metrics_file: &mut fs::File|
@@ -693,7 +710,8 @@ pub(super) fn run_loop<B: Backend>(
                 .map(|x| x.to_f32())
                 .collect::<Vec<f32>>()
         };
-        checkpoint::save(&ckpt_path, &f(&slab.params), &f(&slab.m), &f(&slab.v), st).map_err(kept)
+        let (p, m, v) = (f(&slab.params), f(&slab.m), f(&slab.v));
+        checkpoint::save(&ckpt_path, &p, &m, &v, best.as_deref(), st).map_err(kept)
     };
 
     if args.eval_before && st.step == 0 && st.metrics_bytes == 0 {
@@ -703,7 +721,13 @@ pub(super) fn run_loop<B: Backend>(
         log_eval(0, 0, &m, None, &mut metrics_file)?;
         st.initial = Some(m.value);
     }
-    save(&slab, &mut st, &mut steps_file, &mut metrics_file)?;
+    save(
+        &slab,
+        &best_params,
+        &mut st,
+        &mut steps_file,
+        &mut metrics_file,
+    )?;
     // From here on the staging directory holds a resumable state: keep it
     // if anything fails.
     staging.keep = true;
@@ -807,10 +831,22 @@ pub(super) fn run_loop<B: Backend>(
                 ));
                 pb.inc(1);
                 if args.checkpoint_every > 0 && step.is_multiple_of(args.checkpoint_every) {
-                    save(&slab, &mut st, &mut steps_file, &mut metrics_file)?;
+                    save(
+                        &slab,
+                        &best_params,
+                        &mut st,
+                        &mut steps_file,
+                        &mut metrics_file,
+                    )?;
                 }
                 if checkpoint::interrupted() {
-                    save(&slab, &mut st, &mut steps_file, &mut metrics_file)?;
+                    save(
+                        &slab,
+                        &best_params,
+                        &mut st,
+                        &mut steps_file,
+                        &mut metrics_file,
+                    )?;
                     pb.finish_and_clear();
                     return Err(Error::msg(format!(
                         "interrupted at step {step}: state saved in {}; {resume_hint}",
@@ -837,6 +873,14 @@ pub(super) fn run_loop<B: Backend>(
             log_eval(epoch, st.step, &m, tl, &mut metrics_file).map_err(kept)?;
             if st.best.map(|b| m.value > b.0).unwrap_or(true) {
                 st.best = Some((m.value, epoch));
+                if args.save_best {
+                    best_params = Some(
+                        be.download(&slab.params)
+                            .into_iter()
+                            .map(|x| x.to_f32())
+                            .collect(),
+                    );
+                }
             }
             st.last = Some(m.value);
         }
@@ -851,13 +895,23 @@ pub(super) fn run_loop<B: Backend>(
             st.epoch = epoch;
             st.epoch_evaluated = true;
         }
-        save(&slab, &mut st, &mut steps_file, &mut metrics_file)?;
+        save(
+            &slab,
+            &best_params,
+            &mut st,
+            &mut steps_file,
+            &mut metrics_file,
+        )?;
         if finished {
             break 'epochs;
         }
     }
     pb.finish_and_clear();
     steps_file.flush().map_err(|e| Error::io(&steps_path, e))?;
+    if let Some(best) = best_params.filter(|_| args.save_best) {
+        let best: Vec<B::T> = best.into_iter().map(B::T::from_f32).collect();
+        slab.params = be.upload(&best);
+    }
     Ok(Trained {
         slab,
         st,
@@ -1043,6 +1097,7 @@ pub fn train_on<B: Backend>(be: &B, args: &TrainArgs) -> Result<Summary> {
             "clip": args.clip, "weight_decay": args.weight_decay, "dropout": args.dropout, "max_steps": args.max_steps,
             "group_by_length": args.group_by_length,
             "grad_accum": args.grad_accum,
+            "save_best": args.save_best,
             "beft_version": env!("CARGO_PKG_VERSION"),
         }),
     )?;
