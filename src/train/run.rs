@@ -714,6 +714,19 @@ pub(super) fn run_loop<B: Backend>(
         checkpoint::save(&ckpt_path, &p, &m, &v, best.as_deref(), st).map_err(kept)
     };
 
+    // A checkpoint of the state as it is now.
+    macro_rules! save_now {
+        () => {
+            save(
+                &slab,
+                &best_params,
+                &mut st,
+                &mut steps_file,
+                &mut metrics_file,
+            )
+        };
+    }
+
     if args.eval_before && st.step == 0 && st.metrics_bytes == 0 {
         let m = catch_device_fault(|| t.evaluate(be, &slab.params))
             .map_err(|e| fault(e, "evaluating before training".into(), 0))??;
@@ -721,13 +734,7 @@ pub(super) fn run_loop<B: Backend>(
         log_eval(0, 0, &m, None, &mut metrics_file)?;
         st.initial = Some(m.value);
     }
-    save(
-        &slab,
-        &best_params,
-        &mut st,
-        &mut steps_file,
-        &mut metrics_file,
-    )?;
+    save_now!()?;
     // From here on the staging directory holds a resumable state: keep it
     // if anything fails.
     staging.keep = true;
@@ -831,22 +838,10 @@ pub(super) fn run_loop<B: Backend>(
                 ));
                 pb.inc(1);
                 if args.checkpoint_every > 0 && step.is_multiple_of(args.checkpoint_every) {
-                    save(
-                        &slab,
-                        &best_params,
-                        &mut st,
-                        &mut steps_file,
-                        &mut metrics_file,
-                    )?;
+                    save_now!()?;
                 }
                 if checkpoint::interrupted() {
-                    save(
-                        &slab,
-                        &best_params,
-                        &mut st,
-                        &mut steps_file,
-                        &mut metrics_file,
-                    )?;
+                    save_now!()?;
                     pb.finish_and_clear();
                     return Err(Error::msg(format!(
                         "interrupted at step {step}: state saved in {}; {resume_hint}",
@@ -895,13 +890,7 @@ pub(super) fn run_loop<B: Backend>(
             st.epoch = epoch;
             st.epoch_evaluated = true;
         }
-        save(
-            &slab,
-            &best_params,
-            &mut st,
-            &mut steps_file,
-            &mut metrics_file,
-        )?;
+        save_now!()?;
         if finished {
             break 'epochs;
         }
