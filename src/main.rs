@@ -153,6 +153,7 @@ struct ImportPeftCli {
 enum ScheduleCli {
     Constant,
     Linear,
+    Cosine,
 }
 
 /// Training settings shared by `train`, `rank` and `sweep`.
@@ -208,6 +209,11 @@ struct TrainOpts {
     /// load_best_model_at_end does.
     #[arg(long)]
     save_best: bool,
+    /// Stop when the dev metric has not improved for N epochs in a row
+    /// (Hugging Face's early_stopping_patience); with --save-best, the best
+    /// epoch's biases are kept.
+    #[arg(long, value_name = "N")]
+    early_stopping: Option<usize>,
     /// Head input: cls (pooler) or mean. Default: the model's own
     /// (sentence-transformers' 1_Pooling/config.json), else cls.
     #[arg(long)]
@@ -297,6 +303,7 @@ impl TrainOpts {
             schedule: match self.schedule {
                 ScheduleCli::Constant => Schedule::Constant,
                 ScheduleCli::Linear => Schedule::Linear,
+                ScheduleCli::Cosine => Schedule::Cosine,
             },
             warmup_ratio: self.warmup_ratio,
             clip: self.clip,
@@ -318,6 +325,7 @@ impl TrainOpts {
             group_by_length: self.group_by_length,
             grad_accum: self.grad_accum,
             save_best: self.save_best,
+            early_stopping: self.early_stopping,
         })
     }
 }

@@ -921,3 +921,76 @@ fn save_best_keeps_the_best_epoch() {
         "{printed}"
     );
 }
+
+/// `--early-stopping N`: the run ends after the first epoch whose best dev
+/// metric is N epochs old (found here from the full run's log), with the
+/// same epochs up to there, and says so.
+#[test]
+fn early_stopping_ends_when_the_metric_stalls() {
+    let s = setup();
+    let flags = [
+        "--bias",
+        "all",
+        "--pooling",
+        "mean",
+        "--epochs",
+        "8",
+        "--lr",
+        "0.1",
+    ];
+    let with = |out: &str, extra: &[&str]| {
+        let mut a = flags.to_vec();
+        a.extend(extra);
+        let o = run(&train_args(&s, out, &a));
+        assert!(o.status.success(), "{}", stderr(&o));
+        let dir = s.tmp.path().join(out);
+        let summary: serde_json::Value =
+            serde_json::from_str(&fs::read_to_string(dir.join("summary.json")).unwrap()).unwrap();
+        let metrics: Vec<f64> = fs::read_to_string(dir.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["metric"]
+                    .as_f64()
+                    .unwrap()
+            })
+            .collect();
+        (summary, metrics, stderr(&o))
+    };
+    let (full, full_metrics, _) = with("full", &[]);
+    assert_eq!(full["stopped_early"], false);
+    // Epoch 0 is the evaluation before training; epochs 1.. follow.
+    let patience = 1;
+    let mut best = (f64::NEG_INFINITY, 0);
+    let mut stop = None;
+    for (e, &m) in full_metrics.iter().enumerate().skip(1) {
+        if m > best.0 {
+            best = (m, e);
+        }
+        if e >= best.1 + patience {
+            stop = Some(e);
+            break;
+        }
+    }
+    let stop = stop
+        .filter(|&e| e < 8)
+        .expect("this setup should stall before its last epoch");
+    let (early, early_metrics, err) = with("early", &["--early-stopping", "1"]);
+    assert_eq!(early["stopped_early"], true, "{early}");
+    assert_eq!(early["epochs"].as_u64(), Some(stop as u64));
+    assert_eq!(
+        early_metrics,
+        full_metrics[..=stop],
+        "the same epochs up to the stop"
+    );
+    assert!(
+        err.contains("early stopping: no better dev metric for 1 epochs"),
+        "{err}"
+    );
+    assert_clean_failure(
+        &s,
+        &run(&train_args(&s, "out", &["--early-stopping", "0"])),
+        "--early-stopping",
+        "at least 1",
+    );
+}

@@ -604,6 +604,7 @@ pub(super) fn train_on<B: Backend>(be: &B, args: &TrainArgs) -> Result<Summary> 
             "group_by_length": args.group_by_length,
             "grad_accum": args.grad_accum,
             "save_best": args.save_best,
+            "early_stopping": args.early_stopping,
             "max_new_tokens": max_new, "objective": if is_generation(&args.task) { "teacher-forcing" } else { "candidate-scoring" },
             "beft_version": env!("CARGO_PKG_VERSION"),
         }),

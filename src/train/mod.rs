@@ -20,6 +20,9 @@ pub enum Schedule {
     Constant,
     /// Linear warm-up, then linear decay to zero (Hugging Face's default).
     Linear,
+    /// Linear warm-up, then half a cosine down to zero (Hugging Face's
+    /// `cosine`).
+    Cosine,
 }
 
 /// The learning rate at optimiser step `step` (1-based) of `total`.
@@ -32,6 +35,11 @@ pub fn lr_at(schedule: Schedule, base: f64, step: u64, total: u64, warmup: u64) 
         Schedule::Linear => {
             let rest = total.saturating_sub(warmup).max(1);
             base * (total.saturating_sub(step) as f64 / rest as f64).max(0.0)
+        }
+        Schedule::Cosine => {
+            let rest = total.saturating_sub(warmup).max(1);
+            let done = (step.saturating_sub(warmup) as f64 / rest as f64).min(1.0);
+            base * 0.5 * (1.0 + (std::f64::consts::PI * done).cos())
         }
     }
 }
@@ -191,4 +199,39 @@ pub fn slab_tensors(layout: &SlabLayout, values: &[f64]) -> Vec<(String, Vec<usi
             )
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Warm-up ramps every schedule up to the base rate; linear and cosine
+    /// then fall to zero at the last step, cosine through half the base
+    /// rate halfway and above linear before that, below it after.
+    #[test]
+    fn schedules() {
+        let (base, total, warmup) = (1e-3, 110, 10);
+        for s in [Schedule::Constant, Schedule::Linear, Schedule::Cosine] {
+            assert_eq!(lr_at(s, base, 5, total, warmup), base * 0.5, "{s:?}");
+            assert_eq!(lr_at(s, base, 10, total, warmup), base, "{s:?}");
+        }
+        assert_eq!(lr_at(Schedule::Constant, base, 110, total, warmup), base);
+        for s in [Schedule::Linear, Schedule::Cosine] {
+            assert_eq!(lr_at(s, base, 110, total, warmup), 0.0, "{s:?}");
+            assert!(
+                (lr_at(s, base, 60, total, warmup) - base * 0.5).abs() < 1e-12,
+                "{s:?}"
+            );
+        }
+        let (lin, cos) = (Schedule::Linear, Schedule::Cosine);
+        assert!(lr_at(cos, base, 30, total, warmup) > lr_at(lin, base, 30, total, warmup));
+        assert!(lr_at(cos, base, 90, total, warmup) < lr_at(lin, base, 90, total, warmup));
+        let c: Vec<f64> = (10..=110)
+            .map(|t| lr_at(cos, base, t, total, warmup))
+            .collect();
+        assert!(
+            c.windows(2).all(|w| w[1] <= w[0]),
+            "cosine decays monotonically"
+        );
+    }
 }

@@ -82,6 +82,9 @@ pub struct TrainArgs {
     /// Save the trainable values of the epoch with the best dev metric
     /// (the first, on a tie) instead of the last epoch's.
     pub save_best: bool,
+    /// Stop once the dev metric has not improved for this many epochs
+    /// (Hugging Face's `early_stopping_patience`).
+    pub early_stopping: Option<usize>,
 }
 
 /// The training settings of an unfinished run, in its staging directory.
@@ -124,6 +127,7 @@ impl Default for TrainArgs {
             group_by_length: false,
             grad_accum: 1,
             save_best: false,
+            early_stopping: None,
         }
     }
 }
@@ -170,6 +174,8 @@ pub struct Summary {
     /// The epoch whose trainable values the biases file holds (the last
     /// one, or with `--save-best` the best one).
     pub saved_epoch: usize,
+    /// Whether `--early-stopping` ended the run before its last epoch.
+    pub stopped_early: bool,
     pub metric_name: String,
     pub train_examples: usize,
     pub dev_examples: usize,
@@ -463,6 +469,15 @@ fn micro_key(step: u64, j: usize) -> u64 {
     step ^ ((j as u64) << 40)
 }
 
+/// Whether `--early-stopping` ends the run after the epochs run so far:
+/// the best dev metric is that many epochs old.
+fn stops_early(args: &TrainArgs, st: &checkpoint::LoopState) -> bool {
+    match (args.early_stopping, st.best) {
+        (Some(patience), Some((_, at))) => st.epochs_run >= at + patience,
+        _ => false,
+    }
+}
+
 /// A finished training loop: the trained slab, the loop's counters, and the
 /// staging directory holding the logs (not yet published).
 pub(super) struct Trained<B: Backend> {
@@ -486,6 +501,7 @@ impl<B: Backend> Trained<B> {
             final_dev_metric: st.last.unwrap_or(f64::NAN),
             best_dev_metric: best.0,
             best_epoch: best.1,
+            stopped_early: stops_early(args, st) && st.epochs_run < args.epochs,
             saved_epoch: if args.save_best && st.best.is_some() {
                 best.1
             } else {
@@ -885,7 +901,17 @@ pub(super) fn run_loop<B: Backend>(
         st.batch = 0;
         st.loss_sum = 0.0;
         st.loss_n = 0;
-        let finished = st.step >= total_steps;
+        let early = stops_early(args, &st);
+        let finished = st.step >= total_steps || early;
+        if early && st.step < total_steps {
+            let (b, at) = st.best.unwrap_or_default();
+            pb.suspend(|| {
+                eprintln!(
+                    "early stopping: no better dev metric for {} epochs (best {b:.4} at epoch {at})",
+                    epoch - at
+                )
+            });
+        }
         if finished {
             st.epoch = epoch;
             st.epoch_evaluated = true;
@@ -972,6 +998,11 @@ pub fn train(args: &TrainArgs) -> Result<Summary> {
 pub fn train_on<B: Backend>(be: &B, args: &TrainArgs) -> Result<Summary> {
     if args.batch == 0 || args.epochs == 0 {
         return Err(Error::msg("--batch and --epochs must be at least 1"));
+    }
+    if args.early_stopping == Some(0) {
+        return Err(Error::msg(
+            "--early-stopping must be at least 1 (epochs without a better dev metric)",
+        ));
     }
     if args.grad_accum == 0 || args.grad_accum > args.batch {
         return Err(Error::msg(format!(
@@ -1087,6 +1118,7 @@ pub fn train_on<B: Backend>(be: &B, args: &TrainArgs) -> Result<Summary> {
             "group_by_length": args.group_by_length,
             "grad_accum": args.grad_accum,
             "save_best": args.save_best,
+            "early_stopping": args.early_stopping,
             "beft_version": env!("CARGO_PKG_VERSION"),
         }),
     )?;
