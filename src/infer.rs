@@ -53,7 +53,7 @@ impl Classifier {
             return Err(Error::file(
                 model_dir,
                 format!(
-                    "is a {} decoder; the classifier runs encoders (BERT, RoBERTa, MiniLM): evaluate decoders with `beft eval`",
+                    "is a {} decoder; the classifier runs encoders (BERT, RoBERTa, MiniLM): classify with a decoder through `beft predict` or beft::train::lm::DecoderPredictor",
                     md.config.arch.name()
                 ),
             ));

@@ -427,8 +427,8 @@ struct EvalCli {
 
 #[derive(Args)]
 struct PredictCli {
-    /// Hugging Face model directory (config.json, model.safetensors, tokenizer.json): an
-    /// encoder (BERT, RoBERTa, MiniLM).
+    /// Hugging Face model directory (config.json, model.safetensors, tokenizer.json) of an
+    /// encoder (BERT, RoBERTa, MiniLM) or a decoder, or a decoder's GGUF file.
     #[arg(long)]
     model: PathBuf,
     /// Trained biases and head (RUN_DIR/biases.safetensors from `beft train`).
@@ -449,6 +449,14 @@ struct PredictCli {
     /// tab-separated `label<TAB>probability<TAB>text`.
     #[arg(long)]
     json: bool,
+    /// Decoders: the classification task whose prompt template and label verbalisers
+    /// score the texts (default: the task the biases were trained on).
+    #[arg(long)]
+    task: Option<String>,
+    /// Decoders: prompt templates (JSON) replacing/extending the built-in ones, as in
+    /// training.
+    #[arg(long)]
+    templates: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -592,10 +600,44 @@ fn run_predict(p: PredictCli) -> beft::Result<()> {
         };
         return Err(beft::Error::msg(format!("{from}: no texts to classify")));
     }
-    let clf = Classifier::load_with_max_len(&p.model, &p.biases, p.max_len)?;
-    let task = clf.task().and_then(|t| beft::data::task(t).ok());
+    // Encoders run their classification head; decoders score the task's
+    // label verbalisers after its prompt (probabilities: a softmax over
+    // those scores).
+    let decoder = beft::train::lm::is_decoder_model(&p.model);
+    enum Scorer {
+        Encoder(Box<Classifier>),
+        Decoder(Box<beft::train::lm::DecoderPredictor>),
+    }
+    let (scorer, task_name) = if decoder {
+        let d = beft::train::lm::DecoderPredictor::load(
+            &p.model,
+            &p.biases,
+            p.task.as_deref(),
+            p.templates.as_deref(),
+            p.max_len,
+        )?;
+        let t = d.task().to_string();
+        (Scorer::Decoder(Box::new(d)), Some(t))
+    } else {
+        if p.task.is_some() || p.templates.is_some() {
+            return Err(beft::Error::msg(
+                "--task and --templates apply to decoders; an encoder's biases file holds its task and head",
+            ));
+        }
+        let clf = Classifier::load_with_max_len(&p.model, &p.biases, p.max_len)?;
+        let t = clf.task().map(str::to_string);
+        (Scorer::Encoder(Box::new(clf)), t)
+    };
+    let task = task_name.as_deref().and_then(|t| beft::data::task(t).ok());
     let pair_task = task.as_ref().is_none_or(|t| t.is_pair);
-    let names = task.map(|t| t.label_names()).unwrap_or_default();
+    let mut names = task.map(|t| t.label_names()).unwrap_or_default();
+    if let Scorer::Decoder(d) = &scorer {
+        // Unnamed labels (or labels named by their number, as SST-2's
+        // "0"/"1") go by their verbalisers (" great" -> "great").
+        if names.iter().enumerate().all(|(i, n)| *n == i.to_string()) {
+            names = d.options().iter().map(|o| o.trim().to_string()).collect();
+        }
+    }
     let inputs: Vec<(&str, Option<&str>)> = lines
         .iter()
         .map(|l| match l.split_once('\t') {
@@ -605,10 +647,13 @@ fn run_predict(p: PredictCli) -> beft::Result<()> {
         .collect();
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
-    let regression = clf.num_labels() == 1;
+    let regression = matches!(&scorer, Scorer::Encoder(c) if c.num_labels() == 1);
     // Chunks keep memory flat on long files; results stream out in order.
     for (chunk, texts) in inputs.chunks(1024).zip(lines.chunks(1024)) {
-        let logits = clf.logits_pairs(chunk)?;
+        let logits = match &scorer {
+            Scorer::Encoder(c) => c.logits_pairs(chunk)?,
+            Scorer::Decoder(d) => d.scores(chunk)?,
+        };
         for (row, text) in logits.iter().zip(texts) {
             let (label, prob) = best_label(row);
             let name = names

@@ -403,9 +403,10 @@ fn predict_classifies_texts_like_eval() {
         "--text",
         "x",
     ]);
+    // A decoder with an encoder's biases file.
     assert!(!o.status.success());
     assert!(
-        stderr(&o).contains("tiny_llama.gguf: is a llama decoder"),
+        stderr(&o).contains("is not a decoder's biases file"),
         "{}",
         stderr(&o)
     );
@@ -993,4 +994,144 @@ fn early_stopping_ends_when_the_metric_stalls() {
         "--early-stopping",
         "at least 1",
     );
+}
+
+/// `beft predict` with a decoder: each text goes through the task's prompt
+/// and the label verbalisers are scored; the predictions agree with `beft
+/// eval`'s accuracy on the same dev texts, unnamed labels go by their
+/// verbalisers, and what cannot be predicted is a clean error.
+#[test]
+fn predict_with_a_decoder_scores_the_verbalisers() {
+    let s = setup();
+    let gguf =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fuzz/seeds/tiny_llama.gguf");
+    let g = gguf.to_str().unwrap();
+    let o = run(&train_args(
+        &s,
+        "dec",
+        &[
+            "--model", g, "--bias", "all", "--epochs", "10", "--lr", "1e-2",
+        ],
+    ));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let biases = s.tmp.path().join("dec/biases.safetensors");
+    let b = biases.to_str().unwrap();
+    let d = s.data.to_str().unwrap();
+    let e = beft(&[
+        "eval", "--model", g, "--biases", b, "--task", "sst2", "--data", d, "--json",
+    ]);
+    assert!(e.status.success(), "{}", stderr(&e));
+    let acc = serde_json::from_slice::<serde_json::Value>(&e.stdout).unwrap()["metric"]
+        .as_f64()
+        .unwrap();
+    let dev = fs::read_to_string(s.data.join("dev.tsv")).unwrap();
+    let rows: Vec<(&str, u64)> = dev
+        .lines()
+        .skip(1)
+        .map(|l| l.split_once('\t').unwrap())
+        .map(|(t, l)| (t, l.parse().unwrap()))
+        .collect();
+    let input = s.tmp.path().join("texts.txt");
+    fs::write(
+        &input,
+        rows.iter().map(|r| r.0).collect::<Vec<_>>().join("\n"),
+    )
+    .unwrap();
+    let o = beft(&[
+        "predict",
+        "--model",
+        g,
+        "--biases",
+        b,
+        "--input",
+        input.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(out.len(), rows.len(), "one line per text");
+    let mut correct = 0;
+    for (p, (text, gold)) in out.iter().zip(&rows) {
+        assert_eq!(p["text"], *text, "input order");
+        let id = p["label_id"].as_u64().unwrap();
+        assert_eq!(
+            p["label"],
+            ["terrible", "great"][id as usize],
+            "sst2's verbalisers name its labels"
+        );
+        let probs: Vec<f64> = p["probabilities"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
+        assert!(
+            probs.len() == 2 && (probs.iter().sum::<f64>() - 1.0).abs() < 1e-5,
+            "{p}"
+        );
+        correct += (id == *gold) as usize;
+    }
+    assert!(
+        acc >= 0.9,
+        "the decoder should learn the good/bad task: dev accuracy {acc}"
+    );
+    assert_eq!(
+        correct as f64 / rows.len() as f64,
+        acc,
+        "predict agrees with eval"
+    );
+    // Tab-separated output, and errors.
+    let o = beft(&[
+        "predict",
+        "--model",
+        g,
+        "--biases",
+        b,
+        "--text",
+        "a good movie",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let line = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(
+        line.ends_with("\ta good movie\n") && line.split('\t').count() == 3,
+        "{line}"
+    );
+    for (args, phrase) in [
+        (vec!["--task", "squad"], "classification task"),
+        (vec!["--task", "copa"], "own choices"),
+    ] {
+        let mut a = vec!["predict", "--model", g, "--biases", b, "--text", "x"];
+        a.extend(args);
+        let o = beft(&a);
+        assert!(!o.status.success() && o.stdout.is_empty(), "{a:?}");
+        assert!(stderr(&o).contains(phrase), "{a:?}: {}", stderr(&o));
+    }
+    let enc_biases = s.tmp.path().join("enc.safetensors");
+    let o = run(&train_args(&s, "enc", &["--epochs", "1"]));
+    assert!(o.status.success(), "{}", stderr(&o));
+    fs::copy(s.tmp.path().join("enc/biases.safetensors"), &enc_biases).unwrap();
+    let o = beft(&[
+        "predict",
+        "--model",
+        g,
+        "--biases",
+        enc_biases.to_str().unwrap(),
+        "--text",
+        "x",
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("not a decoder's biases file"),
+        "{}",
+        stderr(&o)
+    );
+    let m = s.model.to_str().unwrap();
+    let o = beft(&[
+        "predict", "--model", m, "--biases", b, "--text", "x", "--task", "sst2",
+    ]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("apply to decoders"), "{}", stderr(&o));
 }

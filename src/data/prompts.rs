@@ -290,24 +290,28 @@ pub fn load_records(task: &str, dir: &Path, split: Split, seed: u64) -> Result<V
             let ex = tasks::load_split(&spec, dir, split)?;
             Ok(ex
                 .into_iter()
-                .map(|e| {
-                    let mut f = BTreeMap::new();
-                    for k in ["text", "sentence", "sentence1", "premise", "question1"] {
-                        f.insert(k.to_string(), e.text.clone());
-                    }
-                    if let Some(p) = &e.text_pair {
-                        for k in ["text_pair", "sentence2", "hypothesis", "question2"] {
-                            f.insert(k.to_string(), p.clone());
-                        }
-                    }
-                    Record {
-                        fields: f,
-                        label: e.label as usize,
-                        choices: Vec::new(),
-                    }
-                })
+                .map(|e| text_record(&e.text, e.text_pair.as_deref(), e.label as usize))
                 .collect())
         }
+    }
+}
+
+/// A GLUE-style example as a record: the text (and pair) under every field
+/// name the templates use for them (`text`, `sentence`, `premise`, …).
+pub fn text_record(text: &str, pair: Option<&str>, label: usize) -> Record {
+    let mut f = BTreeMap::new();
+    for k in ["text", "sentence", "sentence1", "premise", "question1"] {
+        f.insert(k.to_string(), text.to_string());
+    }
+    if let Some(p) = pair {
+        for k in ["text_pair", "sentence2", "hypothesis", "question2"] {
+            f.insert(k.to_string(), p.to_string());
+        }
+    }
+    Record {
+        fields: f,
+        label,
+        choices: Vec::new(),
     }
 }
 

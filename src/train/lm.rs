@@ -23,12 +23,14 @@ use serde_json::{json, Value};
 
 use super::run::{run_loop, write_json, EvalArgs, EvalResult, Step, Summary, TrainArgs, Trainee};
 use super::{slab_tensors, Slab};
+use crate::backend::fast::{FastBuf, FastCpu};
 use crate::backend::fault::{max_device_memory, mib};
 use crate::backend::Backend;
 use crate::data::generation::{self, GenExample};
 use crate::data::prompts::{self, McExample, Templates};
 use crate::data::{self, Split, TextTokenizer};
 use crate::error::{Error, Result};
+use crate::float::Float;
 use crate::model::config::{Arch, ModelDir};
 use crate::model::{BiasTerm, Decoder, DecoderOptions, Offload};
 use crate::rng::Rng;
@@ -220,6 +222,12 @@ fn load_data(
     let idx = subset(recs.len());
     let recs: Vec<_> = idx.into_iter().map(|i| recs[i].clone()).collect();
     let mc: Vec<McExample> = prompts::to_mc(tpl, &recs)?;
+    Ok(Data::Mc(encode_mc(&mc, tpl, tok)?))
+}
+
+/// Tokenize candidate-scoring examples: each prompt fitted to `max_len`
+/// with room for its longest option.
+fn encode_mc(mc: &[McExample], tpl: &prompts::Template, tok: &Tok) -> Result<Vec<EncMc>> {
     let mut out = Vec::with_capacity(mc.len());
     for (i, e) in mc.iter().enumerate() {
         let options: Vec<Vec<u32>> = e
@@ -245,7 +253,129 @@ fn load_data(
             gold: e.gold,
         });
     }
-    Ok(Data::Mc(out))
+    Ok(out)
+}
+
+/// Classify free texts with a decoder and a biases file trained on a
+/// candidate-scoring task (`beft predict` for decoders): each text goes
+/// through the task's prompt template and every label's verbaliser is
+/// scored, as in evaluation. On the fast CPU backend.
+pub struct DecoderPredictor {
+    be: FastCpu,
+    dec: Decoder<FastCpu>,
+    params: FastBuf,
+    tok: Tok,
+    tpl: prompts::Template,
+    task: String,
+}
+
+impl DecoderPredictor {
+    /// Load the decoder (a Hugging Face directory or a GGUF file) and the
+    /// biases file of a `beft train` run on it. The task is the run's
+    /// (from the file's metadata) unless `task` names one; `templates`
+    /// replaces or extends the built-in prompt templates, as in training.
+    pub fn load(
+        model: &Path,
+        biases: &Path,
+        task: Option<&str>,
+        templates: Option<&Path>,
+        max_len: usize,
+    ) -> Result<Self> {
+        let store = WeightStore::open_file(biases)?;
+        let meta = |k: &str| store.metadata().get(k).cloned();
+        if meta("objective").as_deref() != Some("decoder") {
+            return Err(Error::file(
+                biases,
+                "is not a decoder's biases file (trained with `beft train` on a decoder)",
+            ));
+        }
+        let task = match task.map(str::to_string).or_else(|| meta("task")) {
+            Some(t) => t,
+            None => return Err(Error::file(biases, "names no task: pass --task")),
+        };
+        if is_generation(&task) || !prompts::MC_TASKS.contains(&prompts::task_key(&task).as_str()) {
+            return Err(Error::msg(format!(
+                "task '{task}': predict scores the label verbalisers of a classification task ({})",
+                prompts::MC_TASKS.join(", ")
+            )));
+        }
+        let templates = Templates::load(templates)?;
+        let tpl = templates.get(&template_name(&task))?.clone();
+        if tpl.options.is_none() {
+            return Err(Error::msg(format!(
+                "task '{task}': its template '{}' scores each example's own choices; predict needs fixed label verbalisers ('options')",
+                tpl.name
+            )));
+        }
+        let md = ModelDir::open(model)?;
+        md.check_biases_base(biases, &store)?;
+        let tok = tokenizer(&md, max_len)?;
+        let terms = match meta("bias_terms") {
+            Some(t) => BiasTerm::parse_set(&t)?,
+            None => vec![BiasTerm::V],
+        };
+        let be = FastCpu::new();
+        let dec = Decoder::load(
+            &be,
+            &md,
+            DecoderOptions {
+                terms,
+                offload: Offload::Resident,
+                recompute: false,
+            },
+        )?;
+        let mut init = dec.init.clone();
+        dec.layout.read_values(&store, biases, &mut init)?;
+        let vals: Vec<f32> = init.iter().map(|&x| x as f32).collect();
+        let params = be.upload(&vals);
+        Ok(DecoderPredictor {
+            be,
+            dec,
+            params,
+            tok,
+            tpl,
+            task,
+        })
+    }
+
+    /// The task the texts are classified for.
+    pub fn task(&self) -> &str {
+        &self.task
+    }
+
+    /// The label verbalisers, in label order, as the template writes them.
+    pub fn options(&self) -> Vec<String> {
+        self.tpl.options.clone().unwrap_or_default()
+    }
+
+    /// Each input's score per label: the length-normalised log-likelihood
+    /// of the label's verbaliser after the prompt (the highest is the
+    /// prediction, as in evaluation). `pair` is the second text of a pair
+    /// task.
+    pub fn scores(&self, inputs: &[(&str, Option<&str>)]) -> Result<Vec<Vec<f32>>> {
+        let recs: Vec<prompts::Record> = inputs
+            .iter()
+            .map(|(t, p)| prompts::text_record(t, *p, 0))
+            .collect();
+        let enc = encode_mc(&prompts::to_mc(&self.tpl, &recs)?, &self.tpl, &self.tok)?;
+        let lengths: Vec<usize> = enc
+            .iter()
+            .map(|e| e.prompt.len() + e.options.iter().map(Vec::len).max().unwrap_or(0))
+            .collect();
+        let mut out = vec![Vec::new(); enc.len()];
+        for idx in data::eval_batches_by_length(&lengths, 16) {
+            let refs: Vec<&EncMc> = idx.iter().map(|&i| &enc[i]).collect();
+            let (cb, _, spans) = mc_batch(&self.be, &self.dec, &refs, self.dec.cfg.pad_token_id)?;
+            let (_, scores) = self.dec.candidate_scores(&self.be, &self.params, &cb);
+            for (&i, (start, n)) in idx.iter().zip(&spans) {
+                out[i] = scores[*start..start + n]
+                    .iter()
+                    .map(|s| s.to_f32())
+                    .collect();
+            }
+        }
+        Ok(out)
+    }
 }
 
 /// Right-padded sequences, and the rows predicting each answer token.
