@@ -200,6 +200,82 @@ fn bf16_matmul_matches_the_reference_on_bf16_inputs() {
     }
 }
 
+/// A frozen weight's bf16 panels are packed on first use and kept: the
+/// products that reuse them (both orientations of a square weight, so that
+/// only the orientation tells their panels apart; several row counts; the
+/// linear layer with its epilogue) are bit-identical to products from an
+/// owned copy of the same values, which is packed afresh every time.
+#[test]
+fn kept_weight_panels_give_the_same_products() {
+    if !gemm16::available() {
+        println!("skipped: this CPU has no AVX-512 BF16 (BEFT_CPU_GEMM=bf16 is refused here)");
+        return;
+    }
+    let f = FastCpu::with_gemm(CpuGemm::Bf16).unwrap();
+    let mut rng = Rng::new(5);
+    let (n, k) = (48, 48);
+    let wv = rv(&mut rng, k * n, 1.0);
+    let bytes: Vec<u8> = wv
+        .iter()
+        .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
+        .collect();
+    for t in [
+        TensorView::from_f32("w", vec![k * n], &wv),
+        TensorView::from_bytes("w", DType::BF16, vec![k * n], bytes),
+    ] {
+        let w = f.weight(&t).unwrap();
+        let owned = f.upload(&f.download(&f.weight(&t).unwrap()));
+        let bias = f.upload(&rv(&mut rng, n, 1.0));
+        for round in 0..2 {
+            for tb in [false, true] {
+                for m in [32, 100] {
+                    let a = f.upload(&rv(&mut rng, m * k, 1.0));
+                    let (mut kept, mut fresh) = (f.zeros(m * n), f.zeros(m * n));
+                    f.matmul(&mut kept, &a, &w, m, n, k, false, tb, false);
+                    f.matmul(&mut fresh, &a, &owned, m, n, k, false, tb, false);
+                    let bits =
+                        |b: &FastBuf| b.to_vec().iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    let what = format!("{:?} round {round} tb={tb} m={m}", t.dtype);
+                    assert!(
+                        bits(&kept) == bits(&fresh),
+                        "matmul, {what}: kept panels differ"
+                    );
+                    let (mut pre, mut out) = (f.zeros(m * n), f.zeros(m * n));
+                    let (mut pre2, mut out2) = (f.zeros(m * n), f.zeros(m * n));
+                    f.linear_act(
+                        &mut pre,
+                        &mut out,
+                        Act::Gelu,
+                        &a,
+                        &w,
+                        Some((&bias, 0)),
+                        m,
+                        n,
+                        k,
+                        tb,
+                    );
+                    f.linear_act(
+                        &mut pre2,
+                        &mut out2,
+                        Act::Gelu,
+                        &a,
+                        &owned,
+                        Some((&bias, 0)),
+                        m,
+                        n,
+                        k,
+                        tb,
+                    );
+                    assert!(
+                        bits(&out) == bits(&out2),
+                        "linear_act, {what}: kept panels differ"
+                    );
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn elementwise_ops_match_reference() {
     let e = Env::new();

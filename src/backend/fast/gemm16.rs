@@ -251,6 +251,128 @@ pub fn gemm_on(
     tb: bool,
     epi: Epilogue<'_>,
 ) {
+    assert!(b.len() >= k * n, "bf16 gemm B shape");
+    if !check(kernel, m, n, k, c, accumulate, a, &epi) {
+        return;
+    }
+    let (mut ap, mut bp) = SCRATCH.with(|s| s.take());
+    let ld = pairs_per_row(kernel, k);
+    let bp16 = aligned(&mut bp, n.div_ceil(NR) * ld * NR);
+    // Products under ~4M multiply-adds (tens of microseconds on one core,
+    // about what waking the pool costs) stay on the calling thread.
+    let par = m * n * k >= 1 << 22;
+    each_chunk(par, bp16, ld * NR, |t, dst| {
+        pack_b(dst, b, n, k, tb, t * NR, ld)
+    });
+    multiply(kernel, (m, n, k), c, accumulate, a, ta, bp16, &mut ap, epi);
+    SCRATCH.with(|s| s.set((ap, bp)));
+}
+
+/// Pairs per packed row of `k` values: AMX pads to whole tiles of `k`.
+fn pairs_per_row(kernel: Kernel, k: usize) -> usize {
+    match kernel {
+        Kernel::Amx => k.div_ceil(2).next_multiple_of(amx::KT),
+        Kernel::Dot => k.div_ceil(2),
+    }
+}
+
+/// B (`k × n`, stored as for [`gemm_on`]) packed once for one kernel, to be
+/// used by any number of [`gemm_packed`] calls: a frozen weight's panels
+/// need not be rebuilt on every product.
+pub struct PackedB {
+    data: Vec<u32>,
+    off: usize,
+    len: usize,
+    /// The kernel, `n`, `k` and `tb` it was packed for.
+    pub key: (Kernel, usize, usize, bool),
+}
+
+impl PackedB {
+    /// Pack `b` (`k × n`; `tb`: stored `[n, k]`) for `kernel`.
+    ///
+    /// # Panics
+    /// When `b` is shorter than `k·n`.
+    pub fn new(kernel: Kernel, n: usize, k: usize, b: BSrc<'_>, tb: bool) -> PackedB {
+        assert!(b.len() >= k * n, "bf16 gemm B shape");
+        let ld = pairs_per_row(kernel, k);
+        let len = n.div_ceil(NR) * ld * NR;
+        let mut data = Vec::new();
+        let off = {
+            let dst = aligned(&mut data, len);
+            // (Nothing to pack for an empty B: k or n is 0.)
+            if len > 0 {
+                each_chunk(n * k >= 1 << 16, dst, ld * NR, |t, d| {
+                    pack_b(d, b, n, k, tb, t * NR, ld)
+                });
+            }
+            dst.as_ptr() as usize
+        };
+        let off = (off - data.as_ptr() as usize) / std::mem::size_of::<u32>();
+        PackedB {
+            data,
+            off,
+            len,
+            key: (kernel, n, k, tb),
+        }
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.data.capacity() * std::mem::size_of::<u32>()
+    }
+
+    fn panels(&self) -> &[u32] {
+        &self.data[self.off..self.off + self.len]
+    }
+}
+
+/// [`gemm_on`] with B packed beforehand ([`PackedB`], for its kernel, `n`,
+/// `k` and `tb`).
+///
+/// # Panics
+/// As [`gemm_on`].
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_packed(
+    m: usize,
+    c: &mut [f32],
+    accumulate: bool,
+    a: &[f32],
+    ta: bool,
+    b: &PackedB,
+    epi: Epilogue<'_>,
+) {
+    let (kernel, n, k, _) = b.key;
+    if !check(kernel, m, n, k, c, accumulate, a, &epi) {
+        return;
+    }
+    let (mut ap, bp) = SCRATCH.with(|s| s.take());
+    multiply(
+        kernel,
+        (m, n, k),
+        c,
+        accumulate,
+        a,
+        ta,
+        b.panels(),
+        &mut ap,
+        epi,
+    );
+    SCRATCH.with(|s| s.set((ap, bp)));
+}
+
+/// The checks and the empty cases of a product: false when nothing is left
+/// to multiply (`m`, `n` or `k` zero; C and the epilogue are then done).
+#[allow(clippy::too_many_arguments)]
+fn check(
+    kernel: Kernel,
+    m: usize,
+    n: usize,
+    k: usize,
+    c: &mut [f32],
+    accumulate: bool,
+    a: &[f32],
+    epi: &Epilogue<'_>,
+) -> bool {
     assert!(available(), "bf16 GEMM needs AVX-512 BF16");
     if let Some(bias) = epi.bias {
         assert!(bias.len() >= n, "bf16 gemm bias");
@@ -258,17 +380,13 @@ pub fn gemm_on(
     if let Some((_, _, len)) = epi.act {
         assert!(len >= m * n, "bf16 gemm activation output");
     }
-    let amx = kernel == Kernel::Amx;
     assert!(
-        !amx || amx::available(),
+        kernel != Kernel::Amx || amx::available(),
         "this CPU or OS offers no AMX-BF16"
     );
-    assert!(
-        a.len() >= m * k && b.len() >= k * n && c.len() >= m * n,
-        "bf16 gemm shapes"
-    );
+    assert!(a.len() >= m * k && c.len() >= m * n, "bf16 gemm shapes");
     if m == 0 || n == 0 {
-        return;
+        return false;
     }
     if k == 0 {
         if !accumulate {
@@ -276,21 +394,31 @@ pub fn gemm_on(
         }
         // SAFETY: C is m × n and exclusively borrowed; `out` checked above.
         unsafe { epi.apply(SendPtr(c.as_mut_ptr()), n, (0, m), (0, n)) };
-        return;
+        return false;
     }
+    true
+}
+
+/// Pack A and multiply by the packed panels `bp16` of B (`ap`: scratch for
+/// packed A).
+#[allow(clippy::too_many_arguments)]
+fn multiply(
+    kernel: Kernel,
+    (m, n, k): (usize, usize, usize),
+    c: &mut [f32],
+    accumulate: bool,
+    a: &[f32],
+    ta: bool,
+    bp16: &[u32],
+    ap: &mut Vec<u32>,
+    epi: Epilogue<'_>,
+) {
+    let amx = kernel == Kernel::Amx;
     // Rows per strip and pairs per packed row (AMX: whole tiles of k).
-    let (mr, ld) = if amx {
-        (amx::MR, k.div_ceil(2).next_multiple_of(amx::KT))
-    } else {
-        (MR, k.div_ceil(2))
-    };
+    let (mr, ld) = (if amx { amx::MR } else { MR }, pairs_per_row(kernel, k));
     let strips = m.div_ceil(mr);
     let panels = n.div_ceil(NR);
-    let (mut ap, mut bp) = SCRATCH.with(|s| s.take());
-    let ap16 = aligned(&mut ap, strips * mr * ld);
-    let bp16 = aligned(&mut bp, panels * ld * NR);
-    // Products under ~4M multiply-adds (tens of microseconds on one core,
-    // about what waking the pool costs) stay on the calling thread.
+    let ap16 = aligned(ap, strips * mr * ld);
     let par = m * n * k >= 1 << 22;
     each_chunk(par, ap16, mr * ld, |s, dst| {
         if amx {
@@ -298,9 +426,6 @@ pub fn gemm_on(
         } else {
             pack_a(dst, a, m, k, ta, s * mr)
         }
-    });
-    each_chunk(par, bp16, ld * NR, |t, dst| {
-        pack_b(dst, b, n, k, tb, t * NR, ld)
     });
     // Blocks of up to MC rows × NC columns, halved until every thread has
     // about four to take (work stealing evens out the rest).
@@ -319,7 +444,7 @@ pub fn gemm_on(
     }
     let (mb, nb) = (strips.div_ceil(ms), panels.div_ceil(ns));
     let cp = SendPtr(c.as_mut_ptr());
-    let (ap_ref, bp_ref) = (&*ap16, &*bp16);
+    let (ap_ref, bp_ref) = (&*ap16, bp16);
     let block = |task: usize| {
         let (ib, jb) = (task / nb, task % nb);
         let (s0, s1) = (ib * ms, ((ib + 1) * ms).min(strips));
@@ -399,7 +524,6 @@ pub fn gemm_on(
     } else {
         (0..mb * nb).for_each(block);
     }
-    SCRATCH.with(|s| s.set((ap, bp)));
 }
 
 /// `len` elements of `v` from a 64-byte boundary, so that every packed row
@@ -947,6 +1071,19 @@ mod tests {
                     src,
                     tb,
                     Epilogue::default(),
+                );
+                // B packed beforehand: the same product, bit for bit.
+                let packed = PackedB::new(kernel, n, k, src, tb);
+                let mut cp = if acc {
+                    c0.clone()
+                } else {
+                    vec![f32::NAN; m * n]
+                };
+                gemm_packed(m, &mut cp, acc, &a, ta, &packed, Epilogue::default());
+                let same = c.iter().zip(&cp).all(|(x, y)| x.to_bits() == y.to_bits());
+                assert!(
+                    same,
+                    "{kernel:?} {m}x{n}x{k} ta={ta} tb={tb} acc={acc}: packed B differs"
                 );
                 for i in 0..m {
                     for j in 0..n {

@@ -31,6 +31,8 @@ pub mod kernels;
 pub mod pool;
 
 use std::ops::Deref;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use rayon::prelude::*;
 
@@ -44,11 +46,85 @@ use gemm16::{BSrc, Kernel};
 /// values, or a frozen weight read in place), whose owned storage goes back
 /// to the free list when dropped.
 #[derive(Debug)]
-pub struct FastBuf(CpuBuf<f32>);
+pub struct FastBuf(CpuBuf<f32>, Option<Arc<Packs>>);
+
+/// A frozen weight's bf16 panels (`BEFT_CPU_GEMM=bf16`), packed on its
+/// first product in each orientation and kept with the weight (shared by
+/// its clones), while the process-wide total stays within
+/// [`pack_cache_limit`]: the panels of a weight that is multiplied every
+/// step need not be rebuilt every step.
+#[derive(Default)]
+pub struct Packs(Mutex<Vec<Arc<Cached>>>);
+
+impl std::fmt::Debug for Packs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.0.lock().map(|v| v.len()).unwrap_or(0);
+        write!(f, "Packs({n} packed)")
+    }
+}
+
+/// Bytes of packed panels held by all weights.
+static PACKED_BYTES: AtomicUsize = AtomicUsize::new(0);
+
+/// The most bytes of packed weight panels kept: `BEFT_CPU_PACK_CACHE` MiB
+/// (0: none kept, every product packs its weight), default 2048.
+pub fn pack_cache_limit() -> usize {
+    static LIMIT: OnceLock<usize> = OnceLock::new();
+    *LIMIT.get_or_init(|| {
+        let mib = std::env::var("BEFT_CPU_PACK_CACHE")
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .unwrap_or(2048);
+        mib << 20
+    })
+}
+
+/// Packed panels counted in [`PACKED_BYTES`] while they live.
+pub struct Cached(gemm16::PackedB);
+
+impl Drop for Cached {
+    fn drop(&mut self) {
+        PACKED_BYTES.fetch_sub(self.0.bytes(), Ordering::Relaxed);
+    }
+}
+
+impl Packs {
+    /// The panels of B for this product: kept ones, or packed now (and
+    /// kept if the budget allows); `None` when over the budget (the caller
+    /// packs into scratch as for any operand).
+    fn get(
+        &self,
+        key: (Kernel, usize, usize, bool),
+        b: impl FnOnce() -> Arc<Cached>,
+    ) -> Option<Arc<Cached>> {
+        let find = |v: &Vec<Arc<Cached>>| v.iter().find(|c| c.0.key == key).cloned();
+        if let Some(c) = find(&*self.0.lock().ok()?) {
+            return Some(c);
+        }
+        let (kernel, n, k, _) = key;
+        let ld = match kernel {
+            Kernel::Amx => k.div_ceil(2).next_multiple_of(amx::KT),
+            Kernel::Dot => k.div_ceil(2),
+        };
+        let want = (n.div_ceil(gemm16::NR) * ld * gemm16::NR + 16) * 4;
+        if PACKED_BYTES.load(Ordering::Relaxed) + want > pack_cache_limit() {
+            return None;
+        }
+        // Packed outside the lock (the packing runs on the pool).
+        let c = b();
+        let mut v = self.0.lock().ok()?;
+        if let Some(old) = find(&v) {
+            return Some(old);
+        }
+        PACKED_BYTES.fetch_add(c.0.bytes(), Ordering::Relaxed);
+        v.push(c.clone());
+        Some(c)
+    }
+}
 
 impl FastBuf {
     fn owned(v: Vec<f32>) -> Self {
-        FastBuf(CpuBuf::Owned(v))
+        FastBuf(CpuBuf::Owned(v), None)
     }
 
     /// Number of elements.
@@ -84,7 +160,7 @@ impl Clone for FastBuf {
                 w.extend_from_slice(v);
                 FastBuf::owned(w)
             }
-            CpuBuf::Mapped(t) => FastBuf(CpuBuf::Mapped(t.clone())),
+            CpuBuf::Mapped(t) => FastBuf(CpuBuf::Mapped(t.clone()), self.1.clone()),
         }
     }
 }
@@ -113,6 +189,15 @@ impl Deref for F32<'_> {
                 CpuBuf::Mapped(_) => unreachable!(),
             },
         }
+    }
+}
+
+/// B of a bf16 product: bf16 weights read in place (never widened), other
+/// buffers as f32 (converted into `wide` where they are not f32).
+fn src<'a>(b: &'a FastBuf, wide: &'a mut Option<F32<'a>>) -> BSrc<'a> {
+    match &b.0 {
+        CpuBuf::Mapped(t) if t.dtype == DType::BF16 => BSrc::Bf16(t.bytes()),
+        _ => BSrc::F32(wide.insert(view(b))),
     }
 }
 
@@ -364,16 +449,38 @@ impl FastCpu {
     ) {
         let a = view(a);
         let c = c.slice_mut();
-        let wide;
-        let b = match &b.0 {
-            // bf16 weights are read in place, never widened.
-            CpuBuf::Mapped(t) if t.dtype == DType::BF16 => BSrc::Bf16(t.bytes()),
-            _ => {
-                wide = view(b);
-                BSrc::F32(&wide)
+        let kernel = Kernel::best();
+        // A frozen weight: its panels, packed once.
+        if let Some(packs) = &b.1 {
+            let pack = || {
+                let mut wide = None;
+                Arc::new(Cached(gemm16::PackedB::new(
+                    kernel,
+                    n,
+                    k,
+                    src(b, &mut wide),
+                    tb,
+                )))
+            };
+            if let Some(p) = packs.get((kernel, n, k, tb), pack) {
+                gemm16::gemm_packed(m, c, accumulate, &a, ta, &p.0, epi);
+                return;
             }
-        };
-        gemm16::gemm_on(Kernel::best(), m, n, k, c, accumulate, &a, ta, b, tb, epi);
+        }
+        let mut wide = None;
+        gemm16::gemm_on(
+            kernel,
+            m,
+            n,
+            k,
+            c,
+            accumulate,
+            &a,
+            ta,
+            src(b, &mut wide),
+            tb,
+            epi,
+        );
     }
 }
 
@@ -424,7 +531,10 @@ impl Backend for FastCpu {
     }
 
     fn weight(&self, t: &TensorView) -> Result<FastBuf> {
-        Ok(FastBuf(CpuBuf::Mapped(t.clone())))
+        Ok(FastBuf(
+            CpuBuf::Mapped(t.clone()),
+            Some(Arc::new(Packs::default())),
+        ))
     }
 
     fn len(&self, buf: &FastBuf) -> usize {
