@@ -850,33 +850,60 @@ fn gradient_accumulation_matches_the_whole_batch() {
     }
 }
 
+/// Settings under which the tiny model's dev metric peaks before the last
+/// of its 8 epochs (a learning rate high enough to move past its best).
+const PEAKS: &[&str] = &[
+    "--bias",
+    "all",
+    "--pooling",
+    "mean",
+    "--epochs",
+    "8",
+    "--lr",
+    "0.1",
+];
+
+/// A finished training run with `PEAKS` plus `extra`: its summary, dev
+/// metric per evaluation (epoch 0 first), stdout and stderr.
+fn peaked_run(
+    s: &Setup,
+    out: &str,
+    extra: &[&str],
+) -> (serde_json::Value, Vec<f64>, String, String) {
+    let mut a = PEAKS.to_vec();
+    a.extend(extra);
+    let o = run(&train_args(s, out, &a));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let dir = s.tmp.path().join(out);
+    let summary: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(dir.join("summary.json")).unwrap()).unwrap();
+    let metrics: Vec<f64> = fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["metric"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect();
+    (
+        summary,
+        metrics,
+        String::from_utf8_lossy(&o.stdout).to_string(),
+        stderr(&o),
+    )
+}
+
 /// `--save-best`: the biases file holds the best epoch's values (its dev
 /// metric, re-evaluated by `beft eval`, is the run's best), not the last
 /// epoch's; training itself is unchanged.
 #[test]
 fn save_best_keeps_the_best_epoch() {
     let s = setup();
-    // A learning rate high enough that the dev metric moves past its best.
-    let flags = [
-        "--bias",
-        "all",
-        "--pooling",
-        "mean",
-        "--epochs",
-        "8",
-        "--lr",
-        "0.1",
-    ];
     let with = |out: &str, best: bool| {
-        let mut a = flags.to_vec();
-        if best {
-            a.push("--save-best");
-        }
-        let o = run(&train_args(&s, out, &a));
-        assert!(o.status.success(), "{}", stderr(&o));
+        let (summary, _, printed, _) =
+            peaked_run(&s, out, if best { &["--save-best"] } else { &[] });
         let dir = s.tmp.path().join(out);
-        let summary: serde_json::Value =
-            serde_json::from_str(&fs::read_to_string(dir.join("summary.json")).unwrap()).unwrap();
         let e = beft(&[
             "eval",
             "--model",
@@ -891,11 +918,7 @@ fn save_best_keeps_the_best_epoch() {
         ]);
         assert!(e.status.success(), "{}", stderr(&e));
         let r: serde_json::Value = serde_json::from_slice(&e.stdout).unwrap();
-        (
-            summary,
-            r["metric"].as_f64().unwrap(),
-            String::from_utf8_lossy(&o.stdout).to_string(),
-        )
+        (summary, r["metric"].as_f64().unwrap(), printed)
     };
     let (last, last_eval, _) = with("last", false);
     let (best, best_eval, printed) = with("best", true);
@@ -929,34 +952,9 @@ fn save_best_keeps_the_best_epoch() {
 #[test]
 fn early_stopping_ends_when_the_metric_stalls() {
     let s = setup();
-    let flags = [
-        "--bias",
-        "all",
-        "--pooling",
-        "mean",
-        "--epochs",
-        "8",
-        "--lr",
-        "0.1",
-    ];
     let with = |out: &str, extra: &[&str]| {
-        let mut a = flags.to_vec();
-        a.extend(extra);
-        let o = run(&train_args(&s, out, &a));
-        assert!(o.status.success(), "{}", stderr(&o));
-        let dir = s.tmp.path().join(out);
-        let summary: serde_json::Value =
-            serde_json::from_str(&fs::read_to_string(dir.join("summary.json")).unwrap()).unwrap();
-        let metrics: Vec<f64> = fs::read_to_string(dir.join("metrics.jsonl"))
-            .unwrap()
-            .lines()
-            .map(|l| {
-                serde_json::from_str::<serde_json::Value>(l).unwrap()["metric"]
-                    .as_f64()
-                    .unwrap()
-            })
-            .collect();
-        (summary, metrics, stderr(&o))
+        let (summary, metrics, _, err) = peaked_run(&s, out, extra);
+        (summary, metrics, err)
     };
     let (full, full_metrics, _) = with("full", &[]);
     assert_eq!(full["stopped_early"], false);

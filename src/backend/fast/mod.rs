@@ -79,7 +79,7 @@ pub fn pack_cache_limit() -> usize {
     })
 }
 
-/// Packed panels counted in [`PACKED_BYTES`] while they live.
+/// Packed panels, counted against [`pack_cache_limit`] while they live.
 pub struct Cached(gemm16::PackedB);
 
 impl Drop for Cached {
