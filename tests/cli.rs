@@ -1100,6 +1100,10 @@ fn predict_with_a_decoder_scores_the_verbalisers() {
     for (args, phrase) in [
         (vec!["--task", "squad"], "classification task"),
         (vec!["--task", "copa"], "own choices"),
+        (
+            vec!["--task", "boolq"],
+            "pairs of texts: give both, separated by a tab",
+        ),
     ] {
         let mut a = vec!["predict", "--model", g, "--biases", b, "--text", "x"];
         a.extend(args);

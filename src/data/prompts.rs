@@ -296,15 +296,41 @@ pub fn load_records(task: &str, dir: &Path, split: Split, seed: u64) -> Result<V
     }
 }
 
+/// The field names [`text_record`] gives the first text.
+const TEXT_FIELDS: [&str; 5] = ["text", "sentence", "sentence1", "premise", "question1"];
+/// The field names [`text_record`] gives the second text of a pair.
+const PAIR_FIELDS: [&str; 4] = ["text_pair", "sentence2", "hypothesis", "question2"];
+
+/// Free texts as a record for any classification template: as
+/// [`text_record`], plus BoolQ's `passage` (the first text) and `question`
+/// (the second).
+pub fn free_text_record(text: &str, pair: Option<&str>) -> Record {
+    let mut r = text_record(text, pair, 0);
+    r.fields.insert("passage".into(), text.to_string());
+    if let Some(p) = pair {
+        r.fields.insert("question".into(), p.to_string());
+    }
+    r
+}
+
+/// Whether template text `t` uses the second text of a pair (as
+/// [`free_text_record`] names it).
+pub fn uses_pair(t: &str) -> bool {
+    PAIR_FIELDS
+        .iter()
+        .chain(&["question"])
+        .any(|k| t.contains(&format!("{{{k}}}")))
+}
+
 /// A GLUE-style example as a record: the text (and pair) under every field
 /// name the templates use for them (`text`, `sentence`, `premise`, …).
 pub fn text_record(text: &str, pair: Option<&str>, label: usize) -> Record {
     let mut f = BTreeMap::new();
-    for k in ["text", "sentence", "sentence1", "premise", "question1"] {
+    for k in TEXT_FIELDS {
         f.insert(k.to_string(), text.to_string());
     }
     if let Some(p) = pair {
-        for k in ["text_pair", "sentence2", "hypothesis", "question2"] {
+        for k in PAIR_FIELDS {
             f.insert(k.to_string(), p.to_string());
         }
     }

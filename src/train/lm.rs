@@ -353,9 +353,19 @@ impl DecoderPredictor {
     /// prediction, as in evaluation). `pair` is the second text of a pair
     /// task.
     pub fn scores(&self, inputs: &[(&str, Option<&str>)]) -> Result<Vec<Vec<f32>>> {
+        let opts = self.tpl.options.iter().flatten();
+        if prompts::uses_pair(&self.tpl.prompt) || opts.clone().any(|o| prompts::uses_pair(o)) {
+            if let Some(i) = inputs.iter().position(|(_, p)| p.is_none()) {
+                return Err(Error::msg(format!(
+                    "text {}: task '{}' classifies pairs of texts: give both, separated by a tab",
+                    i + 1,
+                    self.task
+                )));
+            }
+        }
         let recs: Vec<prompts::Record> = inputs
             .iter()
-            .map(|(t, p)| prompts::text_record(t, *p, 0))
+            .map(|(t, p)| prompts::free_text_record(t, *p))
             .collect();
         let enc = encode_mc(&prompts::to_mc(&self.tpl, &recs)?, &self.tpl, &self.tok)?;
         let lengths: Vec<usize> = enc
