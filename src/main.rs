@@ -457,6 +457,10 @@ struct PredictCli {
     /// training.
     #[arg(long)]
     templates: Option<PathBuf>,
+    /// Decoders on a generation task (squad; each line: context, a tab, the question):
+    /// most tokens generated per answer.
+    #[arg(long, default_value_t = 32)]
+    max_new_tokens: usize,
 }
 
 fn main() -> ExitCode {
@@ -650,6 +654,27 @@ fn run_predict(p: PredictCli) -> beft::Result<()> {
     let regression = matches!(&scorer, Scorer::Encoder(c) if c.num_labels() == 1);
     // Chunks keep memory flat on long files; results stream out in order.
     for (chunk, texts) in inputs.chunks(1024).zip(lines.chunks(1024)) {
+        // A generation task: one answer per line.
+        if let Scorer::Decoder(d) = &scorer {
+            if d.generates() {
+                let answers = d.answers(chunk, p.max_new_tokens)?;
+                for (answer, text) in answers.iter().zip(texts) {
+                    let res = if p.json {
+                        writeln!(
+                            out,
+                            "{}",
+                            serde_json::json!({"text": text, "answer": answer})
+                        )
+                    } else {
+                        writeln!(out, "{answer}\t{text}")
+                    };
+                    if !written(res)? {
+                        return Ok(());
+                    }
+                }
+                continue;
+            }
+        }
         let logits = match &scorer {
             Scorer::Encoder(c) => c.logits_pairs(chunk)?,
             Scorer::Decoder(d) => d.scores(chunk)?,
@@ -673,11 +698,8 @@ fn run_predict(p: PredictCli) -> beft::Result<()> {
             } else {
                 writeln!(out, "{name}\t{prob:.4}\t{text}")
             };
-            match res {
-                // `beft predict … | head`: stop quietly.
-                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
-                Err(e) => return Err(beft::Error::msg(format!("writing stdout: {e}"))),
-                Ok(()) => {}
+            if !written(res)? {
+                return Ok(());
             }
         }
     }
@@ -686,6 +708,16 @@ fn run_predict(p: PredictCli) -> beft::Result<()> {
             Err(beft::Error::msg(format!("writing stdout: {e}")))
         }
         _ => Ok(()),
+    }
+}
+
+/// Whether a line of output went out: false when stdout's reader has gone
+/// (`beft predict … | head`: stop quietly), an error otherwise.
+fn written(res: std::io::Result<()>) -> beft::Result<bool> {
+    match res {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
+        Err(e) => Err(beft::Error::msg(format!("writing stdout: {e}"))),
+        Ok(()) => Ok(true),
     }
 }
 

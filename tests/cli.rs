@@ -1137,3 +1137,110 @@ fn predict_with_a_decoder_scores_the_verbalisers() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("apply to decoders"), "{}", stderr(&o));
 }
+
+/// `beft predict` with a decoder trained on a generation task (SQuAD
+/// format): each line is a context and a question; the answers are
+/// evaluation's (their F1 against the references is `beft eval`'s, on a
+/// dev set without titles), and a line without its question is a clear
+/// error.
+#[test]
+fn predict_with_a_decoder_answers_questions() {
+    let s = setup();
+    let gguf =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fuzz/seeds/tiny_llama.gguf");
+    let g = gguf.to_str().unwrap();
+    let squad = s.tmp.path().join("squad");
+    fs::create_dir_all(&squad).unwrap();
+    // Words of the tiny model's vocabulary (a, b, c, ab, abc, 1, 2), so that
+    // its answers can overlap the references.
+    let context = "abc ab c 1 2";
+    let qas: Vec<(String, String)> = (0..16)
+        .map(|i| {
+            (
+                format!("ab {} c", 1 + i % 2),
+                ["abc", "ab c", "c", "a b"][i % 4].to_string(),
+            )
+        })
+        .collect();
+    let doc = serde_json::json!({"data": [{"title": "", "paragraphs": [{"context": context, "qas":
+        qas.iter().enumerate().map(|(i, (q, a))| serde_json::json!({"id": format!("q{i}"), "question": q,
+            "answers": [{"text": a, "answer_start": 0}]})).collect::<Vec<_>>()}]}]});
+    for f in ["train.json", "dev.json"] {
+        fs::write(squad.join(f), doc.to_string()).unwrap();
+    }
+    let q = squad.to_str().unwrap();
+    let gen = [
+        "--model",
+        g,
+        "--data",
+        q,
+        "--task",
+        "squad",
+        "--max-new-tokens",
+        "4",
+    ];
+    let mut a = gen.to_vec();
+    a.extend(["--bias", "all", "--epochs", "2"]);
+    let o = run(&train_args(&s, "gen", &a));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let b = s.tmp.path().join("gen/biases.safetensors");
+    let b = b.to_str().unwrap();
+    let mut e = vec!["eval", "--biases", b, "--json"];
+    e.extend(gen);
+    let e = beft(&e);
+    assert!(e.status.success(), "{}", stderr(&e));
+    let f1 = serde_json::from_slice::<serde_json::Value>(&e.stdout).unwrap()["metric"]
+        .as_f64()
+        .unwrap();
+    let input = s.tmp.path().join("questions.txt");
+    let lines: Vec<String> = qas.iter().map(|(q, _)| format!("{context}\t{q}")).collect();
+    fs::write(&input, lines.join("\n")).unwrap();
+    let i = input.to_str().unwrap();
+    let o = beft(&[
+        "predict",
+        "--model",
+        g,
+        "--biases",
+        b,
+        "--input",
+        i,
+        "--json",
+        "--max-new-tokens",
+        "4",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(out.len(), qas.len(), "one answer per line");
+    let mut sum = 0.0;
+    for (p, (line, (_, gold))) in out.iter().zip(lines.iter().zip(&qas)) {
+        assert_eq!(p["text"], *line, "input order");
+        sum += beft::data::generation::best_f1_em(p["answer"].as_str().unwrap(), &[gold.clone()]).0;
+    }
+    let got = sum / qas.len() as f64;
+    assert!(
+        f1 > 0.0,
+        "some answers should overlap the references (dev F1 {f1})"
+    );
+    assert!(
+        (got - f1).abs() < 1e-12,
+        "predict's answers score F1 {got}, eval {f1}"
+    );
+    let o = beft(&[
+        "predict",
+        "--model",
+        g,
+        "--biases",
+        b,
+        "--text",
+        "no question here",
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("give the context, a tab, then the question"),
+        "{}",
+        stderr(&o)
+    );
+}

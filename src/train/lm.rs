@@ -259,7 +259,9 @@ fn encode_mc(mc: &[McExample], tpl: &prompts::Template, tok: &Tok) -> Result<Vec
 /// Classify free texts with a decoder and a biases file trained on a
 /// candidate-scoring task (`beft predict` for decoders): each text goes
 /// through the task's prompt template and every label's verbaliser is
-/// scored, as in evaluation. On the fast CPU backend.
+/// scored, as in evaluation. For a generation task (SQuAD), answer
+/// instead: greedy decoding up to the first newline, as in evaluation. On
+/// the fast CPU backend.
 pub struct DecoderPredictor {
     be: FastCpu,
     dec: Decoder<FastCpu>,
@@ -293,15 +295,23 @@ impl DecoderPredictor {
             Some(t) => t,
             None => return Err(Error::file(biases, "names no task: pass --task")),
         };
-        if is_generation(&task) || !prompts::MC_TASKS.contains(&prompts::task_key(&task).as_str()) {
+        let generation = is_generation(&task);
+        if !generation && !prompts::MC_TASKS.contains(&prompts::task_key(&task).as_str()) {
             return Err(Error::msg(format!(
-                "task '{task}': predict scores the label verbalisers of a classification task ({})",
+                "task '{task}': predict scores the label verbalisers of a classification task ({}) or answers a generation task (squad)",
                 prompts::MC_TASKS.join(", ")
             )));
         }
         let templates = Templates::load(templates)?;
         let tpl = templates.get(&template_name(&task))?.clone();
-        if tpl.options.is_none() {
+        if generation {
+            if tpl.target.is_none() {
+                return Err(Error::msg(format!(
+                    "template '{}' has no 'target': generation tasks need one",
+                    tpl.name
+                )));
+            }
+        } else if tpl.options.is_none() {
             return Err(Error::msg(format!(
                 "task '{task}': its template '{}' scores each example's own choices; predict needs fixed label verbalisers ('options')",
                 tpl.name
@@ -341,6 +351,49 @@ impl DecoderPredictor {
     /// The task the texts are classified for.
     pub fn task(&self) -> &str {
         &self.task
+    }
+
+    /// Whether the task is answered by generation ([`Self::answers`])
+    /// rather than classified ([`Self::scores`]).
+    pub fn generates(&self) -> bool {
+        is_generation(&self.task)
+    }
+
+    /// Greedy answers (at most `max_new` tokens, up to the first newline)
+    /// to `(context, question)` pairs through the task's prompt template
+    /// (its `title` is empty).
+    pub fn answers(&self, inputs: &[(&str, Option<&str>)], max_new: usize) -> Result<Vec<String>> {
+        let mut prompts_ = Vec::with_capacity(inputs.len());
+        for (i, (ctx, q)) in inputs.iter().enumerate() {
+            let Some(q) = q else {
+                return Err(Error::msg(format!(
+                    "text {}: task '{}' answers a question about a context: give the context, a tab, then the question",
+                    i + 1,
+                    self.task
+                )));
+            };
+            let mut f = BTreeMap::new();
+            f.insert("title".to_string(), String::new());
+            f.insert("context".to_string(), ctx.to_string());
+            f.insert("question".to_string(), q.trim().to_string());
+            let mut p = self.tok.prompt(&prompts::render(&self.tpl.prompt, &f)?)?;
+            self.tok.fit(&mut p, max_new);
+            prompts_.push(p);
+        }
+        let stop = |toks: &[u32]| self.tok.decode(toks).contains('\n');
+        let lengths: Vec<usize> = prompts_.iter().map(Vec::len).collect();
+        let mut out = vec![String::new(); inputs.len()];
+        for idx in data::eval_batches_by_length(&lengths, 16) {
+            let batch: Vec<Vec<u32>> = idx.iter().map(|&i| prompts_[i].clone()).collect();
+            let gen =
+                self.dec
+                    .generate_greedy(&self.be, &self.params, &batch, max_new.max(1), &stop)?;
+            for (g, &i) in gen.iter().zip(&idx) {
+                let text = self.tok.decode(g);
+                out[i] = text.split('\n').next().unwrap_or("").trim().to_string();
+            }
+        }
+        Ok(out)
     }
 
     /// The label verbalisers, in label order, as the template writes them.
