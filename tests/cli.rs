@@ -60,6 +60,28 @@ fn train_args(s: &Setup, out: &str, extra: &[&str]) -> Vec<String> {
     v
 }
 
+/// `beft eval --json` of a biases file on the setup's model and dev set
+/// (`extra` flags override them), checked to succeed.
+fn eval_json(s: &Setup, biases: &Path, extra: &[&str]) -> serde_json::Value {
+    let (m, d) = (s.model.to_str().unwrap(), s.data.to_str().unwrap());
+    let mut a = vec!["eval", "--biases", biases.to_str().unwrap(), "--json"];
+    for (flag, value) in [("--model", m), ("--task", "sst2"), ("--data", d)] {
+        if !extra.contains(&flag) {
+            a.extend([flag, value]);
+        }
+    }
+    a.extend(extra);
+    let o = beft(&a);
+    assert!(o.status.success(), "eval failed:\n{}", stderr(&o));
+    serde_json::from_slice(&o.stdout).expect("one JSON object on stdout")
+}
+
+/// A tiny LLaMA GGUF with its own tokenizer (vocabulary: a, b, c, ab,
+/// abc, 1, 2 and specials).
+fn tiny_llama() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fuzz/seeds/tiny_llama.gguf")
+}
+
 fn run(args: &[String]) -> Output {
     let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
     beft(&a)
@@ -152,21 +174,7 @@ fn train_writes_a_complete_run_and_eval_agrees() {
     assert!(meta.contains_key("base_model_fingerprint"));
 
     // eval --json on the same dev set reproduces the final metric.
-    let o = beft(&[
-        "eval",
-        "--model",
-        s.model.to_str().unwrap(),
-        "--biases",
-        out.join("biases.safetensors").to_str().unwrap(),
-        "--task",
-        "sst2",
-        "--data",
-        s.data.to_str().unwrap(),
-        "--json",
-    ]);
-    assert!(o.status.success(), "eval failed:\n{}", stderr(&o));
-    let r: serde_json::Value =
-        serde_json::from_slice(&o.stdout).expect("one JSON object on stdout");
+    let r = eval_json(&s, &out.join("biases.safetensors"), &[]);
     assert_eq!(r["metric_name"], "accuracy");
     assert_eq!(r["examples"], 32);
     assert_eq!(r["metric"].as_f64(), summary["final_dev_metric"].as_f64());
@@ -392,8 +400,7 @@ fn predict_classifies_texts_like_eval() {
         assert!(!o.status.success() && o.stdout.is_empty(), "{a:?}");
         assert!(stderr(&o).contains(phrase), "{a:?}: {}", stderr(&o));
     }
-    let gguf =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fuzz/seeds/tiny_llama.gguf");
+    let gguf = tiny_llama();
     let o = beft(&[
         "predict",
         "--model",
@@ -774,8 +781,7 @@ fn step_log(dir: &Path) -> Vec<(f64, f64, u64)> {
 #[test]
 fn gradient_accumulation_matches_the_whole_batch() {
     let s = setup();
-    let gguf =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fuzz/seeds/tiny_llama.gguf");
+    let gguf = tiny_llama();
     let squad = s.tmp.path().join("squad");
     fs::create_dir_all(&squad).unwrap();
     let qas: Vec<serde_json::Value> = (0..24)
@@ -903,21 +909,7 @@ fn save_best_keeps_the_best_epoch() {
     let with = |out: &str, best: bool| {
         let (summary, _, printed, _) =
             peaked_run(&s, out, if best { &["--save-best"] } else { &[] });
-        let dir = s.tmp.path().join(out);
-        let e = beft(&[
-            "eval",
-            "--model",
-            s.model.to_str().unwrap(),
-            "--biases",
-            dir.join("biases.safetensors").to_str().unwrap(),
-            "--task",
-            "sst2",
-            "--data",
-            s.data.to_str().unwrap(),
-            "--json",
-        ]);
-        assert!(e.status.success(), "{}", stderr(&e));
-        let r: serde_json::Value = serde_json::from_slice(&e.stdout).unwrap();
+        let r = eval_json(&s, &s.tmp.path().join(out).join("biases.safetensors"), &[]);
         (summary, r["metric"].as_f64().unwrap(), printed)
     };
     let (last, last_eval, _) = with("last", false);
@@ -1001,8 +993,7 @@ fn early_stopping_ends_when_the_metric_stalls() {
 #[test]
 fn predict_with_a_decoder_scores_the_verbalisers() {
     let s = setup();
-    let gguf =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fuzz/seeds/tiny_llama.gguf");
+    let gguf = tiny_llama();
     let g = gguf.to_str().unwrap();
     let o = run(&train_args(
         &s,
@@ -1014,12 +1005,7 @@ fn predict_with_a_decoder_scores_the_verbalisers() {
     assert!(o.status.success(), "{}", stderr(&o));
     let biases = s.tmp.path().join("dec/biases.safetensors");
     let b = biases.to_str().unwrap();
-    let d = s.data.to_str().unwrap();
-    let e = beft(&[
-        "eval", "--model", g, "--biases", b, "--task", "sst2", "--data", d, "--json",
-    ]);
-    assert!(e.status.success(), "{}", stderr(&e));
-    let acc = serde_json::from_slice::<serde_json::Value>(&e.stdout).unwrap()["metric"]
+    let acc = eval_json(&s, &biases, &["--model", g])["metric"]
         .as_f64()
         .unwrap();
     let dev = fs::read_to_string(s.data.join("dev.tsv")).unwrap();
@@ -1146,8 +1132,7 @@ fn predict_with_a_decoder_scores_the_verbalisers() {
 #[test]
 fn predict_with_a_decoder_answers_questions() {
     let s = setup();
-    let gguf =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fuzz/seeds/tiny_llama.gguf");
+    let gguf = tiny_llama();
     let g = gguf.to_str().unwrap();
     let squad = s.tmp.path().join("squad");
     fs::create_dir_all(&squad).unwrap();
@@ -1185,11 +1170,7 @@ fn predict_with_a_decoder_answers_questions() {
     assert!(o.status.success(), "{}", stderr(&o));
     let b = s.tmp.path().join("gen/biases.safetensors");
     let b = b.to_str().unwrap();
-    let mut e = vec!["eval", "--biases", b, "--json"];
-    e.extend(gen);
-    let e = beft(&e);
-    assert!(e.status.success(), "{}", stderr(&e));
-    let f1 = serde_json::from_slice::<serde_json::Value>(&e.stdout).unwrap()["metric"]
+    let f1 = eval_json(&s, Path::new(b), &gen)["metric"]
         .as_f64()
         .unwrap();
     let input = s.tmp.path().join("questions.txt");
