@@ -61,10 +61,7 @@ impl Classifier {
         let store = WeightStore::open_file(biases)?;
         let meta = |k: &str| store.metadata().get(k).cloned();
         md.check_biases_base(biases, &store)?;
-        let terms = match meta("bias_terms") {
-            Some(t) => BiasTerm::parse_set(&t)?,
-            None => vec![BiasTerm::V],
-        };
+        let terms = BiasTerm::trained_set(meta("bias_terms").as_deref())?;
         let num_labels = match meta("num_labels") {
             Some(n) => n
                 .parse::<usize>()

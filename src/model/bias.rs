@@ -103,6 +103,15 @@ impl BiasTerm {
         Ok(out)
     }
 
+    /// The terms a biases file was trained on, from its `bias_terms`
+    /// metadata (`spec`); `v`, BEFT's default, when there is none.
+    pub fn trained_set(spec: Option<&str>) -> Result<Vec<BiasTerm>> {
+        match spec {
+            Some(t) => BiasTerm::parse_set(t),
+            None => Ok(vec![BiasTerm::V]),
+        }
+    }
+
     /// Format a set back to its command-line form.
     pub fn format_set(terms: &[BiasTerm]) -> String {
         if BiasTerm::ALL.iter().all(|t| terms.contains(t)) {

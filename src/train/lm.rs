@@ -69,6 +69,13 @@ struct EncMc {
     gold: usize,
 }
 
+impl EncMc {
+    /// The longest candidate sequence: prompt and longest option.
+    fn len(&self) -> usize {
+        self.prompt.len() + self.options.iter().map(Vec::len).max().unwrap_or(0)
+    }
+}
+
 struct EncGen {
     prompt: Vec<u32>,
     target: Vec<u32>,
@@ -87,10 +94,7 @@ impl Data {
     /// option, or prompt plus target): what batching by length groups on.
     fn lengths(&self) -> Vec<usize> {
         match self {
-            Data::Mc(v) => v
-                .iter()
-                .map(|e| e.prompt.len() + e.options.iter().map(Vec::len).max().unwrap_or(0))
-                .collect(),
+            Data::Mc(v) => v.iter().map(EncMc::len).collect(),
             Data::Gen(v) => v.iter().map(|e| e.prompt.len() + e.target.len()).collect(),
         }
     }
@@ -320,10 +324,7 @@ impl DecoderPredictor {
         let md = ModelDir::open(model)?;
         md.check_biases_base(biases, &store)?;
         let tok = tokenizer(&md, max_len)?;
-        let terms = match meta("bias_terms") {
-            Some(t) => BiasTerm::parse_set(&t)?,
-            None => vec![BiasTerm::V],
-        };
+        let terms = BiasTerm::trained_set(meta("bias_terms").as_deref())?;
         let be = FastCpu::new();
         let dec = Decoder::load(
             &be,
@@ -380,20 +381,16 @@ impl DecoderPredictor {
             self.tok.fit(&mut p, max_new);
             prompts_.push(p);
         }
-        let stop = |toks: &[u32]| self.tok.decode(toks).contains('\n');
-        let lengths: Vec<usize> = prompts_.iter().map(Vec::len).collect();
-        let mut out = vec![String::new(); inputs.len()];
-        for idx in data::eval_batches_by_length(&lengths, 16) {
-            let batch: Vec<Vec<u32>> = idx.iter().map(|&i| prompts_[i].clone()).collect();
-            let gen =
-                self.dec
-                    .generate_greedy(&self.be, &self.params, &batch, max_new.max(1), &stop)?;
-            for (g, &i) in gen.iter().zip(&idx) {
-                let text = self.tok.decode(g);
-                out[i] = text.split('\n').next().unwrap_or("").trim().to_string();
-            }
-        }
-        Ok(out)
+        let (be, dec) = (&self.be, &self.dec);
+        greedy_answers(
+            be,
+            dec,
+            &self.params,
+            &self.tok,
+            &prompts_,
+            PREDICT_BATCH,
+            max_new.max(1),
+        )
     }
 
     /// The label verbalisers, in label order, as the template writes them.
@@ -421,23 +418,7 @@ impl DecoderPredictor {
             .map(|(t, p)| prompts::free_text_record(t, *p))
             .collect();
         let enc = encode_mc(&prompts::to_mc(&self.tpl, &recs)?, &self.tpl, &self.tok)?;
-        let lengths: Vec<usize> = enc
-            .iter()
-            .map(|e| e.prompt.len() + e.options.iter().map(Vec::len).max().unwrap_or(0))
-            .collect();
-        let mut out = vec![Vec::new(); enc.len()];
-        for idx in data::eval_batches_by_length(&lengths, 16) {
-            let refs: Vec<&EncMc> = idx.iter().map(|&i| &enc[i]).collect();
-            let (cb, _, spans) = mc_batch(&self.be, &self.dec, &refs, self.dec.cfg.pad_token_id)?;
-            let (_, scores) = self.dec.candidate_scores(&self.be, &self.params, &cb);
-            for (&i, (start, n)) in idx.iter().zip(&spans) {
-                out[i] = scores[*start..start + n]
-                    .iter()
-                    .map(|s| s.to_f32())
-                    .collect();
-            }
-        }
-        Ok(out)
+        mc_scores(&self.be, &self.dec, &self.params, &enc, PREDICT_BATCH)
     }
 }
 
@@ -507,6 +488,59 @@ fn mc_batch<B: Backend>(
     Ok((cb, p.tokens, spans))
 }
 
+/// Inputs per forward pass of `beft predict`.
+const PREDICT_BATCH: usize = 16;
+
+/// Every candidate's score (length-normalised log-likelihood) per example,
+/// in batches of `batch` examples of similar length.
+fn mc_scores<B: Backend>(
+    be: &B,
+    dec: &Decoder<B>,
+    params: &B::Buf,
+    ex: &[EncMc],
+    batch: usize,
+) -> Result<Vec<Vec<f32>>> {
+    let lengths: Vec<usize> = ex.iter().map(EncMc::len).collect();
+    let mut out = vec![Vec::new(); ex.len()];
+    for idx in data::eval_batches_by_length(&lengths, batch) {
+        let refs: Vec<&EncMc> = idx.iter().map(|&i| &ex[i]).collect();
+        let (cb, _, spans) = mc_batch(be, dec, &refs, dec.cfg.pad_token_id)?;
+        let (_, scores) = dec.candidate_scores(be, params, &cb);
+        for (&i, (start, n)) in idx.iter().zip(&spans) {
+            out[i] = scores[*start..start + n]
+                .iter()
+                .map(|s| s.to_f32())
+                .collect();
+        }
+    }
+    Ok(out)
+}
+
+/// Greedy answers to `prompts` (at most `max_new` tokens, cut at the first
+/// newline and trimmed), in batches of `batch` prompts of similar length.
+fn greedy_answers<B: Backend>(
+    be: &B,
+    dec: &Decoder<B>,
+    params: &B::Buf,
+    tok: &Tok,
+    prompts: &[Vec<u32>],
+    batch: usize,
+    max_new: usize,
+) -> Result<Vec<String>> {
+    let stop = |toks: &[u32]| tok.decode(toks).contains('\n');
+    let lengths: Vec<usize> = prompts.iter().map(Vec::len).collect();
+    let mut out = vec![String::new(); prompts.len()];
+    for idx in data::eval_batches_by_length(&lengths, batch) {
+        let group: Vec<Vec<u32>> = idx.iter().map(|&i| prompts[i].clone()).collect();
+        let gen = dec.generate_greedy(be, params, &group, max_new, &stop)?;
+        for (g, &i) in gen.iter().zip(&idx) {
+            let text = tok.decode(g);
+            out[i] = text.split('\n').next().unwrap_or("").trim().to_string();
+        }
+    }
+    Ok(out)
+}
+
 /// Evaluate: accuracy (candidate scoring) or F1/EM (generation).
 fn evaluate<B: Backend>(
     be: &B,
@@ -517,20 +551,15 @@ fn evaluate<B: Backend>(
     batch: usize,
     max_new: usize,
 ) -> Result<data::Metrics> {
-    let pad = dec.cfg.pad_token_id;
     let mut all = BTreeMap::new();
     match data {
         Data::Mc(ex) => {
-            let mut correct = 0usize;
-            for idx in data::eval_batches_by_length(&data.lengths(), batch) {
-                let refs: Vec<&EncMc> = idx.iter().map(|&i| &ex[i]).collect();
-                let (cb, _, spans) = mc_batch(be, dec, &refs, pad)?;
-                let (_, scores) = dec.candidate_scores(be, params, &cb);
-                for (e, (start, n)) in spans.iter().enumerate() {
-                    let best = crate::float::argmax(&scores[*start..start + n]);
-                    correct += (best == refs[e].gold) as usize;
-                }
-            }
+            let scores = mc_scores(be, dec, params, ex, batch)?;
+            let correct = scores
+                .iter()
+                .zip(ex)
+                .filter(|(s, e)| crate::float::argmax(s) == e.gold)
+                .count();
             let acc = correct as f64 / ex.len().max(1) as f64;
             all.insert("accuracy".to_string(), acc);
             Ok(data::Metrics {
@@ -540,19 +569,13 @@ fn evaluate<B: Backend>(
             })
         }
         Data::Gen(ex) => {
+            let prompts_: Vec<Vec<u32>> = ex.iter().map(|e| e.prompt.clone()).collect();
+            let answers = greedy_answers(be, dec, params, tok, &prompts_, batch, max_new)?;
             let (mut f1, mut em) = (0.0, 0.0);
-            let stop = |toks: &[u32]| tok.decode(toks).contains('\n');
-            let lengths: Vec<usize> = ex.iter().map(|e| e.prompt.len()).collect();
-            for idx in data::eval_batches_by_length(&lengths, batch) {
-                let prompts: Vec<Vec<u32>> = idx.iter().map(|&i| ex[i].prompt.clone()).collect();
-                let outs = dec.generate_greedy(be, params, &prompts, max_new, &stop)?;
-                for (k, &i) in idx.iter().enumerate() {
-                    let text = tok.decode(&outs[k]);
-                    let answer = text.split('\n').next().unwrap_or("").trim();
-                    let (a, b) = generation::best_f1_em(answer, &ex[i].answers);
-                    f1 += a;
-                    em += b;
-                }
+            for (answer, e) in answers.iter().zip(ex) {
+                let (a, b) = generation::best_f1_em(answer, &e.answers);
+                f1 += a;
+                em += b;
             }
             let n = ex.len().max(1) as f64;
             all.insert("f1".to_string(), f1 / n);
@@ -894,10 +917,7 @@ pub fn eval_on<B: Backend>(be: &B, args: &EvalArgs) -> Result<EvalResult> {
         &templates,
         &tok,
     )?;
-    let terms = match meta("bias_terms") {
-        Some(t) => BiasTerm::parse_set(&t)?,
-        None => vec![BiasTerm::V],
-    };
+    let terms = BiasTerm::trained_set(meta("bias_terms").as_deref())?;
     let dec = load_decoder(
         be,
         &md,

@@ -573,6 +573,13 @@ pub(super) fn run_loop<B: Backend>(
     let mut slab = Slab::new(be, init);
     // With --save-best: the values of the best epoch so far.
     let mut best_params: Option<Vec<f32>> = None;
+    // Slab buffers to and from the host (checkpoints hold f32).
+    let to_host =
+        |b: &B::Buf| -> Vec<f32> { be.download(b).into_iter().map(|x| x.to_f32()).collect() };
+    let to_device = |x: Vec<f32>| -> B::Buf {
+        let v: Vec<B::T> = x.into_iter().map(B::T::from_f32).collect();
+        be.upload(&v)
+    };
     let mut st = checkpoint::LoopState {
         epoch: 1,
         ..Default::default()
@@ -580,10 +587,9 @@ pub(super) fn run_loop<B: Backend>(
     if args.resume && ckpt_path.is_file() {
         let (params, m, v, state, best) = checkpoint::load(&ckpt_path, slab.len)?;
         best_params = best;
-        let cast = |x: Vec<f32>| -> Vec<B::T> { x.into_iter().map(B::T::from_f32).collect() };
-        slab.params = be.upload(&cast(params));
-        slab.m = be.upload(&cast(m));
-        slab.v = be.upload(&cast(v));
+        slab.params = to_device(params);
+        slab.m = to_device(m);
+        slab.v = to_device(v);
         st = state;
         eprintln!(
             "resuming {} at step {} (epoch {}, batch {})",
@@ -720,13 +726,7 @@ pub(super) fn run_loop<B: Backend>(
         st.metrics_bytes = fs::metadata(&metrics_path)
             .map_err(|e| Error::io(&metrics_path, e))?
             .len();
-        let f = |b: &B::Buf| {
-            be.download(b)
-                .into_iter()
-                .map(|x| x.to_f32())
-                .collect::<Vec<f32>>()
-        };
-        let (p, m, v) = (f(&slab.params), f(&slab.m), f(&slab.v));
+        let (p, m, v) = (to_host(&slab.params), to_host(&slab.m), to_host(&slab.v));
         checkpoint::save(&ckpt_path, &p, &m, &v, best.as_deref(), st).map_err(kept)
     };
 
@@ -786,6 +786,8 @@ pub(super) fn run_loop<B: Backend>(
                 let (loss, tokens, gnorm) = catch_device_fault(|| -> Result<_> {
                     be.fill(&mut slab.grads, 0.0);
                     let micro = micro_batches(&idx, args.grad_accum);
+                    // One part is the plain step, without the rescaling
+                    // (so that runs without --grad-accum are unchanged).
                     let (loss, tokens) = if micro.len() == 1 {
                         let r = t.loss_and_grad(be, &slab.params, &mut slab.grads, &idx, step)?;
                         (r.loss, r.tokens)
@@ -885,12 +887,7 @@ pub(super) fn run_loop<B: Backend>(
             if st.best.map(|b| m.value > b.0).unwrap_or(true) {
                 st.best = Some((m.value, epoch));
                 if args.save_best {
-                    best_params = Some(
-                        be.download(&slab.params)
-                            .into_iter()
-                            .map(|x| x.to_f32())
-                            .collect(),
-                    );
+                    best_params = Some(to_host(&slab.params));
                 }
             }
             st.last = Some(m.value);
@@ -924,8 +921,7 @@ pub(super) fn run_loop<B: Backend>(
     pb.finish_and_clear();
     steps_file.flush().map_err(|e| Error::io(&steps_path, e))?;
     if let Some(best) = best_params.filter(|_| args.save_best) {
-        let best: Vec<B::T> = best.into_iter().map(B::T::from_f32).collect();
-        slab.params = be.upload(&best);
+        slab.params = to_device(best);
     }
     Ok(Trained {
         slab,
@@ -1265,10 +1261,7 @@ pub fn eval_on<B: Backend>(be: &B, args: &EvalArgs) -> Result<EvalResult> {
     if let Some((path, store)) = &biases {
         p.md.check_biases_base(path, store)?;
     }
-    let terms = match meta("bias_terms") {
-        Some(t) => BiasTerm::parse_set(&t)?,
-        None => vec![BiasTerm::V],
-    };
+    let terms = BiasTerm::trained_set(meta("bias_terms").as_deref())?;
     let num_labels = match meta("num_labels") {
         Some(n) => n
             .parse::<usize>()

@@ -257,7 +257,7 @@ pub fn gemm_on(
     }
     let (mut ap, mut bp) = SCRATCH.with(|s| s.take());
     let ld = pairs_per_row(kernel, k);
-    let bp16 = aligned(&mut bp, n.div_ceil(NR) * ld * NR);
+    let bp16 = aligned(&mut bp, packed_len(kernel, n, k));
     // Products under ~4M multiply-adds (tens of microseconds on one core,
     // about what waking the pool costs) stay on the calling thread.
     let par = m * n * k >= 1 << 22;
@@ -274,6 +274,12 @@ fn pairs_per_row(kernel: Kernel, k: usize) -> usize {
         Kernel::Amx => k.div_ceil(2).next_multiple_of(amx::KT),
         Kernel::Dot => k.div_ceil(2),
     }
+}
+
+/// `u32`s of B (`k × n`) packed for `kernel`: whole panels of [`NR`]
+/// columns, rows padded as the kernel needs.
+pub fn packed_len(kernel: Kernel, n: usize, k: usize) -> usize {
+    n.div_ceil(NR) * pairs_per_row(kernel, k) * NR
 }
 
 /// B (`k × n`, stored as for [`gemm_on`]) packed once for one kernel, to be
@@ -294,20 +300,18 @@ impl PackedB {
     /// When `b` is shorter than `k·n`.
     pub fn new(kernel: Kernel, n: usize, k: usize, b: BSrc<'_>, tb: bool) -> PackedB {
         assert!(b.len() >= k * n, "bf16 gemm B shape");
-        let ld = pairs_per_row(kernel, k);
-        let len = n.div_ceil(NR) * ld * NR;
+        let (ld, len) = (pairs_per_row(kernel, k), packed_len(kernel, n, k));
         let mut data = Vec::new();
-        let off = {
-            let dst = aligned(&mut data, len);
-            // (Nothing to pack for an empty B: k or n is 0.)
-            if len > 0 {
-                each_chunk(n * k >= 1 << 16, dst, ld * NR, |t, d| {
-                    pack_b(d, b, n, k, tb, t * NR, ld)
-                });
-            }
-            dst.as_ptr() as usize
-        };
-        let off = (off - data.as_ptr() as usize) / std::mem::size_of::<u32>();
+        let off = align_off(&mut data, len);
+        // (Nothing to pack for an empty B: k or n is 0.)
+        if len > 0 {
+            each_chunk(
+                n * k >= 1 << 16,
+                &mut data[off..off + len],
+                ld * NR,
+                |t, d| pack_b(d, b, n, k, tb, t * NR, ld),
+            );
+        }
         PackedB {
             data,
             off,
@@ -531,12 +535,18 @@ fn multiply(
 /// loads at half speed). Every element is written by the packing (padding
 /// included): grow only, no clearing.
 fn aligned(v: &mut Vec<u32>, len: usize) -> &mut [u32] {
+    let off = align_off(v, len);
+    &mut v[off..off + len]
+}
+
+/// Grow `v` to hold `len` elements from a 64-byte boundary; that boundary's
+/// index.
+fn align_off(v: &mut Vec<u32>, len: usize) -> usize {
     const LINE: usize = 64 / std::mem::size_of::<u32>();
     if v.len() < len + LINE {
         v.resize(len + LINE, 0);
     }
-    let off = v.as_ptr().align_offset(64).min(LINE);
-    &mut v[off..off + len]
+    v.as_ptr().align_offset(64).min(LINE)
 }
 
 /// `f(i, chunk i of v)` for chunks of `len`, over the pool when `par`.

@@ -102,11 +102,7 @@ impl Packs {
             return Some(c);
         }
         let (kernel, n, k, _) = key;
-        let ld = match kernel {
-            Kernel::Amx => k.div_ceil(2).next_multiple_of(amx::KT),
-            Kernel::Dot => k.div_ceil(2),
-        };
-        let want = (n.div_ceil(gemm16::NR) * ld * gemm16::NR + 16) * 4;
+        let want = (gemm16::packed_len(kernel, n, k) + 16) * std::mem::size_of::<u32>();
         if PACKED_BYTES.load(Ordering::Relaxed) + want > pack_cache_limit() {
             return None;
         }
