@@ -14,6 +14,11 @@ use beft::rng::Rng;
 use beft::weights::TensorView;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
+/// Large buffers on cache-line boundaries, so that the bf16 products can
+/// write them with streaming stores (`beft::alloc`).
+#[global_allocator]
+static ALLOC: beft::alloc::LineAligned = beft::alloc::LineAligned;
+
 fn bench_matmul(c: &mut Criterion) {
     let rows = 16 * 128;
     let mut rng = Rng::new(0);

@@ -12,6 +12,11 @@ use beft::backend::{Act, AttnDims, Backend};
 use beft::rng::Rng;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
+/// Large buffers on cache-line boundaries, so that the bf16 products can
+/// write them with streaming stores (`beft::alloc`).
+#[global_allocator]
+static ALLOC: beft::alloc::LineAligned = beft::alloc::LineAligned;
+
 const D: usize = 768;
 const FF: usize = 3072;
 const HEADS: usize = 12;

@@ -15,6 +15,11 @@ use beft::rng::Rng;
 use beft::train::Slab;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
+/// Large buffers on cache-line boundaries, so that the bf16 products can
+/// write them with streaming stores (`beft::alloc`).
+#[global_allocator]
+static ALLOC: beft::alloc::LineAligned = beft::alloc::LineAligned;
+
 fn bench_steps(c: &mut Criterion) {
     let tmp = tempfile::TempDir::new().unwrap();
     let shape = BertShape::MINILM_L6;

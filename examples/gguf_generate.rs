@@ -17,6 +17,11 @@ use beft::model::config::ModelDir;
 use beft::model::{Decoder, DecoderOptions};
 use beft::train::Slab;
 
+/// Large buffers on cache-line boundaries, so that the bf16 products can
+/// write them with streaming stores (`beft::alloc`).
+#[global_allocator]
+static ALLOC: beft::alloc::LineAligned = beft::alloc::LineAligned;
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let model = match args.first() {

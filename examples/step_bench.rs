@@ -23,6 +23,11 @@ use beft::model::{BiasTerm, Encoder, EncoderOptions};
 use beft::rng::Rng;
 use beft::train::Slab;
 
+/// Large buffers on cache-line boundaries, so that the bf16 products can
+/// write them with streaming stores (`beft::alloc`).
+#[global_allocator]
+static ALLOC: beft::alloc::LineAligned = beft::alloc::LineAligned;
+
 struct Args {
     shape: String,
     model: Option<String>,

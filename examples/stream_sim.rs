@@ -20,6 +20,11 @@ use beft::model::{BiasTerm, Decoder, DecoderOptions, Offload};
 use beft::rng::Rng;
 use beft::train::Slab;
 
+/// Large buffers on cache-line boundaries, so that the bf16 products can
+/// write them with streaming stores (`beft::alloc`).
+#[global_allocator]
+static ALLOC: beft::alloc::LineAligned = beft::alloc::LineAligned;
+
 fn gib(b: u64) -> String {
     format!("{:.3} GiB", b as f64 / (1u64 << 30) as f64)
 }

@@ -17,6 +17,7 @@
     clippy::excessive_precision,
     clippy::type_complexity)]
 
+pub mod alloc;
 pub mod backend;
 pub mod bench;
 pub mod data;

@@ -9,6 +9,11 @@ use beft::method::sweep::{paper_lr, paper_train_size};
 use beft::train::run::{self, EvalArgs, TrainArgs};
 use beft::train::Schedule;
 
+/// Large buffers on cache-line boundaries, so that the bf16 products can
+/// write them with streaming stores (`beft::alloc`).
+#[global_allocator]
+static ALLOC: beft::alloc::LineAligned = beft::alloc::LineAligned;
+
 #[derive(Parser)]
 #[command(
     name = "beft",

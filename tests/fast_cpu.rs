@@ -21,6 +21,11 @@ use beft::model::{BiasTerm, Decoder, DecoderOptions, Encoder, EncoderOptions, Of
 use beft::rng::Rng;
 use beft::train::Slab;
 use beft::weights::{DType, TensorView};
+
+/// As the `beft` binary: large buffers on cache-line boundaries, so that
+/// the bf16 products below write them with streaming stores.
+#[global_allocator]
+static ALLOC: beft::alloc::LineAligned = beft::alloc::LineAligned;
 use common::bf16_round;
 use common::fixtures::{fixture, max_abs, read_expected, rel_err, rel_err_f32, Expected};
 

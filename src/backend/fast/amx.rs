@@ -187,6 +187,9 @@ pub unsafe fn tile(
         options(nostack),
     );
     let (m0, m1) = super::gemm16::col_masks(cols);
+    // Streaming stores write whole lines: full-width blocks only, rows
+    // on 64-byte boundaries (checked per row).
+    let stream = epi.stream && cols == NR;
     // C (+ C) (+ bias) from the buffer, kept there (full-width stores, so
     // that the activation reads it back from L1; reading C back instead
     // waits for its stores to reach memory).
@@ -202,8 +205,13 @@ pub unsafe fn tile(
             x0 = _mm512_add_ps(x0, _mm512_maskz_loadu_ps(m0, epi.bias));
             x1 = _mm512_add_ps(x1, _mm512_maskz_loadu_ps(m1, epi.bias.add(16)));
         }
-        _mm512_mask_storeu_ps(p, m0, x0);
-        _mm512_mask_storeu_ps(p.add(16), m1, x1);
+        if stream && (p as usize).is_multiple_of(64) {
+            _mm512_stream_ps(p, x0);
+            _mm512_stream_ps(p.add(16), x1);
+        } else {
+            _mm512_mask_storeu_ps(p, m0, x0);
+            _mm512_mask_storeu_ps(p.add(16), m1, x1);
+        }
         if epi.act.is_some() {
             _mm512_storeu_ps(src, x0);
             _mm512_storeu_ps(src.add(16), x1);
@@ -220,8 +228,14 @@ pub unsafe fn tile(
         );
         for r in 0..rows {
             let (o, src) = (out.add(r * ldc), ap.add(r * NR));
-            _mm512_mask_storeu_ps(o, m0, _mm512_loadu_ps(src));
-            _mm512_mask_storeu_ps(o.add(16), m1, _mm512_loadu_ps(src.add(16)));
+            let (y0, y1) = (_mm512_loadu_ps(src), _mm512_loadu_ps(src.add(16)));
+            if stream && (o as usize).is_multiple_of(64) {
+                _mm512_stream_ps(o, y0);
+                _mm512_stream_ps(o.add(16), y1);
+            } else {
+                _mm512_mask_storeu_ps(o, m0, y0);
+                _mm512_mask_storeu_ps(o.add(16), m1, y1);
+            }
         }
     }
 }
@@ -233,6 +247,9 @@ pub unsafe fn tile(
 pub struct TileEpilogue {
     pub bias: *const f32,
     pub act: Option<(crate::backend::Act, *mut f32)>,
+    /// Write C (and `out`) with non-temporal stores where a row of the
+    /// block is whole cache lines ([`super::gemm16::streams`]).
+    pub stream: bool,
 }
 
 impl TileEpilogue {
@@ -240,5 +257,6 @@ impl TileEpilogue {
     pub const NONE: TileEpilogue = TileEpilogue {
         bias: std::ptr::null(),
         act: None,
+        stream: false,
     };
 }

@@ -23,6 +23,8 @@
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
+use std::sync::OnceLock;
+
 use rayon::prelude::*;
 
 use super::amx;
@@ -447,6 +449,7 @@ fn multiply(
         }
     }
     let (mb, nb) = (strips.div_ceil(ms), panels.div_ceil(ns));
+    let stream = amx && streams(m, n);
     let cp = SendPtr(c.as_mut_ptr());
     let (ap_ref, bp_ref) = (&*ap16, bp16);
     let block = |task: usize| {
@@ -474,11 +477,17 @@ fn multiply(
                         let te = amx::TileEpilogue {
                             bias: epi.bias.map_or(std::ptr::null(), |b| b[t * NR..].as_ptr()),
                             act: epi.act.map(|(f, out, _)| (f, out.at(at))),
+                            stream,
                         };
                         amx::tile(ld, astr, bpan, cp.at(at), n, rows, cols, accumulate, te);
                     }
                 }
                 amx::release();
+                // Streaming stores are weakly ordered: drain them before
+                // the task ends and another thread may read C.
+                if stream {
+                    _mm_sfence();
+                }
             }
             return;
         }
@@ -529,6 +538,25 @@ fn multiply(
         (0..mb * nb).for_each(block);
     }
 }
+
+/// Whether a product writes its `m × n` C with non-temporal (streaming)
+/// stores: on the AMX kernel, when C is at least [`STREAM_MIN_BYTES`] and
+/// `BEFT_CPU_STREAM` is not `0`.
+///
+/// Why: with f32 results, writing C is what holds the tiles back (a
+/// cache-missing store first reads its line). Streaming stores skip that
+/// read, at the price of C's consumer reading it from memory rather than
+/// from cache: a win for large C only (`docs/performance.md`).
+pub fn streams(m: usize, n: usize) -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    let on = *ON.get_or_init(|| std::env::var("BEFT_CPU_STREAM").map_or(true, |v| v.trim() != "0"));
+    on && m * n * 4 >= STREAM_MIN_BYTES
+}
+
+/// The smallest C (bytes) written with streaming stores: about what stays
+/// in a core's L2 for the next op (measured on MiniLM at 512 and 2,048
+/// rows, thresholds 0, 1 and 4 MiB: 1 MiB best or level).
+pub const STREAM_MIN_BYTES: usize = 1 << 20;
 
 /// `len` elements of `v` from a 64-byte boundary, so that every packed row
 /// of 16 pairs is one cache line (an AMX tile row split over two lines
@@ -1020,6 +1048,64 @@ mod tests {
                     "{kernel:?} {m}x{n}x{k}: act(C + bias)"
                 );
             }
+        }
+    }
+
+    /// A C large enough for streaming stores, once on line boundaries (they
+    /// are used) and once a float past them (they cannot be): the same
+    /// values bit for bit, with and without accumulating, through the
+    /// bias and activation epilogue, with ragged last strips and panels.
+    #[test]
+    fn streaming_stores_write_what_ordinary_stores_do() {
+        if !kernels_here().contains(&Kernel::Amx) {
+            return;
+        }
+        let (m, n, k) = (600, 496, 100);
+        if !streams(m, n) {
+            println!("skipped: BEFT_CPU_STREAM=0 turns streaming stores off");
+            return;
+        }
+        let mut rng = crate::rng::Rng::new(5);
+        let a: Vec<f32> = (0..m * k).map(|_| rng.normal() as f32).collect();
+        let w: Vec<f32> = (0..k * n).map(|_| rng.normal() as f32).collect();
+        let bias: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
+        let c0: Vec<f32> = (0..m * n).map(|_| rng.normal() as f32).collect();
+        // `m × n` slices of two buffers starting `skew` floats past a
+        // 64-byte boundary.
+        let run = |skew: usize, acc: bool| {
+            let (mut cb, mut ob) = (vec![f32::NAN; m * n + 32], vec![f32::NAN; m * n + 32]);
+            let at = |v: &Vec<f32>| (16 - (v.as_ptr() as usize % 64) / 4) % 16 + skew;
+            let (ci, oi) = (at(&cb), at(&ob));
+            let c = &mut cb[ci..ci + m * n];
+            if acc {
+                c.copy_from_slice(&c0);
+            }
+            let out = &mut ob[oi..oi + m * n];
+            let epi = Epilogue::new(Some(&bias), Some((Act::Gelu, out)));
+            gemm_on(
+                Kernel::Amx,
+                m,
+                n,
+                k,
+                c,
+                acc,
+                &a,
+                false,
+                BSrc::F32(&w),
+                true,
+                epi,
+            );
+            (cb[ci..ci + m * n].to_vec(), ob[oi..oi + m * n].to_vec())
+        };
+        for acc in [false, true] {
+            let (streamed, unaligned) = (run(0, acc), run(1, acc));
+            let same = |x: &[f32], y: &[f32]| {
+                x.iter()
+                    .zip(y)
+                    .all(|(p, q)| p.to_bits() == q.to_bits() && !p.is_nan())
+            };
+            assert!(same(&streamed.0, &unaligned.0), "acc={acc}: C");
+            assert!(same(&streamed.1, &unaligned.1), "acc={acc}: act(C)");
         }
     }
 
