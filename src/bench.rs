@@ -239,6 +239,8 @@ pub fn parse_op_families(list: &str) -> Result<Vec<String>> {
 #[derive(Clone, Debug)]
 pub struct BenchArgs {
     pub device: String,
+    /// bf16 matrix products (`--bf16`; as [`crate::train::run::TrainArgs::bf16`]).
+    pub bf16: bool,
     /// Rows per op (default: 512 on the CPU, 4096 on a GPU, 64 with `quick`).
     pub tokens: Option<usize>,
     /// Shapes of the op table.
@@ -267,18 +269,27 @@ pub fn run(args: &BenchArgs) -> Result<Report> {
     let dev = Device::parse(&args.device)?;
     match dev {
         Device::Cpu => {
-            let be = crate::backend::fast::FastCpu::from_env()?;
-            let bf16 = be.gemm() == crate::backend::fast::CpuGemm::Bf16;
+            use crate::backend::fast::{CpuGemm, FastCpu};
+            let be = if args.bf16 {
+                FastCpu::with_gemm(CpuGemm::Bf16)?
+            } else {
+                FastCpu::from_env()?
+            };
+            let bf16 = be.gemm() == CpuGemm::Bf16;
             run_on(&be, dev, args, cpu_gemm(args.quick, bf16))
         }
+        Device::CpuRef | Device::Wgpu(_) if args.bf16 => Err(crate::train::run::no_bf16(dev)),
         Device::CpuRef => {
             let be = crate::backend::cpu::CpuBackend::<f32>::new();
             run_on(&be, dev, args, cpu_gemm(args.quick, false))
         }
         #[cfg(feature = "cuda")]
         Device::Cuda(ordinal) => {
-            let be = crate::backend::cuda::CudaBackend::new(ordinal)
+            let mut be = crate::backend::cuda::CudaBackend::new(ordinal)
                 .map_err(|e| e.context(format!("--device {dev}")))?;
+            if args.bf16 {
+                be.round_activations_to_bf16();
+            }
             let size = if args.quick { 1024 } else { 8192 };
             let gemm = match crate::backend::cuda::blas::gemm_ceilings(
                 be.context(),

@@ -34,7 +34,7 @@ enum Cmd {
     Train(TrainCli),
     /// Evaluate a base model plus trained biases on the dev split.
     Eval(EvalCli),
-    /// Classify texts with an encoder plus trained biases: one line out per text.
+    /// Classify texts (or answer questions, decoders on SQuAD) with a model plus trained biases: one line out per text.
     Predict(PredictCli),
     /// List the compute devices this build can use (values of --device).
     Devices,
@@ -58,6 +58,12 @@ struct BenchCli {
     /// cpu, cpu-ref, cuda[:N] or wgpu[:N].
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// bf16 matrix products with f32 sums, the numerics of PyTorch's bf16 autocast (as
+    /// Hugging Face's --bf16): on the CPU (needs AVX-512 BF16; the same as
+    /// BEFT_CPU_GEMM=bf16) and on CUDA (activations rounded to bf16 in the products).
+    /// Norms, softmax, losses and the trained biases stay f32. Default: f32 products.
+    #[arg(long)]
+    bf16: bool,
     /// Rows (tokens) per op (default: 512 on the CPU, 4096 on a GPU; 2048-8192 suit a GPU).
     #[arg(long)]
     tokens: Option<usize>,
@@ -245,6 +251,12 @@ struct TrainOpts {
     /// cpu, cpu-ref, cuda[:N] or wgpu[:N].
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// bf16 matrix products with f32 sums, the numerics of PyTorch's bf16 autocast (as
+    /// Hugging Face's --bf16): on the CPU (needs AVX-512 BF16; the same as
+    /// BEFT_CPU_GEMM=bf16) and on CUDA (activations rounded to bf16 in the products).
+    /// Norms, softmax, losses and the trained biases stay f32. Default: f32 products.
+    #[arg(long)]
+    bf16: bool,
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
@@ -318,6 +330,7 @@ impl TrainOpts {
             max_steps: self.max_steps,
             dev_size: self.dev_size,
             device: self.device.clone(),
+            bf16: self.bf16,
             progress: !self.quiet,
             overwrite,
             resume: false,
@@ -413,6 +426,12 @@ struct EvalCli {
     seed: u64,
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// bf16 matrix products with f32 sums, the numerics of PyTorch's bf16 autocast (as
+    /// Hugging Face's --bf16): on the CPU (needs AVX-512 BF16; the same as
+    /// BEFT_CPU_GEMM=bf16) and on CUDA (activations rounded to bf16 in the products).
+    /// Norms, softmax, losses and the trained biases stay f32. Default: f32 products.
+    #[arg(long)]
+    bf16: bool,
     /// Print one JSON object on stdout.
     #[arg(long)]
     json: bool,
@@ -738,6 +757,7 @@ fn run_eval(e: EvalCli) -> beft::Result<()> {
         dev_size: e.dev_size,
         seed: e.seed,
         device: e.device,
+        bf16: e.bf16,
         dump_logits: e.dump_logits,
         templates: e.templates,
         max_new_tokens: e.max_new_tokens,
@@ -806,6 +826,7 @@ fn run_bench(b: BenchCli) -> beft::Result<()> {
     };
     let args = bench::BenchArgs {
         device: b.device.clone(),
+        bf16: b.bf16,
         tokens: b.tokens,
         shapes,
         ops: !b.no_ops && (!b.step || b.shapes.is_some()),

@@ -1229,3 +1229,52 @@ fn predict_with_a_decoder_answers_questions() {
         stderr(&o)
     );
 }
+
+/// `--bf16` (as Hugging Face's flag): the same run as `BEFT_CPU_GEMM=bf16`
+/// where the CPU has AVX-512 BF16 (one thread each), not the f32 one, and
+/// named in `summary.json`; a clean refusal on a backend without bf16
+/// products.
+#[test]
+fn bf16_flag_runs_the_bf16_products() {
+    let s = setup();
+    assert_clean_failure(
+        &s,
+        &run(&train_args(&s, "ref", &["--bf16", "--device", "cpu-ref"])),
+        "--bf16",
+        "cpu-ref",
+    );
+    #[cfg(feature = "wgpu")]
+    assert_clean_failure(
+        &s,
+        &run(&train_args(&s, "wg", &["--bf16", "--device", "wgpu"])),
+        "--bf16",
+        "f32 products only",
+    );
+    let flag = run(&train_args(&s, "flag", &["--bf16"]));
+    if !beft::backend::fast::gemm16::available() {
+        println!("this CPU has no AVX-512 BF16: checking the refusal instead");
+        assert_clean_failure(&s, &flag, "--bf16", "AVX-512 BF16");
+        return;
+    }
+    assert!(flag.status.success(), "{}", stderr(&flag));
+    let env = Command::new(env!("CARGO_BIN_EXE_beft"))
+        .args(train_args(&s, "env", &["--threads", "1"]))
+        .env_remove("BEFT_CUDA_EMU")
+        .env("BEFT_CPU_GEMM", "bf16")
+        .output()
+        .expect("run beft");
+    assert!(env.status.success(), "{}", stderr(&env));
+    let f32 = run(&train_args(&s, "f32", &[]));
+    assert!(f32.status.success(), "{}", stderr(&f32));
+    let dir = |n: &str| s.tmp.path().join(n);
+    assert_eq!(step_log(&dir("flag")), step_log(&dir("env")));
+    assert_ne!(step_log(&dir("flag")), step_log(&dir("f32")));
+    let device = |n: &str| {
+        let v: serde_json::Value =
+            serde_json::from_str(&fs::read_to_string(dir(n).join("summary.json")).unwrap())
+                .unwrap();
+        v["device"].as_str().unwrap().to_string()
+    };
+    assert!(device("flag").contains("bf16 matmul"), "{}", device("flag"));
+    assert!(!device("f32").contains("bf16"), "{}", device("f32"));
+}

@@ -89,7 +89,7 @@ fn mean(v: &[f64]) -> f64 {
 /// both the Fisher pass and the fine-tune.
 pub fn rank(train: &TrainArgs, out: &Path) -> Result<Ranking> {
     crate::backend::fault::set_device_budget(train.max_gpu_memory.as_deref())?;
-    crate::train::run::with_backend!(&train.device, |be| rank_on(&be, train, out))
+    crate::train::run::with_backend!(&train.device, train.bf16, |be| rank_on(&be, train, out))
 }
 
 /// [`rank`] on a given backend.

@@ -51,6 +51,9 @@ pub struct TrainArgs {
     pub max_steps: Option<u64>,
     pub dev_size: Option<usize>,
     pub device: String,
+    /// bf16 matrix products with f32 sums (`--bf16`, PyTorch's bf16
+    /// autocast numerics) on the CPU or CUDA backend.
+    pub bf16: bool,
     pub progress: bool,
     pub overwrite: bool,
     /// Continue the unfinished run in `out`'s staging directory.
@@ -115,6 +118,7 @@ impl Default for TrainArgs {
             max_steps: None,
             dev_size: None,
             device: "cpu".into(),
+            bf16: false,
             progress: true,
             overwrite: false,
             resume: false,
@@ -211,28 +215,48 @@ pub(crate) fn device_unavailable(dev: Device) -> Error {
     ))
 }
 
-/// Run `f` with the backend that `--device` names.
+/// The error for `--bf16` on a backend without bf16 products.
+pub(crate) fn no_bf16(dev: Device) -> Error {
+    let what = match dev {
+        Device::CpuRef => "is the f32 reference",
+        _ => "runs f32 products only",
+    };
+    Error::msg(format!(
+        "--bf16: --device {dev} {what}; bf16 products run on --device cpu (AVX-512 BF16) or cuda"
+    ))
+}
+
+/// Run `f` with the backend that `--device` names, with bf16 products
+/// where `bf16` (an error on a backend without them).
 macro_rules! with_backend {
-    ($spec:expr, |$be:ident| $body:expr) => {{
-        match $crate::backend::Device::parse($spec)? {
+    ($spec:expr, $bf16:expr, |$be:ident| $body:expr) => {{
+        let dev = $crate::backend::Device::parse($spec)?;
+        match dev {
             $crate::backend::Device::Cpu => {
-                let $be = $crate::backend::fast::FastCpu::from_env()?;
+                let $be = if $bf16 {
+                    $crate::backend::fast::FastCpu::with_gemm($crate::backend::fast::CpuGemm::Bf16)?
+                } else {
+                    $crate::backend::fast::FastCpu::from_env()?
+                };
                 $body
             }
+            $crate::backend::Device::CpuRef if $bf16 => Err($crate::train::run::no_bf16(dev)),
             $crate::backend::Device::CpuRef => {
                 let $be = $crate::backend::cpu::CpuBackend::<f32>::new();
                 $body
             }
             #[cfg(feature = "cuda")]
             $crate::backend::Device::Cuda(ordinal) => {
-                let $be = $crate::backend::cuda::CudaBackend::new(ordinal).map_err(|e| {
-                    e.context(format!(
-                        "--device {}",
-                        $crate::backend::Device::Cuda(ordinal)
-                    ))
-                })?;
+                #[allow(unused_mut)]
+                let mut $be = $crate::backend::cuda::CudaBackend::new(ordinal)
+                    .map_err(|e| e.context(format!("--device {dev}")))?;
+                if $bf16 {
+                    $be.round_activations_to_bf16();
+                }
                 $body
             }
+            #[cfg(feature = "wgpu")]
+            $crate::backend::Device::Wgpu(_) if $bf16 => Err($crate::train::run::no_bf16(dev)),
             #[cfg(feature = "wgpu")]
             $crate::backend::Device::Wgpu(index) => {
                 let $be = $crate::backend::wgpu::WgpuBackend::new(index)?;
@@ -987,7 +1011,7 @@ impl<B: Backend> Trainee<B> for EncoderTrainee<'_, B> {
 /// `beft train`.
 pub fn train(args: &TrainArgs) -> Result<Summary> {
     set_device_budget(args.max_gpu_memory.as_deref())?;
-    with_backend!(&args.device, |be| train_on(&be, args))
+    with_backend!(&args.device, args.bf16, |be| train_on(&be, args))
 }
 
 /// `beft train` on a given backend.
@@ -1201,6 +1225,8 @@ pub struct EvalArgs {
     pub dev_size: Option<usize>,
     pub seed: u64,
     pub device: String,
+    /// As [`TrainArgs::bf16`].
+    pub bf16: bool,
     /// Write the first dev batch's inputs and logits here (JSON).
     pub dump_logits: Option<PathBuf>,
     /// Decoder tasks: a prompt-template file (see `train::lm`).
@@ -1228,7 +1254,7 @@ pub struct EvalResult {
 /// `beft eval`: the base model plus (optionally) trained biases, on the dev split.
 pub fn eval(args: &EvalArgs) -> Result<EvalResult> {
     set_device_budget(args.max_gpu_memory.as_deref())?;
-    with_backend!(&args.device, |be| eval_on(&be, args))
+    with_backend!(&args.device, args.bf16, |be| eval_on(&be, args))
 }
 
 /// `beft eval` on a given backend.

@@ -429,6 +429,29 @@ pub const MAX_HEAD_DIM: usize = 256;
 const ATTN_QPB: usize = 16; // queries per block (forward, dq)
 const ATTN_KPB: usize = 8; // keys per block (dk/dv)
 
+/// The backend's name: `label`, then its numerics and kernels.
+fn describe(label: &str, weights: WeightDtype, gemm: Gemm, attn: Attn) -> String {
+    format!(
+        "{label}, f32 activations, {} weights{}{})",
+        match weights {
+            WeightDtype::Bf16 => "bf16",
+            WeightDtype::F32 => "f32",
+        },
+        match (weights, gemm) {
+            (WeightDtype::F32, _) => "",
+            (_, Gemm::Tiled) => ", tiled GEMM",
+            (_, Gemm::Bf16) => ", tiled GEMM on bf16-rounded activations",
+            (_, Gemm::Wgmma) => ", wgmma GEMM",
+            (_, Gemm::WgmmaBf16) => ", wgmma GEMM on bf16-rounded activations",
+            (_, Gemm::Simple) => ", simple GEMM",
+        },
+        match attn {
+            Attn::F32 => "",
+            Attn::Bf16 => ", tensor-core attention",
+        }
+    )
+}
+
 /// The CUDA backend on one device.
 pub struct CudaBackend {
     ctx: Arc<CudaContext>,
@@ -436,6 +459,8 @@ pub struct CudaBackend {
     funcs: HashMap<&'static str, CudaFunction>,
     weights: WeightDtype,
     name: String,
+    /// `cuda:N (GPU name, sm_XY`: the start of `name`.
+    label: String,
     smem_optin: usize,
     /// Whether the Hopper kernels (`kernels/*_sm90.cu`) are loaded.
     sm90: bool,
@@ -739,27 +764,8 @@ impl CudaBackend {
         }
         let attn = Attn::from_env()?;
         let dev_name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
-        let name = format!(
-            "cuda:{ordinal} ({dev_name}, sm_{}{}, f32 activations, {} weights{}{})",
-            cc.0,
-            cc.1,
-            match weights {
-                WeightDtype::Bf16 => "bf16",
-                WeightDtype::F32 => "f32",
-            },
-            match (weights, gemm) {
-                (WeightDtype::F32, _) => "",
-                (_, Gemm::Tiled) => ", tiled GEMM",
-                (_, Gemm::Bf16) => ", tiled GEMM on bf16-rounded activations",
-                (_, Gemm::Wgmma) => ", wgmma GEMM",
-                (_, Gemm::WgmmaBf16) => ", wgmma GEMM on bf16-rounded activations",
-                (_, Gemm::Simple) => ", simple GEMM",
-            },
-            match attn {
-                Attn::F32 => "",
-                Attn::Bf16 => ", tensor-core attention",
-            }
-        );
+        let label = format!("cuda:{ordinal} ({dev_name}, sm_{}{}", cc.0, cc.1);
+        let name = describe(&label, weights, gemm, attn);
         let cap = max_device_memory()?;
         let free_at_start = ctx.mem_get_info().map(|(f, _)| f as u64).unwrap_or(0);
         Ok(CudaBackend {
@@ -768,6 +774,7 @@ impl CudaBackend {
             funcs,
             weights,
             name,
+            label,
             smem_optin,
             sm90,
             cap,
@@ -782,6 +789,18 @@ impl CudaBackend {
     /// The kernel for f32 × bf16 products (tests compare them).
     pub fn set_gemm(&mut self, gemm: Gemm) {
         self.gemm = gemm.fitting(self.smem_optin, self.sm90);
+        self.name = describe(&self.label, self.weights, self.gemm, self.attn);
+    }
+
+    /// bf16 products (`--bf16`): the kernel in use, or the one
+    /// `BEFT_CUDA_GEMM` asked for, with activations rounded to bf16 as
+    /// PyTorch's bf16 autocast does (the tiled or the Hopper kernel).
+    pub fn round_activations_to_bf16(&mut self) {
+        let g = match self.gemm {
+            Gemm::Wgmma | Gemm::WgmmaBf16 => Gemm::WgmmaBf16,
+            _ => Gemm::Bf16,
+        };
+        self.set_gemm(g);
     }
 
     /// The kernel in use for f32 × bf16 products.
@@ -792,6 +811,7 @@ impl CudaBackend {
     /// The attention kernels (tests compare them).
     pub fn set_attn(&mut self, attn: Attn) {
         self.attn = attn;
+        self.name = describe(&self.label, self.weights, self.gemm, self.attn);
     }
 
     /// The attention kernels in use.

@@ -395,7 +395,7 @@ impl FastCpu {
     pub fn with_gemm(gemm: CpuGemm) -> Result<Self> {
         if gemm == CpuGemm::Bf16 && !gemm16::available() {
             return Err(Error::msg(
-                "BEFT_CPU_GEMM=bf16 needs a CPU with AVX-512 BF16 (AMD Zen 4 or later, Intel Cooper Lake / Sapphire Rapids or later), and this one has none: unset BEFT_CPU_GEMM",
+                "bf16 products (--bf16, BEFT_CPU_GEMM=bf16) need a CPU with AVX-512 BF16 (AMD Zen 4 or later, Intel Cooper Lake / Sapphire Rapids or later), and this one has none: leave out --bf16 and unset BEFT_CPU_GEMM",
             ));
         }
         Ok(FastCpu {
