@@ -205,13 +205,7 @@ pub unsafe fn tile(
             x0 = _mm512_add_ps(x0, _mm512_maskz_loadu_ps(m0, epi.bias));
             x1 = _mm512_add_ps(x1, _mm512_maskz_loadu_ps(m1, epi.bias.add(16)));
         }
-        if stream && (p as usize).is_multiple_of(64) {
-            _mm512_stream_ps(p, x0);
-            _mm512_stream_ps(p.add(16), x1);
-        } else {
-            _mm512_mask_storeu_ps(p, m0, x0);
-            _mm512_mask_storeu_ps(p.add(16), m1, x1);
-        }
+        store_row(p, x0, x1, (m0, m1), stream);
         if epi.act.is_some() {
             _mm512_storeu_ps(src, x0);
             _mm512_storeu_ps(src.add(16), x1);
@@ -229,14 +223,34 @@ pub unsafe fn tile(
         for r in 0..rows {
             let (o, src) = (out.add(r * ldc), ap.add(r * NR));
             let (y0, y1) = (_mm512_loadu_ps(src), _mm512_loadu_ps(src.add(16)));
-            if stream && (o as usize).is_multiple_of(64) {
-                _mm512_stream_ps(o, y0);
-                _mm512_stream_ps(o.add(16), y1);
-            } else {
-                _mm512_mask_storeu_ps(o, m0, y0);
-                _mm512_mask_storeu_ps(o.add(16), m1, y1);
-            }
+            store_row(o, y0, y1, (m0, m1), stream);
         }
+    }
+}
+
+/// One row of a block (`NR` = 32 values in two vectors) to `p`: streaming
+/// stores where `stream` (a full-width block) and the row is whole 64-byte
+/// lines, else masked stores of the block's columns.
+///
+/// # Safety
+/// `p` is valid for the columns the masks select.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn store_row(
+    p: *mut f32,
+    x0: std::arch::x86_64::__m512,
+    x1: std::arch::x86_64::__m512,
+    (m0, m1): (u16, u16),
+    stream: bool,
+) {
+    use std::arch::x86_64::*;
+    if stream && (p as usize).is_multiple_of(64) {
+        _mm512_stream_ps(p, x0);
+        _mm512_stream_ps(p.add(16), x1);
+    } else {
+        _mm512_mask_storeu_ps(p, m0, x0);
+        _mm512_mask_storeu_ps(p.add(16), m1, x1);
     }
 }
 
