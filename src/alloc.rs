@@ -41,18 +41,19 @@ const LINE: usize = 64;
 const EXTRA: usize = LINE + std::mem::size_of::<usize>();
 
 /// Whether a block of this layout is placed by [`LineAligned`] itself:
-/// large, and not asking for more than a line of alignment (larger
-/// alignments go to the system as they are).
+/// large (and not so large that the system block's size would overflow),
+/// and not asking for more than a line of alignment (larger alignments go
+/// to the system as they are).
 #[inline]
 fn ours(l: Layout) -> bool {
-    l.size() >= LARGE && l.align() <= LINE
+    (LARGE..=isize::MAX as usize - 2 * LINE).contains(&l.size()) && l.align() <= LINE
 }
 
 /// The system block behind a large block of `size` bytes.
 #[inline]
 fn outer(size: usize) -> Layout {
-    // SAFETY: `size` fits a `Layout` (it came from one), and adding EXTRA
-    // cannot overflow `isize` for any block the system could provide.
+    // SAFETY: a block is ours only when `size + EXTRA`, rounded up to 16,
+    // stays within `isize::MAX`.
     unsafe { Layout::from_size_align_unchecked(size + EXTRA, 16) }
 }
 
