@@ -46,8 +46,15 @@ impl Classifier {
         Self::load_with_max_len(model_dir, biases, 128)
     }
 
-    /// [`Classifier::load`] with a chosen truncation length.
+    /// [`Classifier::load`] with a chosen truncation length, on the backend
+    /// `BEFT_CPU_GEMM` asks for.
     pub fn load_with_max_len(model_dir: &Path, biases: &Path, max_len: usize) -> Result<Self> {
+        Self::load_on(FastCpu::from_env()?, model_dir, biases, max_len)
+    }
+
+    /// [`Classifier::load_with_max_len`] on the given backend (e.g.
+    /// `FastCpu::with_gemm(CpuGemm::Bf16)` for bf16 products).
+    pub fn load_on(be: FastCpu, model_dir: &Path, biases: &Path, max_len: usize) -> Result<Self> {
         let md = ModelDir::open(model_dir)?;
         if md.config.arch.is_decoder() {
             return Err(Error::file(
@@ -78,7 +85,6 @@ impl Classifier {
             .ok_or_else(|| Error::file(&md.dir, "no tokenizer.json in the model directory"))?;
         let tok = TextTokenizer::from_file(&tok_path, max_len)?;
         let pad_id = tok.pad_id().unwrap_or(md.config.pad_token_id);
-        let be = FastCpu::from_env()?;
         let enc = Encoder::load(
             &be,
             &md,

@@ -485,6 +485,10 @@ struct PredictCli {
     /// most tokens generated per answer.
     #[arg(long, default_value_t = 32)]
     max_new_tokens: usize,
+    /// bf16 matrix products with f32 sums (needs AVX-512 BF16; the same as
+    /// BEFT_CPU_GEMM=bf16), as `eval --bf16`. Default: f32 products.
+    #[arg(long)]
+    bf16: bool,
 }
 
 fn main() -> ExitCode {
@@ -636,8 +640,14 @@ fn run_predict(p: PredictCli) -> beft::Result<()> {
         Encoder(Box<Classifier>),
         Decoder(Box<beft::train::lm::DecoderPredictor>),
     }
+    let be = if p.bf16 {
+        beft::backend::fast::FastCpu::with_gemm(beft::backend::fast::CpuGemm::Bf16)?
+    } else {
+        beft::backend::fast::FastCpu::from_env()?
+    };
     let (scorer, task_name) = if decoder {
-        let d = beft::train::lm::DecoderPredictor::load(
+        let d = beft::train::lm::DecoderPredictor::load_on(
+            be,
             &p.model,
             &p.biases,
             p.task.as_deref(),
@@ -652,7 +662,7 @@ fn run_predict(p: PredictCli) -> beft::Result<()> {
                 "--task and --templates apply to decoders; an encoder's biases file holds its task and head",
             ));
         }
-        let clf = Classifier::load_with_max_len(&p.model, &p.biases, p.max_len)?;
+        let clf = Classifier::load_on(be, &p.model, &p.biases, p.max_len)?;
         let t = clf.task().map(str::to_string);
         (Scorer::Encoder(Box::new(clf)), t)
     };

@@ -379,6 +379,24 @@ fn predict_classifies_texts_like_eval() {
         lines[..2]
     );
 
+    // --bf16: BEFT_CPU_GEMM=bf16's predictions, not the f32 ones.
+    let o = beft(&[
+        "predict", "--model", m, "--biases", b, "--input", i, "--bf16",
+    ]);
+    if beft::backend::fast::gemm16::available() {
+        assert!(o.status.success(), "{}", stderr(&o));
+        let env = Command::new(env!("CARGO_BIN_EXE_beft"))
+            .args(["predict", "--model", m, "--biases", b, "--input", i])
+            .args(["--threads", "1"])
+            .env("BEFT_CPU_GEMM", "bf16")
+            .output()
+            .expect("run beft");
+        assert_eq!(o.stdout, env.stdout);
+        assert_ne!(String::from_utf8(o.stdout).unwrap(), out);
+    } else {
+        assert!(stderr(&o).contains("AVX-512 BF16"), "{}", stderr(&o));
+    }
+
     // Errors name the file, exit non-zero, print nothing on stdout.
     let missing = s.tmp.path().join("missing.txt");
     let empty = s.tmp.path().join("empty.txt");

@@ -280,7 +280,28 @@ impl DecoderPredictor {
     /// biases file of a `beft train` run on it. The task is the run's
     /// (from the file's metadata) unless `task` names one; `templates`
     /// replaces or extends the built-in prompt templates, as in training.
+    /// On the backend `BEFT_CPU_GEMM` asks for.
     pub fn load(
+        model: &Path,
+        biases: &Path,
+        task: Option<&str>,
+        templates: Option<&Path>,
+        max_len: usize,
+    ) -> Result<Self> {
+        Self::load_on(
+            FastCpu::from_env()?,
+            model,
+            biases,
+            task,
+            templates,
+            max_len,
+        )
+    }
+
+    /// [`DecoderPredictor::load`] on the given backend (e.g.
+    /// `FastCpu::with_gemm(CpuGemm::Bf16)` for bf16 products).
+    pub fn load_on(
+        be: FastCpu,
         model: &Path,
         biases: &Path,
         task: Option<&str>,
@@ -325,7 +346,6 @@ impl DecoderPredictor {
         md.check_biases_base(biases, &store)?;
         let tok = tokenizer(&md, max_len)?;
         let terms = BiasTerm::trained_set(meta("bias_terms").as_deref())?;
-        let be = FastCpu::new();
         let dec = Decoder::load(
             &be,
             &md,
