@@ -19,7 +19,7 @@
 //! - Everything runs on the context's default stream, in order; a host read
 //!   (`download`, `sum_sq`) waits for the work before it. The one exception,
 //!   streamed layer weights, is copied on a side stream with explicit events
-//!   ([`stream`]). Launch and driver
+//!   (`stream.rs`). Launch and driver
 //!   failures inside an op panic with the kernel's name (the `Backend`
 //!   methods return no `Result`, as on the CPU, where a bad shape asserts).
 
