@@ -861,7 +861,19 @@ fn run_bench(b: BenchCli) -> beft::Result<()> {
 }
 
 fn run_devices() -> beft::Result<()> {
-    println!("cpu: {} threads", rayon::current_num_threads());
+    use beft::backend::fast::{amx, gemm16, FastCpu};
+    use beft::backend::Backend;
+    let bf16 = if !gemm16::available() {
+        "no bf16 products (this CPU has no AVX-512 BF16)"
+    } else if amx::available() {
+        "--bf16 runs the products on AMX tiles"
+    } else {
+        "--bf16 runs the products on AVX-512 BF16"
+    };
+    println!("{}; {bf16}  [--device cpu]", FastCpu::new().name());
+    println!(
+        "cpu-ref: the plain f32 reference ops, the oracle of the tests (slow)  [--device cpu-ref]"
+    );
     #[cfg(feature = "wgpu")]
     {
         let list = beft::backend::wgpu::adapters();

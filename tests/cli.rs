@@ -1296,3 +1296,23 @@ fn bf16_flag_runs_the_bf16_products() {
     assert!(device("flag").contains("bf16 matmul"), "{}", device("flag"));
     assert!(!device("f32").contains("bf16"), "{}", device("f32"));
 }
+
+/// `beft devices` lists the CPU backends, and says whether `--bf16` runs
+/// here and on which instructions.
+#[test]
+fn devices_lists_the_cpu_and_its_bf16_products() {
+    let o = beft(&["devices"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    let cpu = out
+        .lines()
+        .find(|l| l.ends_with("[--device cpu]"))
+        .unwrap_or_else(|| panic!("no cpu line:\n{out}"));
+    let (avx, amx) = (
+        beft::backend::fast::gemm16::available(),
+        beft::backend::fast::amx::available(),
+    );
+    assert_eq!(cpu.contains("no bf16 products"), !avx, "{cpu}");
+    assert_eq!(cpu.contains("on AMX tiles"), amx, "{cpu}");
+    assert!(out.contains("[--device cpu-ref]"), "{out}");
+}
