@@ -98,6 +98,23 @@ unsafe fn base(q: *mut u8) -> *mut u8 {
     (q as *mut usize).sub(1).read_unaligned() as *mut u8
 }
 
+/// A block of layout `l` from `get` (the system's `alloc` or
+/// `alloc_zeroed`): the system's own, or a large one placed inside a
+/// system block.
+///
+/// # Safety
+/// As [`GlobalAlloc::alloc`].
+unsafe fn make(l: Layout, get: unsafe fn(&System, Layout) -> *mut u8) -> *mut u8 {
+    if !ours(l) {
+        return get(&System, l);
+    }
+    let p = get(&System, outer(l.size()));
+    if p.is_null() {
+        return p;
+    }
+    place(p)
+}
+
 // SAFETY: small blocks (and over-aligned ones) are the system's, released
 // with the layout they were made with. A large block sits inside a system
 // block of `outer(size)` whose address is kept just before it; it is
@@ -106,27 +123,13 @@ unsafe fn base(q: *mut u8) -> *mut u8 {
 // the system block (`EXTRA` bytes cover the largest shift).
 unsafe impl GlobalAlloc for LineAligned {
     unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        if !ours(l) {
-            return System.alloc(l);
-        }
-        let p = System.alloc(outer(l.size()));
-        if p.is_null() {
-            return p;
-        }
-        place(p)
+        make(l, <System as GlobalAlloc>::alloc)
     }
 
     unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
-        if !ours(l) {
-            return System.alloc_zeroed(l);
-        }
         // The system's zeroed block (fresh pages stay untouched until used)
         // rather than an aligned one that is zeroed byte by byte.
-        let p = System.alloc_zeroed(outer(l.size()));
-        if p.is_null() {
-            return p;
-        }
-        place(p)
+        make(l, <System as GlobalAlloc>::alloc_zeroed)
     }
 
     unsafe fn dealloc(&self, q: *mut u8, l: Layout) {
