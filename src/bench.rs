@@ -269,13 +269,8 @@ pub fn run(args: &BenchArgs) -> Result<Report> {
     let dev = Device::parse(&args.device)?;
     match dev {
         Device::Cpu => {
-            use crate::backend::fast::{CpuGemm, FastCpu};
-            let be = if args.bf16 {
-                FastCpu::with_gemm(CpuGemm::Bf16)?
-            } else {
-                FastCpu::from_env()?
-            };
-            let bf16 = be.gemm() == CpuGemm::Bf16;
+            let be = crate::backend::fast::FastCpu::for_run(args.bf16)?;
+            let bf16 = be.gemm() == crate::backend::fast::CpuGemm::Bf16;
             run_on(&be, dev, args, cpu_gemm(args.quick, bf16))
         }
         Device::CpuRef | Device::Wgpu(_) if args.bf16 => Err(crate::train::run::no_bf16(dev)),
@@ -285,11 +280,7 @@ pub fn run(args: &BenchArgs) -> Result<Report> {
         }
         #[cfg(feature = "cuda")]
         Device::Cuda(ordinal) => {
-            let mut be = crate::backend::cuda::CudaBackend::new(ordinal)
-                .map_err(|e| e.context(format!("--device {dev}")))?;
-            if args.bf16 {
-                be.round_activations_to_bf16();
-            }
+            let be = crate::backend::cuda::CudaBackend::for_run(ordinal, args.bf16)?;
             let size = if args.quick { 1024 } else { 8192 };
             let gemm = match crate::backend::cuda::blas::gemm_ceilings(
                 be.context(),

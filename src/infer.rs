@@ -53,7 +53,7 @@ impl Classifier {
     }
 
     /// [`Classifier::load_with_max_len`] on the given backend (e.g.
-    /// `FastCpu::with_gemm(CpuGemm::Bf16)` for bf16 products).
+    /// `FastCpu::for_run(true)` for bf16 products).
     pub fn load_on(be: FastCpu, model_dir: &Path, biases: &Path, max_len: usize) -> Result<Self> {
         let md = ModelDir::open(model_dir)?;
         if md.config.arch.is_decoder() {

@@ -640,11 +640,7 @@ fn run_predict(p: PredictCli) -> beft::Result<()> {
         Encoder(Box<Classifier>),
         Decoder(Box<beft::train::lm::DecoderPredictor>),
     }
-    let be = if p.bf16 {
-        beft::backend::fast::FastCpu::with_gemm(beft::backend::fast::CpuGemm::Bf16)?
-    } else {
-        beft::backend::fast::FastCpu::from_env()?
-    };
+    let be = beft::backend::fast::FastCpu::for_run(p.bf16)?;
     let (scorer, task_name) = if decoder {
         let d = beft::train::lm::DecoderPredictor::load_on(
             be,

@@ -299,7 +299,7 @@ impl DecoderPredictor {
     }
 
     /// [`DecoderPredictor::load`] on the given backend (e.g.
-    /// `FastCpu::with_gemm(CpuGemm::Bf16)` for bf16 products).
+    /// `FastCpu::for_run(true)` for bf16 products).
     pub fn load_on(
         be: FastCpu,
         model: &Path,

@@ -233,11 +233,7 @@ macro_rules! with_backend {
         let dev = $crate::backend::Device::parse($spec)?;
         match dev {
             $crate::backend::Device::Cpu => {
-                let $be = if $bf16 {
-                    $crate::backend::fast::FastCpu::with_gemm($crate::backend::fast::CpuGemm::Bf16)?
-                } else {
-                    $crate::backend::fast::FastCpu::from_env()?
-                };
+                let $be = $crate::backend::fast::FastCpu::for_run($bf16)?;
                 $body
             }
             $crate::backend::Device::CpuRef if $bf16 => Err($crate::train::run::no_bf16(dev)),
@@ -247,12 +243,7 @@ macro_rules! with_backend {
             }
             #[cfg(feature = "cuda")]
             $crate::backend::Device::Cuda(ordinal) => {
-                #[allow(unused_mut)]
-                let mut $be = $crate::backend::cuda::CudaBackend::new(ordinal)
-                    .map_err(|e| e.context(format!("--device {dev}")))?;
-                if $bf16 {
-                    $be.round_activations_to_bf16();
-                }
+                let $be = $crate::backend::cuda::CudaBackend::for_run(ordinal, $bf16)?;
                 $body
             }
             #[cfg(feature = "wgpu")]

@@ -792,6 +792,22 @@ impl CudaBackend {
         self.name = describe(&self.label, self.weights, self.gemm, self.attn);
     }
 
+    /// The backend of a run on device `ordinal`: [`CudaBackend::new`], with
+    /// activations rounded to bf16 in the products where `bf16` (`--bf16`).
+    /// Errors name the device.
+    pub fn for_run(ordinal: usize, bf16: bool) -> Result<Self> {
+        let mut be = Self::new(ordinal).map_err(|e| {
+            e.context(format!(
+                "--device {}",
+                crate::backend::Device::Cuda(ordinal)
+            ))
+        })?;
+        if bf16 {
+            be.round_activations_to_bf16();
+        }
+        Ok(be)
+    }
+
     /// bf16 products (`--bf16`): the kernel in use, or the one
     /// `BEFT_CUDA_GEMM` asked for, with activations rounded to bf16 as
     /// PyTorch's bf16 autocast does (the tiled or the Hopper kernel).

@@ -409,6 +409,16 @@ impl FastCpu {
         Self::with_gemm(CpuGemm::from_env()?)
     }
 
+    /// The backend of a run: bf16 products where `bf16` (`--bf16`), else
+    /// what `BEFT_CPU_GEMM` asks for.
+    pub fn for_run(bf16: bool) -> Result<Self> {
+        if bf16 {
+            Self::with_gemm(CpuGemm::Bf16)
+        } else {
+            Self::from_env()
+        }
+    }
+
     /// How this backend multiplies matrices.
     pub fn gemm(&self) -> CpuGemm {
         self.gemm
