@@ -131,6 +131,25 @@ pub fn eval_batches_by_length(lengths: &[usize], batch_size: usize) -> Vec<Vec<u
     idx.chunks(batch_size.max(1)).map(|c| c.to_vec()).collect()
 }
 
+/// `f` over the batches of [`eval_batches_by_length`], each of its results
+/// (one per index of the batch, in the batch's order) put back at its
+/// index: the results in the items' order.
+pub fn map_by_length<T: Clone + Default>(
+    lengths: &[usize],
+    batch_size: usize,
+    mut f: impl FnMut(&[usize]) -> crate::error::Result<Vec<T>>,
+) -> crate::error::Result<Vec<T>> {
+    let mut out = vec![T::default(); lengths.len()];
+    for idx in eval_batches_by_length(lengths, batch_size) {
+        let results = f(&idx)?;
+        assert_eq!(results.len(), idx.len(), "one result per item");
+        for (&i, r) in idx.iter().zip(results) {
+            out[i] = r;
+        }
+    }
+    Ok(out)
+}
+
 /// Padded positions (batch rows × longest length, summed over `batches`)
 /// and real tokens, for `lengths`: how much of a batching's work is padding.
 pub fn padded_and_real(lengths: &[usize], batches: &[Vec<usize>]) -> (usize, usize) {

@@ -521,19 +521,20 @@ fn mc_scores<B: Backend>(
     batch: usize,
 ) -> Result<Vec<Vec<f32>>> {
     let lengths: Vec<usize> = ex.iter().map(EncMc::len).collect();
-    let mut out = vec![Vec::new(); ex.len()];
-    for idx in data::eval_batches_by_length(&lengths, batch) {
+    data::map_by_length(&lengths, batch, |idx| {
         let refs: Vec<&EncMc> = idx.iter().map(|&i| &ex[i]).collect();
         let (cb, _, spans) = mc_batch(be, dec, &refs, dec.cfg.pad_token_id)?;
         let (_, scores) = dec.candidate_scores(be, params, &cb);
-        for (&i, (start, n)) in idx.iter().zip(&spans) {
-            out[i] = scores[*start..start + n]
-                .iter()
-                .map(|s| s.to_f32())
-                .collect();
-        }
-    }
-    Ok(out)
+        Ok(spans
+            .iter()
+            .map(|&(start, n)| {
+                scores[start..start + n]
+                    .iter()
+                    .map(|s| s.to_f32())
+                    .collect()
+            })
+            .collect())
+    })
 }
 
 /// Greedy answers to `prompts` (at most `max_new` tokens, cut at the first
@@ -549,16 +550,17 @@ fn greedy_answers<B: Backend>(
 ) -> Result<Vec<String>> {
     let stop = |toks: &[u32]| tok.decode(toks).contains('\n');
     let lengths: Vec<usize> = prompts.iter().map(Vec::len).collect();
-    let mut out = vec![String::new(); prompts.len()];
-    for idx in data::eval_batches_by_length(&lengths, batch) {
+    data::map_by_length(&lengths, batch, |idx| {
         let group: Vec<Vec<u32>> = idx.iter().map(|&i| prompts[i].clone()).collect();
         let gen = dec.generate_greedy(be, params, &group, max_new, &stop)?;
-        for (g, &i) in gen.iter().zip(&idx) {
-            let text = tok.decode(g);
-            out[i] = text.split('\n').next().unwrap_or("").trim().to_string();
-        }
-    }
-    Ok(out)
+        Ok(gen
+            .iter()
+            .map(|g| {
+                let text = tok.decode(g);
+                text.split('\n').next().unwrap_or("").trim().to_string()
+            })
+            .collect())
+    })
 }
 
 /// Evaluate: accuracy (candidate scoring) or F1/EM (generation).

@@ -111,19 +111,15 @@ pub fn logits_by_length<B: Backend>(
     pad_id: u32,
     batch: usize,
 ) -> Result<Vec<Vec<B::T>>> {
-    let mut out = vec![Vec::new(); encs.len()];
     let c = enc.opts.num_labels;
     let lengths: Vec<usize> = encs.iter().map(Encoding::len).collect();
-    for idx in data::eval_batches_by_length(&lengths, batch) {
+    data::map_by_length(&lengths, batch, |idx| {
         let refs: Vec<&Encoding> = idx.iter().map(|&i| &encs[i]).collect();
         let hb = data::make_batch(&refs, &vec![0.0; refs.len()], pad_id);
         let db = enc.upload_batch(be, &hb)?;
         let logits = enc.logits(be, params, &db);
-        for (&i, row) in idx.iter().zip(logits.chunks(c)) {
-            out[i] = row.to_vec();
-        }
-    }
-    Ok(out)
+        Ok(logits.chunks(c).map(<[B::T]>::to_vec).collect())
+    })
 }
 
 /// Predictions of an encoder over a dataset: class index (as f32) or the
