@@ -91,6 +91,14 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).to_string()
 }
 
+/// `o` failed, and its stderr says each of `phrases`.
+fn assert_fails_saying(o: &Output, phrases: &[&str]) {
+    assert!(!o.status.success(), "expected failure:\n{}", stderr(o));
+    for p in phrases {
+        assert!(stderr(o).contains(p), "should say '{p}':\n{}", stderr(o));
+    }
+}
+
 /// A bad input: non-zero exit, no panic, the message names `file` and
 /// contains `phrase`, and no run directory (nor staging directory) is left.
 fn assert_clean_failure(s: &Setup, o: &Output, file: &str, phrase: &str) {
@@ -394,7 +402,7 @@ fn predict_classifies_texts_like_eval() {
         assert_eq!(o.stdout, env.stdout);
         assert_ne!(String::from_utf8(o.stdout).unwrap(), out);
     } else {
-        assert!(stderr(&o).contains("AVX-512 BF16"), "{}", stderr(&o));
+        assert_fails_saying(&o, &["AVX-512 BF16"]);
     }
 
     // Errors name the file, exit non-zero, print nothing on stdout.
@@ -429,12 +437,7 @@ fn predict_classifies_texts_like_eval() {
         "x",
     ]);
     // A decoder with an encoder's biases file.
-    assert!(!o.status.success());
-    assert!(
-        stderr(&o).contains("is not a decoder's biases file"),
-        "{}",
-        stderr(&o)
-    );
+    assert_fails_saying(&o, &["is not a decoder's biases file"]);
 }
 
 #[test]
@@ -449,12 +452,7 @@ fn eval_without_biases_needs_a_saved_head() {
         "--data",
         s.data.to_str().unwrap(),
     ]);
-    assert!(!o.status.success());
-    assert!(
-        stderr(&o).contains("no classification head"),
-        "{}",
-        stderr(&o)
-    );
+    assert_fails_saying(&o, &["no classification head"]);
     // With a saved head it evaluates.
     let with_head = s.tmp.path().join("with-head");
     write_tiny_model(&with_head, TinyArch::Bert, 1, Some(2));
@@ -491,12 +489,7 @@ fn biases_of_another_model_are_refused() {
         "--data",
         s.data.to_str().unwrap(),
     ]);
-    assert!(!o.status.success());
-    assert!(
-        stderr(&o).contains("different base model") && stderr(&o).contains("biases.safetensors"),
-        "{}",
-        stderr(&o)
-    );
+    assert_fails_saying(&o, &["different base model", "biases.safetensors"]);
 }
 
 fn safetensors_header(path: &Path) -> (serde_json::Value, Vec<u8>) {
@@ -769,8 +762,7 @@ fn cpu_gemm_setting_is_checked() {
         assert!(!said(&off).contains("on AMX"), "{}", said(&off));
     } else {
         println!("this CPU has no AVX-512 BF16: checking the refusal instead");
-        assert!(!o.status.success());
-        assert!(stderr(&o).contains("AVX-512 BF16"), "{}", stderr(&o));
+        assert_fails_saying(&o, &["AVX-512 BF16"]);
     }
 }
 
@@ -1128,18 +1120,12 @@ fn predict_with_a_decoder_scores_the_verbalisers() {
         "--text",
         "x",
     ]);
-    assert!(!o.status.success());
-    assert!(
-        stderr(&o).contains("not a decoder's biases file"),
-        "{}",
-        stderr(&o)
-    );
+    assert_fails_saying(&o, &["not a decoder's biases file"]);
     let m = s.model.to_str().unwrap();
     let o = beft(&[
         "predict", "--model", m, "--biases", b, "--text", "x", "--task", "sst2",
     ]);
-    assert!(!o.status.success());
-    assert!(stderr(&o).contains("apply to decoders"), "{}", stderr(&o));
+    assert_fails_saying(&o, &["apply to decoders"]);
 }
 
 /// `beft predict` with a decoder trained on a generation task (SQuAD
@@ -1240,12 +1226,7 @@ fn predict_with_a_decoder_answers_questions() {
         "--text",
         "no question here",
     ]);
-    assert!(!o.status.success());
-    assert!(
-        stderr(&o).contains("give the context, a tab, then the question"),
-        "{}",
-        stderr(&o)
-    );
+    assert_fails_saying(&o, &["give the context, a tab, then the question"]);
 }
 
 /// `--bf16` (as Hugging Face's flag): the same run as `BEFT_CPU_GEMM=bf16`
