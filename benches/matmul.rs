@@ -64,7 +64,18 @@ fn bench_matmul(c: &mut Criterion) {
                     bch.iter(|| {
                         let w = BSrc::F32(&w);
                         let epi = gemm16::Epilogue::default();
-                        gemm16::gemm_on(kernel, m, n, k, &mut out, false, &a, false, w, tb, epi)
+                        gemm16::gemm_on(
+                            kernel,
+                            m,
+                            n,
+                            k,
+                            &mut out,
+                            false,
+                            gemm16::ASrc::F32(&a, false),
+                            w,
+                            tb,
+                            epi,
+                        )
                     })
                 });
             }

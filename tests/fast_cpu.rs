@@ -896,7 +896,9 @@ fn decoder_steps_match_reference_on_tiny_random_models() {
     }
 }
 
-/// `BEFT_CPU_GEMM=bf16` on a whole bias-only step: the loss and every bias
+/// `BEFT_CPU_GEMM=bf16` on a whole bias-only step: the fused ops (q, k, v
+/// on one packed input; the MLP's activation written packed) give bit for
+/// bit what the separate ops give; the loss and every bias
 /// gradient stay within bf16-autocast distance of the f32 reference, and
 /// the products really were bf16 (the result is not the f32 one).
 #[test]
@@ -919,19 +921,30 @@ fn bf16_products_track_the_reference_on_a_tiny_model() {
     let b16 = FastCpu::with_gemm(CpuGemm::Bf16).unwrap().poisoned();
     let er = Encoder::load(&r, &md, opts.clone()).unwrap();
     let e32 = Encoder::load(&f32s, &md, opts.clone()).unwrap();
-    let e16 = Encoder::load(&b16, &md, opts).unwrap();
+    let e16 = Encoder::load(&b16, &md, opts.clone()).unwrap();
+    // The trait's unfused defaults (q, k, v and the MLP as separate ops).
+    let sep = beft::backend::sim::SimDevice::new(FastCpu::with_gemm(CpuGemm::Bf16).unwrap(), None);
+    let es = Encoder::load(&sep, &md, opts).unwrap();
     let mut rng = Rng::new(11);
     // 4 × 19 = 76 rows: above BF16_MIN_ROWS, so every product is bf16.
     let batch = random_batch(&mut rng, 4, 19, common::TINY_VOCAB, 3);
     let dr = er.upload_batch(&r, &batch).unwrap();
     let d32 = e32.upload_batch(&f32s, &batch).unwrap();
     let d16 = e16.upload_batch(&b16, &batch).unwrap();
+    let ds = es.upload_batch(&sep, &batch).unwrap();
     let mut sr = Slab::new(&r, &er.init);
     let mut s32 = Slab::new(&f32s, &e32.init);
     let mut s16 = Slab::new(&b16, &e16.init);
     let (lr, _) = er.loss_and_grad(&r, &sr.params, &mut sr.grads, &dr, None);
     let (_, log32) = e32.loss_and_grad(&f32s, &s32.params, &mut s32.grads, &d32, None);
     let (l16, log16) = e16.loss_and_grad(&b16, &s16.params, &mut s16.grads, &d16, None);
+    let mut ss = Slab::new(&sep, &es.init);
+    let (ls, logs) = es.loss_and_grad(&sep, &ss.params, &mut ss.grads, &ds, None);
+    assert_eq!(l16.to_bits(), ls.to_bits(), "fused vs separate ops: loss");
+    assert_eq!(log16, logs, "fused vs separate ops: logits");
+    let (g16, gs) = (b16.download(&s16.grads), sep.download(&ss.grads));
+    let same = g16.iter().zip(&gs).all(|(x, y)| x.to_bits() == y.to_bits());
+    assert!(same, "fused vs separate ops: bias gradients");
     assert!(
         (l16 - lr).abs() <= 1e-3 * lr.abs(),
         "bf16 loss {l16} vs reference {lr}"
@@ -954,6 +967,88 @@ fn bf16_products_track_the_reference_on_a_tiny_model() {
         );
     }
     println!("bf16 step: loss {l16} vs {lr}; worst gradient error {worst:.2e} of the largest");
+}
+
+/// `BEFT_CPU_GEMM=bf16` on a next-token step of every decoder family
+/// (Conv1D and Linear layouts, grouped-query attention, GELU, ReLU and
+/// SwiGLU MLPs), outputs poisoned. The fused ops (the q, k, v projections
+/// on one packed input; the MLP's activation written packed by its first
+/// product) give bit for bit what the separate ops give (run through
+/// `SimDevice`, which keeps the trait's unfused defaults); the loss and
+/// every bias gradient stay near the f32 reference; and the bf16 products
+/// ran.
+#[test]
+fn bf16_products_track_the_reference_on_tiny_decoders() {
+    use beft::backend::sim::SimDevice;
+    use decoder_common::{next_token_rows, tiny_batch, write_tiny_decoder, Tiny};
+    if !gemm16::available() {
+        println!("skipped: this CPU has no AVX-512 BF16");
+        return;
+    }
+    fn run<B: Backend<T = f32>>(
+        be: &B,
+        md: &ModelDir,
+        (b, t, ids, mask): (usize, usize, &[u32], &[f32]),
+        (rows, targets): (&[u32], &[u32]),
+    ) -> (f64, Vec<f32>) {
+        let dec = Decoder::load(
+            be,
+            md,
+            DecoderOptions {
+                terms: BiasTerm::parse_set("all").unwrap(),
+                offload: Offload::Resident,
+                recompute: false,
+            },
+        )
+        .unwrap();
+        let x = dec.upload(be, b, t, ids, mask).unwrap();
+        let rt = dec.row_targets(be, &x, rows, targets).unwrap();
+        let mut slab = Slab::new(be, &dec.init);
+        let lm = dec.lm_loss_and_grad(be, &slab.params, &mut slab.grads, &x, &rt);
+        (lm, be.download(&slab.grads))
+    }
+    let b16 = || FastCpu::with_gemm(CpuGemm::Bf16).unwrap().poisoned();
+    for arch in [
+        Tiny::Gpt2,
+        Tiny::Opt,
+        Tiny::OptPost,
+        Tiny::Llama,
+        Tiny::Qwen2,
+    ] {
+        let tmp = tempfile::TempDir::new().unwrap();
+        write_tiny_decoder(tmp.path(), arch, 7);
+        let md = ModelDir::open(tmp.path()).unwrap();
+        // 5 × 9 = 45 rows: above BF16_MIN_ROWS, so every product is bf16.
+        let (b, t, ids, mask) = tiny_batch(&[9, 7, 9, 8, 9], false, 5);
+        let (rows, targets) = next_token_rows(b, t, &ids, &mask);
+        let input = (b, t, &ids[..], &mask[..]);
+        let out = (&rows[..], &targets[..]);
+        let (lr, gr) = run(&Ref::new(), &md, input, out);
+        let (_, g32) = run(&FastCpu::new(), &md, input, out);
+        let (l16, g16) = run(&b16(), &md, input, out);
+        let (lu, gu) = run(&SimDevice::new(b16(), None), &md, input, out);
+        assert_eq!(
+            l16.to_bits(),
+            lu.to_bits(),
+            "{arch:?}: fused vs separate ops, loss"
+        );
+        let same = g16.iter().zip(&gu).all(|(x, y)| x.to_bits() == y.to_bits());
+        assert!(same, "{arch:?}: fused vs separate ops, bias gradients");
+        assert_ne!(g16, g32, "{arch:?}: the bf16 products were not used");
+        assert!(gr.iter().any(|g| *g != 0.0), "{arch:?}: gradients all zero");
+        let e = rel_err_f32(&g16, &gr, gr.iter().fold(0f32, |a, b| a.max(b.abs())));
+        println!("{arch:?}: bf16 loss {l16} vs {lr}; gradient error {e:.2e} of the largest");
+        assert!(
+            (l16 - lr).abs() <= 1e-3 * lr.abs(),
+            "{arch:?}: bf16 loss {l16} vs reference {lr}"
+        );
+        // Inputs rounded to 3 significant digits on a tiny random model:
+        // a few per cent of the largest gradient.
+        assert!(
+            e <= 0.1,
+            "{arch:?}: bf16 bias gradients differ (err {e:.2e} of the largest)"
+        );
+    }
 }
 
 // ---- Hugging Face parity fixtures on the fast backend -----------------

@@ -177,6 +177,25 @@ pub enum PoolKind {
     Mean,
 }
 
+/// One linear layer of [`Backend::linears`] and [`Backend::mlp_fwd`]:
+/// `y[m×n] = x·op(w) (+ bias)`, where `op(w) = wᵀ` (`w` stored `[n, k]`)
+/// if `tb`, else `w` (stored `[k, n]`); `bias` is a buffer and the offset
+/// of the `n` values in it.
+pub struct Proj<'a, B> {
+    pub w: &'a B,
+    pub bias: Option<(&'a B, usize)>,
+    pub n: usize,
+    pub tb: bool,
+}
+
+impl<B> Clone for Proj<'_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<B> Copy for Proj<'_, B> {}
+
 /// AdamW hyper-parameters for one step (`step` counts from 1).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AdamW {
@@ -329,6 +348,56 @@ pub trait Backend {
             Some(bias) => self.matmul_bias(c, a, b, bias, m, n, k, false, tb),
             None => self.matmul(c, a, b, m, n, k, false, tb, false),
         }
+    }
+    /// Linear layers of one input, `outs[i][m×nᵢ] = a·op(wᵢ) (+ bᵢ)`, each
+    /// as [`Backend::linear`] (`layers[i]`; `k` columns of `a`): a layer's
+    /// q, k and v projections. The default runs them in turn; a backend may
+    /// prepare `a` once for all of them (the fast CPU backend's bf16
+    /// products convert it to bf16 once).
+    fn linears(
+        &self,
+        outs: &mut [&mut Self::Buf],
+        a: &Self::Buf,
+        layers: &[Proj<'_, Self::Buf>],
+        m: usize,
+        k: usize,
+    ) {
+        assert_eq!(outs.len(), layers.len(), "linears: one output per layer");
+        for (c, p) in outs.iter_mut().zip(layers) {
+            self.linear(c, a, p.w, p.bias, m, p.n, k, p.tb);
+        }
+    }
+    /// A transformer's MLP without its residual: `pre[m×n₁] = a·op(w₁)
+    /// (+ b₁)` (what the backward pass keeps; `k` columns of `a`) and
+    /// `out[m×n₂] = act(pre)·op(w₂) (+ b₂)`, for `layers = (first,
+    /// second)`. The default is [`Backend::linear_act`] into a temporary,
+    /// then [`Backend::linear`]; a backend may keep `act(pre)` in a form of
+    /// its own (the fast CPU backend's bf16 products write it as the second
+    /// product's packed bf16 operand, never as f32).
+    fn mlp_fwd(
+        &self,
+        pre: &mut Self::Buf,
+        out: &mut Self::Buf,
+        act: Act,
+        a: &Self::Buf,
+        (first, second): (Proj<'_, Self::Buf>, Proj<'_, Self::Buf>),
+        m: usize,
+        k: usize,
+    ) {
+        let mut g = self.output(m * first.n);
+        self.linear_act(
+            pre, &mut g, act, a, first.w, first.bias, m, first.n, k, first.tb,
+        );
+        self.linear(
+            out,
+            &g,
+            second.w,
+            second.bias,
+            m,
+            second.n,
+            first.n,
+            second.tb,
+        );
     }
     /// A linear layer and its activation: `pre[m×n] = a·op(b) (+ bias)` (as
     /// [`Backend::matmul`] and [`Backend::bias_add`]) and `out = act(pre)`

@@ -29,7 +29,7 @@
 //! `2d..3d` of `c_attn.bias`).
 
 use crate::backend::fault::device_fault;
-use crate::backend::{AttnDims, Backend, CandidateIndex};
+use crate::backend::{AttnDims, Backend, CandidateIndex, Proj};
 use crate::error::{Error, Result};
 use crate::float::Float;
 use crate::model::bias::{BiasTerm, SlabLayout, SlotKind};
@@ -1072,6 +1072,16 @@ impl<B: Backend> Decoder<B> {
         }
     }
 
+    /// A linear map as the backend's [`Proj`].
+    fn proj<'a>(&'a self, lin: &'a Lin<B::Buf>, params: &'a B::Buf) -> Proj<'a, B::Buf> {
+        Proj {
+            w: &lin.w,
+            bias: self.bref(&lin.b, params),
+            n: lin.n_out,
+            tb: !lin.in_out,
+        }
+    }
+
     fn lin_fwd(
         &self,
         be: &B,
@@ -1225,9 +1235,23 @@ impl<B: Backend> Decoder<B> {
         let c = &self.cfg;
         let n = x.batch * x.seq;
         let hd = c.head_dim();
-        let mut q = self.lin_fwd(be, &layer.q, n1, n, params);
-        let mut k = self.lin_fwd(be, &layer.k, n1, n, params);
-        let v = self.lin_fwd(be, &layer.v, n1, n, params);
+        // q, k, v: three products of one input (packed once).
+        let (mut q, mut k, mut v) = (
+            be.output(n * layer.q.n_out),
+            be.output(n * layer.k.n_out),
+            be.output(n * layer.v.n_out),
+        );
+        be.linears(
+            &mut [&mut q, &mut k, &mut v],
+            n1,
+            &[
+                self.proj(&layer.q, params),
+                self.proj(&layer.k, params),
+                self.proj(&layer.v, params),
+            ],
+            n,
+            layer.q.n_in,
+        );
         if c.arch.is_llama_like() {
             be.rope(&mut q, &x.pos, n, c.num_heads, hd, c.rope_theta, false);
             be.rope(&mut k, &x.pos, n, c.num_kv_heads, hd, c.rope_theta, false);
@@ -1396,13 +1420,12 @@ impl<B: Backend> Decoder<B> {
                     (m, gt, Some(up))
                 }
                 None => {
-                    // f (kept) and g = act(f), one op (CUDA: one pass).
-                    let up = &layer.up;
-                    let (mut f, mut g) = (be.output(n * ff), be.output(n * ff));
-                    let b = self.bref(&up.b, params);
-                    let (k, tb) = (up.n_in, !up.in_out);
-                    be.linear_act(&mut f, &mut g, c.hidden_act, inp, &up.w, b, n, ff, k, tb);
-                    let m = self.lin_fwd(be, &layer.down, &g, n, params);
+                    // f (kept) and m = act(f)·down (act(f): the first
+                    // product's epilogue).
+                    let (up, down) = (&layer.up, &layer.down);
+                    let (mut f, mut m) = (be.output(n * ff), be.output(n * down.n_out));
+                    let layers = (self.proj(up, params), self.proj(down, params));
+                    be.mlp_fwd(&mut f, &mut m, c.hidden_act, inp, layers, n, up.n_in);
                     (m, f, None)
                 }
             }

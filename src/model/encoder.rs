@@ -13,7 +13,7 @@
 //! log-sum-exp, LayerNorm's x̂ and 1/σ, and the MLP pre-activation — and only
 //! layers at or above the lowest trainable one save anything at all.
 
-use crate::backend::{sub_seed, Act, AttnDims, Backend, Dropout, PoolKind};
+use crate::backend::{sub_seed, Act, AttnDims, Backend, Dropout, PoolKind, Proj};
 use crate::data::Batch;
 use crate::error::{Error, Result};
 use crate::model::bias::{BiasTerm, SlabLayout, SlotKind};
@@ -522,9 +522,25 @@ impl<B: Backend> Encoder<B> {
         let mut saved = Vec::with_capacity(self.layers.len());
         for (l, layer) in self.layers.iter().enumerate() {
             let bias = |t: BiasTerm| self.bias_ref(&layer.biases[term_index(t)], params);
-            let q = self.linear(be, &h, &layer.wq, bias(BiasTerm::Q), n, d, d);
-            let k = self.linear(be, &h, &layer.wk, bias(BiasTerm::K), n, d, d);
-            let v = self.linear(be, &h, &layer.wv, bias(BiasTerm::V), n, d, d);
+            // q, k, v: three products of one input (packed once).
+            let proj = |w, t| Proj {
+                w,
+                bias: Some(bias(t)),
+                n: d,
+                tb: true,
+            };
+            let (mut q, mut k, mut v) = (be.output(n * d), be.output(n * d), be.output(n * d));
+            be.linears(
+                &mut [&mut q, &mut k, &mut v],
+                &h,
+                &[
+                    proj(&layer.wq, BiasTerm::Q),
+                    proj(&layer.wk, BiasTerm::K),
+                    proj(&layer.wv, BiasTerm::V),
+                ],
+                n,
+                d,
+            );
             let mut ctx = be.output(n * d);
             let mut lse = be.output(x.batch * dims.heads * x.seq);
             let attn_drop = drop.filter(|dr| dr.attn > 0.0).map(|dr| Dropout {
@@ -551,22 +567,26 @@ impl<B: Backend> Encoder<B> {
                 d,
                 cfg.layer_norm_eps,
             );
-            // f = h1·W1ᵀ + b1 (kept) and g = act(f), one op (CUDA: one pass).
-            let (mut f, mut g) = (be.output(n * ff), be.output(n * ff));
-            let b_in = Some(bias(BiasTerm::MlpIn));
-            be.linear_act(
+            // f = h1·W1ᵀ + b1 (kept), m = act(f)·W2ᵀ + b2 (act(f): the
+            // first product's epilogue).
+            let (mut f, mut m) = (be.output(n * ff), be.output(n * d));
+            be.mlp_fwd(
                 &mut f,
-                &mut g,
+                &mut m,
                 cfg.hidden_act,
                 &h1,
-                &layer.w1,
-                b_in,
+                (
+                    Proj {
+                        w: &layer.w1,
+                        bias: Some(bias(BiasTerm::MlpIn)),
+                        n: ff,
+                        tb: true,
+                    },
+                    proj(&layer.w2, BiasTerm::MlpOut),
+                ),
                 n,
-                ff,
                 d,
-                true,
             );
-            let mut m = self.linear(be, &g, &layer.w2, bias(BiasTerm::MlpOut), n, ff, d);
             // out = LN2(drop(m) + h1), one pass.
             let mut out = be.output(n * d);
             let (mut xhat2, mut rstd2) = (be.output(n * d), be.output(n));

@@ -119,10 +119,11 @@ pub unsafe fn release() {
 ///
 /// # Safety
 /// [`configure`] ran on this thread; `a` holds 32·`kc` pairs, `b`
-/// `kc`·32; `c` (and `epi`'s `out`) are valid for `rows` rows of `cols`
-/// values at row stride `ldc`, `epi.bias` (when not null) for `cols`.
+/// `kc`·32; `c` (and `epi`'s f32 `out`) are valid for `rows` rows of
+/// `cols` values at row stride `ldc`, a packed `out` for [`MR`] rows of
+/// [`KT`] pairs, `epi.bias` (when not null) for `cols`.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn tile(
     kc: usize,
@@ -211,7 +212,7 @@ pub unsafe fn tile(
             _mm512_storeu_ps(src.add(16), x1);
         }
     }
-    if let Some((act, out)) = epi.act {
+    if let Some((act, dst)) = epi.act {
         let mut abuf = std::mem::MaybeUninit::<Buf>::uninit();
         let ap = abuf.as_mut_ptr() as *mut f32;
         let len = rows * NR;
@@ -220,10 +221,37 @@ pub unsafe fn tile(
             std::slice::from_raw_parts_mut(ap, len),
             std::slice::from_raw_parts(bp, len),
         );
-        for r in 0..rows {
-            let (o, src) = (out.add(r * ldc), ap.add(r * NR));
-            let (y0, y1) = (_mm512_loadu_ps(src), _mm512_loadu_ps(src.add(16)));
-            store_row(o, y0, y1, (m0, m1), stream);
+        match dst {
+            ActDst::F32(out) => {
+                for r in 0..rows {
+                    let (o, src) = (out.add(r * ldc), ap.add(r * NR));
+                    let (y0, y1) = (_mm512_loadu_ps(src), _mm512_loadu_ps(src.add(16)));
+                    store_row(o, y0, y1, (m0, m1), stream);
+                }
+            }
+            ActDst::Packed(out) => {
+                // Row r's 16 pairs are one line; columns past `cols` and
+                // rows past `rows` (the last strip's) are zeros.
+                let stream = epi.stream && (out as usize).is_multiple_of(64);
+                for r in 0..MR {
+                    let v = if r < rows {
+                        let src = ap.add(r * NR);
+                        let (y0, y1) = (
+                            _mm512_maskz_loadu_ps(m0, src),
+                            _mm512_maskz_loadu_ps(m1, src.add(16)),
+                        );
+                        std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(y1, y0))
+                    } else {
+                        _mm512_setzero_si512()
+                    };
+                    let o = out.add(r * KT) as *mut __m512i;
+                    if stream {
+                        _mm512_stream_si512(o, v);
+                    } else {
+                        _mm512_storeu_si512(o as *mut _, v);
+                    }
+                }
+            }
         }
     }
 }
@@ -254,13 +282,25 @@ unsafe fn store_row(
     }
 }
 
+/// Where [`tile`] writes `act(C)`.
+#[derive(Clone, Copy)]
+pub enum ActDst {
+    /// f32: the block's first element (row stride `ldc`, as C).
+    F32(*mut f32),
+    /// bf16 pairs packed as the left-hand operand of the next product
+    /// ([`super::gemm16::PackedA`], whose `k` is this product's `n`): the
+    /// block is one tile group of one strip there, `MR` rows of [`KT`]
+    /// pairs from this pointer.
+    Packed(*mut u32),
+}
+
 /// What [`tile`] does to its block of C besides storing it: add a bias
 /// (`bias`: the block's first column of it, null for none), then write
-/// `act(C)` to `out` (the block's first element there, row stride `ldc`).
+/// `act(C)` to `act`'s destination.
 #[derive(Clone, Copy)]
 pub struct TileEpilogue {
     pub bias: *const f32,
-    pub act: Option<(crate::backend::Act, *mut f32)>,
+    pub act: Option<(crate::backend::Act, ActDst)>,
     /// Write C (and `out`) with non-temporal stores where a row of the
     /// block is whole cache lines ([`super::gemm16::streams`]).
     pub stream: bool,

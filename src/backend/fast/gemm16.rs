@@ -107,6 +107,123 @@ impl BSrc<'_> {
     }
 }
 
+/// The left-hand operand: f32 values rounded to bf16 as they are packed,
+/// or packed beforehand.
+#[derive(Clone, Copy)]
+pub enum ASrc<'a> {
+    /// `m × k` f32 values; with `true` stored `[k, m]` (transposed), else
+    /// `[m, k]`.
+    F32(&'a [f32], bool),
+    /// Packed beforehand for the product's kernel, `m` and `k`.
+    Packed(&'a PackedA),
+}
+
+/// Rows of A per packed strip on `kernel`.
+fn strip_rows(kernel: Kernel) -> usize {
+    match kernel {
+        Kernel::Amx => amx::MR,
+        Kernel::Dot => MR,
+    }
+}
+
+/// A (`m × k`) as the products' packed bf16 operand, held for more than one
+/// product: packed once ([`PackedA::new`]) for several products by the same
+/// A (a layer's q, k and v projections), or written by the epilogue of the
+/// product that computes A ([`Epilogue::packed`]), so that A is never
+/// stored in f32 nor converted. Its storage comes from the fast backend's
+/// buffer pool and goes back there.
+pub struct PackedA {
+    data: Vec<f32>,
+    off: usize,
+    len: usize,
+    /// The kernel, `m` and `k` it is packed for.
+    pub key: (Kernel, usize, usize),
+}
+
+impl PackedA {
+    /// Storage for A (`m × k`) on `kernel`, its contents unspecified.
+    fn alloc(kernel: Kernel, m: usize, k: usize) -> PackedA {
+        let mr = strip_rows(kernel);
+        let len = m.div_ceil(mr) * mr * pairs_per_row(kernel, k);
+        // Vectors this large come from the pool; 16 floats to spare for
+        // starting on a 64-byte boundary.
+        let data = super::pool::take_any(len + 16);
+        let off = data.as_ptr().align_offset(64).min(16);
+        PackedA {
+            data,
+            off,
+            len,
+            key: (kernel, m, k),
+        }
+    }
+
+    /// Pack `a` (`m × k` f32; `ta`: stored `[k, m]`) for `kernel`.
+    ///
+    /// # Panics
+    /// When `a` is shorter than `m·k` or the CPU lacks AVX-512 BF16.
+    pub fn new(kernel: Kernel, m: usize, k: usize, a: &[f32], ta: bool) -> PackedA {
+        assert!(available(), "bf16 GEMM needs AVX-512 BF16");
+        assert!(a.len() >= m * k, "bf16 gemm A shape");
+        let mut p = PackedA::alloc(kernel, m, k);
+        let (mr, ld) = (strip_rows(kernel), pairs_per_row(kernel, k));
+        if p.len > 0 {
+            pack_strips(
+                kernel,
+                p.strips_mut(),
+                mr * ld,
+                a,
+                m,
+                k,
+                ta,
+                m * k >= 1 << 16,
+            );
+        }
+        p
+    }
+
+    /// Storage for A (`m × k`) on `kernel`, to be written whole by the
+    /// epilogue of the product that computes A ([`Epilogue::packed`]);
+    /// until then its contents are unspecified.
+    pub fn output(kernel: Kernel, m: usize, k: usize) -> PackedA {
+        PackedA::alloc(kernel, m, k)
+    }
+
+    /// The packed strips.
+    pub fn strips(&self) -> &[u32] {
+        bytemuck::cast_slice(&self.data[self.off..self.off + self.len])
+    }
+
+    fn strips_mut(&mut self) -> &mut [u32] {
+        bytemuck::cast_slice_mut(&mut self.data[self.off..self.off + self.len])
+    }
+}
+
+impl Drop for PackedA {
+    fn drop(&mut self) {
+        super::pool::give(std::mem::take(&mut self.data));
+    }
+}
+
+/// Pack all strips of A (`dst`: `strip` u32 each) for `kernel`, over the
+/// pool when `par`.
+#[allow(clippy::too_many_arguments)]
+fn pack_strips(
+    kernel: Kernel,
+    dst: &mut [u32],
+    strip: usize,
+    a: &[f32],
+    m: usize,
+    k: usize,
+    ta: bool,
+    par: bool,
+) {
+    let mr = strip_rows(kernel);
+    each_chunk(par, dst, strip, |s, d| match kernel {
+        Kernel::Amx => pack_a_tiles(d, a, m, k, ta, s * mr),
+        Kernel::Dot => pack_a(d, a, m, k, ta, s * mr),
+    });
+}
+
 /// A raw pointer that may cross threads (each task writes its own block of C).
 #[derive(Clone, Copy)]
 struct SendPtr(*mut f32);
@@ -152,7 +269,18 @@ pub fn gemm(
     tb: bool,
 ) {
     let epi = Epilogue::default();
-    gemm_on(Kernel::best(), m, n, k, c, accumulate, a, ta, b, tb, epi)
+    gemm_on(
+        Kernel::best(),
+        m,
+        n,
+        k,
+        c,
+        accumulate,
+        ASrc::F32(a, ta),
+        b,
+        tb,
+        epi,
+    )
 }
 
 /// What the product does to each block of C once its sums are complete,
@@ -163,9 +291,20 @@ pub fn gemm(
 pub struct Epilogue<'a> {
     /// `n` values added to every row of C.
     bias: Option<&'a [f32]>,
-    /// `out = act(C)`: the activation, `out`'s start and length.
-    act: Option<(Act, SendPtr, usize)>,
+    /// `out = act(C)`: the activation and where `out` goes.
+    act: Option<(Act, Dst)>,
     _out: std::marker::PhantomData<&'a mut [f32]>,
+}
+
+/// Where an epilogue writes `act(C)`.
+#[derive(Clone, Copy)]
+enum Dst {
+    /// f32, `m × n` like C: the start and length.
+    F32(SendPtr, usize),
+    /// Packed as the left-hand operand of a product by `act(C)`
+    /// ([`PackedA`]): the start of its strips (u32s, through an f32
+    /// pointer) and its key.
+    Packed(SendPtr, (Kernel, usize, usize)),
 }
 
 impl<'a> Epilogue<'a> {
@@ -174,7 +313,22 @@ impl<'a> Epilogue<'a> {
     pub fn new(bias: Option<&'a [f32]>, act: Option<(Act, &'a mut [f32])>) -> Self {
         Epilogue {
             bias,
-            act: act.map(|(f, out)| (f, SendPtr(out.as_mut_ptr()), out.len())),
+            act: act.map(|(f, out)| (f, Dst::F32(SendPtr(out.as_mut_ptr()), out.len()))),
+            _out: std::marker::PhantomData,
+        }
+    }
+
+    /// Add `bias` (`n` values) to every row, then write `f(C)` to `out` as
+    /// the packed left-hand operand of the next product (`out`: `m × n` on
+    /// the product's kernel, from [`PackedA::output`]): that product then
+    /// neither reads f32 values nor converts them, and `f(C)` is never
+    /// stored in f32.
+    pub fn packed(bias: Option<&'a [f32]>, f: Act, out: &'a mut PackedA) -> Self {
+        let key = out.key;
+        let p = SendPtr(out.strips_mut().as_mut_ptr() as *mut f32);
+        Epilogue {
+            bias,
+            act: Some((f, Dst::Packed(p, key))),
             _out: std::marker::PhantomData,
         }
     }
@@ -201,14 +355,76 @@ impl Epilogue<'_> {
             return;
         }
         let w = c1 - c0;
+        // A row of act(C) on its way to packed pairs.
+        let mut tmp = Vec::new();
         for i in r0..r1 {
             let row = std::slice::from_raw_parts_mut(c.at(i * n + c0), w);
             if let Some(b) = self.bias {
                 kernels::add_row_vec(row, &b[c0..c1]);
             }
-            if let Some((act, out, _)) = self.act {
-                let o = std::slice::from_raw_parts_mut(out.at(i * n + c0), w);
-                kernels::act_fwd(act, o, row);
+            match self.act {
+                Some((act, Dst::F32(out, _))) => {
+                    let o = std::slice::from_raw_parts_mut(out.at(i * n + c0), w);
+                    kernels::act_fwd(act, o, row);
+                }
+                Some((act, Dst::Packed(out, key))) => {
+                    tmp.resize(w, 0.0);
+                    kernels::act_fwd(act, &mut tmp, row);
+                    put_pairs(out, key, i, c0 / 2, &tmp);
+                }
+                None => {}
+            }
+        }
+        // The last strip's rows past m are zeros in a packed A.
+        if let Some((_, Dst::Packed(out, key))) = self.act {
+            let (kernel, m, _) = key;
+            if r1 == m {
+                tmp.clear();
+                tmp.resize(w, 0.0);
+                for i in m..m.next_multiple_of(strip_rows(kernel)) {
+                    put_pairs(out, key, i, c0 / 2, &tmp);
+                }
+            }
+        }
+    }
+}
+
+/// Write `vals` (an even number of them, or the row's last) as the bf16
+/// pairs `q0..` of row `i` of the packed A at `out` (key `(kernel, m, k)`).
+///
+/// # Safety
+/// `out` holds that packed A; the pairs belong to the caller alone;
+/// AVX-512 BF16 present.
+unsafe fn put_pairs(
+    out: SendPtr,
+    (kernel, _, k): (Kernel, usize, usize),
+    i: usize,
+    q0: usize,
+    vals: &[f32],
+) {
+    let ld = pairs_per_row(kernel, k);
+    let np = vals.len().div_ceil(2);
+    let bits = |q: usize| pair(vals.len(), q, |p| bf16_bits(vals[p]));
+    let base = out.0 as *mut u32;
+    match kernel {
+        Kernel::Dot => {
+            // A row's pairs are contiguous.
+            let o = std::slice::from_raw_parts_mut(base.add(i * ld + q0), np);
+            for q in convert_row(o, vals)..np {
+                o[q] = bits(q);
+            }
+        }
+        Kernel::Amx => {
+            // The row's last pairs pad it to whole tiles with zeros.
+            let end = if q0 + np == k.div_ceil(2) {
+                ld - q0
+            } else {
+                np
+            };
+            let strip = (i / amx::MR) * amx::MR * ld;
+            for q in 0..end {
+                let v = if q < np { bits(q) } else { 0 };
+                *base.add(strip + amx::tile_index(i % amx::MR, q0 + q)) = v;
             }
         }
     }
@@ -247,8 +463,7 @@ pub fn gemm_on(
     k: usize,
     c: &mut [f32],
     accumulate: bool,
-    a: &[f32],
-    ta: bool,
+    a: ASrc<'_>,
     b: BSrc<'_>,
     tb: bool,
     epi: Epilogue<'_>,
@@ -266,7 +481,7 @@ pub fn gemm_on(
     each_chunk(par, bp16, ld * NR, |t, dst| {
         pack_b(dst, b, n, k, tb, t * NR, ld)
     });
-    multiply(kernel, (m, n, k), c, accumulate, a, ta, bp16, &mut ap, epi);
+    multiply(kernel, (m, n, k), c, accumulate, a, bp16, &mut ap, epi);
     SCRATCH.with(|s| s.set((ap, bp)));
 }
 
@@ -342,8 +557,7 @@ pub fn gemm_packed(
     m: usize,
     c: &mut [f32],
     accumulate: bool,
-    a: &[f32],
-    ta: bool,
+    a: ASrc<'_>,
     b: &PackedB,
     epi: Epilogue<'_>,
 ) {
@@ -358,7 +572,6 @@ pub fn gemm_packed(
         c,
         accumulate,
         a,
-        ta,
         b.panels(),
         &mut ap,
         epi,
@@ -376,21 +589,29 @@ fn check(
     k: usize,
     c: &mut [f32],
     accumulate: bool,
-    a: &[f32],
+    a: ASrc<'_>,
     epi: &Epilogue<'_>,
 ) -> bool {
     assert!(available(), "bf16 GEMM needs AVX-512 BF16");
     if let Some(bias) = epi.bias {
         assert!(bias.len() >= n, "bf16 gemm bias");
     }
-    if let Some((_, _, len)) = epi.act {
-        assert!(len >= m * n, "bf16 gemm activation output");
+    match epi.act {
+        Some((_, Dst::F32(_, len))) => assert!(len >= m * n, "bf16 gemm activation output"),
+        Some((_, Dst::Packed(_, key))) => {
+            assert!(key == (kernel, m, n), "bf16 gemm packed activation output")
+        }
+        None => {}
     }
     assert!(
         kernel != Kernel::Amx || amx::available(),
         "this CPU or OS offers no AMX-BF16"
     );
-    assert!(a.len() >= m * k && c.len() >= m * n, "bf16 gemm shapes");
+    match a {
+        ASrc::F32(a, _) => assert!(a.len() >= m * k, "bf16 gemm A shape"),
+        ASrc::Packed(p) => assert!(p.key == (kernel, m, k), "bf16 gemm packed A shape"),
+    }
+    assert!(c.len() >= m * n, "bf16 gemm shapes");
     if m == 0 || n == 0 {
         return false;
     }
@@ -413,26 +634,25 @@ fn multiply(
     (m, n, k): (usize, usize, usize),
     c: &mut [f32],
     accumulate: bool,
-    a: &[f32],
-    ta: bool,
+    a: ASrc<'_>,
     bp16: &[u32],
     ap: &mut Vec<u32>,
     epi: Epilogue<'_>,
 ) {
     let amx = kernel == Kernel::Amx;
     // Rows per strip and pairs per packed row (AMX: whole tiles of k).
-    let (mr, ld) = (if amx { amx::MR } else { MR }, pairs_per_row(kernel, k));
+    let (mr, ld) = (strip_rows(kernel), pairs_per_row(kernel, k));
     let strips = m.div_ceil(mr);
     let panels = n.div_ceil(NR);
-    let ap16 = aligned(ap, strips * mr * ld);
     let par = m * n * k >= 1 << 22;
-    each_chunk(par, ap16, mr * ld, |s, dst| {
-        if amx {
-            pack_a_tiles(dst, a, m, k, ta, s * mr)
-        } else {
-            pack_a(dst, a, m, k, ta, s * mr)
+    let ap16: &[u32] = match a {
+        ASrc::F32(a, ta) => {
+            let ap16 = aligned(ap, strips * mr * ld);
+            pack_strips(kernel, ap16, mr * ld, a, m, k, ta, par);
+            ap16
         }
-    });
+        ASrc::Packed(p) => p.strips(),
+    };
     // Blocks of up to MC rows × NC columns, halved until every thread has
     // about four to take (work stealing evens out the rest).
     let (mut ms, mut ns) = (MC / mr, NC / NR);
@@ -451,7 +671,9 @@ fn multiply(
     let (mb, nb) = (strips.div_ceil(ms), panels.div_ceil(ns));
     let stream = amx && streams(m, n);
     let cp = SendPtr(c.as_mut_ptr());
-    let (ap_ref, bp_ref) = (&*ap16, bp16);
+    let (ap_ref, bp_ref) = (ap16, bp16);
+    // A packed act(C): pairs per row there, and the u32 start.
+    let ld_out = pairs_per_row(kernel, n);
     let block = |task: usize| {
         let (ib, jb) = (task / nb, task % nb);
         let (s0, s1) = (ib * ms, ((ib + 1) * ms).min(strips));
@@ -474,9 +696,17 @@ fn multiply(
                         let rows = mr.min(m - s * mr);
                         let astr = ap_ref[s * mr * ld..].as_ptr();
                         let at = s * mr * n + t * NR;
+                        let act = epi.act.map(|(f, dst)| match dst {
+                            Dst::F32(out, _) => (f, amx::ActDst::F32(out.at(at))),
+                            // This block is tile group t of strip s there.
+                            Dst::Packed(out, _) => {
+                                let o = (out.0 as *mut u32).add(s * mr * ld_out + t * mr * amx::KT);
+                                (f, amx::ActDst::Packed(o))
+                            }
+                        });
                         let te = amx::TileEpilogue {
                             bias: epi.bias.map_or(std::ptr::null(), |b| b[t * NR..].as_ptr()),
-                            act: epi.act.map(|(f, out, _)| (f, out.at(at))),
+                            act,
                             stream,
                         };
                         amx::tile(ld, astr, bpan, cp.at(at), n, rows, cols, accumulate, te);
@@ -1023,8 +1253,7 @@ mod tests {
                         k,
                         c,
                         false,
-                        &a,
-                        false,
+                        ASrc::F32(&a, false),
                         BSrc::F32(&w),
                         true,
                         epi,
@@ -1046,6 +1275,81 @@ mod tests {
                 assert!(
                     same(&got_act, &want_act),
                     "{kernel:?} {m}x{n}x{k}: act(C + bias)"
+                );
+            }
+        }
+    }
+
+    /// An epilogue that writes `act(C + bias)` as the next product's packed
+    /// A writes exactly what packing that f32 result gives, padding
+    /// included, on every kernel, with ragged strips and an odd `n`; and
+    /// the product by it is the product by the f32 result.
+    #[test]
+    fn packed_activation_output_is_the_packed_activation() {
+        let mut rng = crate::rng::Rng::new(17);
+        for kernel in kernels_here() {
+            // (600, 496): large enough for streaming stores; k = 0: C is
+            // the bias alone.
+            for &(m, n, k) in &[(33, 70, 45), (300, 531, 64), (40, 17, 0), (600, 496, 100)] {
+                let a: Vec<f32> = (0..m * k).map(|_| rng.normal() as f32).collect();
+                let w: Vec<f32> = (0..k * n).map(|_| rng.normal() as f32).collect();
+                let bias: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
+                let (src, wb) = (ASrc::F32(&a, false), BSrc::F32(&w));
+                let (mut c, mut g) = (vec![0f32; m * n], vec![0f32; m * n]);
+                let epi = Epilogue::new(Some(&bias), Some((Act::Gelu, &mut g)));
+                gemm_on(kernel, m, n, k, &mut c, false, src, wb, true, epi);
+                let want = PackedA::new(kernel, m, n, &g, false);
+                let mut got = PackedA::output(kernel, m, n);
+                // Unspecified contents: poison them.
+                got.strips_mut().fill(0x7fc0_7fc0);
+                let mut c2 = vec![f32::NAN; m * n];
+                let epi = Epilogue::packed(Some(&bias), Act::Gelu, &mut got);
+                gemm_on(kernel, m, n, k, &mut c2, false, src, wb, true, epi);
+                let same =
+                    |x: &[f32], y: &[f32]| x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits());
+                assert!(same(&c, &c2), "{kernel:?} {m}x{n}x{k}: C + bias");
+                let diff = want
+                    .strips()
+                    .iter()
+                    .zip(got.strips())
+                    .position(|(x, y)| x != y);
+                assert_eq!(
+                    diff, None,
+                    "{kernel:?} {m}x{n}x{k}: packed act(C) (first u32 that differs)"
+                );
+                // The next product (k = n), by the packed A and by g.
+                let n2 = 37;
+                let w2: Vec<f32> = (0..n * n2).map(|_| rng.normal() as f32).collect();
+                let (mut y, mut y2) = (vec![0f32; m * n2], vec![f32::NAN; m * n2]);
+                let b2 = BSrc::F32(&w2);
+                let epi = Epilogue::default();
+                gemm_on(
+                    kernel,
+                    m,
+                    n2,
+                    n,
+                    &mut y,
+                    false,
+                    ASrc::F32(&g, false),
+                    b2,
+                    false,
+                    epi,
+                );
+                gemm_on(
+                    kernel,
+                    m,
+                    n2,
+                    n,
+                    &mut y2,
+                    false,
+                    ASrc::Packed(&got),
+                    b2,
+                    false,
+                    epi,
+                );
+                assert!(
+                    same(&y, &y2),
+                    "{kernel:?} {m}x{n}x{k}: product by the packed act(C)"
                 );
             }
         }
@@ -1089,8 +1393,7 @@ mod tests {
                 k,
                 c,
                 acc,
-                &a,
-                false,
+                ASrc::F32(&a, false),
                 BSrc::F32(&w),
                 true,
                 epi,
@@ -1162,8 +1465,7 @@ mod tests {
                     k,
                     &mut c,
                     acc,
-                    &a,
-                    ta,
+                    ASrc::F32(&a, ta),
                     src,
                     tb,
                     Epilogue::default(),
@@ -1175,11 +1477,32 @@ mod tests {
                 } else {
                     vec![f32::NAN; m * n]
                 };
-                gemm_packed(m, &mut cp, acc, &a, ta, &packed, Epilogue::default());
+                gemm_packed(
+                    m,
+                    &mut cp,
+                    acc,
+                    ASrc::F32(&a, ta),
+                    &packed,
+                    Epilogue::default(),
+                );
                 let same = c.iter().zip(&cp).all(|(x, y)| x.to_bits() == y.to_bits());
                 assert!(
                     same,
                     "{kernel:?} {m}x{n}x{k} ta={ta} tb={tb} acc={acc}: packed B differs"
+                );
+                // A packed beforehand too: the same product again.
+                let pa = PackedA::new(kernel, m, k, &a, ta);
+                let mut cpa = if acc {
+                    c0.clone()
+                } else {
+                    vec![f32::NAN; m * n]
+                };
+                let epi = Epilogue::default();
+                gemm_packed(m, &mut cpa, acc, ASrc::Packed(&pa), &packed, epi);
+                let same = c.iter().zip(&cpa).all(|(x, y)| x.to_bits() == y.to_bits());
+                assert!(
+                    same,
+                    "{kernel:?} {m}x{n}x{k} ta={ta} tb={tb} acc={acc}: packed A differs"
                 );
                 for i in 0..m {
                     for j in 0..n {

@@ -37,10 +37,10 @@ use std::sync::{Arc, Mutex, OnceLock};
 use rayon::prelude::*;
 
 use super::cpu::{CpuBackend, CpuBuf};
-use super::{Act, AdamW, AttnDims, Backend, CandidateIndex, Dropout, PoolKind};
+use super::{Act, AdamW, AttnDims, Backend, CandidateIndex, Dropout, PoolKind, Proj};
 use crate::error::{Error, Result};
 use crate::weights::{DType, TensorView};
-use gemm16::{BSrc, Kernel};
+use gemm16::{ASrc, BSrc, Kernel};
 
 /// A buffer of the fast backend: the reference backend's buffer (owned f32
 /// values, or a frozen weight read in place), whose owned storage goes back
@@ -445,15 +445,13 @@ impl FastCpu {
     fn bf16_product(
         &self,
         c: &mut FastBuf,
-        a: &FastBuf,
+        a: ASrc<'_>,
         b: &FastBuf,
         (m, n, k): (usize, usize, usize),
-        ta: bool,
         tb: bool,
         accumulate: bool,
         epi: gemm16::Epilogue<'_>,
     ) {
-        let a = view(a);
         let c = c.slice_mut();
         let kernel = Kernel::best();
         // A frozen weight: its panels, packed once.
@@ -469,7 +467,7 @@ impl FastCpu {
                 )))
             };
             if let Some(p) = packs.get((kernel, n, k, tb), pack) {
-                gemm16::gemm_packed(m, c, accumulate, &a, ta, &p.0, epi);
+                gemm16::gemm_packed(m, c, accumulate, a, &p.0, epi);
                 return;
             }
         }
@@ -481,12 +479,30 @@ impl FastCpu {
             k,
             c,
             accumulate,
-            &a,
-            ta,
+            a,
             src(b, &mut wide),
             tb,
             epi,
         );
+    }
+
+    /// A bf16 linear layer of `m` rows whose input is `a`:
+    /// `c[m×n] = a·op(w) (+ bias)`, then `act` into `act_out`.
+    fn bf16_linear(
+        &self,
+        c: &mut FastBuf,
+        a: ASrc<'_>,
+        p: &Proj<'_, FastBuf>,
+        m: usize,
+        k: usize,
+        act_out: Option<(Act, &mut gemm16::PackedA)>,
+    ) {
+        let bv = p.bias.map(|(b, off)| small(b, off, p.n));
+        let epi = match act_out {
+            Some((f, out)) => gemm16::Epilogue::packed(bv.as_deref(), f, out),
+            None => gemm16::Epilogue::new(bv.as_deref(), None),
+        };
+        self.bf16_product(c, a, p.w, (m, p.n, k), p.tb, false, epi);
     }
 }
 
@@ -569,7 +585,8 @@ impl Backend for FastCpu {
     ) {
         if self.bf16_rows(m) {
             let epi = gemm16::Epilogue::default();
-            self.bf16_product(c, a, b, (m, n, k), ta, tb, accumulate, epi);
+            let a = view(a);
+            self.bf16_product(c, ASrc::F32(&a, ta), b, (m, n, k), tb, accumulate, epi);
             return;
         }
         let a = view(a);
@@ -635,7 +652,8 @@ impl Backend for FastCpu {
         }
         let bv = small(bias.0, bias.1, n);
         let epi = gemm16::Epilogue::new(Some(&bv), None);
-        self.bf16_product(c, a, b, (m, n, k), ta, tb, false, epi);
+        let a = view(a);
+        self.bf16_product(c, ASrc::F32(&a, ta), b, (m, n, k), tb, false, epi);
     }
 
     fn linear_act(
@@ -658,7 +676,72 @@ impl Backend for FastCpu {
         }
         let bv = bias.map(|(b, off)| small(b, off, n));
         let epi = gemm16::Epilogue::new(bv.as_deref(), Some((act, &mut out.slice_mut()[..m * n])));
-        self.bf16_product(pre, a, b, (m, n, k), false, tb, false, epi);
+        let a = view(a);
+        self.bf16_product(pre, ASrc::F32(&a, false), b, (m, n, k), tb, false, epi);
+    }
+
+    fn linears(
+        &self,
+        outs: &mut [&mut FastBuf],
+        a: &FastBuf,
+        layers: &[Proj<'_, FastBuf>],
+        m: usize,
+        k: usize,
+    ) {
+        assert_eq!(outs.len(), layers.len(), "linears: one output per layer");
+        if !self.bf16_rows(m) || layers.len() < 2 {
+            for (c, p) in outs.iter_mut().zip(layers) {
+                self.linear(c, a, p.w, p.bias, m, p.n, k, p.tb);
+            }
+            return;
+        }
+        // A converted to bf16 once for all the products.
+        let pa = gemm16::PackedA::new(Kernel::best(), m, k, &view(a), false);
+        for (c, p) in outs.iter_mut().zip(layers) {
+            self.bf16_linear(c, ASrc::Packed(&pa), p, m, k, None);
+        }
+    }
+
+    fn mlp_fwd(
+        &self,
+        pre: &mut FastBuf,
+        out: &mut FastBuf,
+        act: Act,
+        a: &FastBuf,
+        (first, second): (Proj<'_, FastBuf>, Proj<'_, FastBuf>),
+        m: usize,
+        k: usize,
+    ) {
+        if !self.bf16_rows(m) {
+            let mut g = self.output(m * first.n);
+            self.linear_act(
+                pre, &mut g, act, a, first.w, first.bias, m, first.n, k, first.tb,
+            );
+            self.linear(
+                out,
+                &g,
+                second.w,
+                second.bias,
+                m,
+                second.n,
+                first.n,
+                second.tb,
+            );
+            return;
+        }
+        // act(pre) goes straight from the first product's epilogue into
+        // the second's packed operand.
+        let mut g = gemm16::PackedA::output(Kernel::best(), m, first.n);
+        let av = view(a);
+        self.bf16_linear(
+            pre,
+            ASrc::F32(&av, false),
+            &first,
+            m,
+            k,
+            Some((act, &mut g)),
+        );
+        self.bf16_linear(out, ASrc::Packed(&g), &second, m, first.n, None);
     }
 
     fn bias_add(&self, y: &mut FastBuf, bias: &FastBuf, bias_off: usize, rows: usize, cols: usize) {
