@@ -896,6 +896,67 @@ fn decoder_steps_match_reference_on_tiny_random_models() {
     }
 }
 
+/// Decoders with 32-wide heads and 16 or more positions, where the fast
+/// backend's attention runs on AVX-512 register tiles (`attn512`, causal,
+/// grouped-query heads, padding) where the CPU has them: the next-token
+/// loss, every bias gradient and greedy generation from a 17-token prompt
+/// (its prefill through the KV cache) match the reference.
+#[test]
+fn decoders_with_wide_heads_match_reference() {
+    use beft::backend::fast::attn512;
+    use decoder_common::{next_token_rows, tiny_batch, write_decoder, Size, Tiny};
+    let dims = AttnDims::self_attn(3, 24, 2, 2, 32, true);
+    if !attn512::handles(&dims) {
+        println!("note: attention takes the GEMM path here (no AVX-512), checked all the same");
+    }
+    fn run<B: Backend<T = f32>>(be: &B, md: &ModelDir) -> (f64, Vec<f32>, Vec<Vec<u32>>) {
+        let dec = Decoder::load(
+            be,
+            md,
+            DecoderOptions {
+                terms: BiasTerm::parse_set("all").unwrap(),
+                offload: Offload::Resident,
+                recompute: false,
+            },
+        )
+        .unwrap();
+        let (b, t, ids, mask) = tiny_batch(&[20, 17, 24], false, 4);
+        let (rows, targets) = next_token_rows(b, t, &ids, &mask);
+        let x = dec.upload(be, b, t, &ids, &mask).unwrap();
+        let rt = dec.row_targets(be, &x, &rows, &targets).unwrap();
+        let mut slab = Slab::new(be, &dec.init);
+        let lm = dec.lm_loss_and_grad(be, &slab.params, &mut slab.grads, &x, &rt);
+        let prompts = [(0..17u32).map(|i| 3 + (i * 7) % 10).collect::<Vec<_>>()];
+        let generated = dec
+            .generate_greedy(be, &slab.params, &prompts, 5, &|_| false)
+            .unwrap();
+        (lm, be.download(&slab.grads), generated)
+    }
+    let size = Size {
+        layers: 2,
+        hidden: 64,
+        ff: 96,
+    };
+    for arch in [Tiny::Gpt2, Tiny::Opt, Tiny::Llama, Tiny::Qwen2] {
+        let tmp = tempfile::TempDir::new().unwrap();
+        write_decoder(tmp.path(), arch, 5, size);
+        let md = ModelDir::open(tmp.path()).unwrap();
+        let (lr, gr, wr) = run(&Ref::new(), &md);
+        let (lf, gf, wf) = run(&FastCpu::new().poisoned(), &md);
+        assert!(
+            (lf - lr).abs() <= 1e-5 * lr.abs(),
+            "{arch:?}: loss {lf} vs {lr}"
+        );
+        assert!(gr.iter().any(|g| *g != 0.0), "{arch:?}: gradients all zero");
+        let e = rel_err_f32(&gf, &gr, gr.iter().fold(0f32, |a, b| a.max(b.abs())));
+        assert!(
+            e <= 1e-4,
+            "{arch:?}: bias gradients differ (rel err {e:.2e})"
+        );
+        assert_eq!(wf, wr, "{arch:?}: greedy generation");
+    }
+}
+
 /// `BEFT_CPU_GEMM=bf16` on a whole bias-only step: the fused ops (q, k, v
 /// on one packed input; the MLP's activation written packed) give bit for
 /// bit what the separate ops give; the loss and every bias

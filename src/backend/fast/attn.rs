@@ -52,9 +52,30 @@ fn keys_seen(dims: &AttnDims, end: usize, n: usize) -> usize {
     }
 }
 
-/// Forward: `out` `[b, seq, heads, dh]`, `lse` `[b, heads, seq]`.
+/// Forward: `out` `[b, seq, heads, dh]`, `lse` `[b, heads, seq]`: on
+/// AVX-512 register tiles where [`super::attn512::handles`] the dims,
+/// else [`forward_gemm`].
 #[allow(clippy::too_many_arguments)]
 pub fn forward(
+    out: &mut [f32],
+    lse: &mut [f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    mask: &[f32],
+    dims: AttnDims,
+    dropout: Option<Dropout>,
+) {
+    if super::attn512::handles(&dims) {
+        super::attn512::forward(out, lse, q, k, v, mask, dims, dropout)
+    } else {
+        forward_gemm(out, lse, q, k, v, mask, dims, dropout)
+    }
+}
+
+/// [`forward`] on small GEMMs, for any dims.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_gemm(
     out: &mut [f32],
     lse: &mut [f32],
     q: &[f32],

@@ -293,6 +293,8 @@ pub struct Epilogue<'a> {
     bias: Option<&'a [f32]>,
     /// `out = act(C)`: the activation and where `out` goes.
     act: Option<(Act, Dst)>,
+    /// C is kept for later, not read soon ([`Epilogue::kept`]).
+    kept: bool,
     _out: std::marker::PhantomData<&'a mut [f32]>,
 }
 
@@ -314,8 +316,17 @@ impl<'a> Epilogue<'a> {
         Epilogue {
             bias,
             act: act.map(|(f, out)| (f, Dst::F32(SendPtr(out.as_mut_ptr()), out.len()))),
+            kept: false,
             _out: std::marker::PhantomData,
         }
+    }
+
+    /// C is kept for later rather than read by the next op (a linear
+    /// layer's pre-activation, read only by the backward pass): write it
+    /// with streaming stores from 1 MiB ([`streams`]). Other products
+    /// leave a C that the caches can hold there, for the next op.
+    pub fn kept(self) -> Self {
+        Epilogue { kept: true, ..self }
     }
 
     /// Add `bias` (`n` values) to every row, then write `f(C)` to `out` as
@@ -329,6 +340,7 @@ impl<'a> Epilogue<'a> {
         Epilogue {
             bias,
             act: Some((f, Dst::Packed(p, key))),
+            kept: false,
             _out: std::marker::PhantomData,
         }
     }
@@ -669,7 +681,7 @@ fn multiply(
         }
     }
     let (mb, nb) = (strips.div_ceil(ms), panels.div_ceil(ns));
-    let stream = amx && streams(m, n);
+    let stream = amx && streams(m, n, epi.kept);
     let cp = SendPtr(c.as_mut_ptr());
     let (ap_ref, bp_ref) = (ap16, bp16);
     // A packed act(C): pairs per row there, and the u32 start.
@@ -769,24 +781,42 @@ fn multiply(
     }
 }
 
-/// Whether a product writes its `m × n` C with non-temporal (streaming)
-/// stores: on the AMX kernel, when C is at least [`STREAM_MIN_BYTES`] and
-/// `BEFT_CPU_STREAM` is not `0`.
+/// Whether a product writes its `m × n` C (and the activation beside it)
+/// with non-temporal (streaming) stores: on the AMX kernel, when
+/// `BEFT_CPU_STREAM` is not `0` and C is at least [`STREAM_MIN_BYTES`]
+/// where it is `kept` for later ([`Epilogue::kept`]), else at least
+/// [`STREAM_MIN_BYTES_READ_NEXT`].
 ///
 /// Why: with f32 results, writing C is what holds the tiles back (a
 /// cache-missing store first reads its line). Streaming stores skip that
-/// read, at the price of C's consumer reading it from memory rather than
-/// from cache: a win for large C only (`docs/performance.md`).
-pub fn streams(m: usize, n: usize) -> bool {
+/// read, at the price of C's next reader fetching it from memory rather
+/// than from the caches: a win for a large C that is not read soon (a
+/// pre-activation kept for the backward pass), a loss for one the next op
+/// reads, such as attention's q, k and v (`docs/performance.md`).
+pub fn streams(m: usize, n: usize, kept: bool) -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
     let on = *ON.get_or_init(|| std::env::var("BEFT_CPU_STREAM").map_or(true, |v| v.trim() != "0"));
-    on && m * n * 4 >= STREAM_MIN_BYTES
+    let min = if kept {
+        STREAM_MIN_BYTES
+    } else {
+        STREAM_MIN_BYTES_READ_NEXT
+    };
+    on && m * n * 4 >= min
 }
 
-/// The smallest C (bytes) written with streaming stores: about what stays
-/// in a core's L2 for the next op (measured on MiniLM at 512 and 2,048
-/// rows, thresholds 0, 1 and 4 MiB: 1 MiB best or level).
+/// The smallest kept C (bytes, [`Epilogue::kept`]) written with streaming
+/// stores (measured on MiniLM at 512 and 2,048 rows, thresholds 0, 1 and
+/// 4 MiB: 1 MiB best or level).
 pub const STREAM_MIN_BYTES: usize = 1 << 20;
+
+/// The smallest C (bytes) written with streaming stores when the next op
+/// reads it: about what the cores' L2 caches hold, so that a result they
+/// can hold stays there for its reader. Measured with thresholds of 2, 4
+/// and 8 MiB and never (2 cores of 2 MiB L2): 4 MiB best or level on the
+/// MiniLM and BERT-base forward and training steps; streaming MiniLM's
+/// 3 MiB q, k, v and projections cost 18 % of its forward pass, never
+/// streaming BERT-base's 6 MiB ones 5–8 %.
+pub const STREAM_MIN_BYTES_READ_NEXT: usize = 4 << 20;
 
 /// `len` elements of `v` from a 64-byte boundary, so that every packed row
 /// of 16 pairs is one cache line (an AMX tile row split over two lines
@@ -1009,7 +1039,7 @@ unsafe fn transpose_cols_avx512(
 /// Transpose a 16×16 matrix of 32-bit values held as 16 rows.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn transpose16(r: &mut [__m512i; 16]) {
+pub(super) unsafe fn transpose16(r: &mut [__m512i; 16]) {
     let mut t = [_mm512_setzero_si512(); 16];
     // Interleave 32-bit elements of row pairs, then 64-bit of pairs of
     // those: each 128-bit lane then holds a 4×4 block, which two rounds of
@@ -1303,7 +1333,8 @@ mod tests {
                 // Unspecified contents: poison them.
                 got.strips_mut().fill(0x7fc0_7fc0);
                 let mut c2 = vec![f32::NAN; m * n];
-                let epi = Epilogue::packed(Some(&bias), Act::Gelu, &mut got);
+                // Kept: streaming stores where large (as in an MLP).
+                let epi = Epilogue::packed(Some(&bias), Act::Gelu, &mut got).kept();
                 gemm_on(kernel, m, n, k, &mut c2, false, src, wb, true, epi);
                 let same =
                     |x: &[f32], y: &[f32]| x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits());
@@ -1365,7 +1396,7 @@ mod tests {
             return;
         }
         let (m, n, k) = (600, 496, 100);
-        if !streams(m, n) {
+        if !streams(m, n, true) {
             println!("skipped: BEFT_CPU_STREAM=0 turns streaming stores off");
             return;
         }
@@ -1385,7 +1416,7 @@ mod tests {
                 c.copy_from_slice(&c0);
             }
             let out = &mut ob[oi..oi + m * n];
-            let epi = Epilogue::new(Some(&bias), Some((Act::Gelu, out)));
+            let epi = Epilogue::new(Some(&bias), Some((Act::Gelu, out))).kept();
             gemm_on(
                 Kernel::Amx,
                 m,

@@ -718,6 +718,29 @@ multiversion! {
 }
 
 multiversion! {
+    /// `s[j] = e^(s[j] − m)` in place (−∞ entries become 0); returns
+    /// `Σ s[j]`.
+    pub fn exp_sum_row(s: &mut [f32], m: f32) -> f32 {
+        let mut acc = [0f32; LANES];
+        let mut it = s.chunks_exact_mut(LANES);
+        for c in &mut it {
+            for l in 0..LANES {
+                let e = exp_f32(c[l] - m);
+                c[l] = e;
+                acc[l] += e;
+            }
+        }
+        let mut tail = 0f32;
+        for v in it.into_remainder() {
+            let e = exp_f32(*v - m);
+            *v = e;
+            tail += e;
+        }
+        acc.iter().sum::<f32>() + tail
+    }
+}
+
+multiversion! {
     /// Multiply probabilities by the attention-dropout weights in place.
     pub fn attn_drop_row(p: &mut [f32], seed: u64, first: u32, pd: f32) {
         let inv = (1.0 / (1.0 - pd as f64)) as f32;

@@ -26,6 +26,7 @@
 
 pub mod amx;
 pub mod attn;
+pub mod attn512;
 pub mod gemm16;
 pub mod kernels;
 pub mod pool;
@@ -496,12 +497,14 @@ impl FastCpu {
         m: usize,
         k: usize,
         act_out: Option<(Act, &mut gemm16::PackedA)>,
+        kept: bool,
     ) {
         let bv = p.bias.map(|(b, off)| small(b, off, p.n));
         let epi = match act_out {
             Some((f, out)) => gemm16::Epilogue::packed(bv.as_deref(), f, out),
             None => gemm16::Epilogue::new(bv.as_deref(), None),
         };
+        let epi = if kept { epi.kept() } else { epi };
         self.bf16_product(c, a, p.w, (m, p.n, k), p.tb, false, epi);
     }
 }
@@ -676,6 +679,8 @@ impl Backend for FastCpu {
         }
         let bv = bias.map(|(b, off)| small(b, off, n));
         let epi = gemm16::Epilogue::new(bv.as_deref(), Some((act, &mut out.slice_mut()[..m * n])));
+        // pre is kept for the backward pass; out is read next.
+        let epi = epi.kept();
         let a = view(a);
         self.bf16_product(pre, ASrc::F32(&a, false), b, (m, n, k), tb, false, epi);
     }
@@ -698,7 +703,7 @@ impl Backend for FastCpu {
         // A converted to bf16 once for all the products.
         let pa = gemm16::PackedA::new(Kernel::best(), m, k, &view(a), false);
         for (c, p) in outs.iter_mut().zip(layers) {
-            self.bf16_linear(c, ASrc::Packed(&pa), p, m, k, None);
+            self.bf16_linear(c, ASrc::Packed(&pa), p, m, k, None, false);
         }
     }
 
@@ -740,8 +745,9 @@ impl Backend for FastCpu {
             m,
             k,
             Some((act, &mut g)),
+            true,
         );
-        self.bf16_linear(out, ASrc::Packed(&g), &second, m, first.n, None);
+        self.bf16_linear(out, ASrc::Packed(&g), &second, m, first.n, None, false);
     }
 
     fn bias_add(&self, y: &mut FastBuf, bias: &FastBuf, bias_off: usize, rows: usize, cols: usize) {
