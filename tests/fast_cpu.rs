@@ -793,29 +793,58 @@ struct DecoderStep {
     generated: Vec<Vec<u32>>,
 }
 
-/// One decoder step on a backend: the next-token loss and bias gradients
-/// on a right-padded batch, the candidate-scoring loss and gradients on a
-/// left-padded one (two examples, 2 and 3 candidates), and greedy
-/// generation through the KV cache.
-fn decoder_step<B: Backend<T = f32>>(be: &B, md: &ModelDir) -> DecoderStep {
-    use decoder_common::{answer_rows, next_token_rows, tiny_batch};
-    let dec = Decoder::load(
-        be,
-        md,
-        DecoderOptions {
-            terms: BiasTerm::parse_set("all").unwrap(),
-            offload: Offload::Resident,
-            recompute: false,
-        },
-    )
-    .unwrap();
-    let (b, t, ids, mask) = tiny_batch(&[9, 5, 7], false, 3);
+/// `f(arch, model)` for a tiny random decoder of every family.
+fn each_tiny_decoder(mut f: impl FnMut(decoder_common::Tiny, &ModelDir)) {
+    use decoder_common::{write_tiny_decoder, Tiny};
+    for arch in [
+        Tiny::Gpt2,
+        Tiny::Opt,
+        Tiny::OptPost,
+        Tiny::Llama,
+        Tiny::Qwen2,
+    ] {
+        let tmp = tempfile::TempDir::new().unwrap();
+        write_tiny_decoder(tmp.path(), arch, 7);
+        f(arch, &ModelDir::open(tmp.path()).unwrap());
+    }
+}
+
+/// A decoder with every bias trainable, resident.
+fn all_biases<B: Backend<T = f32>>(be: &B, md: &ModelDir) -> Decoder<B> {
+    let opts = DecoderOptions {
+        terms: BiasTerm::parse_set("all").unwrap(),
+        offload: Offload::Resident,
+        recompute: false,
+    };
+    Decoder::load(be, md, opts).unwrap()
+}
+
+/// The next-token loss and every bias gradient of `dec` on a right-padded
+/// batch of sequences of `lens` tokens (drawn from `seed`).
+fn lm_step<B: Backend<T = f32>>(
+    be: &B,
+    dec: &Decoder<B>,
+    lens: &[usize],
+    seed: u64,
+) -> (f64, Vec<f32>) {
+    use decoder_common::{next_token_rows, tiny_batch};
+    let (b, t, ids, mask) = tiny_batch(lens, false, seed);
     let (rows, targets) = next_token_rows(b, t, &ids, &mask);
     let x = dec.upload(be, b, t, &ids, &mask).unwrap();
     let rt = dec.row_targets(be, &x, &rows, &targets).unwrap();
     let mut slab = Slab::new(be, &dec.init);
     let lm = dec.lm_loss_and_grad(be, &slab.params, &mut slab.grads, &x, &rt);
-    let lm_grads = be.download(&slab.grads);
+    (lm, be.download(&slab.grads))
+}
+
+/// One decoder step on a backend: the next-token loss and bias gradients
+/// on a right-padded batch, the candidate-scoring loss and gradients on a
+/// left-padded one (two examples, 2 and 3 candidates), and greedy
+/// generation through the KV cache.
+fn decoder_step<B: Backend<T = f32>>(be: &B, md: &ModelDir) -> DecoderStep {
+    use decoder_common::{answer_rows, tiny_batch};
+    let dec = all_biases(be, md);
+    let (lm, lm_grads) = lm_step(be, &dec, &[9, 5, 7], 3);
 
     let lens = [6, 5, 4, 6, 3];
     let ans = [2usize, 1, 2, 1, 2];
@@ -847,19 +876,9 @@ fn decoder_step<B: Backend<T = f32>>(be: &B, md: &ModelDir) -> DecoderStep {
 /// generation.
 #[test]
 fn decoder_steps_match_reference_on_tiny_random_models() {
-    use decoder_common::{write_tiny_decoder, Tiny};
-    for arch in [
-        Tiny::Gpt2,
-        Tiny::Opt,
-        Tiny::OptPost,
-        Tiny::Llama,
-        Tiny::Qwen2,
-    ] {
-        let tmp = tempfile::TempDir::new().unwrap();
-        write_tiny_decoder(tmp.path(), arch, 7);
-        let md = ModelDir::open(tmp.path()).unwrap();
-        let want = decoder_step(&Ref::new(), &md);
-        let got = decoder_step(&FastCpu::new().poisoned(), &md);
+    each_tiny_decoder(|arch, md| {
+        let want = decoder_step(&Ref::new(), md);
+        let got = decoder_step(&FastCpu::new().poisoned(), md);
         for (what, a, b) in [
             ("lm loss", got.lm, want.lm),
             ("candidate loss", got.cand, want.cand),
@@ -893,7 +912,7 @@ fn decoder_steps_match_reference_on_tiny_random_models() {
         }
         assert_eq!(got.generated, want.generated, "{arch:?}: greedy generation");
         assert!(want.generated.iter().all(|g| g.len() == 6));
-    }
+    });
 }
 
 /// Decoders with 32-wide heads and 16 or more positions, where the fast
@@ -904,33 +923,20 @@ fn decoder_steps_match_reference_on_tiny_random_models() {
 #[test]
 fn decoders_with_wide_heads_match_reference() {
     use beft::backend::fast::attn512;
-    use decoder_common::{next_token_rows, tiny_batch, write_decoder, Size, Tiny};
+    use decoder_common::{write_decoder, Size, Tiny};
     let dims = AttnDims::self_attn(3, 24, 2, 2, 32, true);
     if !attn512::handles(&dims) {
         println!("note: attention takes the GEMM path here (no AVX-512), checked all the same");
     }
     fn run<B: Backend<T = f32>>(be: &B, md: &ModelDir) -> (f64, Vec<f32>, Vec<Vec<u32>>) {
-        let dec = Decoder::load(
-            be,
-            md,
-            DecoderOptions {
-                terms: BiasTerm::parse_set("all").unwrap(),
-                offload: Offload::Resident,
-                recompute: false,
-            },
-        )
-        .unwrap();
-        let (b, t, ids, mask) = tiny_batch(&[20, 17, 24], false, 4);
-        let (rows, targets) = next_token_rows(b, t, &ids, &mask);
-        let x = dec.upload(be, b, t, &ids, &mask).unwrap();
-        let rt = dec.row_targets(be, &x, &rows, &targets).unwrap();
-        let mut slab = Slab::new(be, &dec.init);
-        let lm = dec.lm_loss_and_grad(be, &slab.params, &mut slab.grads, &x, &rt);
+        let dec = all_biases(be, md);
+        let (lm, grads) = lm_step(be, &dec, &[20, 17, 24], 4);
         let prompts = [(0..17u32).map(|i| 3 + (i * 7) % 10).collect::<Vec<_>>()];
+        let slab = Slab::new(be, &dec.init);
         let generated = dec
             .generate_greedy(be, &slab.params, &prompts, 5, &|_| false)
             .unwrap();
-        (lm, be.download(&slab.grads), generated)
+        (lm, grads, generated)
     }
     let size = Size {
         layers: 2,
@@ -1041,53 +1047,20 @@ fn bf16_products_track_the_reference_on_a_tiny_model() {
 #[test]
 fn bf16_products_track_the_reference_on_tiny_decoders() {
     use beft::backend::sim::SimDevice;
-    use decoder_common::{next_token_rows, tiny_batch, write_tiny_decoder, Tiny};
     if !gemm16::available() {
         println!("skipped: this CPU has no AVX-512 BF16");
         return;
     }
-    fn run<B: Backend<T = f32>>(
-        be: &B,
-        md: &ModelDir,
-        (b, t, ids, mask): (usize, usize, &[u32], &[f32]),
-        (rows, targets): (&[u32], &[u32]),
-    ) -> (f64, Vec<f32>) {
-        let dec = Decoder::load(
-            be,
-            md,
-            DecoderOptions {
-                terms: BiasTerm::parse_set("all").unwrap(),
-                offload: Offload::Resident,
-                recompute: false,
-            },
-        )
-        .unwrap();
-        let x = dec.upload(be, b, t, ids, mask).unwrap();
-        let rt = dec.row_targets(be, &x, rows, targets).unwrap();
-        let mut slab = Slab::new(be, &dec.init);
-        let lm = dec.lm_loss_and_grad(be, &slab.params, &mut slab.grads, &x, &rt);
-        (lm, be.download(&slab.grads))
+    // 5 × 9 = 45 rows: above BF16_MIN_ROWS, so every product is bf16.
+    fn run<B: Backend<T = f32>>(be: &B, md: &ModelDir) -> (f64, Vec<f32>) {
+        lm_step(be, &all_biases(be, md), &[9, 7, 9, 8, 9], 5)
     }
     let b16 = || FastCpu::with_gemm(CpuGemm::Bf16).unwrap().poisoned();
-    for arch in [
-        Tiny::Gpt2,
-        Tiny::Opt,
-        Tiny::OptPost,
-        Tiny::Llama,
-        Tiny::Qwen2,
-    ] {
-        let tmp = tempfile::TempDir::new().unwrap();
-        write_tiny_decoder(tmp.path(), arch, 7);
-        let md = ModelDir::open(tmp.path()).unwrap();
-        // 5 × 9 = 45 rows: above BF16_MIN_ROWS, so every product is bf16.
-        let (b, t, ids, mask) = tiny_batch(&[9, 7, 9, 8, 9], false, 5);
-        let (rows, targets) = next_token_rows(b, t, &ids, &mask);
-        let input = (b, t, &ids[..], &mask[..]);
-        let out = (&rows[..], &targets[..]);
-        let (lr, gr) = run(&Ref::new(), &md, input, out);
-        let (_, g32) = run(&FastCpu::new(), &md, input, out);
-        let (l16, g16) = run(&b16(), &md, input, out);
-        let (lu, gu) = run(&SimDevice::new(b16(), None), &md, input, out);
+    each_tiny_decoder(|arch, md| {
+        let (lr, gr) = run(&Ref::new(), md);
+        let (_, g32) = run(&FastCpu::new(), md);
+        let (l16, g16) = run(&b16(), md);
+        let (lu, gu) = run(&SimDevice::new(b16(), None), md);
         assert_eq!(
             l16.to_bits(),
             lu.to_bits(),
@@ -1109,7 +1082,7 @@ fn bf16_products_track_the_reference_on_tiny_decoders() {
             e <= 0.1,
             "{arch:?}: bf16 bias gradients differ (err {e:.2e} of the largest)"
         );
-    }
+    });
 }
 
 // ---- Hugging Face parity fixtures on the fast backend -----------------

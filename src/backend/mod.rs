@@ -196,6 +196,40 @@ impl<B> Clone for Proj<'_, B> {
 
 impl<B> Copy for Proj<'_, B> {}
 
+/// [`Backend::linears`] as [`Backend::linear`] for each layer in turn.
+pub fn linears_in_turn<B: Backend + ?Sized>(
+    be: &B,
+    outs: &mut [&mut B::Buf],
+    a: &B::Buf,
+    layers: &[Proj<'_, B::Buf>],
+    m: usize,
+    k: usize,
+) {
+    assert_eq!(outs.len(), layers.len(), "linears: one output per layer");
+    for (c, p) in outs.iter_mut().zip(layers) {
+        be.linear(c, a, p.w, p.bias, m, p.n, k, p.tb);
+    }
+}
+
+/// [`Backend::mlp_fwd`] as [`Backend::linear_act`] into a temporary, then
+/// [`Backend::linear`].
+#[allow(clippy::too_many_arguments)]
+pub fn mlp_in_turn<B: Backend + ?Sized>(
+    be: &B,
+    pre: &mut B::Buf,
+    out: &mut B::Buf,
+    act: Act,
+    a: &B::Buf,
+    (first, second): (Proj<'_, B::Buf>, Proj<'_, B::Buf>),
+    m: usize,
+    k: usize,
+) {
+    let (w1, w2) = (first, second);
+    let mut g = be.output(m * w1.n);
+    be.linear_act(pre, &mut g, act, a, w1.w, w1.bias, m, w1.n, k, w1.tb);
+    be.linear(out, &g, w2.w, w2.bias, m, w2.n, w1.n, w2.tb);
+}
+
 /// AdamW hyper-parameters for one step (`step` counts from 1).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AdamW {
@@ -362,10 +396,7 @@ pub trait Backend {
         m: usize,
         k: usize,
     ) {
-        assert_eq!(outs.len(), layers.len(), "linears: one output per layer");
-        for (c, p) in outs.iter_mut().zip(layers) {
-            self.linear(c, a, p.w, p.bias, m, p.n, k, p.tb);
-        }
+        linears_in_turn(self, outs, a, layers, m, k)
     }
     /// A transformer's MLP without its residual: `pre[m×n₁] = a·op(w₁)
     /// (+ b₁)` (what the backward pass keeps; `k` columns of `a`) and
@@ -384,20 +415,7 @@ pub trait Backend {
         m: usize,
         k: usize,
     ) {
-        let mut g = self.output(m * first.n);
-        self.linear_act(
-            pre, &mut g, act, a, first.w, first.bias, m, first.n, k, first.tb,
-        );
-        self.linear(
-            out,
-            &g,
-            second.w,
-            second.bias,
-            m,
-            second.n,
-            first.n,
-            second.tb,
-        );
+        mlp_in_turn(self, pre, out, act, a, (first, second), m, k)
     }
     /// A linear layer and its activation: `pre[m×n] = a·op(b) (+ bias)` (as
     /// [`Backend::matmul`] and [`Backend::bias_add`]) and `out = act(pre)`

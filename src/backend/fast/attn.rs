@@ -73,6 +73,36 @@ pub fn forward(
     }
 }
 
+/// The forward's dims `(batch, seq, kv_seq, heads, kv_heads, head_dim)`
+/// once every slice is checked against them.
+///
+/// # Panics
+/// When a slice is too short.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn fwd_dims(
+    out: &[f32],
+    lse: &[f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    mask: &[f32],
+    dims: &AttnDims,
+) -> (usize, usize, usize, usize, usize, usize) {
+    let d = dims;
+    let (nb, t, tk, nh, nkv, dh) = (d.batch, d.seq, d.kv_seq, d.heads, d.kv_heads, d.head_dim);
+    let (qs, ks) = (nh * dh, nkv * dh);
+    assert!(
+        q.len() >= nb * t * qs
+            && out.len() >= nb * t * qs
+            && k.len() >= nb * tk * ks
+            && v.len() >= nb * tk * ks
+            && lse.len() >= nb * nh * t
+            && mask.len() >= nb * tk,
+        "attention_fwd shapes"
+    );
+    (nb, t, tk, nh, nkv, dh)
+}
+
 /// [`forward`] on small GEMMs, for any dims.
 #[allow(clippy::too_many_arguments)]
 pub fn forward_gemm(
@@ -85,26 +115,9 @@ pub fn forward_gemm(
     dims: AttnDims,
     dropout: Option<Dropout>,
 ) {
-    let AttnDims {
-        batch: nb,
-        seq: t,
-        kv_seq: tk,
-        heads: nh,
-        kv_heads: nkv,
-        head_dim: dh,
-        ..
-    } = dims;
+    let (nb, t, tk, nh, nkv, dh) = fwd_dims(out, lse, q, k, v, mask, &dims);
     let group = nh / nkv;
     let (qs, ks) = (nh * dh, nkv * dh);
-    assert!(
-        q.len() >= nb * t * qs
-            && out.len() >= nb * t * qs
-            && k.len() >= nb * tk * ks
-            && v.len() >= nb * tk * ks
-            && lse.len() >= nb * nh * t
-            && mask.len() >= nb * tk,
-        "attention_fwd shapes"
-    );
     let scale = dims.scale as f32;
     let nblk = t.div_ceil(QB);
     let (op, lp) = (P(out.as_mut_ptr()), P(lse.as_mut_ptr()));

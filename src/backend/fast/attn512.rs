@@ -77,7 +77,7 @@ unsafe impl Send for C {}
 unsafe impl Sync for C {}
 
 /// Forward: `out` `[b, seq, heads, dh]`, `lse` `[b, heads, seq]`, as
-/// [`super::attn::forward`] (which checks the shapes before calling).
+/// [`super::attn::forward`].
 ///
 /// # Panics
 /// When [`handles`] is false for `dims`.
@@ -96,26 +96,9 @@ pub fn forward(
         handles(&dims),
         "attention on AVX-512 tiles: unsupported dims"
     );
-    let AttnDims {
-        batch: nb,
-        seq: t,
-        kv_seq: tk,
-        heads: nh,
-        kv_heads: nkv,
-        head_dim: dh,
-        ..
-    } = dims;
+    let (nb, t, tk, nh, nkv, dh) = super::attn::fwd_dims(out, lse, q, k, v, mask, &dims);
     let group = nh / nkv;
     let (qs, ks) = (nh * dh, nkv * dh);
-    assert!(
-        q.len() >= nb * t * qs
-            && out.len() >= nb * t * qs
-            && k.len() >= nb * tk * ks
-            && v.len() >= nb * tk * ks
-            && lse.len() >= nb * nh * t
-            && mask.len() >= nb * tk,
-        "attention_fwd shapes"
-    );
     // Keys padded to whole vectors: the row stride of Kᵀ and of the scores.
     let tp = tk.next_multiple_of(16);
     let (op, lp) = (P(out.as_mut_ptr()), P(lse.as_mut_ptr()));
@@ -174,7 +157,14 @@ pub fn forward(
                     #[cfg(target_arch = "x86_64")]
                     unsafe {
                         let mut mx = [f32::NEG_INFINITY; QB];
-                        scores(&block, kt, tp, dh, s, bias, dims.scale as f32, &mut mx);
+                        let keys = Keys {
+                            kt,
+                            tp,
+                            dh,
+                            bias,
+                            scale: dims.scale as f32,
+                        };
+                        scores(&block, &keys, s, &mut mx);
                         let mut inv = [0f32; QB];
                         for r in 0..mq {
                             let i = i0 + r;
@@ -249,17 +239,7 @@ struct Block {
 /// vectors up to `te`), each row's maximum into `mx`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn scores(
-    blk: &Block,
-    kt: &[f32],
-    tp: usize,
-    dh: usize,
-    s: &mut [f32],
-    bias: &[f32],
-    scale: f32,
-    mx: &mut [f32; QB],
-) {
+unsafe fn scores(blk: &Block, keys: &Keys, s: &mut [f32], mx: &mut [f32; QB]) {
     let nv = blk.te.div_ceil(16);
     for r0 in (0..blk.mq).step_by(3) {
         let rows = 3.min(blk.mq - r0);
@@ -270,17 +250,28 @@ unsafe fn scores(
                 j0: c0 * 16,
             };
             match nv - c0 {
-                1 => score_tile::<1>(blk, &tile, kt, tp, dh, s, bias, scale, mx),
-                2 => score_tile::<2>(blk, &tile, kt, tp, dh, s, bias, scale, mx),
-                3 => score_tile::<3>(blk, &tile, kt, tp, dh, s, bias, scale, mx),
-                4 => score_tile::<4>(blk, &tile, kt, tp, dh, s, bias, scale, mx),
-                5 => score_tile::<5>(blk, &tile, kt, tp, dh, s, bias, scale, mx),
-                6 => score_tile::<6>(blk, &tile, kt, tp, dh, s, bias, scale, mx),
-                7 => score_tile::<7>(blk, &tile, kt, tp, dh, s, bias, scale, mx),
-                _ => score_tile::<8>(blk, &tile, kt, tp, dh, s, bias, scale, mx),
+                1 => score_tile::<1>(blk, &tile, keys, s, mx),
+                2 => score_tile::<2>(blk, &tile, keys, s, mx),
+                3 => score_tile::<3>(blk, &tile, keys, s, mx),
+                4 => score_tile::<4>(blk, &tile, keys, s, mx),
+                5 => score_tile::<5>(blk, &tile, keys, s, mx),
+                6 => score_tile::<6>(blk, &tile, keys, s, mx),
+                7 => score_tile::<7>(blk, &tile, keys, s, mx),
+                _ => score_tile::<8>(blk, &tile, keys, s, mx),
             }
         }
     }
+}
+
+/// The keys of a (sequence, kv head): `Kᵀ` (`dh` rows of stride `tp`),
+/// the mask as an additive row, and the scores' scale.
+#[derive(Clone, Copy)]
+struct Keys<'a> {
+    kt: &'a [f32],
+    tp: usize,
+    dh: usize,
+    bias: &'a [f32],
+    scale: f32,
 }
 
 /// Query rows `r0..r0+rows` (≤ 3) of a block by keys `j0..` (NV vectors).
@@ -293,18 +284,20 @@ struct Tile {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[inline]
-#[allow(clippy::too_many_arguments)]
 unsafe fn score_tile<const NV: usize>(
     blk: &Block,
     t: &Tile,
-    kt: &[f32],
-    tp: usize,
-    dh: usize,
+    keys: &Keys,
     s: &mut [f32],
-    bias: &[f32],
-    scale: f32,
     mx: &mut [f32; QB],
 ) {
+    let Keys {
+        kt,
+        tp,
+        dh,
+        bias,
+        scale,
+    } = *keys;
     debug_assert!(kt.len() >= dh * tp && t.j0 + NV * 16 <= tp && s.len() >= (t.r0 + t.rows) * tp);
     // Rows past the block's repeat its first (computed, never stored).
     let qrow = |r: usize| blk.q.add((t.r0 + if r < t.rows { r } else { 0 }) * blk.qs);

@@ -682,6 +682,13 @@ fn exp_shifted(s: &mut [f32]) -> (f32, f32) {
     if m == f32::NEG_INFINITY {
         return (m, 0.0);
     }
+    (m, exp_sum(s, m))
+}
+
+/// `s[j] = e^(s[j] − m)` in place; returns `Σ s[j]` (inlined into the
+/// multiversioned kernels that call it).
+#[inline(always)]
+fn exp_sum(s: &mut [f32], m: f32) -> f32 {
     let mut acc = [0f32; LANES];
     let mut it = s.chunks_exact_mut(LANES);
     for c in &mut it {
@@ -697,7 +704,7 @@ fn exp_shifted(s: &mut [f32]) -> (f32, f32) {
         *v = e;
         tail += e;
     }
-    (m, acc.iter().sum::<f32>() + tail)
+    acc.iter().sum::<f32>() + tail
 }
 
 multiversion! {
@@ -721,22 +728,7 @@ multiversion! {
     /// `s[j] = e^(s[j] − m)` in place (−∞ entries become 0); returns
     /// `Σ s[j]`.
     pub fn exp_sum_row(s: &mut [f32], m: f32) -> f32 {
-        let mut acc = [0f32; LANES];
-        let mut it = s.chunks_exact_mut(LANES);
-        for c in &mut it {
-            for l in 0..LANES {
-                let e = exp_f32(c[l] - m);
-                c[l] = e;
-                acc[l] += e;
-            }
-        }
-        let mut tail = 0f32;
-        for v in it.into_remainder() {
-            let e = exp_f32(*v - m);
-            *v = e;
-            tail += e;
-        }
-        acc.iter().sum::<f32>() + tail
+        exp_sum(s, m)
     }
 }
 

@@ -693,13 +693,10 @@ impl Backend for FastCpu {
         m: usize,
         k: usize,
     ) {
-        assert_eq!(outs.len(), layers.len(), "linears: one output per layer");
         if !self.bf16_rows(m) || layers.len() < 2 {
-            for (c, p) in outs.iter_mut().zip(layers) {
-                self.linear(c, a, p.w, p.bias, m, p.n, k, p.tb);
-            }
-            return;
+            return super::linears_in_turn(self, outs, a, layers, m, k);
         }
+        assert_eq!(outs.len(), layers.len(), "linears: one output per layer");
         // A converted to bf16 once for all the products.
         let pa = gemm16::PackedA::new(Kernel::best(), m, k, &view(a), false);
         for (c, p) in outs.iter_mut().zip(layers) {
@@ -718,21 +715,8 @@ impl Backend for FastCpu {
         k: usize,
     ) {
         if !self.bf16_rows(m) {
-            let mut g = self.output(m * first.n);
-            self.linear_act(
-                pre, &mut g, act, a, first.w, first.bias, m, first.n, k, first.tb,
-            );
-            self.linear(
-                out,
-                &g,
-                second.w,
-                second.bias,
-                m,
-                second.n,
-                first.n,
-                second.tb,
-            );
-            return;
+            let layers = (first, second);
+            return super::mlp_in_turn(self, pre, out, act, a, layers, m, k);
         }
         // act(pre) goes straight from the first product's epilogue into
         // the second's packed operand.
