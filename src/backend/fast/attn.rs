@@ -34,7 +34,7 @@ struct C(*const f32);
 unsafe impl Send for C {}
 unsafe impl Sync for C {}
 
-fn lim(dims: &AttnDims, i: usize) -> usize {
+pub(super) fn lim(dims: &AttnDims, i: usize) -> usize {
     if dims.causal {
         dims.q_start + i
     } else {
@@ -44,7 +44,7 @@ fn lim(dims: &AttnDims, i: usize) -> usize {
 
 /// Keys a block of queries ending (exclusive) at query `end` can see: all
 /// `n`, or under a causal mask only those up to the last query's position.
-fn keys_seen(dims: &AttnDims, end: usize, n: usize) -> usize {
+pub(super) fn keys_seen(dims: &AttnDims, end: usize, n: usize) -> usize {
     if dims.causal {
         n.min(dims.q_start + end)
     } else {
@@ -192,7 +192,8 @@ pub fn forward_gemm(
 }
 
 /// Backward (training shape: `kv_seq == seq`, `q_start == 0`); overwrites
-/// dq, dk, dv.
+/// dq, dk, dv: on AVX-512 register tiles where
+/// [`super::attn512::handles`] the dims, else [`backward_gemm`].
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
     dq: &mut [f32],
@@ -208,19 +209,41 @@ pub fn backward(
     dims: AttnDims,
     dropout: Option<Dropout>,
 ) {
-    let AttnDims {
-        batch: nb,
-        seq: t,
-        heads: nh,
-        kv_heads: nkv,
-        head_dim: dh,
-        ..
-    } = dims;
+    if super::attn512::handles(&dims) {
+        super::attn512::backward(dq, dk, dv, dout, q, k, v, out, lse, mask, dims, dropout)
+    } else {
+        backward_gemm(dq, dk, dv, dout, q, k, v, out, lse, mask, dims, dropout)
+    }
+}
+
+/// The backward's dims `(batch, seq, heads, kv_heads, head_dim)` once the
+/// training shape and every slice are checked against them.
+///
+/// # Panics
+/// When the dims are not a training shape or a slice is too short.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn bwd_dims(
+    (dq, dk, dv): (&[f32], &[f32], &[f32]),
+    dout: &[f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    out: &[f32],
+    lse: &[f32],
+    mask: &[f32],
+    dims: &AttnDims,
+) -> (usize, usize, usize, usize, usize) {
+    let (nb, t, nh, nkv, dh) = (
+        dims.batch,
+        dims.seq,
+        dims.heads,
+        dims.kv_heads,
+        dims.head_dim,
+    );
     assert!(
         dims.kv_seq == t && dims.q_start == 0,
         "attention_bwd: training shape only"
     );
-    let group = nh / nkv;
     let (qs, ks) = (nh * dh, nkv * dh);
     assert!(
         q.len() >= nb * t * qs
@@ -235,6 +258,28 @@ pub fn backward(
             && mask.len() >= nb * t,
         "attention_bwd shapes"
     );
+    (nb, t, nh, nkv, dh)
+}
+
+/// [`backward`] on small GEMMs, for any dims.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_gemm(
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+    dout: &[f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    out: &[f32],
+    lse: &[f32],
+    mask: &[f32],
+    dims: AttnDims,
+    dropout: Option<Dropout>,
+) {
+    let (nb, t, nh, nkv, dh) = bwd_dims((dq, dk, dv), dout, q, k, v, out, lse, mask, &dims);
+    let group = nh / nkv;
+    let (qs, ks) = (nh * dh, nkv * dh);
     let scale = dims.scale as f32;
     let (dqp, dkp, dvp) = (P(dq.as_mut_ptr()), P(dk.as_mut_ptr()), P(dv.as_mut_ptr()));
     let (qp, kp, vp, dop) = (

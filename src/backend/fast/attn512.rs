@@ -26,7 +26,7 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
-use super::attn::QB;
+use super::attn::{keys_seen, lim, QB};
 use super::kernels;
 use crate::backend::cpu::attn_dropout_index;
 use crate::backend::{AttnDims, Dropout};
@@ -44,8 +44,25 @@ struct Scratch {
     bias: Vec<f32>,
 }
 
+/// The backward's working set, kept between calls on each thread.
+#[derive(Default)]
+struct BwdScratch {
+    /// Kᵀ and Vᵀ: `head_dim` rows of the padded key count.
+    kt: Vec<f32>,
+    vt: Vec<f32>,
+    /// The keys, `[seq][head_dim]`.
+    k: Vec<f32>,
+    /// The block's scores (then probabilities) and `dO·Vᵀ` (then `dS`).
+    s: Vec<f32>,
+    dp: Vec<f32>,
+    /// The task's sums of dK and dV, `[seq][head_dim]`.
+    dk: Vec<f32>,
+    dv: Vec<f32>,
+}
+
 thread_local! {
     static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+    static BWD: RefCell<BwdScratch> = RefCell::new(BwdScratch::default());
 }
 
 /// `len` values of `v` from a 64-byte boundary (grown as needed): a
@@ -170,7 +187,7 @@ pub fn forward(
                             kt,
                             tp,
                             dh,
-                            bias,
+                            bias: Some(bias),
                             scale: dims.scale as f32,
                         };
                         scores(&block, &keys, s, &mut mx);
@@ -202,6 +219,246 @@ pub fn forward(
             }
         });
     });
+}
+
+/// Backward, as [`super::attn::backward`] (training shape: `kv_seq ==
+/// seq`, `q_start == 0`), overwriting dq, dk, dv. Per (sequence, kv head):
+/// `Kᵀ`, `Vᵀ` and K packed once; per query head and block, the scores
+/// `S` and `dP = dO·Vᵀ` on the register tiles of the forward, the
+/// probabilities and `dS` row by row (as the GEMM path), then `dV += P̃ᵀ·dO`
+/// and `dK += dSᵀ·Q` into the task's sums, and `dQ = dS·K`.
+///
+/// # Panics
+/// When [`handles`] is false for `dims`, or as the GEMM path.
+#[allow(clippy::too_many_arguments)]
+pub fn backward(
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+    dout: &[f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    out: &[f32],
+    lse: &[f32],
+    mask: &[f32],
+    dims: AttnDims,
+    dropout: Option<Dropout>,
+) {
+    assert!(
+        handles(&dims),
+        "attention on AVX-512 tiles: unsupported dims"
+    );
+    let (nb, t, nh, nkv, dh) =
+        super::attn::bwd_dims((dq, dk, dv), dout, q, k, v, out, lse, mask, &dims);
+    let group = nh / nkv;
+    let (qs, ks) = (nh * dh, nkv * dh);
+    let tp = t.next_multiple_of(16);
+    let scale = dims.scale as f32;
+    let (dqp, dkp, dvp) = (P(dq.as_mut_ptr()), P(dk.as_mut_ptr()), P(dv.as_mut_ptr()));
+    let (qp, kp, vp, dop) = (
+        C(q.as_ptr()),
+        C(k.as_ptr()),
+        C(v.as_ptr()),
+        C(dout.as_ptr()),
+    );
+    (0..nb * nkv).into_par_iter().for_each(|task| {
+        let (dqp, dkp, dvp, qp, kp, vp, dop) = (dqp, dkp, dvp, qp, kp, vp, dop);
+        let (b, kh) = (task / nkv, task % nkv);
+        let mrow = &mask[b * t..(b + 1) * t];
+        BWD.with(|sc| {
+            let mut sc = sc.borrow_mut();
+            let BwdScratch {
+                kt,
+                vt,
+                k: kr,
+                s,
+                dp,
+                dk: dks,
+                dv: dvs,
+            } = &mut *sc;
+            let (kt, vt, kr) = (lines(kt, dh * tp), lines(vt, dh * tp), lines(kr, t * dh));
+            let (s, dp) = (lines(s, QB * tp), lines(dp, QB * tp));
+            let (dks, dvs) = (lines(dks, t * dh), lines(dvs, t * dh));
+            dks.fill(0.0);
+            dvs.fill(0.0);
+            let kvb = b * t * ks + kh * dh;
+            // SAFETY (whole task): x86-64 with AVX-512 (handles); every
+            // pointer is in bounds (bwd_dims). This task alone writes dk and
+            // dv rows of sequence b at columns kh·dh.., and the dq rows of
+            // sequence b at its query heads' columns.
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                transpose_keys(kt, kp.0.add(kvb), ks, t, dh, tp);
+                transpose_keys(vt, vp.0.add(kvb), ks, t, dh, tp);
+                for (j, row) in kr.chunks_exact_mut(dh).enumerate() {
+                    std::ptr::copy_nonoverlapping(kp.0.add(kvb + j * ks), row.as_mut_ptr(), dh);
+                }
+                let mut mx = [0f32; QB];
+                let ones = [1f32; QB];
+                for h in kh * group..(kh + 1) * group {
+                    for i0 in (0..t).step_by(QB) {
+                        let mq = QB.min(t - i0);
+                        let te = keys_seen(&dims, i0 + mq, t);
+                        let qrow = (b * t + i0) * qs + h * dh;
+                        let rows = |p: C, te| Block {
+                            q: p.0.add(qrow),
+                            qs,
+                            mq,
+                            first: None,
+                            te,
+                        };
+                        let plain = |kt| Keys {
+                            kt,
+                            tp,
+                            dh,
+                            bias: None,
+                            scale,
+                        };
+                        // S = scale·Q·Kᵀ, dP = dO·Vᵀ.
+                        scores(&rows(qp, te), &plain(kt), s, &mut mx);
+                        let vkeys = Keys {
+                            scale: 1.0,
+                            ..plain(vt)
+                        };
+                        scores(&rows(dop, te), &vkeys, dp, &mut mx);
+                        for r in 0..mq {
+                            let i = i0 + r;
+                            let l = lse[(b * nh + h) * t + i];
+                            let srow = &mut s[r * tp..r * tp + te];
+                            let dprow = &mut dp[r * tp..r * tp + te];
+                            if l == f32::NEG_INFINITY {
+                                srow.fill(0.0);
+                                dprow.fill(0.0);
+                                continue;
+                            }
+                            let o = (b * t + i) * qs + h * dh;
+                            let d = head_dot(dout[o..].as_ptr(), out[o..].as_ptr(), dh);
+                            let drop = dropout
+                                .map(|dr| (dr.seed, attn_dropout_index(&dims, b, h, i, 0), dr.p));
+                            let lm = lim(&dims, i);
+                            kernels::attn_bwd_row(srow, dprow, mrow, lm, l, d, scale, drop);
+                        }
+                        // dV += P̃ᵀ·dO, dK += dSᵀ·Q, dQ = dS·K.
+                        let tn = |a: &[f32], x: C, acc: &mut [f32]| {
+                            transposed_sum(acc, dh, a, tp, te, x.0.add(qrow), qs, mq)
+                        };
+                        tn(s, dop, dvs);
+                        tn(dp, qp, dks);
+                        let dqo = dqp.0.add(qrow);
+                        weighted_values(dqo, qs, dp, tp, te, mq, kr.as_ptr(), dh, dh, &ones);
+                    }
+                }
+                for j in 0..t {
+                    let o = (b * t + j) * ks + kh * dh;
+                    let src = j * dh;
+                    std::ptr::copy_nonoverlapping(dks[src..].as_ptr(), dkp.0.add(o), dh);
+                    std::ptr::copy_nonoverlapping(dvs[src..].as_ptr(), dvp.0.add(o), dh);
+                }
+            }
+        });
+    });
+}
+
+/// `Σ a[c]·b[c]` over a head's `dh` values (whole vectors).
+///
+/// # Safety
+/// AVX-512; `a` and `b` hold `dh` values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn head_dot(a: *const f32, b: *const f32, dh: usize) -> f32 {
+    let mut acc = _mm512_setzero_ps();
+    for c in (0..dh).step_by(16) {
+        acc = _mm512_fmadd_ps(_mm512_loadu_ps(a.add(c)), _mm512_loadu_ps(b.add(c)), acc);
+    }
+    _mm512_reduce_add_ps(acc)
+}
+
+/// `acc[j] += Σ_r a[r][j]·x[r]` for keys `j < te` (`acc` rows of `dh`,
+/// `a` rows of stride `tp`, `x` the block's `mq` rows at stride `ldx`).
+///
+/// # Safety
+/// AVX-512; `x` holds `mq` rows of `dh` values at stride `ldx`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn transposed_sum(
+    acc: &mut [f32],
+    dh: usize,
+    a: &[f32],
+    tp: usize,
+    te: usize,
+    x: *const f32,
+    ldx: usize,
+    mq: usize,
+) {
+    debug_assert!(acc.len() >= te * dh && a.len() >= mq * tp && te <= tp);
+    let args = Tn {
+        acc: acc.as_mut_ptr(),
+        dh,
+        a: a.as_ptr(),
+        tp,
+        te,
+        x,
+        ldx,
+        mq,
+    };
+    match dh / 16 {
+        1 => tn_rows::<1, 12>(&args),
+        2 => tn_rows::<2, 12>(&args),
+        3 => tn_rows::<3, 8>(&args),
+        4 => tn_rows::<4, 6>(&args),
+        5 => tn_rows::<5, 4>(&args),
+        6 => tn_rows::<6, 4>(&args),
+        7 => tn_rows::<7, 3>(&args),
+        _ => tn_rows::<8, 3>(&args),
+    }
+}
+
+/// What [`tn_rows`] sums.
+struct Tn {
+    acc: *mut f32,
+    dh: usize,
+    a: *const f32,
+    tp: usize,
+    te: usize,
+    x: *const f32,
+    ldx: usize,
+    mq: usize,
+}
+
+/// [`transposed_sum`] for a head of `ND` vectors, `R` keys at a time.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn tn_rows<const ND: usize, const R: usize>(t: &Tn) {
+    for j0 in (0..t.te).step_by(R) {
+        let rows = R.min(t.te - j0);
+        let mut acc = [[_mm512_setzero_ps(); ND]; R];
+        for r in 0..t.mq {
+            let xr = t.x.add(r * t.ldx);
+            let mut xv = [_mm512_setzero_ps(); ND];
+            for (c, v) in xv.iter_mut().enumerate() {
+                *v = _mm512_loadu_ps(xr.add(c * 16));
+            }
+            // Keys past te repeat the first (computed, never stored).
+            let ar = t.a.add(r * t.tp + j0);
+            for (jj, row) in acc.iter_mut().enumerate() {
+                let w = _mm512_set1_ps(*ar.add(if jj < rows { jj } else { 0 }));
+                for c in 0..ND {
+                    row[c] = _mm512_fmadd_ps(w, xv[c], row[c]);
+                }
+            }
+        }
+        for (jj, row) in acc.iter().enumerate().take(rows) {
+            let o = t.acc.add((j0 + jj) * t.dh);
+            for (c, v) in row.iter().enumerate() {
+                let p = o.add(c * 16);
+                _mm512_storeu_ps(p, _mm512_add_ps(_mm512_loadu_ps(p), *v));
+            }
+        }
+    }
 }
 
 /// `kt[p·tp + j] = k[j·ks + p]` for `tk` keys of `dh` values (`dh` a
@@ -273,13 +530,14 @@ unsafe fn scores(blk: &Block, keys: &Keys, s: &mut [f32], mx: &mut [f32; QB]) {
 }
 
 /// The keys of a (sequence, kv head): `Kᵀ` (`dh` rows of stride `tp`),
-/// the mask as an additive row, and the scores' scale.
+/// the mask as an additive row (`None`: plain products, no mask and no
+/// row maximum), and the scores' scale.
 #[derive(Clone, Copy)]
 struct Keys<'a> {
     kt: &'a [f32],
     tp: usize,
     dh: usize,
-    bias: &'a [f32],
+    bias: Option<&'a [f32]>,
     scale: f32,
 }
 
@@ -335,6 +593,12 @@ unsafe fn score_tile<const NV: usize>(
     for r in 0..t.rows {
         let i = t.r0 + r;
         let out = s.as_mut_ptr().add(i * tp + t.j0);
+        let Some(bias) = bias else {
+            for c in 0..NV {
+                _mm512_storeu_ps(out.add(c * 16), _mm512_mul_ps(acc[r][c], vs));
+            }
+            continue;
+        };
         let mut m = _mm512_set1_ps(mx[i]);
         for c in 0..NV {
             let j = t.j0 + c * 16;
@@ -536,6 +800,84 @@ mod tests {
                     l[2 * nh * t..].iter().all(|x| *x == f32::NEG_INFINITY),
                     "{what}: lse of a sequence with no visible key"
                 );
+            }
+        }
+    }
+
+    /// The backward against the GEMM path on training shapes, outputs
+    /// poisoned: ragged blocks, every head dim of whole vectors, grouped-
+    /// query heads, padding, a sequence with no visible key, causal masks
+    /// and dropout.
+    #[test]
+    fn backward_matches_the_gemm_path() {
+        let here = AttnDims::self_attn(1, 16, 1, 1, 32, false);
+        if !handles(&here) {
+            println!("skipped: this CPU has no AVX-512 (or BEFT_NO_AVX512 is set)");
+            return;
+        }
+        let mut rng = Rng::new(8);
+        // (batch, seq, heads, kv_heads, head_dim, causal, dropout)
+        let cases = [
+            (2, 37, 3, 3, 32, false, None),
+            (2, 70, 4, 2, 64, true, Some(0.1)),
+            (3, 16, 2, 2, 48, false, None),
+            (1, 129, 1, 1, 16, false, Some(0.3)),
+            (2, 65, 6, 3, 128, true, None),
+        ];
+        for (nb, t, nh, nkv, dh, causal, p) in cases {
+            let dims = AttnDims::self_attn(nb, t, nh, nkv, dh, causal);
+            assert!(handles(&dims));
+            let mut r = |n: usize| (0..n).map(|_| rng.normal() as f32).collect::<Vec<_>>();
+            let (nq, nk) = (nb * t * nh * dh, nb * t * nkv * dh);
+            let (q, k, v, dout) = (r(nq), r(nk), r(nk), r(nq));
+            let mut mask = vec![1f32; nb * t];
+            for b in 0..nb {
+                let pad = if nb == 3 && b == 2 { t } else { b * 3 };
+                for j in t - pad..t {
+                    mask[b * t + j] = 0.0;
+                }
+            }
+            let drop = p.map(|p| Dropout { p, seed: 4 });
+            let (mut out, mut lse) = (vec![0f32; nq], vec![0f32; nb * nh * t]);
+            super::super::attn::forward_gemm(&mut out, &mut lse, &q, &k, &v, &mask, dims, drop);
+            type Bwd = fn(
+                &mut [f32],
+                &mut [f32],
+                &mut [f32],
+                &[f32],
+                &[f32],
+                &[f32],
+                &[f32],
+                &[f32],
+                &[f32],
+                &[f32],
+                AttnDims,
+                Option<Dropout>,
+            );
+            let run = |f: Bwd| {
+                let (mut dq, mut dk, mut dv) =
+                    (vec![f32::NAN; nq], vec![f32::NAN; nk], vec![f32::NAN; nk]);
+                f(
+                    &mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &out, &lse, &mask, dims, drop,
+                );
+                (dq, dk, dv)
+            };
+            let got = run(backward);
+            let want = run(super::super::attn::backward_gemm);
+            let what = format!("{nb}x{t} heads {nh}/{nkv} dh {dh} causal {causal} drop {p:?}");
+            for (name, a, b) in [
+                ("dq", &got.0, &want.0),
+                ("dk", &got.1, &want.1),
+                ("dv", &got.2, &want.2),
+            ] {
+                let big = b.iter().fold(0f32, |m, x| m.max(x.abs()));
+                assert!(big > 0.0, "{what}: {name} all zero");
+                for (i, (x, y)) in a.iter().zip(b.iter()).enumerate() {
+                    assert!(
+                        (x - y).abs() <= 1e-5 * (big + y.abs()),
+                        "{what}: {name}[{i}] {x} vs {y}"
+                    );
+                }
             }
         }
     }
