@@ -24,13 +24,15 @@ thread_local! {
     static SCRATCH: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
+/// An output's pointer, shared by the tasks (each writes its own part).
 #[derive(Clone, Copy)]
-struct P(*mut f32);
+pub(super) struct P(pub(super) *mut f32);
 unsafe impl Send for P {}
 unsafe impl Sync for P {}
 
+/// An input's pointer, shared by the tasks.
 #[derive(Clone, Copy)]
-struct C(*const f32);
+pub(super) struct C(pub(super) *const f32);
 unsafe impl Send for C {}
 unsafe impl Sync for C {}
 

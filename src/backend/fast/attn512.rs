@@ -26,7 +26,7 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
-use super::attn::{keys_seen, lim, QB};
+use super::attn::{keys_seen, lim, C, P, QB};
 use super::kernels;
 use crate::backend::cpu::attn_dropout_index;
 use crate::backend::{AttnDims, Dropout};
@@ -93,16 +93,6 @@ pub fn handles(dims: &AttnDims) -> bool {
         && dims.head_dim <= 128
         && dims.seq >= 16
 }
-
-#[derive(Clone, Copy)]
-struct P(*mut f32);
-unsafe impl Send for P {}
-unsafe impl Sync for P {}
-
-#[derive(Clone, Copy)]
-struct C(*const f32);
-unsafe impl Send for C {}
-unsafe impl Sync for C {}
 
 /// Forward: `out` `[b, seq, heads, dh]`, `lse` `[b, heads, seq]`, as
 /// [`super::attn::forward`].
@@ -707,6 +697,28 @@ mod tests {
     use super::*;
     use crate::rng::Rng;
 
+    /// Whether the tiles run here (saying why not).
+    fn here() -> bool {
+        let ok = handles(&AttnDims::self_attn(1, 16, 1, 1, 32, false));
+        if !ok {
+            println!("skipped: this CPU has no AVX-512 (or BEFT_NO_AVX512 is set)");
+        }
+        ok
+    }
+
+    /// Padding at the end of each of `nb` sequences of `tk` keys (3 more
+    /// per sequence); with three sequences the last sees nothing at all.
+    fn padded(nb: usize, tk: usize) -> Vec<f32> {
+        let mut mask = vec![1f32; nb * tk];
+        for b in 0..nb {
+            let pad = if nb == 3 && b == 2 { tk } else { b * 3 };
+            for j in tk - pad..tk {
+                mask[b * tk + j] = 0.0;
+            }
+        }
+        mask
+    }
+
     /// Against the GEMM path on fresh random inputs, outputs poisoned:
     /// ragged blocks (seq not a multiple of 3, 12 or `QB`), every head dim
     /// of whole vectors, grouped-query heads, padding masks, a sequence
@@ -714,9 +726,7 @@ mod tests {
     /// offset, and dropout.
     #[test]
     fn matches_the_gemm_path() {
-        let here = AttnDims::self_attn(1, 16, 1, 1, 32, false);
-        if !handles(&here) {
-            println!("skipped: this CPU has no AVX-512 (or BEFT_NO_AVX512 is set)");
+        if !here() {
             return;
         }
         let mut rng = Rng::new(3);
@@ -752,15 +762,7 @@ mod tests {
                 r(nb * tk * nkv * dh),
                 r(nb * tk * nkv * dh),
             );
-            // Padding at the end of each sequence; the last of three sees
-            // nothing at all.
-            let mut mask = vec![1f32; nb * tk];
-            for b in 0..nb {
-                let pad = if nb == 3 && b == 2 { tk } else { b * 3 };
-                for j in tk - pad..tk {
-                    mask[b * tk + j] = 0.0;
-                }
-            }
+            let mask = padded(nb, tk);
             let drop = p.map(|p| Dropout { p, seed: 9 });
             let run = |f: fn(
                 &mut [f32],
@@ -810,9 +812,7 @@ mod tests {
     /// and dropout.
     #[test]
     fn backward_matches_the_gemm_path() {
-        let here = AttnDims::self_attn(1, 16, 1, 1, 32, false);
-        if !handles(&here) {
-            println!("skipped: this CPU has no AVX-512 (or BEFT_NO_AVX512 is set)");
+        if !here() {
             return;
         }
         let mut rng = Rng::new(8);
@@ -830,13 +830,7 @@ mod tests {
             let mut r = |n: usize| (0..n).map(|_| rng.normal() as f32).collect::<Vec<_>>();
             let (nq, nk) = (nb * t * nh * dh, nb * t * nkv * dh);
             let (q, k, v, dout) = (r(nq), r(nk), r(nk), r(nq));
-            let mut mask = vec![1f32; nb * t];
-            for b in 0..nb {
-                let pad = if nb == 3 && b == 2 { t } else { b * 3 };
-                for j in t - pad..t {
-                    mask[b * t + j] = 0.0;
-                }
-            }
+            let mask = padded(nb, t);
             let drop = p.map(|p| Dropout { p, seed: 4 });
             let (mut out, mut lse) = (vec![0f32; nq], vec![0f32; nb * nh * t]);
             super::super::attn::forward_gemm(&mut out, &mut lse, &q, &k, &v, &mask, dims, drop);
