@@ -523,10 +523,10 @@ impl<B: Backend> Encoder<B> {
         for (l, layer) in self.layers.iter().enumerate() {
             let bias = |t: BiasTerm| self.bias_ref(&layer.biases[term_index(t)], params);
             // q, k, v: three products of one input (packed once).
-            let proj = |w, t| Proj {
+            let proj = |w, t, n| Proj {
                 w,
                 bias: Some(bias(t)),
-                n: d,
+                n,
                 tb: true,
             };
             let (mut q, mut k, mut v) = (be.output(n * d), be.output(n * d), be.output(n * d));
@@ -534,9 +534,9 @@ impl<B: Backend> Encoder<B> {
                 &mut [&mut q, &mut k, &mut v],
                 &h,
                 &[
-                    proj(&layer.wq, BiasTerm::Q),
-                    proj(&layer.wk, BiasTerm::K),
-                    proj(&layer.wv, BiasTerm::V),
+                    proj(&layer.wq, BiasTerm::Q, d),
+                    proj(&layer.wk, BiasTerm::K, d),
+                    proj(&layer.wv, BiasTerm::V, d),
                 ],
                 n,
                 d,
@@ -576,13 +576,8 @@ impl<B: Backend> Encoder<B> {
                 cfg.hidden_act,
                 &h1,
                 (
-                    Proj {
-                        w: &layer.w1,
-                        bias: Some(bias(BiasTerm::MlpIn)),
-                        n: ff,
-                        tb: true,
-                    },
-                    proj(&layer.w2, BiasTerm::MlpOut),
+                    proj(&layer.w1, BiasTerm::MlpIn, ff),
+                    proj(&layer.w2, BiasTerm::MlpOut, d),
                 ),
                 n,
                 d,

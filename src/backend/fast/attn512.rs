@@ -27,6 +27,9 @@ use std::sync::OnceLock;
 use rayon::prelude::*;
 
 use super::attn::{keys_seen, lim, C, P, QB};
+// Scratch on 64-byte boundaries: the score tiles are 26 % faster on
+// aligned keys.
+use super::gemm16::aligned;
 use super::kernels;
 use crate::backend::cpu::attn_dropout_index;
 use crate::backend::{AttnDims, Dropout};
@@ -63,17 +66,6 @@ struct BwdScratch {
 thread_local! {
     static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
     static BWD: RefCell<BwdScratch> = RefCell::new(BwdScratch::default());
-}
-
-/// `len` values of `v` from a 64-byte boundary (grown as needed): a
-/// vector load that straddles two cache lines costs two, and the score
-/// tiles are 26 % faster on aligned keys.
-fn lines(v: &mut Vec<f32>, len: usize) -> &mut [f32] {
-    if v.len() < len + 16 {
-        v.resize(len + 16, 0.0);
-    }
-    let off = v.as_ptr().align_offset(64).min(16);
-    &mut v[off..off + len]
 }
 
 /// Whether [`forward`] takes these dims: AVX-512 (and `BEFT_NO_AVX512`
@@ -127,7 +119,11 @@ pub fn forward(
         SCRATCH.with(|sc| {
             let mut sc = sc.borrow_mut();
             let Scratch { kt, v: vc, s, bias } = &mut *sc;
-            let (kt, vc, s) = (lines(kt, dh * tp), lines(vc, tk * dh), lines(s, QB * tp));
+            let (kt, vc, s) = (
+                aligned(kt, dh * tp),
+                aligned(vc, tk * dh),
+                aligned(s, QB * tp),
+            );
             // The mask as an additive row: 0 (visible) or −∞, −∞ past tk.
             bias.clear();
             bias.extend(mask[b * tk..(b + 1) * tk].iter().map(|&m| {
@@ -144,10 +140,7 @@ pub fn forward(
             #[cfg(target_arch = "x86_64")]
             unsafe {
                 transpose_keys(kt, kp.0.add(b * tk * ks + kh * dh), ks, tk, dh, tp);
-                let vbase = vp.0.add(b * tk * ks + kh * dh);
-                for (j, row) in vc.chunks_exact_mut(dh).enumerate() {
-                    std::ptr::copy_nonoverlapping(vbase.add(j * ks), row.as_mut_ptr(), dh);
-                }
+                gather_rows(vc, vp.0.add(b * tk * ks + kh * dh), ks, dh);
             }
             for h in kh * group..(kh + 1) * group {
                 for i0 in (0..t).step_by(QB) {
@@ -267,9 +260,13 @@ pub fn backward(
                 dk: dks,
                 dv: dvs,
             } = &mut *sc;
-            let (kt, vt, kr) = (lines(kt, dh * tp), lines(vt, dh * tp), lines(kr, t * dh));
-            let (s, dp) = (lines(s, QB * tp), lines(dp, QB * tp));
-            let (dks, dvs) = (lines(dks, t * dh), lines(dvs, t * dh));
+            let (kt, vt, kr) = (
+                aligned(kt, dh * tp),
+                aligned(vt, dh * tp),
+                aligned(kr, t * dh),
+            );
+            let (s, dp) = (aligned(s, QB * tp), aligned(dp, QB * tp));
+            let (dks, dvs) = (aligned(dks, t * dh), aligned(dvs, t * dh));
             dks.fill(0.0);
             dvs.fill(0.0);
             let kvb = b * t * ks + kh * dh;
@@ -281,9 +278,7 @@ pub fn backward(
             unsafe {
                 transpose_keys(kt, kp.0.add(kvb), ks, t, dh, tp);
                 transpose_keys(vt, vp.0.add(kvb), ks, t, dh, tp);
-                for (j, row) in kr.chunks_exact_mut(dh).enumerate() {
-                    std::ptr::copy_nonoverlapping(kp.0.add(kvb + j * ks), row.as_mut_ptr(), dh);
-                }
+                gather_rows(kr, kp.0.add(kvb), ks, dh);
                 let mut mx = [0f32; QB];
                 let ones = [1f32; QB];
                 for h in kh * group..(kh + 1) * group {
@@ -448,6 +443,18 @@ unsafe fn tn_rows<const ND: usize, const R: usize>(t: &Tn) {
                 _mm512_storeu_ps(p, _mm512_add_ps(_mm512_loadu_ps(p), *v));
             }
         }
+    }
+}
+
+/// `dst`'s rows of `dh` values from rows of `src` at stride `ks` (one
+/// head's columns of an interleaved `[seq, heads, dh]` buffer).
+///
+/// # Safety
+/// `src` holds `dst.len() / dh` rows at stride `ks`, each `dh` long.
+#[cfg(target_arch = "x86_64")]
+unsafe fn gather_rows(dst: &mut [f32], src: *const f32, ks: usize, dh: usize) {
+    for (j, row) in dst.chunks_exact_mut(dh).enumerate() {
+        std::ptr::copy_nonoverlapping(src.add(j * ks), row.as_mut_ptr(), dh);
     }
 }
 

@@ -141,14 +141,16 @@ pub struct PackedA {
 }
 
 impl PackedA {
-    /// Storage for A (`m × k`) on `kernel`, its contents unspecified.
-    fn alloc(kernel: Kernel, m: usize, k: usize) -> PackedA {
+    /// Storage for A (`m × k`) on `kernel`, to be written whole by the
+    /// epilogue of the product that computes A ([`Epilogue::packed`]);
+    /// until then its contents are unspecified.
+    pub fn output(kernel: Kernel, m: usize, k: usize) -> PackedA {
         let mr = strip_rows(kernel);
         let len = m.div_ceil(mr) * mr * pairs_per_row(kernel, k);
-        // Vectors this large come from the pool; 16 floats to spare for
+        // Vectors this large come from the pool, with a line to spare for
         // starting on a 64-byte boundary.
-        let data = super::pool::take_any(len + 16);
-        let off = data.as_ptr().align_offset(64).min(16);
+        let mut data = super::pool::take_any(len + 16);
+        let off = align_off(&mut data, len);
         PackedA {
             data,
             off,
@@ -164,7 +166,7 @@ impl PackedA {
     pub fn new(kernel: Kernel, m: usize, k: usize, a: &[f32], ta: bool) -> PackedA {
         assert!(available(), "bf16 GEMM needs AVX-512 BF16");
         assert!(a.len() >= m * k, "bf16 gemm A shape");
-        let mut p = PackedA::alloc(kernel, m, k);
+        let mut p = PackedA::output(kernel, m, k);
         let (mr, ld) = (strip_rows(kernel), pairs_per_row(kernel, k));
         if p.len > 0 {
             pack_strips(
@@ -179,13 +181,6 @@ impl PackedA {
             );
         }
         p
-    }
-
-    /// Storage for A (`m × k`) on `kernel`, to be written whole by the
-    /// epilogue of the product that computes A ([`Epilogue::packed`]);
-    /// until then its contents are unspecified.
-    pub fn output(kernel: Kernel, m: usize, k: usize) -> PackedA {
-        PackedA::alloc(kernel, m, k)
     }
 
     /// The packed strips.
@@ -820,21 +815,21 @@ pub const STREAM_MIN_BYTES_READ_NEXT: usize = 4 << 20;
 
 /// `len` elements of `v` from a 64-byte boundary, so that every packed row
 /// of 16 pairs is one cache line (an AMX tile row split over two lines
-/// loads at half speed). Every element is written by the packing (padding
-/// included): grow only, no clearing.
-fn aligned(v: &mut Vec<u32>, len: usize) -> &mut [u32] {
+/// loads at half speed; a vector load across two lines costs two). The
+/// caller writes every element it reads: grow only, no clearing.
+pub(super) fn aligned<T: Copy + Default>(v: &mut Vec<T>, len: usize) -> &mut [T] {
     let off = align_off(v, len);
     &mut v[off..off + len]
 }
 
 /// Grow `v` to hold `len` elements from a 64-byte boundary; that boundary's
 /// index.
-fn align_off(v: &mut Vec<u32>, len: usize) -> usize {
-    const LINE: usize = 64 / std::mem::size_of::<u32>();
-    if v.len() < len + LINE {
-        v.resize(len + LINE, 0);
+fn align_off<T: Copy + Default>(v: &mut Vec<T>, len: usize) -> usize {
+    let line = 64 / std::mem::size_of::<T>();
+    if v.len() < len + line {
+        v.resize(len + line, T::default());
     }
-    v.as_ptr().align_offset(64).min(LINE)
+    v.as_ptr().align_offset(64).min(line)
 }
 
 /// `f(i, chunk i of v)` for chunks of `len`, over the pool when `par`.
