@@ -14,6 +14,17 @@ use beft::train::Schedule;
 #[global_allocator]
 static ALLOC: beft::alloc::LineAligned = beft::alloc::LineAligned;
 
+/// `--bf16`, shared by the commands that run a model on a device.
+#[derive(Args, Clone, Copy)]
+struct Precision {
+    /// bf16 matrix products with f32 sums, the numerics of PyTorch's bf16 autocast (as
+    /// Hugging Face's --bf16): on the CPU (needs AVX-512 BF16; the same as
+    /// BEFT_CPU_GEMM=bf16) and on CUDA (activations rounded to bf16 in the products).
+    /// Norms, softmax, losses and the trained biases stay f32. Default: f32 products.
+    #[arg(long)]
+    bf16: bool,
+}
+
 #[derive(Parser)]
 #[command(
     name = "beft",
@@ -58,12 +69,8 @@ struct BenchCli {
     /// cpu, cpu-ref, cuda[:N] or wgpu[:N].
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// bf16 matrix products with f32 sums, the numerics of PyTorch's bf16 autocast (as
-    /// Hugging Face's --bf16): on the CPU (needs AVX-512 BF16; the same as
-    /// BEFT_CPU_GEMM=bf16) and on CUDA (activations rounded to bf16 in the products).
-    /// Norms, softmax, losses and the trained biases stay f32. Default: f32 products.
-    #[arg(long)]
-    bf16: bool,
+    #[command(flatten)]
+    precision: Precision,
     /// Rows (tokens) per op (default: 512 on the CPU, 4096 on a GPU; 2048-8192 suit a GPU).
     #[arg(long)]
     tokens: Option<usize>,
@@ -251,12 +258,8 @@ struct TrainOpts {
     /// cpu, cpu-ref, cuda[:N] or wgpu[:N].
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// bf16 matrix products with f32 sums, the numerics of PyTorch's bf16 autocast (as
-    /// Hugging Face's --bf16): on the CPU (needs AVX-512 BF16; the same as
-    /// BEFT_CPU_GEMM=bf16) and on CUDA (activations rounded to bf16 in the products).
-    /// Norms, softmax, losses and the trained biases stay f32. Default: f32 products.
-    #[arg(long)]
-    bf16: bool,
+    #[command(flatten)]
+    precision: Precision,
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
@@ -330,7 +333,7 @@ impl TrainOpts {
             max_steps: self.max_steps,
             dev_size: self.dev_size,
             device: self.device.clone(),
-            bf16: self.bf16,
+            bf16: self.precision.bf16,
             progress: !self.quiet,
             overwrite,
             resume: false,
@@ -426,12 +429,8 @@ struct EvalCli {
     seed: u64,
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// bf16 matrix products with f32 sums, the numerics of PyTorch's bf16 autocast (as
-    /// Hugging Face's --bf16): on the CPU (needs AVX-512 BF16; the same as
-    /// BEFT_CPU_GEMM=bf16) and on CUDA (activations rounded to bf16 in the products).
-    /// Norms, softmax, losses and the trained biases stay f32. Default: f32 products.
-    #[arg(long)]
-    bf16: bool,
+    #[command(flatten)]
+    precision: Precision,
     /// Print one JSON object on stdout.
     #[arg(long)]
     json: bool,
@@ -763,7 +762,7 @@ fn run_eval(e: EvalCli) -> beft::Result<()> {
         dev_size: e.dev_size,
         seed: e.seed,
         device: e.device,
-        bf16: e.bf16,
+        bf16: e.precision.bf16,
         dump_logits: e.dump_logits,
         templates: e.templates,
         max_new_tokens: e.max_new_tokens,
@@ -832,7 +831,7 @@ fn run_bench(b: BenchCli) -> beft::Result<()> {
     };
     let args = bench::BenchArgs {
         device: b.device.clone(),
-        bf16: b.bf16,
+        bf16: b.precision.bf16,
         tokens: b.tokens,
         shapes,
         ops: !b.no_ops && (!b.step || b.shapes.is_some()),
