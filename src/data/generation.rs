@@ -67,10 +67,7 @@ pub fn read_squad(path: &Path) -> Result<Vec<GenExample>> {
                 if answers.is_empty() {
                     continue;
                 }
-                let mut f = BTreeMap::new();
-                f.insert("title".to_string(), title.replace('_', " "));
-                f.insert("context".to_string(), ctx.to_string());
-                f.insert("question".to_string(), q.trim().to_string());
+                let mut f = fields(&title.replace('_', " "), ctx, q);
                 f.insert("answer".to_string(), answers[0].clone());
                 out.push(GenExample { fields: f, answers });
             }
@@ -80,6 +77,16 @@ pub fn read_squad(path: &Path) -> Result<Vec<GenExample>> {
         return Err(Error::file(path, "no answerable questions"));
     }
     Ok(out)
+}
+
+/// A question's template fields: `title`, `context` and the trimmed
+/// `question`.
+pub fn fields(title: &str, context: &str, question: &str) -> BTreeMap<String, String> {
+    let mut f = BTreeMap::new();
+    f.insert("title".to_string(), title.to_string());
+    f.insert("context".to_string(), context.to_string());
+    f.insert("question".to_string(), question.trim().to_string());
+    f
 }
 
 /// One split from a directory: `train.json` / `dev.json` (or SQuAD's

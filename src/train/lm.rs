@@ -393,10 +393,7 @@ impl DecoderPredictor {
                     self.task
                 )));
             };
-            let mut f = BTreeMap::new();
-            f.insert("title".to_string(), String::new());
-            f.insert("context".to_string(), ctx.to_string());
-            f.insert("question".to_string(), q.trim().to_string());
+            let f = crate::data::generation::fields("", ctx, q);
             let mut p = self.tok.prompt(&prompts::render(&self.tpl.prompt, &f)?)?;
             self.tok.fit(&mut p, max_new);
             prompts_.push(p);
